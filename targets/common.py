@@ -1,0 +1,244 @@
+"""What every bim-export inference script shares: manifest, preprocessing, sessions, timing, top-k.
+
+Ships inside each bundle next to ``infer.py`` and needs only onnxruntime, numpy and Pillow: a
+device never installs bim-export, torch or the checkpoint. Preprocessing follows
+``bim_export.data.preprocess`` exactly (shorter side to ``img_size`` bicubic, centre crop,
+normalize with the manifest's mean/std); a test in the bim-export repository keeps the two equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+CPU = "CPUExecutionProvider"
+
+# ------------------------------------------------------------------------------ bundle and images
+
+
+def load_manifest(bundle: str | Path) -> dict:
+    """Reads ``manifest.json`` of a bundle folder."""
+    path = Path(bundle) / "manifest.json"
+    if not path.is_file():
+        raise SystemExit(f"error: {path}: no manifest.json (is {bundle} a bim-export bundle?)")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def preprocess(img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Shorter side to ``size`` (bicubic), centre crop, normalize. Returns float32 [3, size, size]."""
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    x = np.asarray(img, dtype=np.float32) / 255.0  # [H, W, 3]
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """Image files named directly or found (recursively, sorted) under the folders named."""
+    found: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif item.is_file():
+            found.append(item)
+        else:
+            raise SystemExit(f"error: {item}: no such image file or folder")
+    if not found:
+        raise SystemExit(f"error: no images found in {', '.join(map(str, inputs))}")
+    return found
+
+
+def load_images(paths: Sequence[Path], manifest: dict) -> np.ndarray:
+    """Preprocesses image files as the manifest says. Returns float32 [N, 3, S, S]."""
+    pre = manifest["preprocessing"]
+    arrays = []
+    for p in paths:
+        with Image.open(p) as im:
+            arrays.append(preprocess(im.convert("RGB"), pre["img_size"], pre["mean"], pre["std"]))
+    return np.stack(arrays)
+
+
+# ------------------------------------------------------------------------------------- sessions
+
+
+def provider_name(spec) -> str:
+    return spec[0] if isinstance(spec, tuple) else spec
+
+
+def choose_providers(preferred: Sequence, available: Sequence[str] | None = None) -> list:
+    """The preferred execution providers this onnxruntime build has, in order, CPU always last.
+
+    Args:
+        preferred: provider names or (name, options) pairs, best first.
+        available: what the runtime offers (default ``onnxruntime.get_available_providers()``);
+            tests inject it to exercise the fallback without the hardware.
+    """
+    if available is None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+    chosen = [p for p in preferred if provider_name(p) in available and provider_name(p) != CPU]
+    return [*chosen, CPU]
+
+
+def make_session(model: str | Path, providers: Sequence, threads: int | None = None):
+    """An InferenceSession with full graph optimization and, if given, a fixed intra-op thread count."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(model), sess_options=opts, providers=list(providers))
+
+
+def embedding_output(session, exit_depth: int | None = None) -> str:
+    """Name of the pooled-embedding output (``embedding``; ``embedding_<d>`` in a multi-exit graph)."""
+    names = [o.name for o in session.get_outputs()]
+    emb = [n for n in names if n.startswith("embedding")]
+    if exit_depth is not None:
+        wanted = f"embedding_{exit_depth}"
+        if wanted not in names:
+            raise SystemExit(f"error: the model has no exit {exit_depth} (outputs: {', '.join(names)})")
+        return wanted
+    if "embedding" in names:
+        return "embedding"
+    if not emb:
+        raise SystemExit(f"error: the model has no embedding output (outputs: {', '.join(names)})")
+    return max(emb, key=lambda n: int(n.rsplit("_", 1)[-1]) if n.rsplit("_", 1)[-1].isdigit() else -1)
+
+
+class Runner:
+    """Runs a session batch by batch and times each ``run`` call.
+
+    Args:
+        session: the onnxruntime session.
+        output: the output to fetch.
+        run: optional replacement for ``session.run`` (IO binding), taking [B,3,H,W] and returning [B,D].
+    """
+
+    def __init__(self, session, output: str, run: Callable[[np.ndarray], np.ndarray] | None = None):
+        self.session = session
+        self.input = session.get_inputs()[0].name
+        self.output = output
+        self._run = run or (lambda x: session.run([output], {self.input: x})[0])
+        self.times_ms: list[float] = []
+
+    def __call__(self, x: np.ndarray, batch: int) -> np.ndarray:
+        out = []
+        for i in range(0, len(x), batch):
+            xb = np.ascontiguousarray(x[i:i + batch], dtype=np.float32)
+            t0 = time.perf_counter()
+            out.append(np.asarray(self._run(xb), dtype=np.float32))
+            self.times_ms.append((time.perf_counter() - t0) * 1e3)
+        return np.concatenate(out)
+
+
+def timing_line(times_ms: Sequence[float], batch: int, providers: Sequence[str]) -> str:
+    t = np.asarray(times_ms)
+    return (f"timing: {len(t)} runs of batch <= {batch} on {', '.join(providers)}: "
+            f"p50 {np.percentile(t, 50):.2f} ms, p90 {np.percentile(t, 90):.2f} ms, mean {t.mean():.2f} ms")
+
+
+# ------------------------------------------------------------------------------------- results
+
+
+def cosine_topk(query: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k gallery rows by cosine similarity. Returns (indices [Q,k], similarities [Q,k])."""
+    q = query / np.maximum(np.linalg.norm(query, axis=1, keepdims=True), 1e-12)
+    g = gallery / np.maximum(np.linalg.norm(gallery, axis=1, keepdims=True), 1e-12)
+    sim = q @ g.T
+    k = min(k, g.shape[0])
+    idx = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    return idx, np.take_along_axis(sim, idx, axis=1)
+
+
+def report(paths: Sequence[Path], emb: np.ndarray, gallery_paths=None, gallery=None, k: int = 5,
+           show: int = 6) -> str:
+    """Embeddings (first ``show`` values) per image, or the top-k gallery neighbours per image."""
+    lines = []
+    if gallery is not None:
+        idx, sim = cosine_topk(emb, gallery, k)
+        for p, row, srow in zip(paths, idx, sim):
+            hits = ", ".join(f"{gallery_paths[j].name} ({s:.3f})" for j, s in zip(row, srow))
+            lines.append(f"{p}: {hits}")
+    else:
+        for p, e in zip(paths, emb):
+            head = " ".join(f"{v:+.4f}" for v in e[:show])
+            lines.append(f"{p}: [{head}{' ...' if len(e) > show else ''}] (dim {len(e)}, norm {np.linalg.norm(e):.3f})")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------- main
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--bundle", type=Path, default=None,
+                   help="bundle folder holding model.onnx and manifest.json (default: this script's folder)")
+    p.add_argument("--model", type=Path, default=None, help="model file (default: the bundle's model.onnx)")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: the profile's)")
+    p.add_argument("--gallery", type=Path, default=None, help="folder of images: print the top-k nearest instead")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--exit", dest="exit_depth", type=int, default=None, help="exit depth of a multi-exit model")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's)")
+    p.add_argument("--save", type=Path, default=None, help="also write the embeddings to this .npy file")
+    return p
+
+
+def run_main(args: argparse.Namespace, providers: Sequence, *, runner_factory=None, script_dir: Path) -> int:
+    """Loads the bundle, embeds the images (and gallery) and prints embeddings or top-k, then timing.
+
+    Args:
+        args: parsed :func:`build_parser` arguments.
+        providers: execution providers to try, best first (already filtered by availability).
+        runner_factory: optional ``(session, output_name) -> Runner`` (IO binding); default plain run.
+        script_dir: the folder of the calling script (the bundle, when run from one).
+    """
+    bundle = args.bundle or script_dir
+    manifest = load_manifest(bundle)
+    model = args.model or Path(bundle) / "model.onnx"
+    batch = args.batch or int(manifest.get("batch", 1))
+    session = make_session(model, providers, args.threads)
+    used = session.get_providers()
+    output = embedding_output(session, args.exit_depth)
+    runner = (runner_factory or Runner)(session, output)
+    paths = collect_images(args.images)
+    x = load_images(paths, manifest)
+    runner(x[:batch], batch)  # warm-up: engine builds and allocations happen here, not in the timing
+    runner.times_ms.clear()
+    emb = runner(x, batch)
+    gallery_paths = gallery = None
+    if args.gallery is not None:
+        gallery_paths = collect_images([args.gallery])
+        gallery = runner(load_images(gallery_paths, manifest), batch)
+    print(report(paths, emb, gallery_paths, gallery, args.top_k))
+    print(f"model: {model} ({manifest.get('precision', '?')}, depth {manifest.get('depth', '?')})")
+    print(timing_line(runner.times_ms, batch, used))
+    if args.save is not None:
+        np.save(args.save, emb)
+    return 0
+
+
+def script_main(description: str, preferred: Sequence, argv=None, script_file: str = __file__, **kw) -> int:
+    """Entry point of the simple scripts: parse, pick providers, run."""
+    args = build_parser(description).parse_args(argv)
+    return run_main(args, choose_providers(preferred), script_dir=Path(script_file).resolve().parent, **kw)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("common.py is a library for the bundle's infer.py; run infer.py")
