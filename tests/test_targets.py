@@ -13,38 +13,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 from PIL import Image
+from tiny_onnx import SIZE, write_tiny_onnx
 
 from bim_export.data import preprocess as package_preprocess
 from bim_export.resources import resource_dir
 
 TARGETS = resource_dir("targets")
-SIZE, PATCH, DIM = 32, 8, 16
-
-
-def _tiny_onnx(path: Path) -> None:
-    """pixels [B,3,32,32] -> patch conv -> tokens [B,16,D] -> embedding = mean over tokens [B,D]."""
-    rng = np.random.default_rng(0)
-    w = helper.make_tensor("w", TensorProto.FLOAT, [DIM, 3, PATCH, PATCH], rng.standard_normal((DIM, 3, PATCH, PATCH)).astype(np.float32).ravel() * 0.1)
-    shape = helper.make_tensor("shape", TensorProto.INT64, [3], [0, DIM, -1])
-    nodes = [
-        helper.make_node("Conv", ["pixels", "w"], ["conv"], strides=[PATCH, PATCH]),
-        helper.make_node("Reshape", ["conv", "shape"], ["flat"]),
-        helper.make_node("Transpose", ["flat"], ["tokens"], perm=[0, 2, 1]),
-        helper.make_node("ReduceMean", ["tokens"], ["embedding"], axes=[1], keepdims=0),
-    ]
-    graph = helper.make_graph(
-        nodes, "tiny",
-        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 3, SIZE, SIZE])],
-        [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["batch", None, DIM]),
-         helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", DIM])],
-        initializer=[w, shape])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, path)
 
 
 @pytest.fixture
@@ -52,7 +28,7 @@ def bundle(tmp_path) -> Path:
     """A minimal bundle: model.onnx, manifest.json, reference.npz, common.py."""
     b = tmp_path / "bundle"
     b.mkdir()
-    _tiny_onnx(b / "model.onnx")
+    write_tiny_onnx(b / "model.onnx")
     (b / "manifest.json").write_text(json.dumps({
         "precision": "fp32", "depth": 4, "batch": 2,
         "preprocessing": {"img_size": SIZE, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},

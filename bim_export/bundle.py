@@ -1,0 +1,309 @@
+"""The deployable bundle: ``exports/<profile>/``, self-describing and re-checkable on the device.
+
+Layout (written atomically: built in a temporary sibling, renamed over the destination at the end,
+so an interrupted export leaves only what was there before)::
+
+    model.onnx      the chosen depth x precision
+    manifest.json   what, how, how well: profile, depth, precision, opset, exporter, versions, sha256
+                    of every other file, parity and latency with their source, every candidate
+    reference.npz   a few real preprocessed inputs and the PyTorch outputs for them
+    report.md       the choice and why, for a person
+    pareto.png      latency vs quality of every candidate, the budget line, the choice
+    infer.py        the inference script for this device class (from targets/), + common.py
+    validate.py     the standalone validator (a copy of bim_export/validate.py)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .atomic import atomic_dir
+from .resources import resource_dir
+
+FORMAT_VERSION = 1
+MODEL, MANIFEST, REFERENCE, REPORT, PARETO = "model.onnx", "manifest.json", "reference.npz", "report.md", "pareto.png"
+INFER, COMMON, VALIDATE = "infer.py", "common.py", "validate.py"
+
+
+@dataclass
+class PlotPoint:
+    """One candidate on the Pareto plot.
+
+    Attributes:
+        label: e.g. ``d6 int8``.
+        latency_ms: the latency used for the budget check (None if never estimated).
+        quality: the exit's quality (kNN top-1 in [0, 1]), or None.
+        rejected: the reason it was rejected, or None if it met every budget.
+        chosen: whether this is the selected candidate.
+        source: ``measured`` / ``predicted`` / ...
+    """
+
+    label: str
+    latency_ms: float | None
+    quality: float | None
+    rejected: str | None = None
+    chosen: bool = False
+    source: str = ""
+
+
+@dataclass
+class BundleSpec:
+    """Everything a bundle records; :func:`write_bundle` turns it into files.
+
+    Attributes:
+        profile_name: canonical profile name (the folder name).
+        script: the targets/ script fitting the device (``jetson.py`` ...).
+        model_path: the ONNX file to ship (copied as model.onnx).
+        reference: arrays for reference.npz (pixels, tokens, embedding, labels).
+        manifest: JSON-ready fields (profile, depth, precision, parity, latency, candidates, ...);
+            versions, files, format_version and time are added here.
+        table: the rendered candidate table, for report.md.
+        points: every candidate, for pareto.png.
+        budget_ms: the latency budget (the plot's budget line).
+        latency_stat: which statistic the budget applies to (p50/p90/p99).
+        why: one or two sentences on the choice.
+    """
+
+    profile_name: str
+    script: str
+    model_path: Path
+    reference: dict[str, np.ndarray]
+    manifest: dict[str, Any]
+    table: str
+    points: list[PlotPoint]
+    budget_ms: float
+    latency_stat: str = "p50"
+    why: str = ""
+    extra_files: dict[str, Path] = field(default_factory=dict)
+
+
+def write_bundle(out_dir: str | Path, spec: BundleSpec) -> Path:
+    """Writes ``out_dir/<profile>/`` atomically and returns its path."""
+    dest = Path(out_dir) / spec.profile_name
+    with atomic_dir(dest) as tmp:
+        shutil.copyfile(spec.model_path, tmp / MODEL)
+        np.savez(tmp / REFERENCE, **spec.reference)
+        targets = resource_dir("targets")
+        shutil.copyfile(targets / spec.script, tmp / INFER)
+        shutil.copyfile(targets / COMMON, tmp / COMMON)
+        shutil.copyfile(Path(__file__).with_name("validate.py"), tmp / VALIDATE)
+        for name, src in spec.extra_files.items():
+            shutil.copyfile(src, tmp / name)
+        plot_pareto(spec.points, spec.budget_ms, tmp / PARETO,
+                    title=f"{spec.profile_name}: latency ({spec.latency_stat}) vs quality")
+        manifest = build_manifest(spec)
+        (tmp / REPORT).write_text(render_report(spec, manifest), encoding="utf-8")
+        manifest["files"] = file_hashes(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    return dest
+
+
+def build_manifest(spec: BundleSpec) -> dict[str, Any]:
+    """The manifest: the pipeline's fields plus format version, time, versions, io and exporter."""
+    model_meta = onnx_metadata(spec.model_path)
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "bim_export_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "exporter": model_meta.pop("exporter", "unknown"),
+        "versions": package_versions(),
+        "infer_script": spec.script,
+    }
+    manifest.update(spec.manifest)
+    manifest.setdefault("io", onnx_io(spec.model_path))
+    manifest["onnx_metadata"] = model_meta
+    manifest.setdefault("device_validations", [])
+    return manifest
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the libraries that made the bundle (read from the installed distributions)."""
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "onnx", "onnxruntime", "timm", "bim-export"):
+        try:
+            out[dist.replace("-", "_")] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist.replace("-", "_")] = "not installed"
+    return out
+
+
+def onnx_metadata(path: Path) -> dict[str, str]:
+    """The model's metadata_props (read without loading external weights)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def onnx_io(path: Path) -> dict[str, Any]:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {"input": graph.input[0].name, "outputs": [o.name for o in graph.output]}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` except the manifest (which holds them)."""
+    return {p.relative_to(root).as_posix(): sha256_file(p)
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+# ------------------------------------------------------------------------------------------ plot
+
+
+def plot_pareto(points: list[PlotPoint], budget_ms: float, path: Path, title: str = "") -> None:
+    """Latency vs quality of every candidate: kept ones filled, rejected hollow with an x, the
+    chosen one starred, the budget as a vertical line. Candidates without a quality figure are
+    placed by depth order on a rank axis instead."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    pts = [p for p in points if p.latency_ms is not None]
+    have_quality = any(p.quality is not None for p in pts)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    colors = {"fp32": "tab:blue", "fp16": "tab:green", "int8": "tab:orange"}
+    for i, p in enumerate(pts):
+        y = p.quality * 100 if have_quality and p.quality is not None else i
+        prec = p.label.split()[-1]
+        c = colors.get(prec, "tab:gray")
+        if p.rejected:
+            ax.scatter(p.latency_ms, y, s=50, facecolors="none", edgecolors=c, linewidths=1.2)
+            ax.scatter(p.latency_ms, y, s=25, marker="x", color="tab:red", linewidths=1)
+        else:
+            ax.scatter(p.latency_ms, y, s=50, color=c)
+        if p.chosen:
+            ax.scatter(p.latency_ms, y, s=320, marker="*", facecolors="gold", edgecolors="black", zorder=5)
+        ax.annotate(p.label, (p.latency_ms, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    if budget_ms == budget_ms:  # not NaN: the profile has a latency budget
+        ax.axvline(budget_ms, color="tab:red", linestyle="--", linewidth=1.2)
+        ax.annotate(f"budget {budget_ms:g} ms", (budget_ms, 0.02), xycoords=("data", "axes fraction"),
+                    textcoords="offset points", xytext=(4, 0), color="tab:red", fontsize=8)
+    ax.set_xscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "235" else ""))
+    ax.margins(x=0.18, y=0.12)
+    ax.set_xlabel("latency (ms, log scale)")
+    ax.set_ylabel("kNN top-1 of the exit (%)" if have_quality else "candidate (depth order)")
+    if title:
+        ax.set_title(title, fontsize=10)
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color=c, label=k) for k, c in colors.items()]
+    handles += [
+        plt.Line2D([], [], marker="o", linestyle="", markerfacecolor="none", markeredgecolor="gray", label="rejected (x)"),
+        plt.Line2D([], [], marker="*", linestyle="", markersize=12, markerfacecolor="gold", markeredgecolor="black", label="chosen"),
+        plt.Line2D([], [], linestyle="--", color="tab:red", label="latency budget"),
+    ]
+    ax.legend(handles=handles, loc="best", fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+def render_report(spec: BundleSpec, manifest: dict[str, Any]) -> str:
+    """report.md: choice and why, candidate table, parity, latency with its source, how to run it."""
+    m = manifest
+    lat, par = m.get("latency", {}), m.get("parity", {})
+    lines = [
+        f"# bim-export bundle: {spec.profile_name}",
+        "",
+        f"**Chosen:** depth {m.get('depth')} ({m.get('precision')}), opset {m.get('opset')}, "
+        f"{lat.get('ms', float('nan')):.2f} ms {spec.latency_stat} at batch {m.get('batch')} ({lat.get('source', '?')}).",
+        "",
+        spec.why,
+        "",
+        "## Candidates",
+        "",
+        "```",
+        spec.table.rstrip(),
+        "```",
+        "",
+        "![latency vs quality](pareto.png)",
+        "",
+        "## Parity (ONNX Runtime vs PyTorch on real images)",
+        "",
+    ]
+    for key in ("batch1", "batchN"):
+        r = par.get(key)
+        if isinstance(r, dict):
+            lines.append(f"- {key}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in r.items() if not isinstance(v, (dict, list))))
+    if par.get("note"):
+        lines.append(f"- note: {par['note']}")
+    lines += [
+        "",
+        "## Latency",
+        "",
+        f"- {lat.get('ms', float('nan')):.2f} ms ({spec.latency_stat}) at batch {m.get('batch')}, "
+        f"source: **{lat.get('source', '?')}**"
+        + (f", expected error {_fmt(lat['expected_error'])}" if lat.get("expected_error") is not None else "")
+        + (f", machine: {lat['machine']}" if lat.get("machine") else ""),
+        f"- budget: {spec.budget_ms:g} ms ({spec.latency_stat})",
+    ]
+    if lat.get("note"):
+        lines.append(f"- note: {lat['note']}")
+    lines += [
+        "",
+        "Predicted figures come from the graph's cost model and the profile's hardware figures; run",
+        "`python validate.py .` on the device to measure them there (recorded in manifest.json).",
+        "",
+        "## Run it on the device",
+        "",
+        "```sh",
+        f"pip install {'onnxruntime-gpu' if spec.script in ('jetson.py', 'server_gpu.py') else 'onnxruntime'} numpy pillow"
+        + ("   # on Jetson: the onnxruntime-gpu wheel for your JetPack" if spec.script == "jetson.py" else ""),
+        "python infer.py path/to/images/            # embeddings, with timing",
+        "python infer.py query.jpg --gallery gallery/ --top-k 5",
+        "python validate.py .                        # parity vs reference.npz + latency, on this machine",
+        "```",
+        "",
+        f"Preprocessing (done by infer.py): shorter side to {m.get('preprocessing', {}).get('img_size')} px bicubic, "
+        f"centre crop, normalize with mean {m.get('preprocessing', {}).get('mean')} and std {m.get('preprocessing', {}).get('std')}.",
+        "",
+        f"Made by bim-export {m.get('bim_export_version')} (torch {m['versions'].get('torch')}, "
+        f"onnx {m['versions'].get('onnx')}, onnxruntime {m['versions'].get('onnxruntime')}); exporter: {m.get('exporter')}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
