@@ -1,0 +1,376 @@
+"""Device profiles: the YAML schema, loading by name, alias or file, and their text forms.
+
+A profile says what a device can run (execution providers, opset, precisions, batch), what the
+latency predictor needs to know about its hardware, and the budgets and parity tolerances an export
+for it must meet. Canonical names are the file stems in the shipped ``profiles/`` folder; a user adds
+a device by copying a YAML file and passing its path. Every problem with a profile is raised as one
+:class:`~bim_export.errors.InputError` line naming the file, the field and the value.
+
+Pure Python (pyyaml + pydantic): no torch or onnxruntime import.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args, get_origin
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from .errors import InputError, close_matches
+from .resources import resource_dir
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+# Short names for the shipped profiles; outputs always use the canonical name they resolve to.
+ALIASES: dict[str, str] = {
+    "jetson": "jetson-orin-nano",
+    "mobile": "android-snapdragon-8-gen-2",
+    "edge-cpu": "raspberry-pi-5",
+    "server-gpu": "h100-sxm",
+    "server-cpu": "xeon-sapphire-rapids",
+}
+
+# ONNX Runtime execution provider names (onnxruntime.get_all_providers() of recent releases plus
+# those of builds that left the main list). Checked here, without importing onnxruntime.
+KNOWN_EXECUTION_PROVIDERS = (
+    "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider",
+    "NvTensorRTRTXExecutionProvider", "XnnpackExecutionProvider", "NnapiExecutionProvider",
+    "CoreMLExecutionProvider", "QNNExecutionProvider", "SNPEExecutionProvider",
+    "OpenVINOExecutionProvider", "DnnlExecutionProvider", "DmlExecutionProvider",
+    "ACLExecutionProvider", "ArmNNExecutionProvider", "ROCMExecutionProvider",
+    "MIGraphXExecutionProvider", "VitisAIExecutionProvider", "RknpuExecutionProvider",
+    "VSINPUExecutionProvider", "CANNExecutionProvider", "TvmExecutionProvider",
+    "WebGpuExecutionProvider", "WebNNExecutionProvider", "JsExecutionProvider",
+    "AzureExecutionProvider",
+)
+
+Precision = Literal["fp32", "fp16", "int8"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class PeakCompute(_Strict):
+    """Peak throughput of the compute the execution providers use, per precision."""
+
+    fp32: Optional[float] = Field(None, gt=0, description="peak fp32 GFLOP/s")
+    fp16: Optional[float] = Field(None, gt=0, description="peak fp16 GFLOP/s (tensor cores where the EP uses them)")
+    int8: Optional[float] = Field(None, gt=0, description="peak int8 GOP/s (dense, no sparsity)")
+
+
+class Hardware(_Strict):
+    """Figures the latency predictor uses; each has a source comment in the YAML file."""
+
+    peak_gflops: PeakCompute = Field(description="peak compute per precision")
+    mem_bandwidth_gbs: float = Field(gt=0, description="peak DRAM bandwidth in GB/s")
+    memory_gb: float = Field(gt=0, description="memory the model can use in GB (shared with the CPU on SoCs)")
+    cores: int = Field(gt=0, description="compute units: CPU cores the EP runs on, or GPU SMs")
+    launch_overhead_us: float = Field(ge=0, description="fixed cost per graph node in microseconds "
+                                                        "(kernel launch / op dispatch); GPUs are launch-bound at batch 1")
+
+
+class Budgets(_Strict):
+    """What an export must meet on the device; a budget left out is not checked."""
+
+    latency_ms: Optional[float] = Field(None, gt=0, description="latency budget in ms at the profile's batch")
+    latency_stat: Literal["p50", "p90", "p99"] = Field("p90", description="statistic the latency budget applies to")
+    peak_memory_mb: Optional[float] = Field(None, gt=0, description="peak memory of the inference session in MB")
+    model_size_mb: Optional[float] = Field(None, gt=0, description="ONNX model file size in MB (10^6 bytes)")
+
+
+class ParityTolerance(_Strict):
+    """Minimum agreement of ONNX Runtime outputs with PyTorch for one precision."""
+
+    cosine: float = Field(0.995, gt=0, le=1, description="minimum cosine similarity of the embeddings")
+    neighbour_agreement: float = Field(0.99, ge=0, le=1,
+                                       description="minimum fraction of kNN top-1 predictions that agree")
+
+
+class Parity(_Strict):
+    """Parity tolerances per precision (defaults: cosine >= 0.995, neighbour agreement >= 0.99)."""
+
+    fp32: ParityTolerance = Field(default_factory=ParityTolerance, description="fp32 tolerances")
+    fp16: ParityTolerance = Field(default_factory=ParityTolerance, description="fp16 tolerances")
+    int8: ParityTolerance = Field(default_factory=ParityTolerance, description="int8 tolerances")
+
+
+class Profile(_Strict):
+    """One deployment target: a device and the budgets an export for it must meet."""
+
+    name: str = Field("", description="canonical name: the file stem (filled by the loader)")
+    description: str = Field(description="the device in a line")
+    device_class: Literal["cpu", "gpu", "mobile", "edge"] = Field(
+        description="cpu: server/desktop CPU; gpu: CUDA GPU, datacenter or embedded (Jetson); "
+                    "mobile: phone SoC CPU; edge: single-board computer CPU")
+    target_script: Literal["cpu", "jetson", "server_gpu", "mobile"] = Field(
+        "cpu", description="inference script from targets/ that goes into the bundle")
+    hardware: Optional[Hardware] = Field(None, description="figures for latency prediction; "
+                                                           "may be left out only for a measured profile")
+    execution_providers: list[str] = Field(min_length=1, description="ONNX Runtime EPs in fallback order")
+    threads: Optional[int] = Field(None, gt=0, description="intra-op threads of the session (default: all cores)")
+    opset: int = Field(17, ge=13, le=30, description="ONNX opset the device's runtime supports")
+    precisions: list[Precision] = Field(min_length=1, description="precisions allowed on the device")
+    int8_preset: Optional[Literal["arm64", "avx2", "avx512", "avx512_vnni", "tensorrt"]] = Field(
+        None, description="optimum quantization preset for int8 (none: onnxruntime.quantization defaults)")
+    batch: int = Field(1, gt=0, description="input batch the latency budget applies to")
+    budgets: Budgets = Field(default_factory=Budgets, description="latency, memory and size budgets")
+    parity: Parity = Field(default_factory=Parity, description="parity tolerances per precision")
+    measured: bool = Field(False, description="latency measured on the machine running the command "
+                                              "(host), not predicted")
+
+    _path: Optional[Path] = PrivateAttr(None)
+
+    @property
+    def path(self) -> Optional[Path]:
+        """The YAML file this profile was loaded from."""
+        return self._path
+
+    @property
+    def uses_gpu(self) -> bool:
+        """Whether the model runs on a GPU (prediction is then launch-bound at small batch)."""
+        return self.device_class == "gpu"
+
+    @field_validator("execution_providers")
+    @classmethod
+    def _known_eps(cls, eps: list[str]) -> list[str]:
+        for ep in eps:
+            if ep not in KNOWN_EXECUTION_PROVIDERS:
+                raise ValueError(f"unknown execution provider '{ep}'; "
+                                 f"{close_matches(ep, list(KNOWN_EXECUTION_PROVIDERS))}")
+        if len(set(eps)) != len(eps):
+            raise ValueError(f"lists an execution provider twice ({', '.join(eps)})")
+        return eps
+
+    @field_validator("precisions")
+    @classmethod
+    def _unique_precisions(cls, precisions: list[str]) -> list[str]:
+        if len(set(precisions)) != len(precisions):
+            raise ValueError(f"lists a precision twice ({', '.join(precisions)})")
+        return precisions
+
+    @model_validator(mode="after")
+    def _hardware_covers_precisions(self) -> "Profile":
+        if self.hardware is None:
+            if not self.measured:
+                raise _FieldError(("hardware",), "is required unless measured is true", None)
+            return self
+        for p in self.precisions:
+            if getattr(self.hardware.peak_gflops, p) is None:
+                raise _FieldError(("hardware", "peak_gflops", p),
+                                  f"is required because precisions lists {p}", None)
+        return self
+
+    def tolerance(self, precision: str) -> ParityTolerance:
+        """The parity tolerances for ``precision``."""
+        return getattr(self.parity, precision)
+
+
+class _FieldError(ValueError):
+    """A cross-field check that knows which field it is about."""
+
+    def __init__(self, loc: tuple, message: str, value: Any):
+        super().__init__(message)
+        self.loc, self.message, self.value = loc, message, value
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def profiles_dir() -> Path:
+    """The folder of shipped profiles."""
+    return resource_dir("profiles")
+
+
+def list_profiles() -> list[str]:
+    """Canonical names of the shipped profiles, sorted."""
+    return sorted(p.stem for p in profiles_dir().glob("*.yaml"))
+
+
+def aliases_of(name: str) -> list[str]:
+    """The aliases that resolve to canonical ``name``."""
+    return sorted(a for a, target in ALIASES.items() if target == name)
+
+
+def resolve_name(name: str) -> str:
+    """Canonical name of a shipped profile name or alias; unknown names raise InputError."""
+    valid = list_profiles()
+    canonical = ALIASES.get(name, name)
+    if canonical not in valid:
+        raise InputError(f"unknown profile '{name}'; {close_matches(name, valid + list(ALIASES))}")
+    return canonical
+
+
+def load_profile(name_or_path: Union[str, os.PathLike, Profile]) -> Profile:
+    """Loads a profile by canonical name, alias, or YAML file path.
+
+    Raises:
+        InputError: unknown name (valid ones and close matches listed) or an invalid file.
+    """
+    if isinstance(name_or_path, Profile):
+        return name_or_path
+    text = os.fspath(name_or_path)
+    looks_like_path = isinstance(name_or_path, os.PathLike) or text.endswith((".yaml", ".yml")) or os.sep in text
+    if looks_like_path:
+        return load_profile_file(Path(text))
+    return load_profile_file(profiles_dir() / f"{resolve_name(text)}.yaml")
+
+
+def load_profile_file(path: Union[str, os.PathLike]) -> Profile:
+    """Loads and validates one profile YAML file; its name is the file stem."""
+    path = Path(path)
+    shown = _display(path)
+    if not path.is_file():
+        raise InputError(f"{shown}: profile file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise InputError(f"{shown}:{where} broken YAML: {problem}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{shown}: cannot read ({e})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{shown}: a profile must be a mapping of fields (got {_short(data)})")
+    if "name" in data and data["name"] != path.stem:
+        raise InputError(f"{shown}: name must match the file name '{path.stem}' (got {_short(data['name'])})")
+    data = {**data, "name": path.stem}
+    try:
+        profile = Profile.model_validate(data)
+    except pydantic.ValidationError as e:
+        raise InputError(f"{shown}: {_describe(e)}") from None
+    profile._path = path
+    return profile
+
+
+def _display(path: Path) -> str:
+    """How a profile file is named in messages: shipped ones as profiles/NAME.yaml."""
+    if path.resolve().parent == profiles_dir().resolve():
+        return f"profiles/{path.name}"
+    return str(path)
+
+
+# ---------------------------------------------------------------------------- error messages
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "profile"
+
+
+def _model_at(loc: tuple) -> Optional[type[BaseModel]]:
+    """The pydantic model class that holds the fields at ``loc`` (for 'did you mean')."""
+    model: Any = Profile
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            return None
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        model = _unwrap_model(field.annotation)
+    return model
+
+
+def _unwrap_model(annotation: Any) -> Optional[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) is Union:
+        for arg in get_args(annotation):
+            found = _unwrap_model(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _explain(err: dict) -> tuple[tuple, str, Any, bool]:
+    """(loc, message, value, show_value) for one pydantic error dict."""
+    kind, loc, ctx, value = err["type"], tuple(err["loc"]), err.get("ctx") or {}, err.get("input")
+    if kind == "value_error" and isinstance(ctx.get("error"), _FieldError):
+        fe = ctx["error"]
+        return fe.loc, fe.message, fe.value, fe.value is not None
+    if kind == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        valid = [f for f in model.model_fields if f != "name"] if model else []
+        hint = f"; {close_matches(str(loc[-1]), valid)}" if valid else ""
+        return loc, f"is not a known field{hint}", value, False
+    simple = {
+        "missing": "is required",
+        "greater_than": "must be > {gt}",
+        "greater_than_equal": "must be >= {ge}",
+        "less_than": "must be < {lt}",
+        "less_than_equal": "must be <= {le}",
+        "too_short": "must have at least {min_length} item(s)",
+        "literal_error": "must be one of {expected}",
+        "int_type": "must be an integer", "int_parsing": "must be an integer",
+        "int_from_float": "must be an integer",
+        "float_type": "must be a number", "float_parsing": "must be a number",
+        "bool_type": "must be true or false", "bool_parsing": "must be true or false",
+        "string_type": "must be a string",
+        "list_type": "must be a list", "model_type": "must be a mapping of fields",
+        "model_attributes_type": "must be a mapping of fields", "dict_type": "must be a mapping",
+    }
+    if kind in simple:
+        shown = {k: f"{v:g}" if isinstance(v, float) else v for k, v in ctx.items()}
+        return loc, simple[kind].format(**shown), value, kind != "missing"
+    if kind == "value_error":
+        return loc, str(ctx.get("error", err["msg"])), value, False
+    return loc, err["msg"][:1].lower() + err["msg"][1:], value, True
+
+
+def _describe(e: pydantic.ValidationError) -> str:
+    """One line for a pydantic ValidationError: the first problem, and how many more there are."""
+    # A misspelt key also shows up as the missing field it was meant to be: name the typo first.
+    errors = sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")
+    loc, message, value, show_value = _explain(errors[0])
+    line = f"{_dotted(loc)} {message}"
+    if show_value:
+        line += f" (got {_short(value)})"
+    if len(errors) > 1:
+        line += f" (and {len(errors) - 1} more)"
+    return line
+
+
+# ---------------------------------------------------------------------------------- text forms
+
+
+def format_profile_list() -> str:
+    """A table of the shipped profiles: name, aliases, class, EPs, precisions, budgets."""
+    rows = [("name", "aliases", "class", "execution providers", "precisions", "batch", "budgets")]
+    for name in list_profiles():
+        p = load_profile(name)
+        eps = ",".join(ep.removesuffix("ExecutionProvider") for ep in p.execution_providers)
+        rows.append((name, ",".join(aliases_of(name)) or "-", p.device_class, eps, ",".join(p.precisions),
+                     str(p.batch), _budget_text(p.budgets) + (" (measured)" if p.measured else "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _budget_text(b: Budgets) -> str:
+    parts = []
+    if b.latency_ms is not None:
+        parts.append(f"{b.latency_stat} <= {b.latency_ms:g} ms")
+    if b.peak_memory_mb is not None:
+        parts.append(f"mem <= {b.peak_memory_mb:g} MB")
+    if b.model_size_mb is not None:
+        parts.append(f"size <= {b.model_size_mb:g} MB")
+    return ", ".join(parts) or "none"
+
+
+def format_profile(profile: Profile) -> str:
+    """The profile as YAML, with its canonical name, aliases and source file first."""
+    data = profile.model_dump(mode="json")
+    head = {"name": data.pop("name"), "aliases": aliases_of(profile.name)}
+    if profile.path is not None:
+        head["file"] = _display(profile.path)
+    return yaml.safe_dump({**head, **data}, sort_keys=False, default_flow_style=None, width=100).rstrip()
