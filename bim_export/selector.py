@@ -1,0 +1,248 @@
+"""Choosing the backbone depth x precision for a device: a pure function over a table of candidates.
+
+The rule (DESIGN.md, "Selection rule"): a candidate passes only if its parity passed and it is within
+every budget the profile sets (a budget the profile leaves out is not checked). Quality is the exit's
+kNN top-1 (where every candidate has one; otherwise deeper is better). Among passing candidates take
+the best quality; among those within half a point (0.005) of it, the lowest latency. Nothing passes:
+:class:`~bim_export.errors.NoCandidateError` naming the closest candidate and the budget it misses.
+
+Pure Python: no torch, onnxruntime or numpy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+from .errors import NoCandidateError
+
+QUALITY_WINDOW = 0.005  # half a point of kNN top-1: within it, latency decides
+_PRECISION_RANK = {"fp32": 0, "fp16": 1, "int8": 2}  # at equal quality and latency, keep more bits
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One exported (or prunable) backbone: a depth at a precision, with its figures."""
+
+    depth: int
+    precision: str  # fp32 | fp16 | int8
+    quality: Optional[float] = None  # kNN top-1 of this exit in [0, 1]; None when not measured
+    parity_passed: bool = True
+    parity_note: str = ""  # e.g. "cosine 0.981 < 0.995"
+    latency_ms: Optional[float] = None  # at latency_stat, at the profile's batch
+    latency_stat: str = "p90"  # p50 | p90 | p99
+    latency_source: str = "predicted"  # measured | predicted | calibrated
+    expected_error: Optional[float] = None  # relative error expected of latency_ms (0.15 = +-15 %)
+    memory_mb: Optional[float] = None  # peak memory of the inference session
+    size_mb: Optional[float] = None  # model file size, 10^6 bytes
+
+    @property
+    def label(self) -> str:
+        return f"depth {self.depth} {self.precision}"
+
+
+@dataclass(frozen=True)
+class Row:
+    """A candidate with its verdict: status chosen | ok | rejected, and why."""
+
+    candidate: Candidate
+    status: str
+    reason: str
+    excess: float = 0.0  # sum of relative overshoots of the budgets it misses (for "closest")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self.candidate), "status": self.status, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The choice and the table of every candidate with its status and reason."""
+
+    profile: str
+    budgets: dict[str, Any]
+    rows: list[Row]
+    quality_metric: str  # "knn_top1" or "depth" (deeper is better)
+
+    @property
+    def choice(self) -> Optional[Candidate]:
+        for row in self.rows:
+            if row.status == "chosen":
+                return row.candidate
+        return None
+
+    def table(self) -> str:
+        """Every candidate as a plain-text table, deepest first, with the budgets underneath."""
+        return f"{format_table(self.rows, self.quality_metric)}\nbudgets of {self.profile}: {_budget_line(self.budgets)}"
+
+    def to_dict(self) -> dict[str, Any]:
+        choice = self.choice
+        return {
+            "profile": self.profile,
+            "budgets": self.budgets,
+            "rule": "parity passed and within every budget; best quality; within "
+                    f"{QUALITY_WINDOW * 100:g} point of it, lowest latency",
+            "quality_metric": self.quality_metric,
+            "choice": None if choice is None else {"depth": choice.depth, "precision": choice.precision},
+            "candidates": [row.to_dict() for row in self.rows],
+        }
+
+
+def select(candidates: list[Candidate], profile) -> Selection:
+    """Picks the best candidate within the profile's budgets.
+
+    Args:
+        candidates: every depth x precision considered; latency at the profile's statistic.
+        profile: a :class:`~bim_export.profiles.Profile` (only ``name`` and ``budgets`` are read).
+
+    Returns:
+        The selection; ``.choice`` is the chosen candidate.
+
+    Raises:
+        NoCandidateError: no candidate passes parity and every budget; the message names the closest
+            candidate, the budget it misses and by how much; ``.table`` holds the full table.
+        ValueError: a candidate's latency is given at another statistic than the budget's.
+    """
+    budgets = profile.budgets
+    for c in candidates:
+        if budgets.latency_ms is not None and c.latency_ms is not None and c.latency_stat != budgets.latency_stat:
+            raise ValueError(f"{c.label}: latency is {c.latency_stat}, the budget is {budgets.latency_stat}")
+    use_quality = bool(candidates) and all(c.quality is not None for c in candidates)
+    metric = "knn_top1" if use_quality else "depth"
+    checked = [(c, *_check(c, budgets)) for c in candidates]
+    passing = [c for c, failures, _ in checked if not failures]
+
+    chosen, why = _choose(passing, use_quality)
+    best = max((_quality(c, use_quality) for c in passing), default=0.0)
+    rows = []
+    for c, failures, excess in checked:
+        if failures:
+            rows.append(Row(c, "rejected", "; ".join(failures), excess))
+        elif c is chosen:
+            rows.append(Row(c, "chosen", "best within budget" + (f" ({why})" if why else "")))
+        else:
+            rows.append(Row(c, "ok", _why_not(c, chosen, best, use_quality)))
+    rows.sort(key=lambda r: (-r.candidate.depth, _PRECISION_RANK.get(r.candidate.precision, 9)))
+    selection = Selection(profile.name, budgets.model_dump(mode="json"), rows, metric)
+    if chosen is None:
+        raise NoCandidateError(_nothing_fits(profile.name, rows), table=selection.table())
+    return selection
+
+
+# ------------------------------------------------------------------------------------ the rule
+
+
+def _check(c: Candidate, budgets) -> tuple[list[str], float]:
+    """Failures of one candidate (parity, then each budget) and its total relative overshoot."""
+    failures: list[str] = []
+    excess = 0.0
+    if not c.parity_passed:
+        failures.append("parity failed" + (f": {c.parity_note}" if c.parity_note else ""))
+    for value, budget, what, unit in (
+        (c.latency_ms, budgets.latency_ms, f"latency {budgets.latency_stat}", "ms"),
+        (c.memory_mb, budgets.peak_memory_mb, "peak memory", "MB"),
+        (c.size_mb, budgets.model_size_mb, "model size", "MB"),
+    ):
+        if budget is None:
+            continue
+        if value is None:
+            failures.append(f"no {what} figure (budget {budget:g} {unit})")
+            excess += 1.0
+        elif value > budget * (1 + _EPS):
+            over = value - budget
+            failures.append(f"{what} {_num(value)} {unit} > budget {budget:g} {unit} "
+                            f"(+{_num(over)} {unit}, +{over / budget:.0%})")
+            excess += over / budget
+    return failures, excess
+
+
+def _quality(c: Candidate, use_quality: bool) -> float:
+    return c.quality if use_quality else float(c.depth)
+
+
+def _latency(c: Candidate) -> float:
+    return math.inf if c.latency_ms is None else c.latency_ms
+
+
+def _choose(passing: list[Candidate], use_quality: bool) -> tuple[Optional[Candidate], str]:
+    """Best quality; within QUALITY_WINDOW of it (same depth when ranking by depth), lowest latency."""
+    if not passing:
+        return None, ""
+    best = max(_quality(c, use_quality) for c in passing)
+    window = QUALITY_WINDOW if use_quality else 0.0
+    near = [c for c in passing if _quality(c, use_quality) >= best - window - _EPS]
+    # Ties in latency: higher quality, then deeper, then more bits.
+    chosen = min(near, key=lambda c: (_latency(c), -_quality(c, use_quality), -c.depth,
+                                      _PRECISION_RANK.get(c.precision, 9)))
+    if len(near) == 1:
+        return chosen, ""
+    if use_quality and _quality(chosen, True) < best - _EPS:
+        return chosen, f"fastest within {QUALITY_WINDOW * 100:g} point of the best quality"
+    return chosen, "fastest of the best"
+
+
+def _why_not(c: Candidate, chosen: Candidate, best: float, use_quality: bool) -> str:
+    """Why a passing candidate was not chosen (``best``: the best quality among passing ones)."""
+    if use_quality:
+        if c.quality < best - QUALITY_WINDOW - _EPS:
+            return f"lower quality ({c.quality:.1%}, best {best:.1%})"
+    elif c.depth < chosen.depth:
+        return f"shallower (depth {c.depth} vs {chosen.depth})"
+    if _latency(c) > _latency(chosen) + _EPS:
+        return f"slower ({_num(_latency(c))} vs {_num(_latency(chosen))} ms)"
+    return "tie on quality and latency; deeper, then more bits, preferred"
+
+
+def _nothing_fits(profile: str, rows: list[Row]) -> str:
+    if not rows:
+        return f"no candidates to choose from for {profile}"
+    parity_ok = [r for r in rows if r.candidate.parity_passed]
+    if not parity_ok:
+        first = rows[0]
+        return (f"no candidate meets {profile}: every candidate failed parity "
+                f"(e.g. {first.candidate.label}: {first.reason})")
+    closest = min(parity_ok, key=lambda r: (r.excess, -r.candidate.depth))
+    return f"no candidate meets the budgets of {profile}; closest: {closest.candidate.label}: {closest.reason}"
+
+
+# ---------------------------------------------------------------------------------------- table
+
+
+def _num(x: Optional[float]) -> str:
+    if x is None or math.isinf(x):
+        return "-"
+    return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
+
+
+def _budget_line(b: dict[str, Any]) -> str:
+    parts = []
+    if b.get("latency_ms") is not None:
+        parts.append(f"latency {b.get('latency_stat', 'p90')} <= {b['latency_ms']:g} ms")
+    if b.get("peak_memory_mb") is not None:
+        parts.append(f"peak memory <= {b['peak_memory_mb']:g} MB")
+    if b.get("model_size_mb") is not None:
+        parts.append(f"model size <= {b['model_size_mb']:g} MB")
+    return ", ".join(parts) or "none"
+
+
+def format_table(rows: list[Row], quality_metric: str = "knn_top1") -> str:
+    """A plain-text table of candidate rows."""
+    head = ("depth", "precision", "quality", "parity", "latency ms", "source", "memory MB", "size MB",
+            "status", "reason")
+    lines = [head]
+    for r in rows:
+        c = r.candidate
+        quality = "-" if c.quality is None else f"{c.quality:.1%}"
+        latency = _num(c.latency_ms)
+        if c.latency_ms is not None:
+            latency = f"{latency} {c.latency_stat}"
+            if c.expected_error is not None:
+                latency += f" ±{c.expected_error:.0%}"
+        lines.append((str(c.depth), c.precision, quality, "ok" if c.parity_passed else "FAIL", latency,
+                      c.latency_source, _num(c.memory_mb), _num(c.size_mb), r.status, r.reason))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    out = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
+    if quality_metric == "depth":
+        out.append("quality: no kNN top-1 for every depth, so deeper is better")
+    return "\n".join(out)
