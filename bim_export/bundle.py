@@ -92,7 +92,8 @@ def write_bundle(out_dir: str | Path, spec: BundleSpec) -> Path:
     """Writes ``out_dir/<profile>/`` atomically and returns its path."""
     dest = Path(out_dir) / spec.profile_name
     with atomic_dir(dest) as tmp:
-        shutil.copyfile(spec.model_path, tmp / MODEL)
+        write_model(spec.model_path, tmp / MODEL, {"profile": spec.profile_name,
+                                                     "precision": str(spec.manifest.get("precision", ""))})
         np.savez(tmp / REFERENCE, **spec.reference)
         targets = resource_dir("targets")
         shutil.copyfile(targets / spec.script, tmp / INFER)
@@ -107,6 +108,23 @@ def write_bundle(out_dir: str | Path, spec: BundleSpec) -> Path:
         manifest["files"] = file_hashes(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n", encoding="utf-8")
     return dest
+
+
+def write_model(src: Path, dst: Path, metadata: dict[str, str]) -> None:
+    """Copies an ONNX model, setting ``metadata`` in its metadata_props (the exports are shared by
+    every profile of a run, so the profile is stamped on the copy). Weights stored as external
+    data (models over 2 GB) go to ``<dst>.data`` beside it."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    model = onnx.load(str(src))
+    props = {p.key: p.value for p in model.metadata_props}
+    props.update({k: v for k, v in metadata.items() if v})
+    del model.metadata_props[:]
+    for k, v in props.items():
+        model.metadata_props.add(key=k, value=v)
+    external = any(uses_external_data(t) for t in model.graph.initializer) or src.stat().st_size > 1_800_000_000
+    onnx.save(model, str(dst), save_as_external_data=external, location=f"{dst.name}.data" if external else None)
 
 
 def build_manifest(spec: BundleSpec) -> dict[str, Any]:

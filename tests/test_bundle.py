@@ -63,7 +63,9 @@ def test_bundle_has_every_file_and_hashes(tmp_path, spec):
     assert (dest / "validate.py").read_text() == (bundle_mod.Path(bundle_mod.__file__).with_name("validate.py")).read_text()
     ref = np.load(dest / "reference.npz")
     np.testing.assert_array_equal(ref["pixels"], spec.reference["pixels"])
-    onnx.checker.check_model(str(dest / "model.onnx"))
+    onnx.checker.check_model(str(dest / "model.onnx"), full_check=True)
+    props = {p.key: p.value for p in onnx.load(str(dest / "model.onnx")).metadata_props}
+    assert props["profile"] == "jetson-orin-nano" and props["depth"] == "4" and props["precision"] == "int8"
 
 
 def test_report_states_choice_sources_and_how_to_run(tmp_path, spec):
