@@ -12,6 +12,7 @@ Pure Python (pyyaml + pydantic): no torch or onnxruntime import.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
@@ -48,6 +49,7 @@ KNOWN_EXECUTION_PROVIDERS = (
 )
 
 Precision = Literal["fp32", "fp16", "int8"]
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class _Strict(BaseModel):
@@ -236,6 +238,9 @@ def load_profile_file(path: Union[str, os.PathLike]) -> Profile:
         raise InputError(f"{shown}: cannot read ({e})") from None
     if not isinstance(data, dict):
         raise InputError(f"{shown}: a profile must be a mapping of fields (got {_short(data)})")
+    if not _NAME.fullmatch(path.stem):
+        raise InputError(f"{shown}: the file name is the profile name and names its export folder: "
+                         f"use letters, digits, '.', '_' and '-' only (got {path.stem!r})")
     if "name" in data and data["name"] != path.stem:
         raise InputError(f"{shown}: name must match the file name '{path.stem}' (got {_short(data['name'])})")
     data = {**data, "name": path.stem}

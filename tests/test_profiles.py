@@ -182,6 +182,11 @@ def test_not_a_mapping(tmp_path, text):
         load_profile(_write(tmp_path, text))
 
 
+def test_file_name_must_make_a_folder_name(tmp_path):
+    with pytest.raises(InputError, match=r"names its export folder.*\(got 'my device'\)"):
+        load_profile(_write(tmp_path, _shipped("host"), name="my device"))
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(InputError, match="nope.yaml: profile file not found"):
         load_profile(tmp_path / "nope.yaml")
