@@ -11,6 +11,7 @@ Pure Python (pyyaml + pydantic): no torch or onnxruntime import.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
@@ -139,10 +140,11 @@ class Profile(_Strict):
     @field_validator("execution_providers")
     @classmethod
     def _known_eps(cls, eps: list[str]) -> list[str]:
-        for ep in eps:
+        for i, ep in enumerate(eps):
             if ep not in KNOWN_EXECUTION_PROVIDERS:
-                raise ValueError(f"unknown execution provider '{ep}'; "
-                                 f"{close_matches(ep, list(KNOWN_EXECUTION_PROVIDERS))}")
+                hint = _ep_hint(ep)
+                raise _FieldError(("execution_providers", i),
+                                  f"is not an ONNX Runtime execution provider (got {ep!r}); {hint}", None)
         if len(set(eps)) != len(eps):
             raise ValueError(f"lists an execution provider twice ({', '.join(eps)})")
         return eps
@@ -169,6 +171,18 @@ class Profile(_Strict):
     def tolerance(self, precision: str) -> ParityTolerance:
         """The parity tolerances for ``precision``."""
         return getattr(self.parity, precision)
+
+
+def _ep_hint(ep: str) -> str:
+    """'did you mean X?' for an unknown EP name (case and the suffix ignored), else the valid names."""
+    suffix = "executionprovider"
+    base = {k.lower().removesuffix(suffix): k for k in KNOWN_EXECUTION_PROVIDERS}
+    wanted = ep.lower().removesuffix(suffix)
+    close = [base[wanted]] if wanted in base else \
+        [base[c] for c in difflib.get_close_matches(wanted, list(base), n=2, cutoff=0.6)]
+    if close:
+        return f"did you mean {', '.join(close)}?"
+    return f"valid: {', '.join(sorted(KNOWN_EXECUTION_PROVIDERS))}"
 
 
 class _FieldError(ValueError):

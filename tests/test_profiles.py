@@ -131,7 +131,11 @@ BAD = {
     "unknown latency stat": (lambda d: d["budgets"].update(latency_stat="p95"),
                              "budgets.latency_stat must be one of 'p50', 'p90' or 'p99' (got 'p95')"),
     "unknown EP": (lambda d: d.update(execution_providers=["CudaExecutionProvider"]),
-                   "execution_providers unknown execution provider 'CudaExecutionProvider'"),
+                   "execution_providers[0] is not an ONNX Runtime execution provider (got 'CudaExecutionProvider'); "
+                   "did you mean CUDAExecutionProvider?"),
+    "unknown EP far off": (lambda d: d.update(execution_providers=["CPUExecutionProvider", "Foo"]),
+                           "execution_providers[1] is not an ONNX Runtime execution provider (got 'Foo'); "
+                           "valid: ACLExecutionProvider"),
     "duplicate EP": (lambda d: d.update(execution_providers=["CPUExecutionProvider"] * 2),
                      "execution_providers lists an execution provider twice"),
     "no precisions": (lambda d: d.update(precisions=[]), "precisions must have at least 1 item(s) (got [])"),
