@@ -102,12 +102,15 @@ def select(candidates: list[Candidate], profile) -> Selection:
     Raises:
         NoCandidateError: no candidate passes parity and every budget; the message names the closest
             candidate, the budget it misses and by how much; ``.table`` holds the full table.
-        ValueError: a candidate's latency is given at another statistic than the budget's.
+        ValueError: a candidate's latency is given at another statistic than the budget's, or its
+            quality is not a fraction (a caller bug, not bad user input).
     """
     budgets = profile.budgets
     for c in candidates:
         if budgets.latency_ms is not None and c.latency_ms is not None and c.latency_stat != budgets.latency_stat:
             raise ValueError(f"{c.label}: latency is {c.latency_stat}, the budget is {budgets.latency_stat}")
+        if c.quality is not None and not 0.0 <= c.quality <= 1.0:
+            raise ValueError(f"{c.label}: quality is a kNN top-1 fraction in [0, 1] (got {c.quality})")
     use_quality = bool(candidates) and all(c.quality is not None for c in candidates)
     metric = "knn_top1" if use_quality else "depth"
     checked = [(c, *_check(c, budgets)) for c in candidates]

@@ -135,3 +135,8 @@ def test_table_and_dict_list_every_candidate():
     assert {c["status"] for c in d["candidates"]} == {"chosen", "ok", "rejected"}
     assert all(set(c) >= {"depth", "precision", "quality", "latency_ms", "latency_source", "reason"}
                for c in d["candidates"])
+
+
+def test_quality_in_percent_is_a_bug():
+    with pytest.raises(ValueError, match="fraction"):
+        select([_c(3, quality=65.3)], _profile())
