@@ -162,13 +162,16 @@ def _cmd_profiles(args) -> int:
 def _add_calibrate(sub) -> None:
     p = sub.add_parser("calibrate", help="measure on this device and write a calibration file", description=_cmd_calibrate.__doc__)
     p.add_argument("--profile", required=True, help="the profile of the device this runs on")
-    p.add_argument("--out", type=Path, default=None, help="calibration file (default: next to the profiles)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="calibration file (default: $BIM_EXPORT_CALIBRATION_DIR/<profile>.json, "
+                        "else ~/.config/bim-export/calibration/<profile>.json)")
     p.set_defaults(func=_cmd_calibrate)
 
 
 def _cmd_calibrate(args) -> int:
-    """Run on the real device: measure a few reference models with ONNX Runtime and write a
-    calibration file that later latency predictions for this profile use."""
+    """Run on the real device: export a few reference ViTs, time them with ONNX Runtime and fit the
+    latency model to them; later predictions for this profile (on any machine that has the file)
+    use the fitted factors and are labelled calibrated."""
     from .latency import calibrate
 
     print(calibrate(args.profile, out=args.out))

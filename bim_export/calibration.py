@@ -1,0 +1,213 @@
+"""Calibration files: a device's own measurements, fitted once, used by every later prediction.
+
+``bim-export calibrate --profile NAME``, run on the device itself, exports a few reference ViT graphs
+(two widths, two depths), times them with ONNX Runtime and fits the cost model's efficiency factors
+and overheads (:func:`bim_export.costmodel.fit_factors`) to them. The file goes to
+``$BIM_EXPORT_CALIBRATION_DIR/<profile>.json`` (default ``~/.config/bim-export/calibration``); a
+Jetson owner calibrates once, and exports made on a workstation predict from it.
+
+A file is rejected (InputError naming file, field and value) when it is not JSON, lacks a field,
+was made for another profile, or for another device model (the profile's hardware figures differ).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .atomic import atomic_write_bytes
+from .costmodel import CostFactors, Hardware, default_factors, fit_factors, graph_cost, roofline_features, roofline_seconds
+from .errors import InputError
+
+FORMAT_VERSION = 1
+KIND = "bim-export-calibration"
+ENV_DIR = "BIM_EXPORT_CALIBRATION_DIR"
+
+# Reference graphs: ViT-Ti and ViT-S widths at two depths, patch 16, 224 px, random weights.
+REFERENCE_MODELS = (
+    {"embed_dim": 192, "num_heads": 3, "depth": 2, "img_size": 224, "patch_size": 16},
+    {"embed_dim": 192, "num_heads": 3, "depth": 6, "img_size": 224, "patch_size": 16},
+    {"embed_dim": 384, "num_heads": 6, "depth": 2, "img_size": 224, "patch_size": 16},
+    {"embed_dim": 384, "num_heads": 6, "depth": 6, "img_size": 224, "patch_size": 16},
+)
+
+
+@dataclass
+class Calibration:
+    """A loaded calibration file."""
+
+    path: Path
+    profile: str
+    factors: CostFactors
+    machine: dict
+    expected_error: float  # worst relative error of the fit on its own measurements (at least 10 %)
+
+
+def calibration_dir() -> Path:
+    """Where calibration files live: $BIM_EXPORT_CALIBRATION_DIR, else the user's config dir."""
+    if os.environ.get(ENV_DIR):
+        return Path(os.environ[ENV_DIR])
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "bim-export" / "calibration"
+
+
+def calibration_path(profile_name: str) -> Path:
+    return calibration_dir() / f"{profile_name}.json"
+
+
+def model_signature(spec: dict) -> str:
+    return "vit-w{embed_dim}-h{num_heads}-d{depth}-p{patch_size}-{img_size}px".format(**spec)
+
+
+def _hardware_of(profile) -> Hardware:
+    from .latency import profile_hardware
+
+    return profile_hardware(profile)
+
+
+def load_calibration(profile, path: str | os.PathLike | None = None) -> Calibration | None:
+    """The profile's calibration, or None when it has none (an explicit ``path`` must exist).
+
+    Raises:
+        InputError: corrupt JSON, a missing or wrong field, a file for another profile or for
+            another device model (hardware figures differ from the profile's).
+    """
+    explicit = path is not None
+    path = Path(path) if explicit else calibration_path(profile.name)
+    if not path.is_file():
+        if explicit:
+            raise InputError(f"{path}: calibration file not found")
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: corrupt JSON at line {e.lineno} column {e.colno} ({e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read calibration file ({e})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: a calibration file must be a JSON object (got {type(data).__name__})")
+
+    def need(key, kind):
+        if key not in data:
+            raise InputError(f"{path}: field '{key}' is missing")
+        if not isinstance(data[key], kind):
+            raise InputError(f"{path}: field '{key}' must be {kind.__name__} (got {data[key]!r:.60})")
+        return data[key]
+
+    if need("kind", str) != KIND:
+        raise InputError(f"{path}: field 'kind' must be '{KIND}' (got '{data['kind']}')")
+    if need("format_version", int) != FORMAT_VERSION:
+        raise InputError(f"{path}: field 'format_version' must be {FORMAT_VERSION} (got {data['format_version']})")
+    if need("profile", str) != profile.name:
+        raise InputError(f"{path}: field 'profile' is '{data['profile']}', but this is for profile '{profile.name}'")
+    recorded = need("hardware", dict)
+    current = _hardware_of(profile).signature() if profile.hardware is not None else None
+    if current is not None:
+        for key, value in _flat(current).items():
+            got = _flat(recorded).get(key)
+            if got is None or abs(float(got) - float(value)) > 1e-6 * max(1.0, abs(float(value))):
+                raise InputError(f"{path}: field 'hardware.{key}' is {got}, but profile '{profile.name}' says {value}: "
+                                 f"made for another device model; run `bim-export calibrate --profile {profile.name}` again")
+    factors = need("factors", dict)
+    try:
+        fac = CostFactors.from_dict(factors)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise InputError(f"{path}: field 'factors' is malformed ({type(e).__name__}: {e})") from None
+    for cls, eff in fac.efficiency.items():
+        if not eff > 0:
+            raise InputError(f"{path}: field 'factors.efficiency.{cls}' must be > 0 (got {eff})")
+    for key in ("node_overhead_us", "fixed_overhead_us"):
+        if getattr(fac, key) < 0:
+            raise InputError(f"{path}: field 'factors.{key}' must be >= 0 (got {getattr(fac, key)})")
+    fit = need("fit_error", dict)
+    err = fit.get("max")
+    if not isinstance(err, (int, float)) or err < 0:
+        raise InputError(f"{path}: field 'fit_error.max' must be a number >= 0 (got {err!r})")
+    return Calibration(path=path, profile=profile.name, factors=fac, machine=need("machine", dict),
+                       expected_error=max(0.1, float(err)))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def export_reference_vit(spec: dict, path: str | os.PathLike, opset: int = 17) -> Path:
+    """Exports a random-weight timm ViT (no head) of ``spec`` to ONNX, batch axis dynamic."""
+    import timm
+    import torch
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **spec).eval()
+    x = torch.randn(1, 3, spec["img_size"], spec["img_size"])
+    with torch.no_grad():
+        torch.onnx.export(model, (x,), os.fspath(path), input_names=["pixels"], output_names=["embedding"],
+                          dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}}, opset_version=opset,
+                          dynamo=False)
+    return Path(path)
+
+
+def calibrate(profile, out: str | os.PathLike | None = None, *, specs=None, batches=None, threads: int | None = None,
+              warmup: int = 5, repeats: int = 20, rounds: int = 5) -> str:
+    """Run on the real device: measures reference ViT graphs and writes the profile's calibration file.
+
+    Args:
+        profile: profile name, alias, YAML path or Profile.
+        out: the calibration file (default: ``calibration_path(profile)``).
+        specs: reference model specs (timm VisionTransformer kwargs; default REFERENCE_MODELS).
+        batches: batch sizes to measure at (default: 1 and the profile's batch).
+
+    Returns:
+        A summary: each reference model's measured and fitted latency, and where the file went.
+    """
+    from .latency import measure_many
+    from .profiles import load_profile
+
+    profile = load_profile(profile)
+    specs = list(specs or REFERENCE_MODELS)
+    batches = sorted(set(batches or [1, profile.batch]))
+    gpu_eps = [e for e in profile.execution_providers if e != "CPUExecutionProvider"]
+    hw = _hardware_of(profile)
+    with tempfile.TemporaryDirectory(prefix="bim-calibrate-") as tmp:
+        paths = [export_reference_vit(s, Path(tmp) / f"{model_signature(s)}.onnx", profile.opset) for s in specs]
+        jobs = [(p, b) for p in paths for b in batches]
+        results = measure_many(jobs, providers=list(profile.execution_providers), threads=threads or profile.threads,
+                               warmup=warmup, repeats=repeats, rounds=rounds)
+        used = sorted({p for r in results for p in r.providers})
+        if profile.device_class == "gpu" and not set(used) & set(gpu_eps):
+            raise InputError(f"profile '{profile.name}': none of execution_providers {gpu_eps} is available here "
+                             f"(ran on {', '.join(used)}); run calibrate on the device itself")
+        feats = [roofline_features(graph_cost(p, b), hw) for p, b in jobs]
+    samples = [(f, r.p50 / 1e3) for f, r in zip(feats, results)]
+    factors = fit_factors(samples, default_factors(profile.device_class, hw), label=f"calibrate {profile.name}")
+    preds = [roofline_seconds(f, factors) * 1e3 for f in feats]
+    errors = [abs(p - r.p50) / r.p50 for p, r in zip(preds, results)]
+    record = {
+        "kind": KIND, "format_version": FORMAT_VERSION, "profile": profile.name, "bim_export_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": results[0].machine, "providers": used,
+        "settings": {k: v for k, v in results[0].settings.items() if k not in ("round_medians_ms", "samples")},
+        "hardware": hw.signature(), "factors": factors.to_dict(),
+        "fit_error": {"median": statistics.median(errors), "max": max(errors)},
+        "measurements": [{"model": model_signature(specs[i // len(batches)]), "batch": b, "measured_ms": r.p50,
+                          "fitted_ms": p} for i, ((_, b), r, p) in enumerate(zip(jobs, results, preds))],
+    }
+    dest = Path(out) if out is not None else calibration_path(profile.name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(dest, (json.dumps(record, indent=2) + "\n").encode())
+    lines = [f"calibrated {profile.name} on {record['machine'].get('cpu')} ({', '.join(used)})",
+             f"{'model':<32} {'batch':>5} {'measured ms':>12} {'fitted ms':>10}"]
+    lines += [f"{m['model']:<32} {m['batch']:>5} {m['measured_ms']:>12.3f} {m['fitted_ms']:>10.3f}"
+              for m in record["measurements"]]
+    lines.append(f"fit error: median {record['fit_error']['median']:.1%}, worst {record['fit_error']['max']:.1%}")
+    lines.append(f"wrote {dest}")
+    return "\n".join(lines)

@@ -1,0 +1,278 @@
+"""Latency of an ONNX model on a device: measured where we can, predicted where we cannot.
+
+- :func:`measure_onnx` times ``session.run`` with ONNX Runtime in a separate process (fixed intra-op
+  threads, warm-up, interleaved repeats in several rounds; the headline p50 is the lowest of the
+  round medians, because host noise only ever adds time).
+- :func:`predict_latency` costs the graph per node (:mod:`bim_export.costmodel`) against a profile's
+  hardware figures, with efficiency factors fitted on measurements (a calibration file made on the
+  device when there is one).
+- :func:`latency_for_profile` picks: measured for the ``host`` profile, predicted (from the device's
+  calibration where one exists) for every other. Every result says which it is.
+
+onnxruntime is only imported in the worker process (:mod:`bim_export.latency_worker`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .costmodel import GraphCost, Hardware, default_factors, graph_cost, predict_memory, roofline_features, roofline_seconds
+from .errors import InputError
+
+__all__ = ["LatencyResult", "measure_onnx", "measure_many", "measure_host_hardware", "measure_gemm_throughput",
+           "graph_cost", "GraphCost", "predict_latency", "predict_memory", "latency_for_profile", "calibrate",
+           "machine_description"]
+
+# Relative error a prediction for an uncalibrated device is expected to stay within: the factors
+# were fitted on another machine, so only the roofline's shape carries over.
+UNCALIBRATED_ERROR = 0.5
+
+
+@dataclass
+class LatencyResult:
+    """Latency of one model at one batch size, in milliseconds, with where the figure comes from.
+
+    Attributes:
+        source: ``measured`` (timed here), ``predicted`` (cost model, default factors) or
+            ``calibrated`` (cost model with factors fitted on the device itself).
+        expected_error: relative error the figure is expected to be within (0.1 = 10 %); for a
+            measurement, the spread of its round medians.
+        note: e.g. ``host-emulated fp16`` when an fp16 model was timed on a CPU execution provider.
+    """
+
+    mean: float
+    p50: float
+    p90: float
+    p99: float
+    source: str
+    batch: int
+    model: str
+    profile: str | None = None
+    providers: list[str] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+    peak_memory_mb: float | None = None
+    machine: dict = field(default_factory=dict)
+    expected_error: float | None = None
+    note: str = ""
+
+    def stat(self, name: str) -> float:
+        """The value of statistic ``name`` (p50, p90, p99 or mean) in ms."""
+        if name not in ("p50", "p90", "p99", "mean"):
+            raise InputError(f"latency statistic must be p50, p90, p99 or mean (got '{name}')")
+        return float(getattr(self, name))
+
+    @property
+    def label(self) -> str:
+        """``measured``, ``predicted +-50 %``, ... with the note, for tables and reports."""
+        text = self.source
+        if self.source != "measured" and self.expected_error is not None:
+            text += f" ±{self.expected_error * 100:.0f} %"
+        return f"{text} ({self.note})" if self.note else text
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def machine_description() -> dict:
+    """What this machine is, for the record next to every measurement."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return {"cpu": cpu, "logical_cores": os.cpu_count(), "os": f"{platform.system()} {platform.release()}",
+            "python": platform.python_version()}
+
+
+# ---------------------------------------------------------------------------------- measuring
+
+
+def _run_worker(request: dict, timeout: float) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(request["threads"]))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "bim_export.latency_worker"], input=json.dumps(request),
+                              capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        raise InputError(f"latency measurement took longer than {timeout:.0f} s; use fewer repeats") from None
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["no message"]
+        paths = ", ".join(j["path"] for j in request.get("jobs", []))
+        if "onnxruntime" in proc.stderr and ("Load model" in proc.stderr or "INVALID" in proc.stderr):
+            raise InputError(f"{paths}: ONNX Runtime cannot load the model ({tail[0][:200]})")
+        raise RuntimeError(f"latency worker failed (exit {proc.returncode}): {tail[0]}")
+    return json.loads(proc.stdout)
+
+
+def _default_threads(threads: int | None) -> int:
+    return int(threads) if threads else (os.cpu_count() or 1)
+
+
+def measure_many(jobs: list[tuple[str | os.PathLike, int]], providers: list[str] | None = None,
+                 threads: int | None = None, warmup: int = 5, repeats: int = 20, rounds: int = 5,
+                 timeout: float = 1800) -> list[LatencyResult]:
+    """Times several (model, batch) pairs in one worker, interleaved round by round.
+
+    Interleaving spreads slow spells of a shared machine over every model instead of one.
+    Peak memory of each is the rise of the worker's RSS high-water mark while its session is
+    created and warmed up (sessions are created one after another).
+    """
+    for path, batch in jobs:
+        if not Path(path).is_file():
+            raise InputError(f"{path}: ONNX file not found")
+        if int(batch) < 1:
+            raise InputError(f"batch must be >= 1 (got {batch})")
+    if min(warmup, repeats, rounds) < 1:
+        raise InputError(f"warmup, repeats and rounds must be >= 1 (got {warmup}, {repeats}, {rounds})")
+    threads = _default_threads(threads)
+    req = {"task": "sessions", "jobs": [{"path": os.fspath(p), "batch": int(b)} for p, b in jobs],
+           "providers": providers, "threads": threads, "warmup": warmup, "repeats": repeats, "rounds": rounds}
+    answer = _run_worker(req, timeout)
+    machine = {**machine_description(), "onnxruntime": answer["onnxruntime"]}
+    settings = {"threads": threads, "warmup": warmup, "repeats": repeats, "rounds": rounds,
+                "interleaved_with": len(jobs), "statistic": "p50 = lowest of the round medians"}
+    out = []
+    for (path, batch), r in zip(jobs, answer["results"]):
+        meds = r["round_medians_ms"]
+        out.append(LatencyResult(mean=r["mean_ms"], p50=r["p50_ms"], p90=max(r["p90_ms"], r["p50_ms"]),
+                                 p99=max(r["p99_ms"], r["p50_ms"]), source="measured", batch=int(batch),
+                                 model=os.fspath(path), providers=r["providers"],
+                                 settings={**settings, "round_medians_ms": meds, "samples": r["samples"]},
+                                 peak_memory_mb=r["peak_memory_mb"], machine=machine,
+                                 expected_error=(max(meds) - min(meds)) / min(meds)))
+    return out
+
+
+def measure_onnx(path: str | os.PathLike, batch: int = 1, providers: list[str] | None = None,
+                 threads: int | None = None, warmup: int = 5, repeats: int = 20, rounds: int = 5,
+                 timeout: float = 600) -> LatencyResult:
+    """Measures one ONNX model with ONNX Runtime in a separate process.
+
+    Args:
+        path: the ONNX file; its first input axis is the batch.
+        providers: execution providers in fallback order (those not available here are skipped;
+            the result lists the ones the session actually used). Default: CPU.
+        threads: intra-op threads (default: every logical core). Inter-op threads are 1.
+        warmup: untimed runs after session creation.
+        repeats: timed runs per round; ``rounds`` rounds, the lowest round median is ``p50``.
+    """
+    return measure_many([(path, batch)], providers, threads, warmup, repeats, rounds, timeout)[0]
+
+
+@functools.lru_cache(maxsize=4)
+def measure_host_hardware(threads: int | None = None) -> Hardware:
+    """This machine's fp32 / int8 GEMM throughput and memory bandwidth through ONNX Runtime."""
+    threads = _default_threads(threads)
+    ans = _run_worker({"task": "hardware", "threads": threads}, timeout=600)
+    peaks = dict(ans["peak_gflops"])
+    peaks.setdefault("fp16", peaks["fp32"])  # CPU EPs run fp16 graphs through fp32 kernels
+    return Hardware(peak_gflops=peaks, mem_bandwidth_gbs=ans["mem_bandwidth_gbs"], launch_overhead_us=0.0)
+
+
+def measure_gemm_throughput(threads: int | None = None) -> dict[str, float]:
+    """GFLOP/s of a 1024^3 GEMM on this machine: ``{"fp32": ..., "int8": ...}`` (for roofline fractions)."""
+    hw = measure_host_hardware(threads)
+    return {"fp32": hw.peak_gflops["fp32"], "int8": hw.peak_gflops["int8"]}
+
+
+# --------------------------------------------------------------------------------- predicting
+
+
+def _profile(profile):
+    from .profiles import load_profile
+
+    return load_profile(profile)
+
+
+def profile_hardware(profile) -> Hardware:
+    """The roofline figures of a profile; a measured profile without figures gets this machine's."""
+    hw = profile.hardware
+    if hw is None:
+        return measure_host_hardware(profile.threads)
+    peaks = {k: v for k, v in hw.peak_gflops.model_dump().items() if v}
+    return Hardware(peak_gflops=peaks, mem_bandwidth_gbs=hw.mem_bandwidth_gbs, launch_overhead_us=hw.launch_overhead_us)
+
+
+def model_precision(path: str | os.PathLike) -> str:
+    """fp32, fp16 or int8, from the model's metadata or else its weights."""
+    import onnx
+    from onnx import TensorProto
+
+    m = onnx.load(os.fspath(path), load_external_data=False)
+    meta = {p.key: p.value for p in m.metadata_props}
+    if meta.get("precision") in ("fp32", "fp16", "int8"):
+        return meta["precision"]
+    types = {i.data_type for i in m.graph.initializer}
+    if types & {TensorProto.INT8, TensorProto.UINT8}:
+        return "int8"
+    return "fp16" if TensorProto.FLOAT16 in types else "fp32"
+
+
+def predict_latency(path: str | os.PathLike, profile, batch: int | None = None, *, factors=None,
+                    hardware: Hardware | None = None) -> LatencyResult:
+    """Predicts the latency of an ONNX model on a profile's device from its graph.
+
+    Uses the profile's calibration file when there is one (``source="calibrated"``), otherwise the
+    default factors of its device class (``source="predicted"``). ``factors`` / ``hardware``
+    override both (the benchmark fits its own).
+    """
+    from .calibration import load_calibration
+
+    profile = _profile(profile)
+    batch = int(batch or profile.batch)
+    hw = hardware or profile_hardware(profile)
+    source, error, note = "predicted", UNCALIBRATED_ERROR, ""
+    if factors is None:
+        cal = load_calibration(profile)
+        if cal is not None:
+            factors, source, error = cal.factors, "calibrated", cal.expected_error
+            note = f"calibrated on {cal.machine.get('cpu', 'the device')}"
+        else:
+            factors = default_factors(profile.device_class, hw)
+    else:
+        error = None
+    cost = graph_cost(path, batch)
+    ms = roofline_seconds(roofline_features(cost, hw), factors) * 1e3
+    return LatencyResult(mean=ms, p50=ms, p90=ms, p99=ms, source=source, batch=batch, model=os.fspath(path),
+                         profile=profile.name, providers=list(profile.execution_providers),
+                         settings={"factors": factors.to_dict(), "hardware": hw.signature(),
+                                   "gflop": cost.flops / 1e9},
+                         peak_memory_mb=(cost.weights_bytes + cost.peak_activation_bytes) / 1e6,
+                         expected_error=error, note=note)
+
+
+def latency_for_profile(path: str | os.PathLike, profile, batch: int | None = None, *, threads: int | None = None,
+                        warmup: int = 5, repeats: int = 20, rounds: int = 5) -> LatencyResult:
+    """Measured latency for a measured profile (``host``), predicted for every other.
+
+    A prediction uses the profile's calibration file when one exists (labelled ``calibrated``).
+    An fp16 model measured on a CPU execution provider is labelled ``host-emulated fp16``.
+    """
+    profile = _profile(profile)
+    batch = int(batch or profile.batch)
+    if not profile.measured:
+        return predict_latency(path, profile, batch)
+    res = measure_onnx(path, batch, providers=list(profile.execution_providers), threads=threads or profile.threads,
+                       warmup=warmup, repeats=repeats, rounds=rounds)
+    res.profile = profile.name
+    if model_precision(path) == "fp16" and all(p == "CPUExecutionProvider" for p in res.providers):
+        res.note = "host-emulated fp16"
+    return res
+
+
+def calibrate(profile, out: str | os.PathLike | None = None, **kwargs) -> str:
+    """Measures reference models on this device and writes the profile's calibration file.
+
+    See :func:`bim_export.calibration.calibrate`.
+    """
+    from .calibration import calibrate as _calibrate
+
+    return _calibrate(profile, out=out, **kwargs)

@@ -1,0 +1,245 @@
+"""Cost model, measured latency, prediction and calibration files (tiny graphs, fast on 2 cores)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bim_export import latency
+from bim_export.calibration import export_reference_vit, load_calibration
+from bim_export.cli import main as cli_main
+from bim_export.costmodel import CostFactors, Hardware, fit_factors, graph_cost, predict_memory, roofline_features, roofline_seconds
+from bim_export.errors import InputError
+from bim_export.profiles import load_profile
+
+TINY = {"embed_dim": 32, "num_heads": 2, "img_size": 32, "patch_size": 8}
+
+
+def _save(graph, path, opset=17):
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def vits(tmp_path_factory):
+    import torch
+
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("vits")
+    return {depth: export_reference_vit({**TINY, "depth": depth}, d / f"vit-d{depth}.onnx") for depth in (1, 2, 4)}
+
+
+@pytest.fixture(autouse=True)
+def calibration_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("BIM_EXPORT_CALIBRATION_DIR", str(tmp_path / "calibration"))
+    return tmp_path / "calibration"
+
+
+# --------------------------------------------------------------------------------- cost model
+
+
+def test_matmul_and_gemm_flops_are_analytic(tmp_path):
+    w = numpy_helper.from_array(np.ones((8, 16), np.float32), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 16])], [w])
+    cost = graph_cost(_save(g, tmp_path / "mm.onnx"), batch=3)
+    (node,) = cost.nodes
+    assert (node.cls, node.precision) == ("gemm", "fp32")
+    assert node.flops == 2 * 3 * 4 * 8 * 16
+    assert node.bytes == 4 * (3 * 4 * 8 + 8 * 16 + 3 * 4 * 16)
+    assert cost.weights_bytes == 8 * 16 * 4
+
+    b = numpy_helper.from_array(np.ones((16, 8), np.float32), "b")  # used transposed
+    c = numpy_helper.from_array(np.ones((16,), np.float32), "c")
+    g = helper.make_graph([helper.make_node("Gemm", ["x", "b", "c"], ["y"], transB=1)], "gemm",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])], [b, c])
+    (node,) = graph_cost(_save(g, tmp_path / "gemm.onnx"), batch=5).nodes
+    assert node.flops == 2 * 5 * 8 * 16 + 5 * 16  # multiply-adds plus the bias
+
+
+def test_matmul_integer_is_int8_class(tmp_path):
+    w = numpy_helper.from_array(np.ones((8, 16), np.int8), "w")
+    g = helper.make_graph([helper.make_node("MatMulInteger", ["x", "w"], ["y"])], "mmi",
+                          [helper.make_tensor_value_info("x", TensorProto.UINT8, ["batch", 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.INT32, ["batch", 16])], [w])
+    (node,) = graph_cost(_save(g, tmp_path / "mmi.onnx"), batch=2).nodes
+    assert (node.cls, node.precision, node.flops) == ("gemm_int8", "int8", 2 * 2 * 8 * 16)
+
+
+def test_vit_cost_scales_with_depth_and_batch(vits):
+    c = {d: graph_cost(p, batch=1) for d, p in vits.items()}
+    assert c[4].flops - c[2].flops == pytest.approx(2 * (c[2].flops - c[1].flops))
+
+    def matmul_flops(cost):
+        return sum(n.flops for n in cost.nodes if n.cls in ("gemm", "matmul"))
+
+    per_block = matmul_flops(c[2]) - matmul_flops(c[1])
+    # the linear layers of one block: qkv, proj, fc1, fc2 on 17 tokens of width 32
+    tokens, dim = (32 // 8) ** 2 + 1, 32
+    linear = 2 * tokens * dim * (3 * dim + dim + 4 * dim + 4 * dim)
+    attention = 2 * 2 * tokens * tokens * dim  # q @ k^T and attn @ v over all heads
+    assert per_block == linear + attention
+    assert graph_cost(vits[2], batch=4).flops == pytest.approx(4 * c[2].flops, rel=1e-6)
+    classes = c[4].by_class()
+    assert {"gemm", "matmul", "softmax", "norm"} <= set(classes)
+    assert classes["softmax"]["nodes"] == 4 and classes["matmul"]["nodes"] == 8
+    assert c[4].unknown_shapes <= 4  # the class-token concat is the only gap of shape inference
+
+
+def test_predict_memory_counts_weights_and_activations(vits):
+    cost = graph_cost(vits[2], batch=1)
+    params = sum(int(np.prod(i.dims)) for i in onnx.load(str(vits[2])).graph.initializer)
+    assert cost.weights_bytes == 4 * params
+    assert predict_memory(vits[2], 1) > cost.weights_bytes / 1e6
+    assert predict_memory(vits[2], 8) > predict_memory(vits[2], 1)
+
+
+def test_graph_cost_bad_input(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        graph_cost(tmp_path / "missing.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"\x00not onnx at all")
+    with pytest.raises(InputError, match="junk.onnx"):
+        graph_cost(tmp_path / "junk.onnx")
+
+
+def test_fit_factors_recovers_known_factors():
+    truth = CostFactors(efficiency={"gemm": 0.6, "matmul": 0.3, "softmax": 0.5, "norm": 0.5, "elementwise": 0.5,
+                                    "quant": 0.5, "layout": 0.5}, node_overhead_us=5.0, fixed_overhead_us=40.0)
+    rng = np.random.default_rng(0)
+    feats = [{"gemm": g, "matmul": m, "elementwise": e, "nodes": n} for g, m, e, n in
+             rng.uniform([1e-3, 1e-4, 1e-4, 20], [1e-2, 1e-3, 1e-3, 400], size=(12, 4))]
+    samples = [(f, roofline_seconds(f, truth)) for f in feats]
+    prior = CostFactors(efficiency={k: 0.8 for k in truth.efficiency}, node_overhead_us=2.0, fixed_overhead_us=10.0)
+    fit = fit_factors(samples, prior, ridge=1e-9)
+    for f, t in samples:
+        assert roofline_seconds(f, fit) == pytest.approx(t, rel=1e-3)
+    assert fit.eff("gemm") == pytest.approx(0.6, rel=1e-2)
+    assert fit.node_overhead_us == pytest.approx(5.0, rel=1e-2)
+
+
+# ---------------------------------------------------------------------------------- measuring
+
+
+def test_measure_onnx_returns_sane_stats(vits):
+    r = latency.measure_onnx(vits[1], batch=2, threads=1, warmup=1, repeats=3, rounds=2)
+    assert r.source == "measured" and r.batch == 2
+    assert 0 < r.p50 <= r.p90 <= r.p99 and r.mean > 0
+    assert r.providers == ["CPUExecutionProvider"]
+    assert r.settings["threads"] == 1 and r.settings["rounds"] == 2 and len(r.settings["round_medians_ms"]) == 2
+    assert r.p50 == pytest.approx(min(r.settings["round_medians_ms"]))
+    assert r.peak_memory_mb is not None and r.peak_memory_mb >= 0
+    assert r.machine["onnxruntime"] and r.machine["logical_cores"] >= 1
+    assert json.loads(json.dumps(r.to_dict()))["source"] == "measured"
+
+
+def test_measure_onnx_bad_input(tmp_path, vits):
+    with pytest.raises(InputError, match="not found"):
+        latency.measure_onnx(tmp_path / "nope.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"junk")
+    with pytest.raises(InputError, match="junk.onnx"):
+        latency.measure_onnx(tmp_path / "junk.onnx", threads=1, warmup=1, repeats=1, rounds=1)
+    with pytest.raises(InputError, match="repeats"):
+        latency.measure_onnx(vits[1], repeats=0)
+
+
+def test_host_profile_is_measured_and_fp16_is_labelled_emulated(tmp_path, vits):
+    r = latency.latency_for_profile(vits[1], "host", 1, threads=1, warmup=1, repeats=2, rounds=1)
+    assert (r.source, r.profile, r.note) == ("measured", "host", "")
+    m = onnx.load(str(vits[1]))
+    helper.set_model_props(m, {"precision": "fp16"})
+    onnx.save(m, tmp_path / "fp16.onnx")
+    r = latency.latency_for_profile(tmp_path / "fp16.onnx", "host", 1, threads=1, warmup=1, repeats=2, rounds=1)
+    assert r.note == "host-emulated fp16" and "host-emulated" in r.label
+
+
+# --------------------------------------------------------------------------------- predicting
+
+
+def test_gpu_profile_prediction_is_labelled_predicted(vits):
+    p1 = latency.predict_latency(vits[4], "server-gpu", batch=1)
+    assert p1.source == "predicted" and p1.profile == "h100-sxm"
+    assert p1.expected_error == latency.UNCALIBRATED_ERROR and "predicted" in p1.label
+    assert p1.p50 > 0 and p1.peak_memory_mb > 0
+    r = latency.latency_for_profile(vits[4], "server-gpu", 1)
+    assert r.source == "predicted" and r.p50 == pytest.approx(p1.p50)
+    # launch-bound: per-node overhead dominates a tiny graph at batch 1 on a GPU
+    hw = Hardware(peak_gflops={"fp32": 66900}, mem_bandwidth_gbs=3350, launch_overhead_us=8)
+    feats = roofline_features(graph_cost(vits[4], 1), hw)
+    assert feats["nodes"] * 8e-3 > 0.5 * p1.p50
+    assert latency.predict_latency(vits[4], "server-gpu", batch=256).p50 > p1.p50
+
+
+# -------------------------------------------------------------------------------- calibration
+
+
+def test_calibration_round_trip(calibration_dir, vits):
+    text = latency.calibrate("edge-cpu", specs=[{**TINY, "depth": 1}, {**TINY, "depth": 3}], batches=[1, 2],
+                             threads=1, warmup=1, repeats=2, rounds=2)
+    path = calibration_dir / "raspberry-pi-5.json"
+    assert str(path) in text and path.is_file()
+    data = json.loads(path.read_text())
+    assert data["profile"] == "raspberry-pi-5" and len(data["measurements"]) == 4
+    assert data["factors"]["node_overhead_us"] >= 0 and data["machine"]["cpu"]
+    r = latency.latency_for_profile(vits[2], "raspberry-pi-5", 1)
+    assert r.source == "calibrated" and "calibrated" in r.note
+    assert r.expected_error >= 0.1
+    # another profile is still predicted from defaults
+    assert latency.latency_for_profile(vits[2], "jetson", 1).source == "predicted"
+
+
+def _write_calibration(calibration_dir, profile_name="raspberry-pi-5", **changes):
+    prof = load_profile(profile_name)
+    hw = latency.profile_hardware(prof)
+    data = {"kind": "bim-export-calibration", "format_version": 1, "profile": prof.name, "machine": {"cpu": "x"},
+            "hardware": hw.signature(), "fit_error": {"median": 0.05, "max": 0.08},
+            "factors": {"efficiency": {"gemm": 0.7}, "node_overhead_us": 3.0, "fixed_overhead_us": 20.0}}
+    data.update(changes)
+    calibration_dir.mkdir(parents=True, exist_ok=True)
+    path = calibration_dir / "raspberry-pi-5.json"
+    path.write_text(json.dumps(data))
+    return prof, path
+
+
+def test_bad_calibration_files(calibration_dir, vits):
+    prof, path = _write_calibration(calibration_dir)
+    assert load_calibration(prof).factors.eff("gemm") == 0.7
+    cases = [
+        ({"profile": "jetson-orin-nano"}, "field 'profile' is 'jetson-orin-nano'"),
+        ({"hardware": {"peak_gflops": {"fp32": 1.0}, "mem_bandwidth_gbs": 1.0, "launch_overhead_us": 0}},
+         "hardware.peak_gflops.fp32' is 1.0.*another device model"),
+        ({"factors": {"efficiency": {"gemm": -1}, "node_overhead_us": 1, "fixed_overhead_us": 1}},
+         "factors.efficiency.gemm' must be > 0"),
+        ({"format_version": 99}, "format_version' must be 1"),
+    ]
+    for change, pattern in cases:
+        _write_calibration(calibration_dir, **change)
+        with pytest.raises(InputError, match=pattern) as e:
+            latency.latency_for_profile(vits[1], "raspberry-pi-5", 1)
+        assert "raspberry-pi-5.json" in str(e.value)
+    path.write_text('{"kind": "bim-export-calibration",')
+    with pytest.raises(InputError, match="raspberry-pi-5.json: corrupt JSON at line 1"):
+        latency.predict_latency(vits[1], "raspberry-pi-5", 1)
+    path.write_text(json.dumps({"kind": "bim-export-calibration", "format_version": 1, "profile": "raspberry-pi-5"}))
+    with pytest.raises(InputError, match="field 'hardware' is missing"):
+        latency.predict_latency(vits[1], "raspberry-pi-5", 1)
+
+
+def test_calibrate_gpu_profile_needs_the_gpu(calibration_dir):
+    with pytest.raises(InputError, match="run calibrate on the device"):
+        latency.calibrate("server-gpu", specs=[{**TINY, "depth": 1}], batches=[1], threads=1, warmup=1,
+                          repeats=1, rounds=1)
+    assert not (calibration_dir / "h100-sxm.json").exists()
+
+
+def test_cli_calibrate_unknown_profile(capsys):
+    assert cli_main(["calibrate", "--profile", "jetsn"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "jetson" in err
