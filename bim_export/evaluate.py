@@ -1,0 +1,389 @@
+"""Quality of every exit: kNN top-1 and linear-probe top-1 on pooled features of a labelled folder.
+
+The kNN is plain numpy (cosine similarity, similarity-weighted vote with DINO's temperature), so
+the parity check of exported models can use it without torch; torch is imported only inside the
+functions that run a model or train the linear probe.
+
+Split convention: a labelled folder with ``train/`` and ``val/`` sub-folders (each ImageFolder
+style) is used as given; any other labelled folder is split per class, deterministically (seeded),
+into a reference part and a query part. The metrics say which.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .data import IMAGENET_MEAN, IMAGENET_STD, ImageList, load_image_array, scan_image_folder
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+KNN_K = 20
+KNN_TEMPERATURE = 0.07  # DINO's weighted kNN: weight = exp(cosine / T)
+VAL_FRACTION = 0.2
+EVAL_LIMIT = 10_000  # images per split at most, a seeded sample beyond that
+
+
+# ------------------------------------------------------------------------------ kNN (numpy)
+
+
+def _l2_normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def knn_predict(
+    train_feats: np.ndarray,
+    train_labels: np.ndarray,
+    query_feats: np.ndarray,
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
+    num_classes: int | None = None,
+    chunk: int = 1024,
+) -> np.ndarray:
+    """Labels of ``query_feats`` by a similarity-weighted vote of their k nearest training features.
+
+    Similarity is cosine; each of the k neighbours votes for its label with weight
+    ``exp(cosine / temperature)`` (the weighted kNN of DINO / InstDisc).
+
+    Args:
+        train_feats: [N, D] reference features.
+        train_labels: [N] integer labels >= 0.
+        query_feats: [M, D] features to label.
+        k: neighbours per query (clamped to N).
+        temperature: softness of the vote; small values approach a plain nearest-neighbour vote.
+        num_classes: number of classes (default: max label + 1).
+        chunk: queries per block, bounding memory to ``chunk x N`` similarities.
+
+    Returns:
+        int64 [M] predicted labels.
+    """
+    train = _l2_normalize(train_feats)
+    query = _l2_normalize(query_feats)
+    labels = np.asarray(train_labels, dtype=np.int64)
+    if train.ndim != 2 or query.ndim != 2 or train.shape[1] != query.shape[1]:
+        raise ValueError(f"feature shapes differ: train {train.shape}, query {query.shape}")
+    if len(labels) != len(train) or len(train) == 0:
+        raise ValueError(f"{len(train)} training features but {len(labels)} labels")
+    if labels.min() < 0:
+        raise ValueError("training labels must be >= 0")
+    n_cls = int(labels.max()) + 1 if num_classes is None else num_classes
+    k = max(1, min(k, len(train)))
+    out = np.empty(len(query), dtype=np.int64)
+    for s in range(0, len(query), chunk):
+        sim = query[s:s + chunk] @ train.T  # [m, N]
+        if k < sim.shape[1]:
+            idx = np.argpartition(-sim, k - 1, axis=1)[:, :k]  # [m, k], unordered
+        else:
+            idx = np.broadcast_to(np.arange(sim.shape[1]), sim.shape)
+        top_sim = np.take_along_axis(sim, idx, axis=1)
+        weight = np.exp((top_sim - 1.0) / temperature)  # shifted by the max cosine (1): no overflow
+        votes = np.zeros((len(idx), n_cls), dtype=np.float64)
+        np.add.at(votes, (np.arange(len(idx))[:, None], labels[idx]), weight)
+        out[s:s + chunk] = votes.argmax(axis=1)
+    return out
+
+
+def knn_top1(
+    train_feats: np.ndarray,
+    train_labels: np.ndarray,
+    test_feats: np.ndarray,
+    test_labels: np.ndarray,
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
+) -> float:
+    """Top-1 accuracy in [0, 1] of :func:`knn_predict` on labelled test features."""
+    test_labels = np.asarray(test_labels, dtype=np.int64)
+    n_cls = int(max(np.max(train_labels), np.max(test_labels))) + 1
+    pred = knn_predict(train_feats, train_labels, test_feats, k=k, temperature=temperature, num_classes=n_cls)
+    return float(np.mean(pred == test_labels))
+
+
+# ------------------------------------------------------------------------------ linear probe
+
+
+def linear_probe_top1(
+    train_feats: np.ndarray,
+    train_labels: np.ndarray,
+    test_feats: np.ndarray,
+    test_labels: np.ndarray,
+    steps: int = 300,
+    lr: float = 0.05,
+    weight_decay: float = 1e-4,
+) -> float:
+    """Top-1 accuracy in [0, 1] of a multinomial logistic regression on standardized features.
+
+    Full-batch AdamW from zero weights with a fixed cosine schedule: the problem is convex and the
+    run has no randomness, so the figure is reproducible for the same features.
+    """
+    import torch
+
+    mu = train_feats.mean(axis=0, keepdims=True)
+    sd = train_feats.std(axis=0, keepdims=True)
+    sd = np.where(sd > 1e-6, sd, 1.0)  # constant features: leave them at zero rather than blow up
+    xtr = torch.from_numpy(((train_feats - mu) / sd).astype(np.float32))
+    xte = torch.from_numpy(((test_feats - mu) / sd).astype(np.float32))
+    ytr = torch.from_numpy(np.asarray(train_labels, dtype=np.int64))
+    yte = np.asarray(test_labels, dtype=np.int64)
+    n_cls = int(max(ytr.max().item(), yte.max())) + 1
+
+    weight = torch.zeros(xtr.shape[1], n_cls, requires_grad=True)
+    bias = torch.zeros(n_cls, requires_grad=True)
+    opt = torch.optim.AdamW([weight, bias], lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(xtr @ weight + bias, ytr)
+            loss = loss + 0.5 * weight_decay * weight.pow(2).sum()  # L2 on weights, not the bias
+            loss.backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():
+        pred = (xte @ weight + bias).argmax(dim=1).numpy()
+    return float(np.mean(pred == yte))
+
+
+# ------------------------------------------------------------------------------ features
+
+
+def _is_timm_vit(model) -> bool:
+    return hasattr(model, "forward_features") and hasattr(model, "forward_head") and hasattr(model, "blocks")
+
+
+def exit_depths(model) -> list[int]:
+    """The exit depths a model's features come from: a BIM model's exits, a backbone's depth."""
+    if hasattr(model, "forward_exits"):
+        return [int(e) for e in model.exits]
+    if _is_timm_vit(model):
+        return [len(model.blocks)]
+    raise TypeError(f"cannot extract features from {type(model).__name__}: "
+                    "expected a BIM model (forward_exits) or a timm VisionTransformer")
+
+
+def _pool_exit_tokens(model, tokens):
+    """Pools the normed tokens of one BIM exit the way that exit's backbone will (class token or
+    average over the patch tokens, prefix tokens excluded)."""
+    if hasattr(model, "pool_exit"):
+        return model.pool_exit(tokens)
+    encoder = getattr(model, "encoder", None)
+    if encoder is not None and hasattr(encoder, "pool"):
+        return encoder.pool(tokens)
+    from timm.layers import global_pool_nlc
+
+    return global_pool_nlc(tokens, pool_type=model.global_pool, num_prefix_tokens=model.num_prefix_tokens)
+
+
+def extract_features(model, x, batch_size: int = 256, device=None) -> dict[int, np.ndarray]:
+    """Pooled features of every exit, in eval mode, no masking.
+
+    Args:
+        model: a BIM model (``forward_exits`` -> normed tokens per exit) or a timm
+            VisionTransformer backbone (its ``forward_head(pre_logits=True)`` embedding).
+        x: preprocessed images, float32 [N, 3, H, W] (numpy or torch).
+        batch_size: images per forward pass.
+        device: where to run (default: where the model's parameters are).
+
+    Returns:
+        {exit depth: float32 [N, D]}.
+    """
+    import torch
+
+    depths = exit_depths(model)
+    if device is None:
+        device = next(model.parameters()).device
+    x = torch.as_tensor(x)
+    was_training = model.training
+    model.eval()
+    feats: dict[int, list[np.ndarray]] = {d: [] for d in depths}
+    try:
+        with torch.inference_mode():
+            for s in range(0, len(x), batch_size):
+                xb = x[s:s + batch_size].to(device=device, dtype=torch.float32)
+                if hasattr(model, "forward_exits"):
+                    pooled = [_pool_exit_tokens(model, t) for t in model.forward_exits(xb)]
+                else:
+                    pooled = [model.forward_head(model.forward_features(xb), pre_logits=True)]
+                for d, p in zip(depths, pooled):
+                    feats[d].append(p.float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    return {d: np.concatenate(f) for d, f in feats.items()}
+
+
+# ------------------------------------------------------------------------------ data split
+
+
+@dataclass
+class EvalData:
+    """A labelled evaluation set: reference images for the kNN / probe, query images to score.
+
+    Attributes:
+        name: the data set's name (its folder name).
+        train: reference images.
+        val: query images.
+        split: how the two came about, recorded in the metrics.
+    """
+
+    name: str
+    train: ImageList
+    val: ImageList
+    split: str
+
+    @property
+    def size(self) -> int:
+        return len(self.train) + len(self.val)
+
+
+def _require_labelled(images: ImageList) -> None:
+    if not images.labelled:
+        unl = sum(lbl < 0 for lbl in images.labels)
+        raise InputError(f"{images.root}: evaluation needs a labelled folder (one sub-folder per class); "
+                         f"{unl} of {len(images)} images sit directly in it without a class")
+    if len(images.classes) < 2:
+        raise InputError(f"{images.root}: evaluation needs at least 2 classes, found {len(images.classes)}")
+
+
+def _subset(images: ImageList, idx) -> ImageList:
+    return ImageList(images.root, [images.paths[i] for i in idx], [images.labels[i] for i in idx],
+                     images.classes, [])
+
+
+def stratified_split(images: ImageList, val_fraction: float = VAL_FRACTION, seed: int = 0):
+    """Splits a labelled list per class, seeded: about ``val_fraction`` of each class to the query
+    part (at least one image where a class has two or more), the rest to the reference part.
+
+    Returns:
+        (train ImageList, val ImageList).
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(images.labels)
+    train_idx, val_idx = [], []
+    for c in range(len(images.classes)):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        n_val = 0 if len(idx) < 2 else min(len(idx) - 1, max(1, round(val_fraction * len(idx))))
+        val_idx.extend(idx[:n_val])
+        train_idx.extend(idx[n_val:])
+    return _subset(images, sorted(train_idx)), _subset(images, sorted(val_idx))
+
+
+def load_eval_data(data_dir: str | Path, val_fraction: float = VAL_FRACTION, seed: int = 0) -> EvalData:
+    """Reads a labelled folder for evaluation: its ``train/`` and ``val/`` sub-folders when both
+    exist, else a seeded stratified split of the whole folder.
+
+    Raises:
+        InputError: missing, empty or unlabelled folder (the message names it).
+    """
+    root = Path(data_dir)
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        train, val = scan_image_folder(root / "train"), scan_image_folder(root / "val")
+        for part in (train, val):
+            _require_labelled(part)
+        index = {c: i for i, c in enumerate(train.classes)}
+        missing = sorted(set(val.classes) - set(index))
+        if missing:
+            raise InputError(f"{root / 'val'}: classes not in {root / 'train'}: {', '.join(missing[:5])}")
+        val = ImageList(val.root, val.paths, [index[val.classes[lbl]] for lbl in val.labels],
+                        train.classes, val.unreadable)
+        return EvalData(root.resolve().name, train, val, "train/ and val/ folders")
+    images = scan_image_folder(root)
+    _require_labelled(images)
+    train, val = stratified_split(images, val_fraction, seed)
+    return EvalData(root.resolve().name, train, val, f"stratified {1 - val_fraction:.0%}/{val_fraction:.0%} split, seed {seed}")
+
+
+# ------------------------------------------------------------------------------ per-exit metrics
+
+
+def evaluate_model(
+    model,
+    images: ImageList | EvalData,
+    img_size: int,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    *,
+    k: int = KNN_K,
+    limit: int | None = EVAL_LIMIT,
+    batch_size: int = 256,
+    probe: bool = True,
+) -> dict[str, dict]:
+    """kNN top-1 and linear-probe top-1 of every exit of ``model`` on a labelled image set.
+
+    Args:
+        model: a BIM model or a timm ViT backbone (see :func:`extract_features`).
+        images: a labelled ImageList (split per class, seeded) or an :class:`EvalData`.
+        img_size, mean, std: the model's preprocessing.
+        k: kNN neighbours.
+        limit: at most this many images per part (a seeded sample); None for all.
+        probe: also train the linear probe.
+
+    Returns:
+        {exit depth as str: {"knn_top1", "knn_dataset": {name, size, split, train, val},
+        "linear_probe_top1"}}.
+    """
+    if isinstance(images, ImageList):
+        _require_labelled(images)
+        train, val = stratified_split(images)
+        images = EvalData(images.root.resolve().name, train, val, f"stratified {1 - VAL_FRACTION:.0%}/{VAL_FRACTION:.0%} split, seed 0")
+    if len(images.val) == 0:
+        raise InputError(f"{images.train.root}: too few images per class to hold any out for evaluation")
+    xtr, ytr = load_image_array(images.train, img_size, mean, std, limit=limit)
+    xva, yva = load_image_array(images.val, img_size, mean, std, limit=limit)
+    ftr = extract_features(model, xtr, batch_size=batch_size)
+    fva = extract_features(model, xva, batch_size=batch_size)
+    dataset = {"name": images.name, "size": len(ytr) + len(yva), "split": images.split,
+               "train": len(ytr), "val": len(yva)}
+    out = {}
+    for d in ftr:
+        m = {"knn_top1": knn_top1(ftr[d], ytr, fva[d], yva, k=k), "knn_dataset": dict(dataset)}
+        if probe:
+            m["linear_probe_top1"] = linear_probe_top1(ftr[d], ytr, fva[d], yva)
+        out[str(d)] = m
+    return out
+
+
+def format_metrics_table(metrics: dict, title: str = "") -> str:
+    """A fixed-width table of per-exit metrics (one row per exit depth)."""
+    rows = [f"{'exit':>5}  {'kNN top-1':>9}  {'probe top-1':>11}  {'recon loss':>10}"]
+    for d in sorted(metrics, key=int):
+        m = metrics[d]
+        cell = lambda key, w: f"{m[key]:>{w}.4f}" if isinstance(m.get(key), (int, float)) else f"{'-':>{w}}"  # noqa: E731
+        rows.append(f"{d:>5}  {cell('knn_top1', 9)}  {cell('linear_probe_top1', 11)}  {cell('recon_loss', 10)}")
+    return "\n".join(([title] if title else []) + rows)
+
+
+def evaluate_checkpoint(path: str | Path, data_dir: str | Path) -> str:
+    """Evaluates every exit of a checkpoint on a labelled folder and records the figures in its
+    ``metrics.json`` (rewritten atomically; other entries kept).
+
+    Returns:
+        A printable summary table.
+    """
+    from .atomic import atomic_write_bytes
+    from .checkpoint import load_checkpoint
+    from .model import BimModel
+
+    ckpt = load_checkpoint(path)
+    data = load_eval_data(data_dir)  # bad data fails before the model is built
+    model = BimModel.from_checkpoint(ckpt)
+    cfg = ckpt.config
+    results = evaluate_model(model, data, cfg["img_size"], cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
+
+    metrics = dict(ckpt.metrics or {})
+    metrics.setdefault("step", cfg.get("step", 0))
+    exits = dict(metrics.get("exits", {}))
+    for d, m in results.items():
+        exits[d] = {**exits.get(d, {}), **m}
+    metrics["exits"] = exits
+    atomic_write_bytes(Path(ckpt.path) / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+
+    ds = next(iter(results.values()))["knn_dataset"]
+    title = (f"{ckpt.path}: {ds['name']} ({ds['train']} reference / {ds['val']} query images, "
+             f"{ds['split']}), kNN k={KNN_K}")
+    return format_metrics_table(exits, title) + f"\nwritten to {Path(ckpt.path) / 'metrics.json'}"

@@ -1,0 +1,179 @@
+"""kNN, linear probe and per-exit evaluation: synthetic features with known answers, then real images."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bim_export import evaluate as ev
+from bim_export.data import sample_images, scan_image_folder
+from bim_export.errors import InputError
+
+
+def _clusters(n=400, dim=16, classes=5, spread=0.3, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, dim))
+    y = rng.integers(0, classes, n)
+    return centres[y] + spread * rng.normal(size=(n, dim)), y
+
+
+def test_eval_module_imports_without_torch():
+    code = "import sys, bim_export.evaluate; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_knn_separable_clusters_is_perfect():
+    x, y = _clusters()
+    assert ev.knn_top1(x[:300], y[:300], x[300:], y[300:]) == 1.0
+
+
+def test_knn_random_features_are_near_chance():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(2000, 32)), rng.integers(0, 4, 2000)
+    acc = ev.knn_top1(x[:1500], y[:1500], x[1500:], y[1500:])
+    assert 0.15 < acc < 0.35  # chance is 0.25
+
+
+def test_knn_is_cosine_scale_invariant():
+    x, y = _clusters(spread=0.8)
+    scale = np.random.default_rng(2).uniform(0.01, 100, size=(len(x), 1))
+    a = ev.knn_predict(x[:300], y[:300], x[300:])
+    b = ev.knn_predict(x[:300] * scale[:300], y[:300], x[300:] * scale[300:])
+    np.testing.assert_array_equal(a, b)
+
+
+def test_knn_vote_is_similarity_weighted():
+    # two close neighbours of class 0 outweigh three far ones of class 1 at k=5
+    train = np.array([[1.0, 0.02], [1.0, -0.02], [0.5, 1.0], [0.4, 1.0], [0.45, 1.0]])
+    labels = np.array([0, 0, 1, 1, 1])
+    assert ev.knn_predict(train, labels, np.array([[1.0, 0.0]]), k=5).tolist() == [0]
+    # with a very soft vote it is a plain majority
+    assert ev.knn_predict(train, labels, np.array([[1.0, 0.0]]), k=5, temperature=100.0).tolist() == [1]
+
+
+def test_knn_k_larger_than_train_set_and_chunking():
+    x, y = _clusters(n=60)
+    full = ev.knn_predict(x[:10], y[:10], x[10:], k=50)
+    chunked = ev.knn_predict(x[:10], y[:10], x[10:], k=50, chunk=7)
+    np.testing.assert_array_equal(full, chunked)
+
+
+def test_knn_rejects_mismatched_shapes():
+    with pytest.raises(ValueError):
+        ev.knn_predict(np.zeros((4, 3)), np.zeros(4, int), np.zeros((2, 5)))
+
+
+def test_linear_probe_separable_and_random():
+    x, y = _clusters(spread=0.5)
+    assert ev.linear_probe_top1(x[:300], y[:300], x[300:], y[300:]) == 1.0
+    rng = np.random.default_rng(3)
+    xr, yr = rng.normal(size=(1200, 16)), rng.integers(0, 4, 1200)
+    assert ev.linear_probe_top1(xr[:900], yr[:900], xr[900:], yr[900:]) < 0.4
+
+
+def test_linear_probe_needs_linear_not_nearest_neighbour():
+    # class given by the sign of one feature among noisy ones: linear probe nails it
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(800, 20))
+    y = (x[:, 0] > 0).astype(int)
+    assert ev.linear_probe_top1(x[:600], y[:600], x[600:], y[600:]) > 0.95
+
+
+def test_linear_probe_is_deterministic_and_handles_constant_features():
+    x, y = _clusters(spread=1.0)
+    x[:, 3] = 7.0
+    a = ev.linear_probe_top1(x[:300], y[:300], x[300:], y[300:])
+    b = ev.linear_probe_top1(x[:300], y[:300], x[300:], y[300:])
+    assert a == b and a > 0.5
+
+
+# ------------------------------------------------------------------------------ splits and bad input
+
+
+def test_stratified_split_is_deterministic_and_per_class():
+    images = sample_images()
+    tr1, va1 = ev.stratified_split(images)
+    tr2, va2 = ev.stratified_split(images)
+    assert tr1.paths == tr2.paths and va1.paths == va2.paths
+    assert not set(tr1.paths) & set(va1.paths)
+    assert len(tr1) + len(va1) == len(images)
+    assert set(va1.labels) == set(range(len(images.classes)))  # every class is queried
+
+
+def _write(path: Path, value: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(path)
+
+
+def test_train_val_subfolders_are_used_as_given(tmp_path):
+    for part, n in (("train", 3), ("val", 2)):
+        for c, v in (("cat", 10), ("dog", 200)):
+            for i in range(n):
+                _write(tmp_path / part / c / f"{i}.png", v)
+    data = ev.load_eval_data(tmp_path)
+    assert (len(data.train), len(data.val)) == (6, 4)
+    assert "train/ and val/" in data.split
+    assert data.val.classes == ["cat", "dog"]
+
+
+def test_unlabelled_folder_is_an_input_error_naming_it(tmp_path):
+    for i in range(3):
+        _write(tmp_path / "loose" / f"{i}.png", i)
+    with pytest.raises(InputError, match="loose"):
+        ev.load_eval_data(tmp_path / "loose")
+
+
+def test_single_class_folder_is_an_input_error(tmp_path):
+    for i in range(3):
+        _write(tmp_path / "d" / "only" / f"{i}.png", i)
+    with pytest.raises(InputError, match="2 classes"):
+        ev.load_eval_data(tmp_path / "d")
+
+
+# ------------------------------------------------------------------------------ real images, real model
+
+
+@pytest.fixture(scope="module")
+def tiny_vit():
+    timm = pytest.importorskip("timm")
+    import torch
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                              embed_dim=32, depth=2, num_heads=2, num_classes=0).eval()
+
+
+def test_extract_features_of_a_timm_backbone_is_its_embedding(tiny_vit):
+    import torch
+
+    x = np.random.default_rng(0).normal(size=(5, 3, 32, 32)).astype(np.float32)
+    feats = ev.extract_features(tiny_vit, x, batch_size=2)
+    assert list(feats) == [2] and feats[2].shape == (5, 32)
+    with torch.no_grad():
+        ref = tiny_vit.forward_head(tiny_vit.forward_features(torch.from_numpy(x)), pre_logits=True)
+    np.testing.assert_allclose(feats[2], ref.numpy(), atol=1e-5)
+
+
+def test_evaluate_model_on_real_sample_images(tiny_vit):
+    images = sample_images()
+    res = ev.evaluate_model(tiny_vit, images, 32)
+    m = res["2"]
+    assert m["knn_dataset"]["size"] == len(images)
+    assert m["knn_dataset"]["name"] == "sample_images"
+    assert "stratified" in m["knn_dataset"]["split"]
+    # the crops of one photo share colour statistics: even random features beat chance (0.1)
+    assert 0.2 <= m["knn_top1"] <= 1.0
+    assert 0.2 <= m["linear_probe_top1"] <= 1.0
+
+
+def test_evaluate_model_rejects_unlabelled_images(tiny_vit, tmp_path):
+    for i in range(4):
+        _write(tmp_path / f"{i}.png", 40 * i)
+    with pytest.raises(InputError, match=str(tmp_path.name)):
+        ev.evaluate_model(tiny_vit, scan_image_folder(tmp_path), 32)
