@@ -1,0 +1,94 @@
+"""Backbones: the depth-d cut of a BIM checkpoint as a plain timm VisionTransformer.
+
+A backbone of depth ``d`` is ``timm.create_model(arch, depth=d, num_classes=0, **model_args)`` with
+the checkpoint's ``blocks[:d]`` and the exit norm of depth ``d`` as its final ``norm``. Nothing
+project-specific is needed to load a saved one::
+
+    timm.create_model(arch, pretrained=True, num_classes=0,
+                      pretrained_cfg_overlay=dict(file="OUT/model.safetensors"), **model_args)
+
+with ``arch`` and ``model_args`` (which include ``depth=d``) from ``OUT/config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+from .atomic import atomic_dir
+from .checkpoint import Checkpoint, load_checkpoint
+from .errors import InputError
+from .model import encoder_args
+
+
+def backbone_model_args(config: dict, depth: int) -> dict:
+    """The ``timm.create_model`` overrides of the depth-``depth`` backbone of a checkpoint config."""
+    return {**encoder_args(config.get("model_args", {})), "depth": depth}
+
+
+def _check_depth(ckpt: Checkpoint, depth: int) -> None:
+    if depth not in ckpt.exits:
+        raise InputError(f"{ckpt.path}: depth {depth} is not an exit of this checkpoint; "
+                         f"exits: {', '.join(map(str, ckpt.exits))}")
+
+
+def build_backbone(ckpt_or_path: Checkpoint | str | os.PathLike, depth: int):
+    """The depth-``depth`` backbone of a checkpoint: a timm VisionTransformer, eval mode, float32.
+
+    ``forward_features(x)`` gives the exit's normed tokens [B, N, D]; ``forward_head(t, pre_logits=True)``
+    the pooled embedding [B, D] (the checkpoint's ``global_pool``).
+
+    Raises:
+        InputError: ``depth`` is not one of the checkpoint's exits (the message lists them).
+    """
+    import timm
+
+    ckpt = ckpt_or_path if isinstance(ckpt_or_path, Checkpoint) else load_checkpoint(ckpt_or_path)
+    _check_depth(ckpt, depth)
+    model = timm.create_model(ckpt.config["arch"], pretrained=False, num_classes=0,
+                              **backbone_model_args(ckpt.config, depth))
+    model.load_state_dict(ckpt.build_model().backbone_state_dict(depth), strict=True)
+    return model.float().eval()
+
+
+def save_backbone(ckpt_or_path: Checkpoint | str | os.PathLike, depth: int, out: str | os.PathLike) -> str:
+    """Saves the depth-``depth`` backbone as ``model.safetensors`` + timm ``config.json`` (atomically).
+
+    Returns:
+        a short summary with the line of Python that loads it.
+    """
+    from safetensors.torch import save_file
+
+    ckpt = ckpt_or_path if isinstance(ckpt_or_path, Checkpoint) else load_checkpoint(ckpt_or_path)
+    _check_depth(ckpt, depth)
+    model = build_backbone(ckpt, depth)
+    cfg = ckpt.config
+    model_args = backbone_model_args(cfg, depth)
+    size = list(model.patch_embed.img_size)
+    timm_config = {
+        "architecture": cfg["arch"],
+        "num_classes": 0,
+        "num_features": model.num_features,
+        "global_pool": model.global_pool,
+        "model_args": model_args,
+        "pretrained_cfg": {
+            "input_size": [3, *size], "fixed_input_size": True, "interpolation": "bicubic",
+            "crop_pct": 1.0, "crop_mode": "center", "mean": list(cfg["mean"]), "std": list(cfg["std"]),
+            "num_classes": 0, "first_conv": "patch_embed.proj", "classifier": "head",
+        },
+        "bim_export": {"source_checkpoint": str(Path(ckpt.path).resolve().name), "depth": depth,
+                       "exits": ckpt.exits, "step": cfg.get("step"),
+                       "metrics": ckpt.metrics.get("exits", {}).get(str(depth), {})},
+    }
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(timm_config, indent=2) + "\n")
+    args = ", ".join(f"{k}={v!r}" for k, v in model_args.items())
+    n_params = sum(p.numel() for p in model.parameters())
+    return (f"{out}: depth-{depth} backbone of {cfg['arch']} ({n_params / 1e6:.2f} M parameters)\n"
+            f"load: timm.create_model({cfg['arch']!r}, pretrained=True, num_classes=0, "
+            f"pretrained_cfg_overlay=dict(file={str(out / 'model.safetensors')!r}), {args})")

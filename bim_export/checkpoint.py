@@ -1,0 +1,194 @@
+"""BIM checkpoints: a directory that describes itself.
+
+Layout (written atomically, see :mod:`bim_export.atomic`)::
+
+    weights.safetensors   encoder, exit norms, decoders (fp32, or fp16 for a shipped copy)
+    config.json           architecture (arch + model_args, exits, decoder...), mean/std, step, train settings
+    metrics.json          {"step": s, "exits": {"3": {"recon_loss": ..., "knn_top1": ...}, ...}}
+    train_state.pt        optimizer, step, RNG states (optional; loaded with weights_only=True)
+    log.jsonl             the training log up to ``step`` (optional)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .atomic import atomic_dir, atomic_write_bytes
+from .errors import InputError
+
+FORMAT_VERSION = 1
+WEIGHTS, CONFIG, METRICS, TRAIN_STATE, LOG = (
+    "weights.safetensors", "config.json", "metrics.json", "train_state.pt", "log.jsonl")
+REQUIRED_CONFIG_KEYS = ("format_version", "arch", "model_args", "exits", "decoder", "mask_ratio", "mean", "std")
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint directory.
+
+    Attributes:
+        path: the directory.
+        config: config.json.
+        metrics: metrics.json ({} when absent).
+        state_dict: the model weights, float32.
+    """
+
+    path: Path
+    config: dict
+    metrics: dict = field(default_factory=dict)
+    state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def exits(self) -> list[int]:
+        return list(self.config["exits"])
+
+    def build_model(self):
+        """The :class:`~bim_export.model.BimModel` with these weights (eval mode, float32)."""
+        from .model import BimModel
+
+        model = BimModel.from_config(self.config)
+        try:
+            missing, unexpected = model.load_state_dict(self.state_dict, strict=False)
+        except RuntimeError as e:  # shape mismatch
+            raise InputError(f"{self.path / WEIGHTS}: weights do not match config.json "
+                             f"({str(e).splitlines()[-1].strip()})") from e
+        if missing or unexpected:
+            raise InputError(f"{self.path / WEIGHTS}: weights do not match config.json "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return model.eval()
+
+    def load_train_state(self) -> dict[str, Any]:
+        """train_state.pt (optimizer, step, RNG), loaded without unpickling code."""
+        return _torch_load(self.path / TRAIN_STATE)
+
+
+def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], config: dict,
+                    metrics: dict | None = None, train_state: dict | None = None,
+                    log_lines: list[str] | None = None, weights_dtype: str = "fp32") -> Path:
+    """Writes a checkpoint directory atomically (replacing any previous one at ``path``).
+
+    Args:
+        state_dict: model weights (any float dtype; stored as ``weights_dtype``).
+        config: config.json content; ``format_version`` and ``bim_export_version`` are added.
+        metrics: metrics.json content (``{"step", "exits": {str(depth): {...}}}``).
+        train_state: optimizer / step / RNG for resume (tensors and plain types only).
+        log_lines: JSON lines of the training log.
+        weights_dtype: ``fp32`` or ``fp16`` (half the size, cast back to fp32 on load).
+    """
+    from safetensors.torch import save_file
+
+    if weights_dtype not in ("fp32", "fp16"):
+        raise InputError(f"weights_dtype must be fp32 or fp16 (got '{weights_dtype}')")
+    dtype = torch.float16 if weights_dtype == "fp16" else torch.float32
+    weights = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
+               for k, v in state_dict.items()}
+    config = {"format_version": FORMAT_VERSION, **config, "weights_dtype": weights_dtype,
+              "bim_export_version": __version__}
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        _write_json(tmp / CONFIG, config)
+        _write_json(tmp / METRICS, metrics if metrics is not None else {"step": config.get("step", 0), "exits": {}})
+        if train_state is not None:
+            torch.save(train_state, tmp / TRAIN_STATE)
+        if log_lines:
+            (tmp / LOG).write_text("".join(line.rstrip("\n") + "\n" for line in log_lines))
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, weights: bool = True) -> Checkpoint:
+    """Reads a checkpoint directory.
+
+    Args:
+        weights: also load weights.safetensors (as float32).
+
+    Raises:
+        InputError: the directory or a file is missing, unreadable or corrupt (the message names it).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{path}: checkpoint directory does not exist" if not path.exists()
+                         else f"{path}: a checkpoint is a directory, this is a file")
+    config = _read_json(path / CONFIG)
+    missing = [k for k in REQUIRED_CONFIG_KEYS if k not in config]
+    if missing:
+        raise InputError(f"{path / CONFIG}: missing keys {', '.join(missing)}")
+    if config["format_version"] > FORMAT_VERSION:
+        raise InputError(f"{path / CONFIG}: format_version {config['format_version']} is newer than this "
+                         f"bim-export ({__version__}) reads ({FORMAT_VERSION}); upgrade bim-export")
+    metrics = _read_json(path / METRICS) if (path / METRICS).exists() else {}
+    state = _read_weights(path / WEIGHTS) if weights else {}
+    return Checkpoint(path, config, metrics, state)
+
+
+def write_metrics(path: str | os.PathLike, metrics: dict) -> None:
+    """Replaces a checkpoint's metrics.json atomically."""
+    atomic_write_bytes(Path(path) / METRICS, (json.dumps(metrics, indent=2) + "\n").encode())
+
+
+def update_exit_metrics(path: str | os.PathLike, per_exit: dict[int | str, dict]) -> dict:
+    """Merges per-exit figures into a checkpoint's metrics.json (atomically) and returns the result."""
+    path = Path(path)
+    metrics = _read_json(path / METRICS) if (path / METRICS).exists() else {}
+    exits = metrics.setdefault("exits", {})
+    for depth, figures in per_exit.items():
+        exits.setdefault(str(depth), {}).update(figures)
+    write_metrics(path, metrics)
+    return metrics
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serializable")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        raise InputError(f"{path}: missing from the checkpoint")
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: unreadable ({e})") from e
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from e
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        raise InputError(f"{path}: missing from the checkpoint")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InputError(f"{path}: corrupt or unreadable safetensors file ({e})") from e
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _torch_load(path: Path) -> dict:
+    if not path.exists():
+        raise InputError(f"{path}: missing from the checkpoint (it holds no training state to resume from)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, AttributeError) as e:
+        raise InputError(f"{path}: corrupt, unreadable or unsafe training state ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from e

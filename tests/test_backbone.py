@@ -1,0 +1,95 @@
+"""Backbones: a plain timm ViT that equals the BIM encoder at its exit, and loads with timm alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bim_export.backbone import build_backbone, save_backbone
+from bim_export.checkpoint import load_checkpoint, save_checkpoint
+from bim_export.cli import main
+from bim_export.errors import InputError
+from bim_export.model import BimModel
+
+REG_AVG = {"img_size": 32, "patch_size": 8, "depth": 4, "embed_dim": 32, "num_heads": 2,
+           "class_token": False, "reg_tokens": 2, "global_pool": "avg"}
+
+
+@pytest.fixture(scope="module")
+def reg_avg_checkpoint(tmp_path_factory):
+    """A checkpoint of a no-class-token, 2-register, avg-pooled ViT with non-trivial exit norms."""
+    torch.manual_seed(0)
+    model = BimModel("vit_tiny_patch16_224", REG_AVG, [2, 4], decoder_width=32, decoder_heads=2)
+    with torch.no_grad():
+        for norm in model.exit_norms:
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_(0, 0.1)
+    out = tmp_path_factory.mktemp("regavg") / "ckpt"
+    cfg = {**model.arch_config(), "mean": [0.5] * 3, "std": [0.5] * 3, "step": 0, "train": {}}
+    save_checkpoint(out, model.state_dict(), cfg)
+    return out
+
+
+@pytest.mark.parametrize("fixture", ["tiny_checkpoint", "reg_avg_checkpoint"])
+def test_backbone_equals_the_bim_encoder_at_every_exit(fixture, request):
+    path = request.getfixturevalue(fixture)
+    ck = load_checkpoint(path)
+    bim = ck.build_model()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exits = bim.forward_exits(x)
+        for depth, ref in zip(ck.exits, exits):
+            bb = build_backbone(ck, depth)
+            assert len(bb.blocks) == depth and not bb.training and bb.num_classes == 0
+            tokens = bb.forward_features(x)
+            assert torch.allclose(tokens, ref, atol=1e-5)
+            emb = bb.forward_head(tokens, pre_logits=True)
+            assert emb.shape == (3, 32)
+            assert torch.allclose(emb, bim.pool_exit(ref), atol=1e-5)
+    if fixture == "reg_avg_checkpoint":  # avg pooling of the normed patch tokens, registers excluded
+        assert bb.global_pool == "avg" and bb.num_prefix_tokens == 2
+        assert torch.allclose(emb, exits[-1][:, 2:].mean(1), atol=1e-5)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_checkpoint", "reg_avg_checkpoint"])
+def test_saved_backbone_loads_with_timm_alone(fixture, request, tmp_path):
+    import timm
+
+    path = request.getfixturevalue(fixture)
+    summary = save_backbone(path, 2, tmp_path / "bb")
+    assert "timm.create_model" in summary
+    cfg = json.loads((tmp_path / "bb" / "config.json").read_text())
+    assert cfg["architecture"] == "vit_tiny_patch16_224" and cfg["model_args"]["depth"] == 2
+    weights = str(tmp_path / "bb" / "model.safetensors")
+    args = {k: v for k, v in cfg["model_args"].items() if k != "depth"}
+    loaded = timm.create_model(cfg["architecture"], pretrained=True, pretrained_cfg_overlay=dict(file=weights),
+                               depth=2, num_classes=0, **args).eval()
+    ref = build_backbone(path, 2)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded.forward_features(x), ref.forward_features(x), atol=1e-6)
+    # the random init of a fresh model differs, so equality above means the file was really loaded
+    fresh = timm.create_model(cfg["architecture"], pretrained=False, num_classes=0, **cfg["model_args"]).eval()
+    with torch.no_grad():
+        assert not torch.allclose(fresh.forward_features(x), ref.forward_features(x), atol=1e-3)
+
+
+def test_unknown_depth_lists_the_exits(tiny_checkpoint, tmp_path):
+    with pytest.raises(InputError, match="depth 3 is not an exit.*exits: 2, 4"):
+        build_backbone(tiny_checkpoint, 3)
+    with pytest.raises(InputError, match="exits: 2, 4"):
+        save_backbone(tiny_checkpoint, 5, tmp_path / "bb")
+    assert not (tmp_path / "bb").exists()
+
+
+def test_backbone_cli(tiny_checkpoint, tmp_path, capsys):
+    assert main(["backbone", str(tiny_checkpoint), "--depth", "4", "--out", str(tmp_path / "bb")]) == 0
+    assert "depth-4 backbone" in capsys.readouterr().out
+    assert (tmp_path / "bb" / "model.safetensors").exists()
+    assert main(["backbone", str(tiny_checkpoint), "--depth", "3", "--out", str(tmp_path / "bb3")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "exits: 2, 4" in err
+    assert main(["backbone", str(tmp_path / "missing"), "--depth", "2", "--out", str(tmp_path / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err
