@@ -1,0 +1,100 @@
+"""Data-parallel training under ``torchrun`` without DDP's module wrapper.
+
+Why no ``DistributedDataParallel``: its reducer all-reduces gradients during a backward and expects
+each forward to be followed by one backward that reaches every parameter. BIM runs one backward per
+stage, each reaching only that stage's blocks and decoder, and several per optimizer step with
+gradient accumulation; wrapping the stages in ``no_sync`` and syncing on a last backward would still
+leave the earlier stages out of it. So each rank accumulates gradients locally over every
+stage and micro-batch, and the gradients are averaged across ranks once per optimizer step, right
+before ``optimizer.step()``: one flattened all-reduce per dtype, the same traffic as DDP, and exactly
+the gradient of the global batch since every rank's loss is a mean over an equal share of it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    """This process's place in the run: ``rank`` of ``world_size``; ``local_rank`` picks its GPU."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Joins the process group when launched by torchrun (``WORLD_SIZE`` > 1): nccl on GPU, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    if device_type == "cuda":
+        torch.cuda.set_device(info.local_rank)
+    return info
+
+
+def broadcast_parameters(module: torch.nn.Module, info: DistInfo) -> None:
+    """Makes every rank start from rank 0's parameters and buffers."""
+    if not info.enabled:
+        return
+    for t in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(t.data, src=0)
+
+
+def average_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
+    """Averages ``.grad`` across ranks in place (one flattened all-reduce per dtype).
+
+    Every rank must pass the same parameters; one whose ``.grad`` is None on a rank contributes
+    zeros there, so ranks never disagree on the bucket layout.
+    """
+    if not info.enabled:
+        return
+    by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        by_dtype.setdefault(p.grad.dtype, []).append(p)
+    for group in by_dtype.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in group])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= info.world_size
+        offset = 0
+        for p in group:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            offset += n
+
+
+def average_tensor(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The mean of ``t`` over ranks (for logging and the shared non-finite check)."""
+    if info.enabled:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= info.world_size
+    return t
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()

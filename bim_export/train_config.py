@@ -1,0 +1,142 @@
+"""Training settings: one pydantic model, loaded from YAML, CLI flags and ``--set key=value`` overrides."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import InputError
+
+
+class TrainConfig(BaseModel):
+    """Every setting of a BIM (or end-to-end MAE) pretraining run."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    # -- data and output
+    data: Path | None = Field(None, description="image folder (recursive, class sub-folders optional); "
+                                                "null: the built-in sample images")
+    out: Path = Field(..., description="checkpoint directory written (atomically) during and after training")
+    eval_data: Path | None = Field(None, description="labelled image folder: kNN / linear probe per exit at the end")
+    # -- model
+    model: str = Field("vit_tiny_patch16_224", description="registered timm ViT name")
+    model_args: dict = Field(default_factory=dict, description="timm.create_model overrides: img_size, "
+                             "patch_size, embed_dim, depth, num_heads, class_token, reg_tokens, global_pool ...")
+    exits: list[int] | None = Field(None, description="stage exits as block counts (default: 4 equal stages)")
+    mode: Literal["bim", "e2e"] = Field("bim", description="bim: a decoder per exit, gradients stop between "
+                                        "stages; e2e: MAE baseline, one decoder at the last exit")
+    decoder_depth: int | None = Field(None, ge=1, description="decoder blocks (default: 1 for bim, 8 for e2e)")
+    decoder_width: int | None = Field(None, ge=4, description="decoder width (default: 128 for bim, 512 for e2e)")
+    decoder_heads: int | None = Field(None, ge=1, description="decoder attention heads (default: 4 / 16)")
+    mask_ratio: float = Field(0.75, gt=0, lt=1, description="fraction of patches masked")
+    loss_weights: list[float] | None = Field(None, description="one weight per decoder (default 1.0 each)")
+    norm_pix_loss: bool = Field(True, description="reconstruct per-patch normalized pixels (MAE)")
+    mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="input normalization mean")
+    std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="input normalization std")
+    # -- optimization (MAE's recipe)
+    steps: int = Field(1000, ge=1, description="optimizer steps in total")
+    batch_size: int = Field(64, ge=1, description="images per optimizer step over all processes and "
+                            "accumulation steps (the global batch)")
+    accum_steps: int = Field(1, ge=1, description="gradient accumulation: micro-batches per optimizer step")
+    base_lr: float = Field(1.5e-4, gt=0, description="learning rate per 256 images: lr = base_lr x batch / 256")
+    lr: float | None = Field(None, gt=0, description="absolute learning rate (overrides base_lr)")
+    min_lr: float = Field(0.0, ge=0, description="learning rate at the end of the cosine schedule")
+    warmup_steps: int | None = Field(None, ge=0, description="linear warm-up steps (default: 5% of steps)")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not on norms, biases, "
+                                "position embeddings, tokens)")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this (off by default)")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="autocast: auto = bf16 on CUDA, "
+                                                       "fp32 on CPU")
+    grad_checkpointing: bool = Field(False, description="recompute encoder blocks in backward (saves memory)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to train")
+    seed: int = Field(0, description="seed of initialization, data order, augmentation and masks")
+    num_workers: int = Field(2, ge=0, description="data-loading worker processes per training process")
+    # -- bookkeeping
+    log_every: int = Field(10, ge=1, description="steps between log lines (log.jsonl in the checkpoint)")
+    save_every: int = Field(500, ge=1, description="steps between checkpoint saves (and at the end)")
+    weights_dtype: Literal["fp32", "fp16"] = Field("fp32", description="dtype of stored weights (fp16 halves "
+                                                   "the size; loaded back as fp32)")
+    save_train_state: bool = Field(True, description="store optimizer and RNG state for resume")
+    eval_limit: int | None = Field(2000, ge=1, description="images per evaluation split at most")
+    progress: bool = Field(True, description="show a progress bar")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.exits is not None and any(b <= a for a, b in zip(self.exits, self.exits[1:])):
+            raise ValueError(f"exits must be strictly increasing (got {self.exits})")
+        if self.batch_size % self.accum_steps:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}")
+        return self
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 20)
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else self.base_lr * self.batch_size / 256
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["a=1", "model_args.depth=4"]`` -> ``{"a": 1, "model_args": {"depth": 4}}`` (values parsed as YAML)."""
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--set {item}: expected KEY=VALUE")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as e:
+            raise InputError(f"--set {item}: value is not valid YAML ({e})") from e
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = parsed
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_train_config(config_file: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                      **fields) -> TrainConfig:
+    """Builds a :class:`TrainConfig`: the YAML file, then ``fields`` (flags; None = not given), then ``--set``.
+
+    Relative paths are relative to the working directory, as on the command line.
+
+    Raises:
+        InputError: unreadable YAML, unknown key or bad value (the message names the file and field).
+    """
+    raw: dict = {}
+    source = "training settings"
+    if config_file is not None:
+        path = Path(config_file)
+        source = str(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except OSError as e:
+            raise InputError(f"{path}: cannot read config file ({e.strerror or e})") from e
+        except yaml.YAMLError as e:
+            raise InputError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+        if not isinstance(raw, dict):
+            raise InputError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
+    raw = _merge(raw, {k: v for k, v in fields.items() if v is not None})
+    raw = _merge(raw, parse_overrides(overrides or []))
+    try:
+        return TrainConfig(**raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "(settings)"
+        got = f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""
+        more = f" [+{len(e.errors()) - 1} more]" if len(e.errors()) > 1 else ""
+        raise InputError(f"{source}: {field}: {err['msg']}{got}{more}") from None

@@ -1,0 +1,369 @@
+"""The BIM training loop: AdamW with MAE's recipe, block-wise backward, resume, torchrun data parallel.
+
+A run is a function of its settings and ``seed``: which images form step ``s``'s batch, their
+augmentation and their masks are all drawn from generators seeded by ``(seed, s)``, never from a
+stream that depends on what ran before. So a resumed run continues exactly as an uninterrupted one
+would, and a run on W processes sees the same global batch and masks as a run on one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt_io
+from .distributed import (DistInfo, average_gradients, average_tensor, barrier, broadcast_parameters,
+                          init_distributed, shutdown)
+from .errors import InputError, TrainingError
+from .model import BimModel
+from .train_config import TrainConfig, load_train_config
+
+log = logging.getLogger(__name__)
+
+ARCH_KEYS = ("arch", "model_args", "exits", "mode", "decoder")  # must match to resume
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def _mix(*ints: int) -> int:
+    """A 63-bit seed from several integers (stable across processes and runs)."""
+    h = 0x9E3779B97F4A7C15
+    for v in ints:
+        h = (h ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Yields ``(position, index)`` for this rank's share of every micro-batch from ``start_step`` on.
+
+    Position ``p = step * batch + j`` of the global stream maps to image ``perm_e[p % n]``, with one
+    seeded permutation per epoch ``e = p // n``. Micro-batch ``a`` of a step holds positions
+    ``[a * m, (a + 1) * m)`` (``m = batch / accum``); rank ``r`` takes the ``r``-th contiguous slice.
+    """
+
+    def __init__(self, n: int, batch: int, accum: int, info: DistInfo, seed: int, start_step: int, steps: int):
+        self.n, self.batch, self.accum, self.info, self.seed = n, batch, accum, info, seed
+        self.start, self.steps = start_step, steps
+        self.micro = batch // accum
+        self.local = self.micro // info.world_size
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def index(self, p: int) -> int:
+        e = p // self.n
+        if self._perm is None or self._perm[0] != e:
+            self._perm = (e, torch.randperm(self.n, generator=torch.Generator().manual_seed(_mix(self.seed, e))))
+        return int(self._perm[1][p % self.n])
+
+    def __iter__(self):
+        for s in range(self.start, self.steps):
+            for a in range(self.accum):
+                first = s * self.batch + a * self.micro + self.info.rank * self.local
+                for p in range(first, first + self.local):
+                    yield p, self.index(p)
+
+    def __len__(self) -> int:
+        return (self.steps - self.start) * self.accum * self.local
+
+
+class SeededDataset(torch.utils.data.Dataset):
+    """Items keyed by ``(position, index)``; the augmentation of a position is seeded by it."""
+
+    def __init__(self, base, seed: int):
+        self.base, self.seed = base, seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        p, i = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_mix(self.seed, 1, p))
+            x = self.base[i]
+        return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def mask_noise(model: BimModel, seed: int, step: int, micro: int, accum: int, batch: int, info: DistInfo):
+    """This rank's rows of micro-batch ``micro`` of step ``step``'s masking noise: [local batch, N].
+
+    The noise of the whole global batch is drawn from one ``(seed, step)`` generator and sliced like the
+    images (see :class:`StepSampler`), so neither the process count nor accumulation changes the masks.
+    """
+    noise = model.mask_noise(batch, torch.Generator().manual_seed(_mix(seed, 2, step)))
+    m = batch // accum
+    local = m // info.world_size
+    first = micro * m + info.rank * local
+    return noise[first:first + local]
+
+
+def image_dataset(data: Path | None, img_size: int, mean, std):
+    """The training images with MAE's augmentation (``data`` None: the built-in sample set)."""
+    from .data import ImageFolderDataset, sample_images, scan_image_folder, train_transform
+
+    images = sample_images() if data is None else scan_image_folder(data)
+    return ImageFolderDataset(images, train_transform(img_size, mean, std))
+
+
+# ------------------------------------------------------------------------------ optimizer
+
+
+def param_groups(model: BimModel, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on weight matrices only (not norms, biases, position embeddings, tokens)."""
+    skip = {f"encoder.{n}" for n in model.encoder.no_weight_decay()}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name in skip or name.endswith("token") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to the peak, then half-cosine to ``min_lr`` (MAE), for optimizer step ``step``."""
+    peak, warm = cfg.peak_lr, cfg.warmup
+    if step < warm:
+        return peak * (step + 1) / warm
+    t = (step - warm) / max(1, cfg.steps - warm)
+    return cfg.min_lr + (peak - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+def _rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    path: Path
+    step: int
+    losses: dict[int, float]
+    seconds: float
+    images_per_s: float
+    metrics: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        loss = ", ".join(f"exit {d}: {v:.4f}" for d, v in self.losses.items())
+        lines = [f"{self.path}: step {self.step}, {self.seconds:.0f} s, {self.images_per_s:.1f} img/s; "
+                 f"recon loss {loss}"]
+        for d, m in self.metrics.get("exits", {}).items():
+            if "knn_top1" in m:
+                lines.append(f"  exit {d}: kNN top-1 {m['knn_top1']:.3f}"
+                             + (f", linear probe {m['linear_probe_top1']:.3f}" if "linear_probe_top1" in m else ""))
+        return "\n".join(lines)
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("device: cuda requested but no CUDA device is available")
+    return torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+                        else "cpu")
+
+
+def _config_json(model: BimModel, cfg: TrainConfig, step: int) -> dict:
+    return {**model.arch_config(), "mean": list(cfg.mean), "std": list(cfg.std), "step": step,
+            "train": cfg.model_dump(mode="json")}
+
+
+def _resume(model: BimModel, cfg: TrainConfig, optimizer) -> tuple[int, list[str]]:
+    """Loads model, optimizer, step and RNG from ``cfg.out``; returns (step, log lines)."""
+    ck = ckpt_io.load_checkpoint(cfg.out)
+    new = model.arch_config()
+    diff = [k for k in ARCH_KEYS if json.dumps(ck.config.get(k), sort_keys=True) != json.dumps(new[k], sort_keys=True)]
+    if diff:
+        k = diff[0]
+        raise TrainingError(f"{cfg.out}: cannot resume, the checkpoint's {k} is {ck.config.get(k)} but this run's "
+                            f"is {new[k]} (another architecture; pick a new --out)")
+    model.load_state_dict(ck.state_dict)
+    state = ck.load_train_state()
+    optimizer.load_state_dict(state["optimizer"])
+    _set_rng_state(state["rng"])
+    lines = (cfg.out / ckpt_io.LOG).read_text().splitlines() if (cfg.out / ckpt_io.LOG).exists() else []
+    return int(state["step"]), lines
+
+
+def train(cfg: TrainConfig, resume: bool = False, dataset=None) -> TrainResult:
+    """Pretrains a BIM (or end-to-end MAE) model and writes its checkpoint to ``cfg.out``.
+
+    Args:
+        cfg: the settings.
+        resume: continue from the checkpoint in ``cfg.out`` (model, optimizer, step, RNG).
+        dataset: images to train on instead of ``cfg.data`` (``ds[i]`` -> tensor [3, H, W] or
+            (tensor, label); used as is, without augmentation).
+
+    Raises:
+        InputError: bad settings or data. TrainingError: non-finite loss (the last saved checkpoint
+            is kept), resume from another architecture.
+    """
+    device = _device(cfg)
+    info = init_distributed(device.type)
+    try:
+        return _train(cfg, resume, dataset, device, info)
+    finally:
+        shutdown(info)
+
+
+def _train(cfg: TrainConfig, resume: bool, dataset, device: torch.device, info: DistInfo) -> TrainResult:
+    if cfg.batch_size % (cfg.accum_steps * info.world_size):
+        raise InputError(f"batch_size {cfg.batch_size} must be divisible by accum_steps x processes "
+                         f"({cfg.accum_steps} x {info.world_size})")
+    out = Path(cfg.out)
+    has_ckpt = (out / ckpt_io.CONFIG).exists()
+    if has_ckpt and not resume:
+        raise InputError(f"{out}: already holds a checkpoint; pass --resume to continue it or pick another --out")
+    torch.manual_seed(cfg.seed)
+    model = BimModel(cfg.model, cfg.model_args, cfg.exits, cfg.mode, cfg.decoder_depth, cfg.decoder_width,
+                     cfg.decoder_heads, cfg.mask_ratio, cfg.loss_weights, cfg.norm_pix_loss)
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    img_size = model.encoder.patch_embed.img_size[0]
+    if dataset is None:
+        dataset = image_dataset(cfg.data, img_size, cfg.mean, cfg.std)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.peak_lr, betas=cfg.betas)
+    step, log_lines = 0, []
+    if resume and has_ckpt:
+        step, log_lines = _resume(model, cfg, optimizer)
+    elif resume:
+        log.warning("%s: no checkpoint to resume from, starting from scratch", out)
+    model.to(device).train()
+    _optimizer_to(optimizer, device)
+    broadcast_parameters(model, info)
+    amp = torch.bfloat16 if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda") else None
+    sampler = StepSampler(len(dataset), cfg.batch_size, cfg.accum_steps, info, cfg.seed, step, cfg.steps)
+    loader = torch.utils.data.DataLoader(
+        SeededDataset(dataset, cfg.seed), batch_size=sampler.local, sampler=sampler,
+        num_workers=cfg.num_workers, pin_memory=device.type == "cuda", persistent_workers=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decoded = model.decoded_exits
+    recent: dict[int, list[float]] = {d: [] for d in decoded}
+    bar = _progress(cfg, info, step)
+    t0, imgs_done, start_step = time.perf_counter(), 0, step
+    batches = iter(loader)
+    while step < cfg.steps:
+        lr = lr_at(step, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        totals = torch.zeros(len(decoded), device=device)
+        for a in range(cfg.accum_steps):
+            imgs = next(batches).to(device, non_blocking=True)
+            noise = mask_noise(model, cfg.seed, step, a, cfg.accum_steps, cfg.batch_size, info)
+            losses = model.forward_backward(imgs, noise, 1.0 / cfg.accum_steps, amp)
+            totals += torch.stack([losses.losses[d] for d in decoded]) / cfg.accum_steps
+        average_gradients(params, info)
+        totals = average_tensor(totals, info)
+        values = totals.tolist()
+        if not all(math.isfinite(v) for v in values):
+            saved = _saved_step(out)
+            raise TrainingError(
+                f"non-finite loss at step {step + 1} ({', '.join(f'exit {d}: {v}' for d, v in zip(decoded, values))}); "
+                f"lower the learning rate (now {lr:.3g}) or train in fp32; "
+                + (f"last good checkpoint kept: {out} (step {saved})" if saved is not None
+                   else "no checkpoint was saved yet"))
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        step += 1
+        imgs_done += cfg.batch_size
+        for d, v in zip(decoded, values):
+            recent[d] = (recent[d] + [v])[-cfg.log_every:]
+        rate = imgs_done / (time.perf_counter() - t0)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(" ".join(f"L{d}={v:.3f}" for d, v in zip(decoded, values)) + f" {rate:.1f}img/s")
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            log_lines.append(json.dumps({"step": step, "lr": lr, "img_per_s": round(rate, 2),
+                                         "loss": {str(d): round(v, 6) for d, v in zip(decoded, values)}}))
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            if info.is_main:
+                _save(model, cfg, optimizer, step, recent, log_lines, final=step == cfg.steps)
+            barrier(info)
+            has_ckpt = True
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    metrics = {}
+    if info.is_main:
+        metrics = ckpt_io.load_checkpoint(out, weights=False).metrics
+        if cfg.eval_data is not None:
+            metrics = _evaluate(model, cfg, out)
+    means = {d: float(np.mean(v)) for d, v in recent.items() if v}
+    return TrainResult(out, step, means, seconds, imgs_done / max(seconds, 1e-9), metrics)
+
+
+def _optimizer_to(optimizer, device: torch.device) -> None:
+    for state in optimizer.state.values():
+        for k, v in state.items():
+            if torch.is_tensor(v) and k != "step":
+                state[k] = v.to(device)
+
+
+def _saved_step(out: Path) -> int | None:
+    try:
+        return json.loads((out / ckpt_io.CONFIG).read_text()).get("step")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _progress(cfg: TrainConfig, info: DistInfo, step: int):
+    if not (cfg.progress and info.is_main):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.steps, initial=step, desc="bim" if cfg.mode == "bim" else "mae", unit="step",
+                dynamic_ncols=True)
+
+
+def _save(model: BimModel, cfg: TrainConfig, optimizer, step: int, recent: dict[int, list[float]],
+          log_lines: list[str], final: bool) -> None:
+    metrics = {"step": step, "exits": {str(d): {"recon_loss": float(np.mean(v))} for d, v in recent.items() if v}}
+    train_state = None
+    if cfg.save_train_state:
+        train_state = {"optimizer": optimizer.state_dict(), "step": step, "rng": _rng_state(),
+                       "schedule": {"name": "cosine", "warmup_steps": cfg.warmup, "steps": cfg.steps,
+                                    "peak_lr": cfg.peak_lr, "min_lr": cfg.min_lr}}
+    ckpt_io.save_checkpoint(cfg.out, model.state_dict(), _config_json(model, cfg, step), metrics, train_state,
+                            log_lines, cfg.weights_dtype if final else "fp32")
+
+
+def _evaluate(model: BimModel, cfg: TrainConfig, out: Path) -> dict:
+    """kNN / linear probe of every exit on ``cfg.eval_data``, merged into metrics.json."""
+    from .evaluate import evaluate_model, load_eval_data
+
+    model.eval()
+    results = evaluate_model(model, load_eval_data(cfg.eval_data), model.encoder.patch_embed.img_size[0],
+                             cfg.mean, cfg.std, limit=cfg.eval_limit)
+    return ckpt_io.update_exit_metrics(out, results)
+
+
+def train_from_cli(config_file=None, data=None, model=None, exits=None, out=None, eval_data=None,
+                   overrides=None, resume: bool = False) -> str:
+    """``bim-export train``: settings from the YAML file, flags and ``--set``; returns a short summary."""
+    cfg = load_train_config(config_file, overrides, data=data, model=model, exits=exits, out=out,
+                            eval_data=eval_data)
+    return train(cfg, resume=resume).summary()
