@@ -144,17 +144,16 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def export_reference_vit(spec: dict, path: str | os.PathLike, opset: int = 17) -> Path:
-    """Exports a random-weight timm ViT (no head) of ``spec`` to ONNX, batch axis dynamic."""
+    """Exports a random-weight timm ViT (no head) of ``spec`` to ONNX the way real exports are made."""
     import timm
     import torch
 
+    from .export import export_onnx
+
+    torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **spec).eval()
-    x = torch.randn(1, 3, spec["img_size"], spec["img_size"])
-    with torch.no_grad():
-        torch.onnx.export(model, (x,), os.fspath(path), input_names=["pixels"], output_names=["embedding"],
-                          dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}}, opset_version=opset,
-                          dynamo=False)
-    return Path(path)
+    return export_onnx(model, path, opset=opset, img_size=spec["img_size"],
+                       metadata={"depth": spec["depth"], "precision": "fp32", "reference": model_signature(spec)})
 
 
 def calibrate(profile, out: str | os.PathLike | None = None, *, specs=None, batches=None, threads: int | None = None,
@@ -170,7 +169,7 @@ def calibrate(profile, out: str | os.PathLike | None = None, *, specs=None, batc
     Returns:
         A summary: each reference model's measured and fitted latency, and where the file went.
     """
-    from .latency import measure_many
+    from .latency import available_providers, measure_many
     from .profiles import load_profile
 
     profile = load_profile(profile)
@@ -178,15 +177,16 @@ def calibrate(profile, out: str | os.PathLike | None = None, *, specs=None, batc
     batches = sorted(set(batches or [1, profile.batch]))
     gpu_eps = [e for e in profile.execution_providers if e != "CPUExecutionProvider"]
     hw = _hardware_of(profile)
+    available = available_providers()
+    if profile.device_class == "gpu" and not set(gpu_eps) & set(available):
+        raise InputError(f"profile '{profile.name}': none of execution_providers {gpu_eps} is available here "
+                         f"({', '.join(available)}); run calibrate on the device itself")
     with tempfile.TemporaryDirectory(prefix="bim-calibrate-") as tmp:
         paths = [export_reference_vit(s, Path(tmp) / f"{model_signature(s)}.onnx", profile.opset) for s in specs]
         jobs = [(p, b) for p in paths for b in batches]
         results = measure_many(jobs, providers=list(profile.execution_providers), threads=threads or profile.threads,
                                warmup=warmup, repeats=repeats, rounds=rounds)
         used = sorted({p for r in results for p in r.providers})
-        if profile.device_class == "gpu" and not set(used) & set(gpu_eps):
-            raise InputError(f"profile '{profile.name}': none of execution_providers {gpu_eps} is available here "
-                             f"(ran on {', '.join(used)}); run calibrate on the device itself")
         feats = [roofline_features(graph_cost(p, b), hw) for p, b in jobs]
     samples = [(f, r.p50 / 1e3) for f, r in zip(feats, results)]
     factors = fit_factors(samples, default_factors(profile.device_class, hw), label=f"calibrate {profile.name}")

@@ -167,6 +167,12 @@ def measure_onnx(path: str | os.PathLike, batch: int = 1, providers: list[str] |
     return measure_many([(path, batch)], providers, threads, warmup, repeats, rounds, timeout)[0]
 
 
+@functools.lru_cache(maxsize=1)
+def available_providers() -> list[str]:
+    """ONNX Runtime's available execution providers here (asked in a worker process)."""
+    return _run_worker({"task": "providers", "threads": 1}, timeout=120)["providers"]
+
+
 @functools.lru_cache(maxsize=4)
 def measure_host_hardware(threads: int | None = None) -> Hardware:
     """This machine's fp32 / int8 GEMM throughput and memory bandwidth through ONNX Runtime."""

@@ -7,6 +7,7 @@ on stdout. Requests:
   "repeats", "rounds"}``: one session per job (fixed intra-op threads, sequential execution), a
   warm-up, then ``rounds`` rounds in which every job runs ``repeats`` times, the jobs interleaved
   (and rotated) within each round. Only ``session.run`` is timed.
+- ``{"task": "providers"}``: the execution providers available here.
 - ``{"task": "hardware", "threads"}``: GEMM throughput (fp32 MatMul, int8 MatMulInteger) and
   memory bandwidth (a large Add) of this machine through ONNX Runtime.
 
@@ -150,6 +151,10 @@ def main() -> int:
         answer = time_sessions(req)
     elif task == "hardware":
         answer = measure_hardware(req)
+    elif task == "providers":
+        import onnxruntime as ort
+
+        answer = {"providers": ort.get_available_providers()}
     else:
         raise SystemExit(f"unknown task {task!r}")
     json.dump(answer, sys.stdout)
