@@ -341,6 +341,7 @@ def graph_cost(path_or_model, batch: int = 1) -> GraphCost:
     weights_bytes = sum(_numel(tuple(i.dims)) * _itemsize(i.data_type) for i in g.initializer)
 
     nodes: list[NodeCost] = []
+    dequantized: set[str] = set()
     unknown = 0
     for node in g.node:
         for o in node.output:
@@ -354,13 +355,18 @@ def graph_cost(path_or_model, batch: int = 1) -> GraphCost:
         else:
             cls = _classify(node, consts, shapes, dtypes)
         prec = _precision(node, dtypes)
+        if node.op_type == "DequantizeLinear":
+            dequantized.update(o for o in node.output if o)
+        elif node.op_type in _GEMM_OPS and node.input[:2] and all(i in dequantized for i in node.input[:2]):
+            prec = "int8"  # QDQ: the runtime fuses DequantizeLinear -> MatMul into an int8 kernel
         out_shape = shapes.get(node.output[0]) if node.output else None
         if cls in ("view", "free"):
             flops, nbytes = 0.0, 0.0
         else:
             flops = _flops(node, shapes, out_shape)
             tensors = [t for t in (*node.input, *node.output) if t]
-            nbytes = float(sum(_numel(shapes.get(t)) * _itemsize(dtypes.get(t, 1)) for t in tensors))
+            nbytes = float(sum(_numel(shapes.get(t)) * (1 if t in dequantized and prec == "int8" else
+                                                         _itemsize(dtypes.get(t, 1))) for t in tensors))
         if cls in ("gemm", "matmul") and prec != "fp32":
             cls = f"{cls}_{prec}"
         nodes.append(NodeCost(node.name or node.op_type, node.op_type, cls, prec, flops, nbytes))

@@ -83,6 +83,22 @@ def test_matmul_integer_is_int8_class(tmp_path):
     assert (node.cls, node.precision, node.flops) == ("gemm_int8", "int8", 2 * 2 * 8 * 16)
 
 
+def test_qdq_matmul_is_costed_as_int8(tmp_path):
+    inits = [numpy_helper.from_array(np.ones((8, 16), np.int8), "w_q"),
+             numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+             numpy_helper.from_array(np.array(0, np.int8), "z")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["x_q"]),
+             helper.make_node("DequantizeLinear", ["x_q", "s", "z"], ["x_dq"]),
+             helper.make_node("DequantizeLinear", ["w_q", "s", "z"], ["w"]),
+             helper.make_node("MatMul", ["x_dq", "w"], ["y"])]
+    g = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])], inits)
+    cost = graph_cost(_save(g, tmp_path / "qdq.onnx"), batch=4)
+    by_op = {n.op_type: n for n in cost.nodes}
+    assert [n.cls for n in cost.nodes] == ["quant", "quant", "free", "gemm_int8"]
+    assert by_op["MatMul"].bytes == 4 * 8 + 8 * 16 + 4 * 16 * 4  # int8 operands, fp32 output
+
+
 def test_vit_cost_scales_with_depth_and_batch(vits):
     c = {d: graph_cost(p, batch=1) for d, p in vits.items()}
     assert c[4].flops - c[2].flops == pytest.approx(2 * (c[2].flops - c[1].flops))
