@@ -139,7 +139,9 @@ def build_manifest(spec: BundleSpec) -> dict[str, Any]:
         "infer_script": spec.script,
     }
     manifest.update(spec.manifest)
-    manifest.setdefault("io", onnx_io(spec.model_path))
+    io = onnx_io(spec.model_path)
+    manifest.setdefault("io", {"input": io["input"], "outputs": [o["name"] for o in io["outputs"]]})
+    manifest.setdefault("outputs", io["outputs"])
     manifest["onnx_metadata"] = model_meta
     manifest.setdefault("device_validations", [])
     return manifest
@@ -165,10 +167,15 @@ def onnx_metadata(path: Path) -> dict[str, str]:
 
 
 def onnx_io(path: Path) -> dict[str, Any]:
+    """The graph's input name and its outputs with their shapes (symbolic axes by name)."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    return {"input": graph.input[0].name, "outputs": [o.name for o in graph.output]}
+
+    def shape(vi) -> list:
+        return [d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in vi.type.tensor_type.shape.dim]
+
+    return {"input": graph.input[0].name, "outputs": [{"name": o.name, "shape": shape(o)} for o in graph.output]}
 
 
 def sha256_file(path: Path) -> str:
@@ -290,7 +297,7 @@ def render_report(spec: BundleSpec, manifest: dict[str, Any]) -> str:
         "",
         f"- {lat.get('ms', float('nan')):.2f} ms ({spec.latency_stat}) at batch {m.get('batch')}, "
         f"source: **{lat.get('source', '?')}**"
-        + (f", expected error {_fmt(lat['expected_error'])}" if lat.get("expected_error") is not None else "")
+        + (f", expected error ±{lat['expected_error'] * 100:.0f} %" if lat.get("expected_error") is not None else "")
         + (f", machine: {lat['machine']}" if lat.get("machine") else ""),
         f"- budget: {spec.budget_ms:g} ms ({spec.latency_stat})",
     ]

@@ -1,0 +1,290 @@
+"""Candidates for a device: every exit depth x precision, built, pruned, parity-checked and timed.
+
+One :class:`Workshop` per run makes each depth x precision x opset ONNX file once (export, or
+conversion of the fp32 export), the PyTorch reference outputs once per depth and the ONNX Runtime
+outputs once per file; every profile of the run reuses them. For one profile,
+:func:`evaluate_candidates` then:
+
+1. predicts each candidate's latency from its graph and rejects those far over the budget, before
+   anything is run or timed;
+2. checks parity against PyTorch on real images at batch 1 and batch n with the profile's
+   tolerances (a failed precision rejects that candidate; a failed fp32 is an export bug);
+3. gets the latency the budget is checked against: measured for host / calibrated profiles,
+   predicted otherwise, labelled.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .errors import ValidationError
+
+log = logging.getLogger(__name__)
+
+PRUNE_FACTOR = 2.0  # predicted latency above this many budgets is rejected before anything is measured
+CALIB_IMAGES = 32  # static int8 calibration
+PARITY_IMAGES = 32  # parity at batch n (all of them) and batch 1 (the first PARITY_BATCH1)
+PARITY_BATCH1 = 4
+
+
+# ---------------------------------------------------------------------------- shared artefacts
+
+
+@dataclass
+class Images:
+    """Real images for calibration and parity, preprocessed as the checkpoint was trained."""
+
+    calib: np.ndarray  # [Nc, 3, S, S]
+    parity: np.ndarray  # [Np, 3, S, S]
+    labels: np.ndarray  # [Np], -1 unlabelled
+
+
+def load_images(data: Path | None, config: dict) -> Images:
+    from .data import load_image_array, sample_images, scan_image_folder
+
+    images = scan_image_folder(data) if data is not None else sample_images()
+    size, mean, std = config["img_size"], config["mean"], config["std"]
+    calib, _ = load_image_array(images, size, mean, std, limit=CALIB_IMAGES, seed=0)
+    parity, labels = load_image_array(images, size, mean, std, limit=PARITY_IMAGES, seed=1)
+    return Images(calib, parity, labels)
+
+
+class Workshop:
+    """Exports, conversions and outputs of one run, each made once and shared by all profiles.
+
+    Files live in ``work/`` keyed by depth, precision and opset.
+    """
+
+    def __init__(self, ckpt, images: Images, work: Path):
+        self.ckpt, self.images, self.work = ckpt, images, work
+        self._backbones: dict[int, Any] = {}
+        self._refs: dict[int, dict[str, np.ndarray]] = {}
+        self._models: dict[tuple, Path] = {}
+        self._outputs: dict[Path, dict[str, dict[str, np.ndarray]]] = {}
+        self.conversions: dict[Path, dict] = {}  # QuantInfo of each converted file, for the manifest
+
+    def backbone(self, depth: int):
+        if depth not in self._backbones:
+            from .backbone import build_backbone
+
+            self._backbones[depth] = build_backbone(self.ckpt, depth)
+        return self._backbones[depth]
+
+    def reference(self, depth: int) -> dict[str, np.ndarray]:
+        """PyTorch fp32 outputs of the depth-d backbone on the parity images."""
+        if depth not in self._refs:
+            import torch
+
+            bb = self.backbone(depth)
+            with torch.inference_mode():
+                tokens = bb.forward_features(torch.from_numpy(self.images.parity))
+                emb = bb.forward_head(tokens, pre_logits=True)
+            self._refs[depth] = {"tokens": tokens.numpy(), "embedding": emb.numpy()}
+        return self._refs[depth]
+
+    def metadata(self, depth: int, precision: str) -> dict[str, str]:
+        cfg = self.ckpt.config
+        return {"depth": str(depth), "exits": ",".join(map(str, self.ckpt.config["exits"])),
+                "precision": precision, "mean": ",".join(map(str, cfg["mean"])),
+                "std": ",".join(map(str, cfg["std"])), "bim_export_version": __version__}
+
+    def model(self, depth: int, precision: str, opset: int, preset: str | None = None,
+              multi_exit: bool = False) -> Path:
+        """The ONNX file for depth x precision x opset (exported or converted on first use)."""
+        key = (depth, precision, opset, preset if precision == "int8" else None, multi_exit)
+        if key in self._models:
+            return self._models[key]
+        stem = f"d{depth}-{precision}-op{opset}" + (f"-{preset}" if key[3] else "") + ("-multi" if multi_exit else "")
+        path = self.work / f"{stem}.onnx"
+        if precision == "fp32":
+            from .export import export_onnx
+
+            log.info("exporting depth %d (opset %d%s)", depth, opset, ", multi-exit" if multi_exit else "")
+            exits = {d: self.backbone(d) for d in self.ckpt.config["exits"] if d <= depth} if multi_exit else None
+            export_onnx(self.backbone(depth), path, opset=opset, img_size=self.ckpt.config["img_size"],
+                        metadata=self.metadata(depth, "fp32"), multi_exit=multi_exit, exits=exits)
+        else:
+            from .quantize import convert_precision
+
+            log.info("converting depth %d to %s", depth, precision)
+            fp32 = self.model(depth, "fp32", opset, multi_exit=multi_exit)
+            calib = self.images.calib if precision == "int8" else None
+            info = convert_precision(fp32, path, precision, calib_x=calib, preset=preset)
+            self.conversions[path] = info.to_dict()
+        self._models[key] = path
+        return path
+
+    def onnx_outputs(self, model: Path) -> dict[str, dict[str, np.ndarray]]:
+        """ONNX Runtime (CPU EP) outputs on the parity images at batch 1 and batch n."""
+        if model not in self._outputs:
+            import onnxruntime as ort
+
+            sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+            names = [o.name for o in sess.get_outputs()]
+            x = self.images.parity
+            ones = [sess.run(names, {"pixels": x[i:i + 1]}) for i in range(min(PARITY_BATCH1, len(x)))]
+            full = sess.run(names, {"pixels": x})
+            self._outputs[model] = {
+                "batch1": {n: np.concatenate([o[j] for o in ones]) for j, n in enumerate(names)},
+                "batchN": dict(zip(names, full)),
+            }
+        return self._outputs[model]
+
+
+# ------------------------------------------------------------------------------------ parity
+
+
+@dataclass
+class Parity:
+    passed: bool
+    batch1: Any  # ParityResult
+    batchN: Any
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "batch1": as_dict(self.batch1), "batchN": as_dict(self.batchN),
+                "batch_n": PARITY_IMAGES, "provider": "CPUExecutionProvider", "note": self.note}
+
+    def summary(self) -> str:
+        """One line for the candidate table: the misses if it failed, else cosine and agreement."""
+        if not self.passed:
+            return "; ".join(f for r in (self.batch1, self.batchN) for f in r.failures)
+        r = self.batchN
+        agree = "" if r.neighbour_agreement is None else f", agreement {r.neighbour_agreement:.0%}"
+        return f"cosine {r.cosine:.5f}{agree}" + (f" ({self.note})" if self.note else "")
+
+
+def check_parity(shop: Workshop, depth: int, precision: str, model: Path, tolerance,
+                 multi_exit: bool = False) -> Parity:
+    """ONNX Runtime vs PyTorch at batch 1 and batch n, against the profile's tolerances.
+
+    With ``multi_exit``, compares the graph's ``tokens_<depth>`` / ``embedding_<depth>`` outputs.
+    """
+    from .validate import compare_outputs
+
+    ref, outs = shop.reference(depth), shop.onnx_outputs(model)
+    suffix = f"_{depth}" if multi_exit else ""
+    got = {run: {k: outs[run][f"{k}{suffix}"] for k in ref} for run in ("batch1", "batchN")}
+    labels = shop.images.labels if (shop.images.labels >= 0).all() else None
+    n1 = len(got["batch1"]["embedding"])
+    note = "fp16 on CPUExecutionProvider: host-emulated" if precision == "fp16" else ""
+    b1 = compare_outputs({k: v[:n1] for k, v in ref.items()}, got["batch1"], tolerance,
+                         labels=None if labels is None else labels[:n1], label=f"{precision} batch 1", note=note)
+    bn = compare_outputs(ref, got["batchN"], tolerance, labels=labels, label=f"{precision} batch {len(ref['embedding'])}",
+                         note=note)
+    return Parity(bool(b1.passed and bn.passed), b1, bn, note)
+
+
+def as_dict(obj) -> dict:
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    from dataclasses import asdict, is_dataclass
+
+    return asdict(obj) if is_dataclass(obj) else dict(obj)
+
+
+# ---------------------------------------------------------------------------------- candidates
+
+
+@dataclass
+class Trial:
+    """One depth x precision for one profile, as far as it got."""
+
+    depth: int
+    precision: str
+    model: Path
+    quality: float | None
+    size_mb: float
+    predicted: Any = None  # LatencyResult from the cost model
+    pruned: str = ""  # why it was dropped before parity / measuring
+    parity: Parity | None = None
+    latency: Any = None  # LatencyResult used for the budget check
+    memory_mb: float | None = None
+
+    @property
+    def label(self) -> str:
+        return f"d{self.depth} {self.precision}"
+
+
+def exit_quality(metrics: dict, depth: int) -> float | None:
+    """The exit's kNN top-1 from metrics.json, or None when the checkpoint has none."""
+    entry = metrics.get("exits", {}).get(str(depth), {})
+    q = entry.get("knn_top1")
+    return float(q) if q is not None else None
+
+
+def latency_value(result, stat: str) -> float:
+    """The statistic the budget applies to (p50/p90/p99) of a LatencyResult, in ms."""
+    return result.stat(stat)
+
+
+def source_label(result) -> str:
+    """``measured``, ``predicted``, ``calibrated``, with a note such as ``host-emulated fp16``."""
+    return f"{result.source} ({result.note})" if result.note else result.source
+
+
+def evaluate_candidates(shop: Workshop, profile, progress=None) -> list[Trial]:
+    """Builds, prunes, checks parity of and times every depth x precision for ``profile``."""
+    from .latency import latency_for_profile, predict_latency, predict_memory
+
+    budget = profile.budgets.latency_ms
+    stat = profile.budgets.latency_stat
+    trials = []
+    for depth in shop.ckpt.config["exits"]:
+        for precision in profile.precisions:
+            preset = profile.int8_preset
+            model = shop.model(depth, precision, profile.opset, preset)
+            trials.append(Trial(depth, precision, model, exit_quality(shop.ckpt.metrics, depth),
+                                model.stat().st_size / 1e6))
+            if progress is not None:
+                progress.update(1)
+    # prune on the cost model before anything is run or timed
+    for t in trials:
+        if budget is not None and profile.hardware is not None:
+            t.predicted = predict_latency(t.model, profile, profile.batch)
+            pred = latency_value(t.predicted, stat)
+            if pred > PRUNE_FACTOR * budget:
+                t.pruned = f"predicted {pred:.1f} ms is over {PRUNE_FACTOR:g}x the {budget:g} ms budget"
+                t.latency = t.predicted
+                t.memory_mb = predict_memory(t.model, profile.batch)
+    for t in trials:
+        if t.pruned:
+            continue
+        t.parity = check_parity(shop, t.depth, t.precision, t.model, profile.tolerance(t.precision))
+        if t.precision == "fp32" and not t.parity.passed:
+            raise ValidationError(
+                f"fp32 parity failed at depth {t.depth} ({t.parity.summary()}): the ONNX export does not "
+                f"compute what PyTorch computes; no bundle written")
+        if t.parity.passed:
+            t.latency = latency_for_profile(t.model, profile, profile.batch)
+            t.memory_mb = getattr(t.latency, "peak_memory_mb", None) or predict_memory(t.model, profile.batch)
+        else:
+            t.latency = t.predicted or predict_latency(t.model, profile, profile.batch) if profile.hardware else None
+            t.memory_mb = predict_memory(t.model, profile.batch)
+    return trials
+
+
+def to_candidates(trials: list[Trial], profile) -> list:
+    from .selector import Candidate
+
+    stat = profile.budgets.latency_stat
+    out = []
+    for t in trials:
+        if t.pruned:  # rejected on latency by the selector; parity was never run
+            passed, note = True, "not checked (pruned)"
+        else:
+            passed, note = t.parity.passed, t.parity.summary()
+        out.append(Candidate(
+            depth=t.depth, precision=t.precision, quality=t.quality, parity_passed=passed, parity_note=note,
+            latency_ms=latency_value(t.latency, stat) if t.latency is not None else None,
+            latency_stat=stat,
+            latency_source=source_label(t.latency) if t.latency is not None else "none",
+            expected_error=getattr(t.latency, "expected_error", None),
+            memory_mb=t.memory_mb, size_mb=t.size_mb))
+    return out

@@ -1,0 +1,238 @@
+"""The main job: ``bim-export --target NAME`` from checkpoint to deployable bundle.
+
+For each target profile::
+
+    candidates = checkpoint exits x profile precisions
+      -> prune by predicted latency (nothing measured yet)
+      -> parity vs PyTorch at batch 1 and batch n (a failed precision rejects that candidate only)
+      -> latency for the profile (measured on host / calibrated profiles, predicted otherwise)
+      -> selector -> bundle
+
+Work is shared (see :mod:`bim_export.candidates`): each depth x precision x opset is exported (or
+converted) once into a work folder under ``out/`` and reused by every profile of the run, and so are
+the PyTorch reference outputs and the ONNX Runtime outputs used for parity. ``--target all`` runs
+every shipped profile in one go and prints one summary table.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .candidates import (Trial, Workshop, as_dict, check_parity, evaluate_candidates, latency_value, load_images,
+                         source_label, to_candidates)
+from .errors import NoCandidateError, ValidationError
+
+log = logging.getLogger(__name__)
+
+REFERENCE_IMAGES = 4  # inputs + PyTorch outputs stored in the bundle
+
+
+# ------------------------------------------------------------------------------------- targets
+
+
+def resolve_targets(target: str) -> list:
+    """``all`` -> every shipped profile; else one profile (name, alias or YAML path).
+
+    Raises:
+        InputError: unknown name (listing the valid ones and close matches) or a bad YAML file.
+    """
+    from .profiles import list_profiles, load_profile
+
+    if target == "all":
+        return [load_profile(name) for name in list_profiles()]
+    return [load_profile(target)]
+
+
+# ------------------------------------------------------------------------------------- profile
+
+
+@dataclass
+class Outcome:
+    """What one profile's export produced (for the summary)."""
+
+    profile: str
+    bundle: Path | None = None
+    choice: Trial | None = None
+    error: str = ""
+    table: str = ""
+    stat: str = "p50"
+    budget_ms: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def export_profile(shop: Workshop, profile, out: Path, multi_exit: bool = False, progress=None) -> Outcome:
+    """Candidates -> selector -> bundle for one profile.
+
+    Raises:
+        NoCandidateError: nothing meets the budgets (with the candidate table).
+        ValidationError: fp32 parity failed (an export bug); nothing is written.
+    """
+    from .bundle import BundleSpec, PlotPoint, write_bundle
+    from .selector import select
+
+    trials = evaluate_candidates(shop, profile, progress)
+    selection = select(to_candidates(trials, profile), profile)
+    choice = next(t for t in trials if (t.depth, t.precision) == (selection.choice.depth, selection.choice.precision))
+    stat, budget = profile.budgets.latency_stat, profile.budgets.latency_ms
+
+    model, parity = choice.model, choice.parity.to_dict()
+    n = min(REFERENCE_IMAGES, len(shop.images.parity))
+    ref = shop.reference(choice.depth)
+    reference = {"pixels": shop.images.parity[:n], "tokens": ref["tokens"][:n],
+                 "embedding": ref["embedding"][:n], "labels": shop.images.labels[:n]}
+    if multi_exit:
+        model, parity["exits"] = multi_exit_model(shop, choice, profile)
+        for d in parity["exits"]:
+            reference.update({f"{k}_{d}": v[:n] for k, v in shop.reference(int(d)).items()})
+    manifest = bundle_manifest(shop, profile, selection, choice, parity, multi_exit)
+    points = [PlotPoint(t.label, latency_value(t.latency, stat) if t.latency is not None else None, t.quality,
+                        rejected=_rejection(selection, t), chosen=t is choice,
+                        source=source_label(t.latency) if t.latency is not None else "")
+              for t in trials]
+    chosen_row = next(r for r in selection.rows if r.status == "chosen")
+    lat_ms = latency_value(choice.latency, stat)
+    why = (f"Depth {choice.depth} in {choice.precision}: {chosen_row.reason}. Its latency is {lat_ms:.2f} ms {stat} "
+           f"({manifest['latency']['source']})" + (f" against a budget of {budget:g} ms" if budget else "")
+           + f"; parity {choice.parity.summary()}. The rule: among candidates that pass parity and every budget, "
+           "the best quality (the exit's kNN top-1); within half a point of it, the lowest latency.")
+    spec = BundleSpec(profile_name=profile.name, script=f"{profile.target_script}.py", model_path=model,
+                      reference=reference, manifest=manifest, table=selection.table(), points=points,
+                      budget_ms=budget or float("nan"), latency_stat=stat, why=why)
+    bundle = write_bundle(out, spec)
+    return Outcome(profile.name, bundle, choice, table=selection.table(), stat=stat, budget_ms=budget,
+                   extra={"latency_source": manifest["latency"]["source"]})
+
+
+def bundle_manifest(shop: Workshop, profile, selection, choice: Trial, parity: dict, multi_exit: bool) -> dict:
+    """The pipeline's part of manifest.json (bundle.py adds versions, exporter, files and hashes)."""
+    cfg, lat, stat = shop.ckpt.config, choice.latency, profile.budgets.latency_stat
+    size, mean, std = cfg["img_size"], list(cfg["mean"]), list(cfg["std"])
+    graph_exits = [d for d in cfg["exits"] if d <= choice.depth] if multi_exit else [choice.depth]
+    tolerances = profile.tolerance(choice.precision).model_dump()
+    return {
+        "profile": profile.name, "device_class": profile.device_class, "description": profile.description,
+        "execution_providers": list(profile.execution_providers), "batch": profile.batch,
+        "budgets": profile.budgets.model_dump(), "tolerances": tolerances,
+        "depth": choice.depth, "precision": choice.precision, "opset": profile.opset,
+        "multi_exit": multi_exit, "exits": graph_exits if multi_exit else list(cfg["exits"]),
+        "checkpoint": {"exits": list(cfg["exits"]), "step": cfg.get("step"), "arch": cfg.get("arch")},
+        "model": "model.onnx",
+        "input": {"name": "pixels", "shape": ["batch", 3, size, size], "img_size": size, "mean": mean, "std": std},
+        "preprocessing": {"img_size": size, "mean": mean, "std": std, "resize": "shorter_side_bicubic",
+                          "crop": "center"},
+        "parity": {**parity, "tolerances": tolerances},
+        "latency": {**as_dict(lat), "ms": latency_value(lat, stat), "stat": stat, "source": source_label(lat),
+                    "budget_ms": profile.budgets.latency_ms},
+        "conversion": shop.conversions.get(choice.model, {"precision": "fp32", "method": "export"}),
+        "memory_mb": choice.memory_mb, "size_mb": choice.size_mb,
+        "quality": {"metric": "knn_top1", "value": choice.quality,
+                    "dataset": shop.ckpt.metrics.get("exits", {}).get(str(choice.depth), {}).get("knn_dataset")},
+        "candidates": selection.to_dict(),
+    }
+
+
+def multi_exit_model(shop: Workshop, choice: Trial, profile) -> tuple[Path, dict]:
+    """The chosen precision as one graph with an output per exit up to the chosen depth, and its
+    parity per exit (the single-exit graph passed; a failing exit here is an export bug)."""
+    model = shop.model(choice.depth, choice.precision, profile.opset, profile.int8_preset, multi_exit=True)
+    tolerance = profile.tolerance(choice.precision)
+    per_exit = {}
+    for d in (d for d in shop.ckpt.config["exits"] if d <= choice.depth):
+        result = check_parity(shop, d, choice.precision, model, tolerance, multi_exit=True)
+        if not result.passed and (d == choice.depth or choice.precision == "fp32"):
+            raise ValidationError(f"multi-exit graph, exit {d} ({choice.precision}): parity failed "
+                                  f"({result.summary()}); no bundle written")
+        per_exit[str(d)] = result.to_dict()
+    return model, per_exit
+
+
+def _rejection(selection, trial: Trial) -> str | None:
+    for row in selection.rows:
+        if (row.candidate.depth, row.candidate.precision) == (trial.depth, trial.precision):
+            return row.reason if row.status == "rejected" else None
+    return trial.pruned or None
+
+
+# --------------------------------------------------------------------------------------- run
+
+
+def run_export(target: str, checkpoint: Path | None = None, out: Path = Path("exports"),
+               data: Path | None = None, multi_exit: bool = False) -> str:
+    """Exports the best backbone for ``target`` (a profile, alias, YAML path or ``all``).
+
+    Returns:
+        A human summary: the bundle(s), choice, latency with its source, parity.
+
+    Raises:
+        InputError: unknown target, bad checkpoint or data (exit 2).
+        NoCandidateError: nothing meets the budget (exit 3; for ``all``, after the other bundles).
+        ValidationError: fp32 parity failed (exit 4; no bundle for that profile).
+    """
+    from tqdm import tqdm
+
+    from .checkpoint import load_checkpoint
+    from .resources import default_checkpoint_dir
+
+    profiles = resolve_targets(target)
+    ckpt = load_checkpoint(checkpoint if checkpoint is not None else default_checkpoint_dir())
+    images = load_images(data, ckpt.config)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".bim-export-work-", dir=out))
+    outcomes: list[Outcome] = []
+    try:
+        shop = Workshop(ckpt, images, work)
+        total = sum(len(ckpt.config["exits"]) * len(p.precisions) for p in profiles)
+        with tqdm(total=total, desc="candidates", unit="model", disable=None, leave=False) as bar:
+            for profile in profiles:
+                bar.set_postfix_str(profile.name)
+                try:
+                    outcomes.append(export_profile(shop, profile, out, multi_exit, bar))
+                except NoCandidateError as e:
+                    if len(profiles) == 1:
+                        raise
+                    log.warning("%s: %s", profile.name, e)
+                    outcomes.append(Outcome(profile.name, error=str(e), table=e.table,
+                                            budget_ms=profile.budgets.latency_ms))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if len(profiles) == 1:
+        return describe(outcomes[0])
+    text = summary_table(outcomes)
+    failed = [o for o in outcomes if o.error]
+    if failed:
+        raise NoCandidateError(f"no candidate met the budget for {', '.join(o.profile for o in failed)} "
+                               f"(the other bundles were written)", text)
+    return text
+
+
+def describe(o: Outcome) -> str:
+    c = o.choice
+    lat = latency_value(c.latency, o.stat)
+    return "\n".join([
+        o.table.rstrip(), "",
+        f"{o.profile}: depth {c.depth} {c.precision}, {lat:.2f} ms {o.stat} ({o.extra.get('latency_source')})"
+        + (f", budget {o.budget_ms:g} ms" if o.budget_ms else "") + f", parity {c.parity.summary()}",
+        f"bundle: {o.bundle}",
+    ])
+
+
+def summary_table(outcomes: list[Outcome]) -> str:
+    """One line per profile: choice, latency with source, budget, quality, bundle (or the error)."""
+    head = ("profile", "depth", "prec", "latency", "source", "budget", "quality", "bundle")
+    rows = []
+    for o in outcomes:
+        if o.error:
+            rows.append((o.profile, "-", "-", "-", "-", f"{o.budget_ms or '-'}", "-", f"no candidate: {o.error}"))
+            continue
+        c = o.choice
+        rows.append((o.profile, str(c.depth), c.precision, f"{latency_value(c.latency, o.stat):.2f} ms {o.stat}",
+                     o.extra.get("latency_source", ""), f"{o.budget_ms:g} ms" if o.budget_ms else "none",
+                     f"{c.quality:.1%}" if c.quality is not None else "n/a", str(o.bundle)))
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])

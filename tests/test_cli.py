@@ -1,0 +1,121 @@
+"""``bim-export export`` / ``bim-export --target`` end to end: exit codes 0, 2, 3, 4 and their output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bim_export.cli import main
+from bim_export.resources import resource_dir
+from export_cache import memoize_exports
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_exports(tmp_path_factory):
+    """Exports of the tiny checkpoint are made once for all tests (see export_cache.py)."""
+    with pytest.MonkeyPatch.context() as mp:
+        memoize_exports(mp, tmp_path_factory.mktemp("export-store"))
+        yield
+
+
+def _profile_yaml(tmp_path: Path, name: str = "tiny-edge", **budgets) -> Path:
+    """A user profile: the shipped Raspberry Pi 5 with other budgets."""
+    prof = yaml.safe_load((resource_dir("profiles") / "raspberry-pi-5.yaml").read_text())
+    prof["budgets"].update(budgets)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(prof))
+    return path
+
+
+def _leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir()) if out.exists() else []
+
+
+def test_help_is_fast_and_imports_nothing_heavy():
+    code = ("import sys, contextlib, io\n"
+            "from bim_export.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try: main(['--help'])\n"
+            "    except SystemExit: pass\n"
+            "heavy = [m for m in ('torch', 'onnx', 'onnxruntime', 'matplotlib', 'timm') if m in sys.modules]\n"
+            "print(','.join(heavy))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ""
+
+
+def test_unknown_target_exit_2_with_close_matches(tmp_path, capsys):
+    assert main(["--target", "jetsn", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "jetson" in err and "did you mean" in err
+    assert _leftovers(tmp_path) == []
+
+
+def test_missing_checkpoint_exit_2(tmp_path, capsys):
+    assert main(["export", "--target", "jetson", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "nope" in err
+    assert _leftovers(tmp_path / "o") == []
+
+
+def test_corrupt_checkpoint_exit_2(tmp_path, tiny_checkpoint, capsys):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_checkpoint, bad)
+    (bad / "config.json").write_text("{ not json")
+    assert main(["--target", "edge-cpu", "--checkpoint", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "config.json" in err
+    assert _leftovers(tmp_path / "o") == []
+
+
+def test_impossible_budget_exit_3_table_on_stdout(tmp_path, tiny_checkpoint, capsys):
+    yaml_path = _profile_yaml(tmp_path, latency_ms=0.0001)
+    out = tmp_path / "exports"
+    assert main(["--target", str(yaml_path), "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 3
+    captured = capsys.readouterr()
+    last = captured.err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "latency" in last
+    assert "rejected" in captured.out and "int8" in captured.out and "fp32" in captured.out
+    assert _leftovers(out) == []  # no bundle, no work folder
+
+
+def test_export_exit_0_writes_bundle(tmp_path, tiny_checkpoint, capsys):
+    yaml_path = _profile_yaml(tmp_path, latency_ms=1000, peak_memory_mb=4000, model_size_mb=100)
+    out = tmp_path / "exports"
+    assert main(["--target", str(yaml_path), "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    bundle = out / "tiny-edge"
+    assert f"bundle: {bundle}" in stdout
+    assert _leftovers(out) == ["tiny-edge"]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["profile"] == "tiny-edge" and manifest["latency"]["source"] == "predicted"
+    assert manifest["candidates"]["choice"] == {"depth": manifest["depth"], "precision": manifest["precision"]}
+
+
+def test_fp32_parity_failure_exit_4_no_bundle(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    from bim_export import candidates
+
+    real = candidates.Workshop.reference
+
+    def skewed(self, depth):  # as if the exported graph computed something else
+        ref = real(self, depth)
+        return {k: v + 1.0 for k, v in ref.items()}
+
+    monkeypatch.setattr(candidates.Workshop, "reference", skewed)
+    yaml_path = _profile_yaml(tmp_path, latency_ms=1000, peak_memory_mb=4000, model_size_mb=100)
+    out = tmp_path / "exports"
+    (out / "tiny-edge").mkdir(parents=True)
+    (out / "tiny-edge" / "old.txt").write_text("previous bundle")
+    assert main(["--target", str(yaml_path), "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 4
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "fp32 parity failed" in err
+    assert _leftovers(out) == ["tiny-edge"]
+    assert _leftovers(out / "tiny-edge") == ["old.txt"]  # what was there before, untouched

@@ -1,0 +1,201 @@
+"""The export pipeline on the tiny checkpoint: shared exports, pruning, parity rejection, bundles.
+
+One :class:`Workshop` (exports, conversions, outputs) is shared by the tests of this module, as it
+is shared by the profiles of one run; the end-to-end runs go through :func:`run_export`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from bim_export import candidates as cand
+from bim_export import pipeline
+from bim_export.candidates import Workshop, evaluate_candidates, load_images
+from bim_export.checkpoint import load_checkpoint
+from bim_export.errors import InputError, NoCandidateError
+from bim_export.profiles import list_profiles, load_profile
+from bim_export.resources import resource_dir
+from export_cache import memoize_exports
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_exports(tmp_path_factory):
+    """Exports of the tiny checkpoint are made once for all tests (see export_cache.py)."""
+    with pytest.MonkeyPatch.context() as mp:
+        memoize_exports(mp, tmp_path_factory.mktemp("export-store"))
+        yield
+
+
+def _profile(tmp_path: Path, name: str, base: str = "raspberry-pi-5", parity: dict | None = None, **budgets):
+    prof = yaml.safe_load((resource_dir("profiles") / f"{base}.yaml").read_text())
+    prof["budgets"].update(budgets)
+    for precision, tol in (parity or {}).items():
+        prof["parity"][precision].update(tol)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(prof))
+    return load_profile(path)
+
+
+@pytest.fixture(scope="module")
+def shop(tiny_checkpoint, tmp_path_factory):
+    ckpt = load_checkpoint(tiny_checkpoint)
+    return Workshop(ckpt, load_images(None, ckpt.config), tmp_path_factory.mktemp("work"))
+
+
+@pytest.fixture
+def generous(tmp_path):
+    return _profile(tmp_path, "generous", latency_ms=1000, peak_memory_mb=4000, model_size_mb=100)
+
+
+def test_resolve_targets():
+    assert [p.name for p in pipeline.resolve_targets("jetson")] == ["jetson-orin-nano"]
+    assert [p.name for p in pipeline.resolve_targets("all")] == list_profiles()
+    with pytest.raises(InputError, match="did you mean"):
+        pipeline.resolve_targets("raspbery-pi-5")
+
+
+def test_exports_are_shared_by_profiles(shop, tmp_path, monkeypatch):
+    calls = []
+    for module, name in (("bim_export.export", "export_onnx"), ("bim_export.quantize", "convert_precision")):
+        import importlib
+
+        mod = importlib.import_module(module)
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _real=real, _n=name, **k: (calls.append(_n), _real(*a, **k))[1])
+    a = _profile(tmp_path, "a", latency_ms=1000)
+    b = _profile(tmp_path, "b", latency_ms=500)
+    ta, tb = evaluate_candidates(shop, a), evaluate_candidates(shop, b)
+    assert [(t.depth, t.precision) for t in ta] == [(2, "fp32"), (2, "int8"), (4, "fp32"), (4, "int8")]
+    assert [t.model for t in ta] == [t.model for t in tb]  # the same files
+    assert len(set(t.model for t in ta)) == 4
+    assert calls.count("export_onnx") <= 2 and calls.count("convert_precision") <= 2  # once each, if not cached already
+
+
+def test_far_over_budget_is_pruned_before_parity_and_measuring(shop, tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(cand, "check_parity", lambda *a, **k: ran.append("parity"))
+    import bim_export.latency as latency
+
+    monkeypatch.setattr(latency, "latency_for_profile", lambda *a, **k: ran.append("latency"))
+    tight = _profile(tmp_path, "tight", latency_ms=1e-5)
+    trials = evaluate_candidates(shop, tight)
+    assert ran == []
+    assert all("predicted" in t.pruned and "budget" in t.pruned for t in trials)
+    with pytest.raises(NoCandidateError) as err:
+        from bim_export.selector import select
+
+        select(cand.to_candidates(trials, tight), tight)
+    assert "pruned" in err.value.table or "latency" in err.value.table
+
+
+def test_failed_int8_parity_rejects_only_that_candidate(shop, tmp_path):
+    strict = _profile(tmp_path, "strict", latency_ms=1000, parity={"int8": {"cosine": 0.999999999}})
+    trials = evaluate_candidates(shop, strict)
+    int8 = [t for t in trials if t.precision == "int8"]
+    fp32 = [t for t in trials if t.precision == "fp32"]
+    assert all(not t.parity.passed for t in int8) and all(t.parity.passed for t in fp32)
+    assert all(t.latency is not None for t in fp32)
+
+
+def test_parity_checks_batch_1_and_batch_n(shop, generous):
+    t = evaluate_candidates(shop, generous)[0]
+    d = t.parity.to_dict()
+    assert d["batch1"] and d["batchN"] and d["batch_n"] > 1 and d["passed"]
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_checkpoint, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    prof = tmp / "tiny-edge.yaml"
+    data = yaml.safe_load((resource_dir("profiles") / "raspberry-pi-5.yaml").read_text())
+    data["budgets"].update(latency_ms=1000, peak_memory_mb=4000, model_size_mb=100)
+    prof.write_text(yaml.safe_dump(data))
+    out = tmp / "exports"
+    summary = pipeline.run_export(str(prof), tiny_checkpoint, out, None, multi_exit=False)
+    return out, summary
+
+
+def test_bundle_end_to_end(exported):
+    out, summary = exported
+    bundle = out / "tiny-edge"
+    assert sorted(p.name for p in out.iterdir()) == ["tiny-edge"]  # no work folder left behind
+    assert f"bundle: {bundle}" in summary and "chosen" in summary
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["profile"] == "tiny-edge" and m["depth"] in (2, 4) and m["precision"] in ("fp32", "int8")
+    assert m["preprocessing"]["img_size"] == 32 and len(m["preprocessing"]["mean"]) == 3
+    assert m["latency"]["source"] == "predicted" and m["latency"]["stat"] == "p90"
+    assert len(m["candidates"]["candidates"]) == 4
+    assert m["parity"]["passed"] and m["exits"] == [2, 4]
+    # reference.npz: real inputs, PyTorch outputs that model.onnx reproduces
+    import onnxruntime as ort
+
+    ref = np.load(bundle / "reference.npz")
+    sess = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    emb = sess.run(["embedding"], {"pixels": ref["pixels"]})[0]
+    cos = (emb * ref["embedding"]).sum(1) / np.linalg.norm(emb, axis=1) / np.linalg.norm(ref["embedding"], axis=1)
+    assert cos.min() > 0.99
+
+
+def test_interrupted_export_leaves_previous_bundle(exported, tiny_checkpoint, monkeypatch):
+    out, _ = exported
+    bundle = out / "tiny-edge"
+    before = {p.name: p.read_bytes() for p in bundle.iterdir()}
+    from bim_export import bundle as bundle_mod
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bundle_mod, "plot_pareto", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_export(str(out.parent / "tiny-edge.yaml"), tiny_checkpoint, out, None)
+    assert {p.name: p.read_bytes() for p in bundle.iterdir()} == before
+    assert sorted(p.name for p in out.iterdir()) == ["tiny-edge"]
+
+
+def test_multi_exit_bundle(tiny_checkpoint, tmp_path):
+    prof = _profile(tmp_path, "multi", latency_ms=1000, peak_memory_mb=4000, model_size_mb=100)
+    pipeline.run_export(str(prof.path), tiny_checkpoint, tmp_path / "out", None, multi_exit=True)
+    bundle = tmp_path / "out" / "multi"
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["multi_exit"] is True
+    exits = [d for d in m["exits"] if d <= m["depth"]]
+    assert m["io"]["outputs"] == [f"{n}_{d}" for d in exits for n in ("tokens", "embedding")]
+    assert set(m["parity"]["exits"]) == {str(d) for d in exits}
+    ref = np.load(bundle / "reference.npz")
+    assert {f"embedding_{d}" for d in exits} <= set(ref.files)
+
+
+def test_user_data_folder(tiny_checkpoint, tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "mine"
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (data / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)).save(data / c / f"{i}.png")
+    images = load_images(data, load_checkpoint(tiny_checkpoint).config)
+    assert images.parity.shape == (8, 3, 32, 32) and sorted(set(images.labels)) == [0, 1]
+    with pytest.raises(InputError):
+        load_images(tmp_path / "empty-or-missing", load_checkpoint(tiny_checkpoint).config)
+
+
+def test_target_all_prints_one_table(tiny_checkpoint, tmp_path, monkeypatch):
+    good = _profile(tmp_path, "fits", latency_ms=1000, peak_memory_mb=4000, model_size_mb=100)
+    bad = _profile(tmp_path, "impossible", latency_ms=1e-5)
+    monkeypatch.setattr(pipeline, "resolve_targets", lambda target: [good, bad] if target == "all" else None)
+    with pytest.raises(NoCandidateError) as err:
+        pipeline.run_export("all", tiny_checkpoint, tmp_path / "out", None)
+    table = err.value.table
+    assert table.splitlines()[0].split()[:3] == ["profile", "depth", "prec"]
+    assert "fits" in table and "impossible" in table and "no candidate" in table
+    assert (tmp_path / "out" / "fits" / "manifest.json").is_file()
+    assert not (tmp_path / "out" / "impossible").exists()
