@@ -438,8 +438,9 @@ def fit_factors(samples: list[tuple[dict[str, float], float]], prior: CostFactor
     """Fits one scale per class group plus the per-node and fixed overheads by least squares.
 
     Minimises the squared *relative* error over ``samples`` (roofline features, measured seconds),
-    with a small ridge pull toward ``prior`` (the fit is ill-conditioned on a family of ViTs whose
-    features all grow with depth). Negative parameters are pinned to zero and the rest refitted.
+    with a small ridge pull toward ``prior`` scaled to the measurements (the fit is ill-conditioned
+    on a family of ViTs whose features all grow with depth). Negative parameters are pinned to zero
+    and the rest refitted.
     """
     if not samples:
         raise InputError("no measurements to fit the cost model on")
@@ -456,7 +457,10 @@ def fit_factors(samples: list[tuple[dict[str, float], float]], prior: CostFactor
     x = np.array([row(f) for f, _ in samples]) * scale  # columns in units of the prior's size
     y = np.array([t for _, t in samples])
     a, b = x / y[:, None], np.ones(len(y))
-    p0 = prior_theta / scale
+    # Pull toward the prior rescaled by one well-determined factor (the geometric mean of measured
+    # over prior-predicted time), so that a device 10x slower than its figures is not held back.
+    k = float(np.exp(np.mean(np.log(y / (x @ (prior_theta / scale))))))
+    p0 = k * prior_theta / scale
     free = np.ones(len(names), bool)
     theta = p0.copy()
     for _ in range(len(names)):
@@ -473,6 +477,6 @@ def fit_factors(samples: list[tuple[dict[str, float], float]], prior: CostFactor
     for gi, g in enumerate(groups):
         s = max(theta[gi], 1e-3)
         for c in GROUPS[g]:
-            eff[c] = prior.eff(c) / s
+            eff[c] = float(prior.eff(c) / s)
     return CostFactors(efficiency=eff, node_overhead_us=float(theta[-2] * 1e6),
                        fixed_overhead_us=float(theta[-1] * 1e6), fitted_on=[label] if label else [])
