@@ -1,0 +1,143 @@
+"""quantize.py: each precision runs, keeps the float I/O contract, quantizes only weight GEMMs,
+and stays close to the fp32 model on real images."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+import timm
+import torch
+
+from bim_export import quantize
+from bim_export.data import load_image_array, sample_images
+from bim_export.errors import InputError
+from bim_export.export import export_onnx, read_metadata
+from bim_export.quantize import convert_precision
+from bim_export.validate import compare_outputs, run_onnx
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def fp32_model(tmp_path_factory):
+    torch.manual_seed(0)
+    backbone = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=SIZE,
+                                 patch_size=8, depth=4, embed_dim=32, num_heads=2).eval()
+    path = tmp_path_factory.mktemp("quant") / "fp32.onnx"
+    return export_onnx(backbone, path, opset=17, img_size=SIZE, metadata={"depth": 4, "precision": "fp32"})
+
+
+@pytest.fixture(scope="module")
+def images():
+    """Real photo crops: even ones calibrate, odd ones test (no image is both)."""
+    x, y = load_image_array(sample_images(), SIZE)
+    return x[::2], x[1::2], y[1::2]
+
+
+def outputs(path, x):
+    import onnxruntime as ort
+
+    return run_onnx(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), x, 8)
+
+
+def ops(path) -> Counter:
+    return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+def float_io(path) -> bool:
+    g = onnx.load(str(path)).graph
+    return all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in [*g.input, *g.output])
+
+
+def test_fp16_keeps_float32_io_and_matches(fp32_model, images, tmp_path):
+    _, test, labels = images
+    info = convert_precision(fp32_model, tmp_path / "fp16.onnx", "fp16")
+    model = onnx.load(str(tmp_path / "fp16.onnx"))
+    assert float_io(tmp_path / "fp16.onnx")
+    big = [t for t in model.graph.initializer if np.prod(t.dims) >= 32 * 32]
+    assert big and all(t.data_type == onnx.TensorProto.FLOAT16 for t in big)
+    assert info.precision == "fp16" and info.size_mb < 0.7 * (fp32_model.stat().st_size / 1e6)
+    r = compare_outputs(outputs(fp32_model, test), outputs(tmp_path / "fp16.onnx", test), labels=labels)
+    assert r.passed and r.cosine > 0.9999, r.summary()
+
+
+def test_int8_dynamic_quantizes_weight_gemms_only(fp32_model, images, tmp_path):
+    _, test, labels = images
+    out = tmp_path / "dyn.onnx"
+    info = convert_precision(fp32_model, out, "int8", method="dynamic")
+    counts, fp32_counts = ops(out), ops(fp32_model)
+    n_weight_gemms = 4 * 4 + 1  # qkv, proj, fc1, fc2 per block + patch conv
+    assert info.method == "dynamic" and len(info.quantized_nodes) == n_weight_gemms
+    assert counts["MatMulInteger"] + counts["ConvInteger"] == n_weight_gemms
+    # ViT-safe: norms, softmax, GELU, residual adds and the attention's own MatMuls stay float
+    for op in ("LayerNormalization", "Softmax", "Erf"):
+        assert counts[op] == fp32_counts[op] > 0
+    assert counts["MatMul"] == 2 * 4  # q @ k^T and attn @ v of each block
+    assert {"LayerNormalization", "Softmax", "Erf", "Add"} <= set(info.kept_float)
+    assert float_io(out)
+    assert out.stat().st_size < 0.6 * fp32_model.stat().st_size
+    r = compare_outputs(outputs(fp32_model, test), outputs(out, test), labels=labels)
+    assert r.cosine > 0.99 and r.cosine_min > 0.97, r.summary()
+    meta = read_metadata(out)
+    assert meta["precision"] == "int8" and meta["precision_method"] == "dynamic" and meta["depth"] == "4"
+
+
+def test_int8_static_qdq_calibrated_on_real_images(fp32_model, images, tmp_path):
+    calib, test, labels = images
+    out = tmp_path / "static.onnx"
+    info = convert_precision(fp32_model, out, "int8", calib_x=calib, method="static")
+    counts = ops(out)
+    assert info.method == "static-qdq" and info.calibration == {"images": len(calib), "method": "minmax"}
+    assert counts["QuantizeLinear"] > 0 and counts["DequantizeLinear"] > counts["QuantizeLinear"]
+    # no Q/DQ feeds a LayerNorm or Softmax: they compute in float
+    model = onnx.load(str(out))
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    for n in model.graph.node:
+        if n.op_type in ("LayerNormalization", "Softmax"):
+            assert producer.get(n.input[0]) != "DequantizeLinear", n.name
+    r = compare_outputs(outputs(fp32_model, test), outputs(out, test), labels=labels)
+    assert r.cosine > 0.98, r.summary()
+
+
+def test_int8_static_defaults_to_the_sample_images(fp32_model, tmp_path):
+    info = convert_precision(fp32_model, tmp_path / "s.onnx", "int8", method="static",
+                             calibration_method="percentile")
+    assert info.calibration == {"images": len(sample_images()), "method": "percentile"}
+
+
+def test_fp32_is_a_copy_with_precision_recorded(fp32_model, tmp_path):
+    info = convert_precision(fp32_model, tmp_path / "copy.onnx", "fp32")
+    assert info.method == "copy" and read_metadata(tmp_path / "copy.onnx")["precision"] == "fp32"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"precision": "int4"}, "precision 'int4' unknown"),
+    ({"precision": "int8", "method": "qat"}, "int8 method 'qat' unknown"),
+    ({"precision": "int8", "preset": "avx9000"}, "preset 'avx9000' unknown; valid: avx512_vnni"),
+    ({"precision": "int8", "method": "static", "calib_x": np.zeros((4, 3, 16, 16), np.float32)},
+     r"calibration images have shape \[4, 3, 16, 16\], the model takes \[N, 3, 32, 32\]"),
+])
+def test_bad_arguments_name_the_value(fp32_model, tmp_path, kwargs, match):
+    with pytest.raises(InputError, match=match):
+        convert_precision(fp32_model, tmp_path / "x.onnx", **kwargs)
+
+
+def test_preset_without_optimum_uses_onnxruntime(fp32_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(quantize, "_optimum_available", lambda: False)
+    info = convert_precision(fp32_model, tmp_path / "arm.onnx", "int8", preset="arm64")
+    assert info.preset == "arm64" and info.tool.startswith("onnxruntime.quantization")
+
+
+@pytest.mark.skipif(not quantize._optimum_available(), reason="optimum extra not installed")
+def test_optimum_preset_is_applied_to_the_same_nodes(fp32_model, images, tmp_path):
+    _, test, labels = images
+    out = tmp_path / "vnni.onnx"
+    info = convert_precision(fp32_model, out, "int8", preset="avx512_vnni")
+    assert info.tool.startswith("optimum-onnx") and "avx512_vnni" in info.tool
+    counts = ops(out)
+    assert counts["MatMulInteger"] + counts["ConvInteger"] == len(info.quantized_nodes) == 17
+    r = compare_outputs(outputs(fp32_model, test), outputs(out, test), labels=labels)
+    assert r.cosine > 0.99, r.summary()
