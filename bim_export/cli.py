@@ -67,7 +67,7 @@ def _cmd_export(args) -> int:
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="BIM pretraining of a timm ViT on an image folder", description=_cmd_train.__doc__)
     p.add_argument("--config", type=Path, default=None, help="YAML file of training settings (flags override it)")
-    p.add_argument("--data", type=Path, default=None, help="image folder (recursive; class sub-folders optional)")
+    p.add_argument("--data", type=Path, default=None, help="image folder (recursive; class sub-folders optional; default: the built-in sample images)")
     p.add_argument("--model", default=None, help="timm ViT name, e.g. vit_tiny_patch16_224")
     p.add_argument("--exits", type=_int_list, default=None, help="stage exits as block counts, e.g. 3,6,9,12")
     p.add_argument("--out", type=Path, default=None, help="checkpoint directory, e.g. runs/NAME")

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from .errors import InputError, close_matches
 
 MODES = ("bim", "e2e")
-DEFAULT_DECODER = {"bim": (1, 128, 4), "e2e": (8, 512, 16)}  # (depth, width, heads)
+DEFAULT_DECODER = {"bim": (1, 256, 8), "e2e": (8, 512, 16)}  # (depth, width, heads)
 SUPPORTED_POOLS = ("token", "avg", "avgmax", "max", "")
 
 

@@ -167,6 +167,7 @@ class TrainResult:
     seconds: float
     images_per_s: float
     metrics: dict = field(default_factory=dict)
+    model: BimModel | None = field(default=None, repr=False)  # the trained model (on every rank)
 
     def summary(self) -> str:
         loss = ", ".join(f"exit {d}: {v:.4f}" for d, v in self.losses.items())
@@ -313,7 +314,7 @@ def _train(cfg: TrainConfig, resume: bool, dataset, device: torch.device, info: 
         if cfg.eval_data is not None:
             metrics = _evaluate(model, cfg, out)
     means = {d: float(np.mean(v)) for d, v in recent.items() if v}
-    return TrainResult(out, step, means, seconds, imgs_done / max(seconds, 1e-9), metrics)
+    return TrainResult(out, step, means, seconds, imgs_done / max(seconds, 1e-9), metrics, model.eval())
 
 
 def _optimizer_to(optimizer, device: torch.device) -> None:
