@@ -11,8 +11,11 @@ Parity figures (per output, then overall):
 - neighbour agreement: with labels, the fraction of images whose kNN top-1 prediction (cosine kNN,
   even-indexed images as the bank, odd ones as queries) is the same from the reference and from the
   tested features; without labels, the fraction whose nearest other image is the same.
-``passed`` holds when the mean cosine and the neighbour agreement meet the tolerances (and the max
-absolute error, if a tolerance for it is given); every miss is listed in ``failures``.
+- per output (tokens too): mean cosine and mean relative error ||test - ref|| / ||ref|| per image.
+``passed`` holds when every output's mean cosine meets the cosine tolerance, its relative error stays
+within the distance that tolerance allows (so a scaled output cannot pass on direction alone), the
+embeddings' neighbour agreement meets its tolerance (and the max absolute error, if a tolerance for
+it is given); every miss is listed in ``failures``.
 """
 
 from __future__ import annotations
@@ -197,15 +200,25 @@ def compare_outputs(ref, test, tolerances=None, labels=None, label: str = "", no
             failures.append(f"{name}: max abs error {per_output[name]['max_abs']:.3g} > {tol['max_abs']:.3g}")
 
     emb_names = [n for n in per_output if n == "embedding" or n.startswith("embedding_")] or list(per_output)[:1]
+    # Every output: direction (cosine) and size (relative error). The relative error bound is the
+    # distance of two unit vectors at the cosine tolerance, sqrt(2 (1 - cos)): what the cosine
+    # tolerance allows in direction, allowed in length too, so a scaled output cannot pass.
+    max_rel = float(np.sqrt(2 * (1 - tol["cosine"])))
     cos_all, agree_all, kind = [], [], "nearest_neighbour"
-    for name in emb_names:
-        r, t = ref[name], test[name]
+    for name in per_output:
+        r, t = ref[name].reshape(len(ref[name]), -1), test[name].reshape(len(test[name]), -1)
         cos = np.sum(_normalize(r) * _normalize(t), axis=1)
-        agree, kind = neighbour_agreement(r, t, labels)
-        per_output[name].update(cosine=float(cos.mean()), cosine_min=float(cos.min()), neighbour_agreement=agree)
-        cos_all.append(cos)
+        rel = np.linalg.norm(t - r, axis=1) / np.maximum(np.linalg.norm(r, axis=1), 1e-12)
+        per_output[name].update(cosine=float(cos.mean()), cosine_min=float(cos.min()), rel_err=float(rel.mean()))
         if cos.mean() < tol["cosine"]:
             failures.append(f"{name}: cosine {cos.mean():.5f} < {tol['cosine']} (worst image {cos.min():.5f})")
+        if rel.mean() > max_rel:
+            failures.append(f"{name}: relative error {rel.mean():.3g} > {max_rel:.3g} (the cosine tolerance's)")
+        if name not in emb_names:
+            continue
+        cos_all.append(cos)
+        agree, kind = neighbour_agreement(r, t, labels)
+        per_output[name]["neighbour_agreement"] = agree
         if agree is not None:
             agree_all.append(agree)
             if agree < tol["neighbour_agreement"]:
