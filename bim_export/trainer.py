@@ -168,6 +168,7 @@ class TrainResult:
     images_per_s: float
     metrics: dict = field(default_factory=dict)
     model: BimModel | None = field(default=None, repr=False)  # the trained model (on every rank)
+    is_main: bool = True  # rank 0 (or a single process): the one that wrote the checkpoint
 
     def summary(self) -> str:
         loss = ", ".join(f"exit {d}: {v:.4f}" for d, v in self.losses.items())
@@ -245,6 +246,7 @@ def _train(cfg: TrainConfig, resume: bool, dataset, device: torch.device, info: 
     img_size = model.encoder.patch_embed.img_size[0]
     if dataset is None:
         dataset = image_dataset(cfg.data, img_size, cfg.mean, cfg.std)
+    eval_set = _eval_set(cfg) if info.is_main else None  # bad eval data fails before training, not after
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.peak_lr, betas=cfg.betas)
     step, log_lines = 0, []
     if resume and has_ckpt:
@@ -263,22 +265,13 @@ def _train(cfg: TrainConfig, resume: bool, dataset, device: torch.device, info: 
     decoded = model.decoded_exits
     recent: dict[int, list[float]] = {d: [] for d in decoded}
     bar = _progress(cfg, info, step)
-    t0, imgs_done, start_step = time.perf_counter(), 0, step
+    t0, imgs_done = time.perf_counter(), 0
     batches = iter(loader)
     while step < cfg.steps:
         lr = lr_at(step, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        totals = torch.zeros(len(decoded), device=device)
-        for a in range(cfg.accum_steps):
-            imgs = next(batches).to(device, non_blocking=True)
-            noise = mask_noise(model, cfg.seed, step, a, cfg.accum_steps, cfg.batch_size, info)
-            losses = model.forward_backward(imgs, noise, 1.0 / cfg.accum_steps, amp)
-            totals += torch.stack([losses.losses[d] for d in decoded]) / cfg.accum_steps
+        values = _accumulate_gradients(model, batches, cfg, step, info, amp, device)
         average_gradients(params, info)
-        totals = average_tensor(totals, info)
-        values = totals.tolist()
+        values = average_tensor(values, info).tolist()
         if not all(math.isfinite(v) for v in values):
             saved = _saved_step(out)
             raise TrainingError(
@@ -286,9 +279,12 @@ def _train(cfg: TrainConfig, resume: bool, dataset, device: torch.device, info: 
                 f"lower the learning rate (now {lr:.3g}) or train in fp32; "
                 + (f"last good checkpoint kept: {out} (step {saved})" if saved is not None
                    else "no checkpoint was saved yet"))
+        for g in optimizer.param_groups:
+            g["lr"] = lr
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         step += 1
         imgs_done += cfg.batch_size
         for d, v in zip(decoded, values):
@@ -304,17 +300,29 @@ def _train(cfg: TrainConfig, resume: bool, dataset, device: torch.device, info: 
             if info.is_main:
                 _save(model, cfg, optimizer, step, recent, log_lines, final=step == cfg.steps)
             barrier(info)
-            has_ckpt = True
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t0
     metrics = {}
     if info.is_main:
         metrics = ckpt_io.load_checkpoint(out, weights=False).metrics
-        if cfg.eval_data is not None:
-            metrics = _evaluate(model, cfg, out)
+        if eval_set is not None:
+            metrics = _evaluate(model, cfg, eval_set, out)
     means = {d: float(np.mean(v)) for d, v in recent.items() if v}
-    return TrainResult(out, step, means, seconds, imgs_done / max(seconds, 1e-9), metrics, model.eval())
+    return TrainResult(out, step, means, seconds, imgs_done / max(seconds, 1e-9), metrics, model.eval(),
+                       info.is_main)
+
+
+def _accumulate_gradients(model: BimModel, batches, cfg: TrainConfig, step: int, info: DistInfo, amp,
+                          device: torch.device) -> torch.Tensor:
+    """Forward + backward of this rank's micro-batches of one step; returns the mean loss per decoder."""
+    totals = torch.zeros(len(model.decoded_exits), device=device)
+    for a in range(cfg.accum_steps):
+        imgs = next(batches).to(device, non_blocking=True)
+        noise = mask_noise(model, cfg.seed, step, a, cfg.accum_steps, cfg.batch_size, info)
+        losses = model.forward_backward(imgs, noise, 1.0 / cfg.accum_steps, amp)
+        totals += torch.stack([losses.losses[d] for d in model.decoded_exits]) / cfg.accum_steps
+    return totals
 
 
 def _optimizer_to(optimizer, device: torch.device) -> None:
@@ -352,13 +360,21 @@ def _save(model: BimModel, cfg: TrainConfig, optimizer, step: int, recent: dict[
                             log_lines, cfg.weights_dtype if final else "fp32")
 
 
-def _evaluate(model: BimModel, cfg: TrainConfig, out: Path) -> dict:
-    """kNN / linear probe of every exit on ``cfg.eval_data``, merged into metrics.json."""
-    from .evaluate import evaluate_model, load_eval_data
+def _eval_set(cfg: TrainConfig):
+    if cfg.eval_data is None:
+        return None
+    from .evaluate import load_eval_data
+
+    return load_eval_data(cfg.eval_data)
+
+
+def _evaluate(model: BimModel, cfg: TrainConfig, eval_set, out: Path) -> dict:
+    """kNN / linear probe of every exit on the evaluation set, merged into metrics.json."""
+    from .evaluate import evaluate_model
 
     model.eval()
-    results = evaluate_model(model, load_eval_data(cfg.eval_data), model.encoder.patch_embed.img_size[0],
-                             cfg.mean, cfg.std, limit=cfg.eval_limit)
+    results = evaluate_model(model, eval_set, model.encoder.patch_embed.img_size[0], cfg.mean, cfg.std,
+                             limit=cfg.eval_limit)
     return ckpt_io.update_exit_metrics(out, results)
 
 
@@ -367,4 +383,5 @@ def train_from_cli(config_file=None, data=None, model=None, exits=None, out=None
     """``bim-export train``: settings from the YAML file, flags and ``--set``; returns a short summary."""
     cfg = load_train_config(config_file, overrides, data=data, model=model, exits=exits, out=out,
                             eval_data=eval_data)
-    return train(cfg, resume=resume).summary()
+    result = train(cfg, resume=resume)
+    return result.summary() if result.is_main else ""

@@ -209,7 +209,9 @@ def test_bad_data_folders(tmp_path):
     (tmp_path / "bad" / "x.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(InputError, match="none of the 1 image files is readable"):
         train(tiny_train_config(tmp_path / "o3", data=tmp_path / "bad"))
-    assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o3"))
+    with pytest.raises(InputError, match="does not exist"):  # bad evaluation data fails before training
+        train(tiny_train_config(tmp_path / "o4", eval_data=tmp_path / "missing"))
+    assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o3", "o4"))
 
 
 def test_train_cli(tmp_path, capsys):
