@@ -143,3 +143,17 @@ def test_newer_format_is_refused(tiny_checkpoint, tmp_path):
     (dest / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(InputError, match="format_version 99 is newer"):
         load_checkpoint(dest)
+
+
+def test_shipped_default_checkpoint_matches_its_recipe():
+    from bim_export.resources import default_checkpoint_dir, resource_dir
+    from bim_export.train_config import load_train_config
+
+    ck = load_checkpoint(default_checkpoint_dir())
+    assert ck.exits == [3, 6, 9, 12] and ck.config["embed_dim"] == 192 and ck.config["weights_dtype"] == "fp16"
+    assert not (default_checkpoint_dir() / "train_state.pt").exists()
+    assert all(0.0 <= ck.metrics["exits"][str(d)]["knn_top1"] <= 1.0 for d in ck.exits)
+    recipe = load_train_config(resource_dir("assets") / "default_checkpoint.yaml")
+    trained = ck.config["train"]
+    for key in ("model", "model_args", "exits", "decoder_width", "steps", "batch_size", "lr", "seed"):
+        assert trained[key] == getattr(recipe, key), key
