@@ -11,7 +11,6 @@ into a reference part and a query part. The metrics say which.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,23 +253,33 @@ def _subset(images: ImageList, idx) -> ImageList:
                      images.classes, [])
 
 
-def stratified_split(images: ImageList, val_fraction: float = VAL_FRACTION, seed: int = 0):
-    """Splits a labelled list per class, seeded: about ``val_fraction`` of each class to the query
-    part (at least one image where a class has two or more), the rest to the reference part.
+def stratified_indices(labels, val_fraction: float = VAL_FRACTION, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded per-class split of labels >= 0: about ``val_fraction`` of each class to the query part
+    (at least one where a class has two or more images), the rest to the reference part.
 
     Returns:
-        (train ImageList, val ImageList).
+        (reference indices, query indices), each sorted.
     """
     rng = np.random.default_rng(seed)
-    labels = np.asarray(images.labels)
+    labels = np.asarray(labels)
     train_idx, val_idx = [], []
-    for c in range(len(images.classes)):
+    for c in np.unique(labels[labels >= 0]):
         idx = np.flatnonzero(labels == c)
         idx = idx[rng.permutation(len(idx))]
         n_val = 0 if len(idx) < 2 else min(len(idx) - 1, max(1, round(val_fraction * len(idx))))
         val_idx.extend(idx[:n_val])
         train_idx.extend(idx[n_val:])
-    return _subset(images, sorted(train_idx)), _subset(images, sorted(val_idx))
+    return np.sort(np.asarray(train_idx, dtype=np.int64)), np.sort(np.asarray(val_idx, dtype=np.int64))
+
+
+def stratified_split(images: ImageList, val_fraction: float = VAL_FRACTION, seed: int = 0):
+    """:func:`stratified_indices` applied to a labelled list.
+
+    Returns:
+        (train ImageList, val ImageList).
+    """
+    train_idx, val_idx = stratified_indices(images.labels, val_fraction, seed)
+    return _subset(images, train_idx), _subset(images, val_idx)
 
 
 def load_eval_data(data_dir: str | Path, val_fraction: float = VAL_FRACTION, seed: int = 0) -> EvalData:
@@ -360,30 +369,22 @@ def format_metrics_table(metrics: dict, title: str = "") -> str:
 
 def evaluate_checkpoint(path: str | Path, data_dir: str | Path) -> str:
     """Evaluates every exit of a checkpoint on a labelled folder and records the figures in its
-    ``metrics.json`` (rewritten atomically; other entries kept).
+    ``metrics.json`` (rewritten atomically; other entries, such as the reconstruction loss, kept).
 
     Returns:
         A printable summary table.
     """
-    from .atomic import atomic_write_bytes
-    from .checkpoint import load_checkpoint
-    from .model import BimModel
+    from . import checkpoint as ckpt_io
 
-    ckpt = load_checkpoint(path)
-    data = load_eval_data(data_dir)  # bad data fails before the model is built
-    model = BimModel.from_checkpoint(ckpt)
+    data = load_eval_data(data_dir)  # bad data fails before the weights are read
+    ckpt = ckpt_io.load_checkpoint(path)
+    model = ckpt.build_model()
     cfg = ckpt.config
-    results = evaluate_model(model, data, cfg["img_size"], cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
-
-    metrics = dict(ckpt.metrics or {})
-    metrics.setdefault("step", cfg.get("step", 0))
-    exits = dict(metrics.get("exits", {}))
-    for d, m in results.items():
-        exits[d] = {**exits.get(d, {}), **m}
-    metrics["exits"] = exits
-    atomic_write_bytes(Path(ckpt.path) / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+    img_size = model.encoder.patch_embed.img_size[0]
+    results = evaluate_model(model, data, img_size, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
+    metrics = ckpt_io.update_exit_metrics(ckpt.path, results)
 
     ds = next(iter(results.values()))["knn_dataset"]
-    title = (f"{ckpt.path}: {ds['name']} ({ds['train']} reference / {ds['val']} query images, "
-             f"{ds['split']}), kNN k={KNN_K}")
-    return format_metrics_table(exits, title) + f"\nwritten to {Path(ckpt.path) / 'metrics.json'}"
+    title = (f"{ckpt.path}: {ds['name']}, {ds['train']} reference / {ds['val']} query images "
+             f"({ds['split']}), kNN k={KNN_K}")
+    return format_metrics_table(metrics.get("exits", {}), title) + f"\nwritten to {Path(ckpt.path) / ckpt_io.METRICS}"

@@ -177,3 +177,71 @@ def test_evaluate_model_rejects_unlabelled_images(tiny_vit, tmp_path):
         _write(tmp_path / f"{i}.png", 40 * i)
     with pytest.raises(InputError, match=str(tmp_path.name)):
         ev.evaluate_model(tiny_vit, scan_image_folder(tmp_path), 32)
+
+
+# ------------------------------------------------------------------------------ checkpoints and the CLI
+
+
+@pytest.fixture()
+def ckpt_copy(tiny_checkpoint, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"))
+
+
+def test_evaluate_checkpoint_updates_metrics_and_keeps_recon_loss(ckpt_copy):
+    import json
+
+    from bim_export.resources import sample_images_dir
+
+    before = json.loads((ckpt_copy / "metrics.json").read_text())
+    summary = ev.evaluate_checkpoint(ckpt_copy, sample_images_dir())
+    after = json.loads((ckpt_copy / "metrics.json").read_text())
+    assert set(after["exits"]) == {"2", "4"}
+    for d in ("2", "4"):
+        m = after["exits"][d]
+        assert m["recon_loss"] == before["exits"][d]["recon_loss"]
+        assert 0.0 <= m["knn_top1"] <= 1.0 and 0.0 <= m["linear_probe_top1"] <= 1.0
+        assert m["knn_dataset"] == {"name": "sample_images", "size": 60, "split": m["knn_dataset"]["split"],
+                                    "train": 50, "val": 10}
+    lines = summary.splitlines()
+    assert "sample_images" in lines[0] and "stratified" in lines[0]
+    assert [ln.split()[0] for ln in lines[2:4]] == ["2", "4"]
+    assert f"{after['exits']['4']['knn_top1']:.4f}" in lines[3]
+
+
+def test_eval_features_match_the_exported_backbone(ckpt_copy):
+    """The pooled exit features scored here are the embedding the exported backbone will produce."""
+    import torch
+
+    from bim_export.checkpoint import load_checkpoint
+
+    backbone = pytest.importorskip("bim_export.backbone")
+    model = load_checkpoint(ckpt_copy).build_model()
+    x = np.random.default_rng(0).normal(size=(3, 3, 32, 32)).astype(np.float32)
+    feats = ev.extract_features(model, x)
+    for d in (2, 4):
+        bb = backbone.build_backbone(ckpt_copy, d)
+        with torch.no_grad():
+            emb = bb.forward_head(bb.forward_features(torch.from_numpy(x)), pre_logits=True).numpy()
+        np.testing.assert_allclose(feats[d], emb, atol=1e-5)
+
+
+def test_cli_eval_prints_table_and_exits_0(ckpt_copy, capsys):
+    from bim_export.cli import main
+    from bim_export.resources import sample_images_dir
+
+    assert main(["eval", str(ckpt_copy), "--data", str(sample_images_dir())]) == 0
+    out = capsys.readouterr().out
+    assert "kNN top-1" in out and "metrics.json" in out
+
+
+def test_cli_eval_unlabelled_folder_is_exit_2_naming_it(ckpt_copy, tmp_path, capsys):
+    from bim_export.cli import main
+
+    loose = tmp_path / "loose_images"
+    for i in range(3):
+        _write(loose / f"{i}.png", 50 * i)
+    assert main(["eval", str(ckpt_copy), "--data", str(loose)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "loose_images" in err and len(err.strip().splitlines()) == 1
