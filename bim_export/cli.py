@@ -184,15 +184,18 @@ def _cmd_calibrate(args) -> int:
 def _add_validate(sub) -> None:
     p = sub.add_parser("validate", help="re-check a bundle's parity and latency on this machine", description=_cmd_validate.__doc__)
     p.add_argument("bundle", type=Path)
+    p.add_argument("--check-latency", action="store_true",
+                   help="also fail when the latency misses the profile's budget (default: only for the host profile)")
     p.set_defaults(func=_cmd_validate)
 
 
 def _cmd_validate(args) -> int:
     """Re-run parity (against the bundle's reference.npz) and latency on this machine and record the
-    measured figures in the bundle's manifest. Needs only onnxruntime, numpy and Pillow."""
+    measured figures in the bundle's manifest (exit 4 on a parity failure or a changed file). Needs
+    only onnxruntime and numpy; the bundle's own validate.py does the same without bim-export."""
     from .validate import validate_bundle
 
-    print(validate_bundle(args.bundle))
+    print(validate_bundle(args.bundle, check_latency=True if args.check_latency else None))
     return 0
 
 

@@ -213,6 +213,10 @@ def test_cli_validate_exit_codes(tmp_path, onnx_model, reference, capsys):
     assert cli_main(["validate", str(bad)]) == 4
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+    slow = make_bundle(tmp_path / "slow", onnx_model, reference, profile="raspberry-pi", budget_ms=1e-6)
+    assert cli_main(["validate", str(slow)]) == 0  # another device's budget: recorded, not judged
+    assert cli_main(["validate", "--check-latency", str(slow)]) == 4
+    assert "latency p90" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------- standalone
