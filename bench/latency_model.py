@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from bim_export.calibration import export_reference_vit
-from bim_export.costmodel import DEFAULT_FACTORS, CostFactors, fit_factors, graph_cost, roofline_features, roofline_seconds
+from bim_export.costmodel import DEFAULT_FACTORS, default_factors, fit_factors, graph_cost, roofline_features, roofline_seconds
 from bim_export.latency import machine_description, measure_host_hardware, measure_many, profile_hardware
 
 WIDTHS = {"ViT-Ti": (192, 3), "ViT-S": (384, 6)}
@@ -158,8 +158,7 @@ def run_gpu(args) -> dict:
                                                    **s).eval().to(device)
     timed = time_torch(models, batches, img, device, warmup, repeats, rounds)
     calib_keys = [(("ViT-S", d), b) for d in (3, 12) for b in batches]
-    prior = DEFAULT_FACTORS["gpu"]
-    prior = CostFactors.from_dict({**prior.to_dict(), "node_overhead_us": hw.launch_overhead_us})
+    prior = default_factors("gpu", hw)
     fac = fit_factors([(costs[k], timed[k]["ms"] / 1e3) for k in calib_keys], prior, label=f"torch eager on {card}")
     rows = []
     for k in costs:

@@ -135,6 +135,18 @@ def test_graph_cost_bad_input(tmp_path):
         graph_cost(tmp_path / "junk.onnx")
 
 
+def test_roofline_features_split_cache_and_dram(vits):
+    cost = graph_cost(vits[1], batch=1)
+    in_cache = roofline_features(cost, Hardware({"fp32": 50.0}, 10.0, cache_mb=1e3))
+    spilled = roofline_features(cost, Hardware({"fp32": 50.0}, 10.0, cache_mb=0.0))
+    assert "gemm" in in_cache and not any(k.endswith("_dram") for k in in_cache)
+    assert "gemm_dram" in spilled and "gemm" not in spilled
+    assert sum(v for k, v in in_cache.items() if k != "nodes") == pytest.approx(
+        sum(v for k, v in spilled.items() if k != "nodes"))
+    fast = roofline_seconds(in_cache, CostFactors({"gemm": 1.0, "gemm_dram": 0.5}, 0.0, 0.0))
+    assert roofline_seconds(spilled, CostFactors({"gemm": 1.0, "gemm_dram": 0.5}, 0.0, 0.0)) > fast
+
+
 def test_fit_factors_recovers_known_factors():
     truth = CostFactors(efficiency={"gemm": 0.6, "matmul": 0.3, "softmax": 0.5, "norm": 0.5, "elementwise": 0.5,
                                     "quant": 0.5, "layout": 0.5}, node_overhead_us=5.0, fixed_overhead_us=40.0)
@@ -142,11 +154,13 @@ def test_fit_factors_recovers_known_factors():
     feats = [{"gemm": g, "matmul": m, "elementwise": e, "nodes": n} for g, m, e, n in
              rng.uniform([1e-3, 1e-4, 1e-4, 20], [1e-2, 1e-3, 1e-3, 400], size=(12, 4))]
     samples = [(f, roofline_seconds(f, truth)) for f in feats]
-    prior = CostFactors(efficiency={k: 0.8 for k in truth.efficiency}, node_overhead_us=2.0, fixed_overhead_us=10.0)
+    # classes of one group keep the prior's ratios: only each group's scale is fitted
+    prior = CostFactors(efficiency={k: 1.6 * v for k, v in truth.efficiency.items()}, node_overhead_us=2.0,
+                        fixed_overhead_us=10.0)
     fit = fit_factors(samples, prior, ridge=1e-9)
     for f, t in samples:
         assert roofline_seconds(f, fit) == pytest.approx(t, rel=1e-3)
-    assert fit.eff("gemm") == pytest.approx(0.6, rel=1e-2)
+    assert fit.eff("gemm") == pytest.approx(0.6, rel=1e-2) and fit.eff("matmul") == pytest.approx(0.3, rel=1e-2)
     assert fit.node_overhead_us == pytest.approx(5.0, rel=1e-2)
 
 
