@@ -59,8 +59,9 @@ class TrainConfig(BaseModel):
     # -- bookkeeping
     log_every: int = Field(10, ge=1, description="steps between log lines (log.jsonl in the checkpoint)")
     save_every: int = Field(500, ge=1, description="steps between checkpoint saves (and at the end)")
-    weights_dtype: Literal["fp32", "fp16"] = Field("fp32", description="dtype of stored weights (fp16 halves "
-                                                   "the size; loaded back as fp32)")
+    weights_dtype: Literal["fp32", "fp16"] = Field("fp32", description="dtype of the weights of the last save "
+                                                   "(fp16 halves the size, loaded back as fp32); periodic saves "
+                                                   "stay fp32 so resume is exact")
     save_train_state: bool = Field(True, description="store optimizer and RNG state for resume")
     eval_limit: int | None = Field(2000, ge=1, description="images per evaluation split at most")
     progress: bool = Field(True, description="show a progress bar")
