@@ -141,3 +141,20 @@ def test_optimum_preset_is_applied_to_the_same_nodes(fp32_model, images, tmp_pat
     assert counts["MatMulInteger"] + counts["ConvInteger"] == len(info.quantized_nodes) == 17
     r = compare_outputs(outputs(fp32_model, test), outputs(out, test), labels=labels)
     assert r.cosine > 0.99, r.summary()
+
+
+def test_seven_bit_weights_only_where_the_int8_kernel_saturates(fp32_model, tmp_path, monkeypatch):
+    assert quantize.reduce_range_for("avx2") and quantize.reduce_range_for("avx512")
+    assert not any(quantize.reduce_range_for(p) for p in ("avx512_vnni", "arm64", "tensorrt"))
+    monkeypatch.setattr(quantize, "_optimum_available", lambda: False)
+    monkeypatch.setattr(quantize, "host_has_vnni", lambda: False)
+    assert convert_precision(fp32_model, tmp_path / "a.onnx", "int8").weight_bits == 7
+    monkeypatch.setattr(quantize, "host_has_vnni", lambda: True)
+    assert convert_precision(fp32_model, tmp_path / "b.onnx", "int8").weight_bits == 8
+    # 7-bit symmetric weights: every stored int8 weight lies in [-64, 64]
+    weights = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "a.onnx")).graph.initializer
+               if t.data_type == onnx.TensorProto.INT8 and np.prod(t.dims) > 64]
+    assert weights and all(np.abs(w.astype(int)).max() <= 64 for w in weights)
+    full = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "b.onnx")).graph.initializer
+            if t.data_type == onnx.TensorProto.INT8 and np.prod(t.dims) > 64]
+    assert max(np.abs(w.astype(int)).max() for w in full) == 127
