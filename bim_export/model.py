@@ -143,6 +143,7 @@ class MaeDecoder(nn.Module):
                                       for _ in range(depth)])
         self.norm = nn.LayerNorm(width)
         self.pred = nn.Linear(width, patch_dim)
+        self.grad_checkpointing = False
         nn.init.normal_(self.mask_token, std=0.02)
         self.apply(_init_linear)
 
@@ -156,8 +157,10 @@ class MaeDecoder(nn.Module):
         patches = torch.cat([vis, masked], dim=1)  # [B, N, W] in shuffled order
         patches = torch.gather(patches, 1, ids_restore[..., None].expand(-1, -1, patches.shape[2]))
         x = torch.cat([prefix, patches + self.pos_embed], dim=1)  # prefix tokens carry no position
-        x = self.norm(self.blocks(x))
-        return self.pred(x[:, P:])
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
+        for blk in self.blocks:
+            x = checkpoint(blk, x, use_reentrant=False) if recompute else blk(x)
+        return self.pred(self.norm(x)[:, P:])
 
 
 def _init_linear(m: nn.Module) -> None:
@@ -261,8 +264,10 @@ class BimModel(nn.Module):
         return (ckpt if isinstance(ckpt, Checkpoint) else load_checkpoint(ckpt)).build_model()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute every encoder block in backward (trades compute for activation memory)."""
+        """Recompute every encoder and decoder block in backward (trades compute for activation memory)."""
         self.grad_checkpointing = enable
+        for dec in self.decoders:
+            dec.grad_checkpointing = enable
 
     # ---------------------------------------------------------------- pieces
 
