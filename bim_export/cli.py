@@ -73,7 +73,8 @@ def _add_train(sub) -> None:
     p.add_argument("--out", type=Path, default=None, help="checkpoint directory, e.g. runs/NAME")
     p.add_argument("--eval-data", type=Path, default=None, help="labelled image folder for kNN / linear probe per exit")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any training setting, e.g. --set steps=200 --set batch_size=64")
+                   help="override any training setting (TrainConfig in bim_export/train_config.py; "
+                        "dots for nested keys), e.g. --set steps=200 --set model_args.img_size=64")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.set_defaults(func=_cmd_train)
 
