@@ -116,6 +116,11 @@ def test_multi_exit_graph_equals_each_depths_backbone(tiny_checkpoint, tmp_path,
         ref_tokens, ref_emb = torch_outputs(bb, x)
         np.testing.assert_allclose(got[f"tokens_{d}"], ref_tokens, atol=1e-4, rtol=0)
         np.testing.assert_allclose(got[f"embedding_{d}"], ref_emb, atol=1e-4, rtol=0)
+    # ... and the BIM model's own exits (the training-time encoder) agree with the graph too
+    with torch.inference_mode():
+        bim_tokens = ckpt.build_model().eval().forward_exits(torch.from_numpy(x))
+    for d, t in zip(ckpt.exits, bim_tokens):
+        np.testing.assert_allclose(got[f"tokens_{d}"], t.numpy(), atol=1e-4, rtol=0)
     # shared blocks run once: the graph has as many attention softmaxes as the deepest exit has blocks
     n_softmax = sum(n.op_type == "Softmax" for n in onnx.load(str(path)).graph.node)
     assert n_softmax == max(exits)
