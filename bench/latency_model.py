@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -55,7 +56,9 @@ def run_host(args) -> dict:
     img = 112 if args.quick else 224
     warmup, repeats, rounds = (2, 3, 3) if args.quick else (3, 8, 5)
     t0 = time.time()
-    hw = measure_host_hardware(args.threads)
+    clock = args.clock.replace("-", "_")
+    threads = 1 if clock == "thread_cpu" else args.threads
+    hw = measure_host_hardware(threads, clock)
     print(f"host: fp32 GEMM {hw.peak_gflops['fp32']:.1f} GFLOP/s, int8 {hw.peak_gflops['int8']:.1f} GOP/s, "
           f"bandwidth {hw.mem_bandwidth_gbs:.1f} GB/s", flush=True)
     widths = ("ViT-Ti",) if args.quick else tuple(WIDTHS)
@@ -66,8 +69,8 @@ def run_host(args) -> dict:
                 models[(w, d)] = export_reference_vit(spec(w, d, img), Path(tmp) / f"{w}-d{d}.onnx")
         keys = [(w, d, b) for (w, d) in models for b in (1, 8)]
         print(f"exported {len(models)} graphs ({time.time() - t0:.0f} s); timing {len(keys)} model x batch ...", flush=True)
-        measured = measure_many([(models[(w, d)], b) for w, d, b in keys], threads=args.threads,
-                                warmup=warmup, repeats=repeats, rounds=rounds)
+        measured = measure_many([(models[(w, d)], b) for w, d, b in keys], threads=threads,
+                                warmup=warmup, repeats=repeats, rounds=rounds, clock=clock)
         feats = {k: roofline_features(graph_cost(models[k[:2]], k[2]), hw) for k in keys}
         gflop = {k: graph_cost(models[k[:2]], k[2]).flops / 1e9 for k in keys}
     ms = {k: r.p50 for k, r in zip(keys, measured)}
@@ -86,7 +89,7 @@ def run_host(args) -> dict:
     all_fit = fit_factors([(feats[k], ms[k] / 1e3) for k in keys], prior, label="host, all depths")
     default_rows = [{"key": list(k), "error": abs(roofline_seconds(feats[k], prior) * 1e3 - ms[k]) / ms[k]} for k in keys]
     return {
-        "mode": "host", "quick": args.quick, "img_size": img, "protocol": measured[0].settings | {"round_medians_ms": None},
+        "mode": "host", "quick": args.quick, "img_size": img, "clock": clock, "protocol": measured[0].settings | {"round_medians_ms": None},
         "hardware_measured": hw.signature(), "rows": rows, "leave_one_out": errors_table(rows),
         "targets": {"median_error": 0.10, "worst_error": 0.25}, "factors_all_depths": all_fit.to_dict(),
         "default_factors": errors_table(default_rows), "wall_s": time.time() - t0,
@@ -183,8 +186,10 @@ def run_gpu(args) -> dict:
 
 def markdown(res: dict) -> str:
     summary = res.get("leave_one_out") or res.get("held_out")
+    load = res["load_average"]
     lines = [f"# Latency model: {res['mode']}{' (quick)' if res['quick'] else ''}", "",
-             f"Machine: {json.dumps(res['machine'])}", ""]
+             f"Machine: {json.dumps(res['machine'])}; load average {load['before'][0]:.1f} before, "
+             f"{load['after'][0]:.1f} after the run.", ""]
     if res["mode"] == "host":
         hw = res["hardware_measured"]
         lines += [f"Measured: fp32 GEMM {hw['peak_gflops']['fp32']:.1f} GFLOP/s, int8 {hw['peak_gflops']['int8']:.1f} "
@@ -193,14 +198,18 @@ def markdown(res: dict) -> str:
     else:
         lines += [f"Card: {res['card']}; timing: {res['timing']}; profile figures: {res['profile']}. "
                   f"Calibrated on ViT-S depths 3 and 12, batches {res['batches']}.", ""]
-    lines += [f"**median error {summary['median_error']:.1%}, worst {summary['worst_error']:.1%}** "
+    if res.get("clock") == "thread_cpu":
+        lines += ["Clock: CPU time of the one timing thread (cross-check; not the wall-clock protocol).", ""]
+    lines += ["Round spread: (slowest - fastest round median) / fastest; large values mean a busy machine.", "",
+              f"**median error {summary['median_error']:.1%}, worst {summary['worst_error']:.1%}** "
               f"(targets: {', '.join(f'{k} <= {v:.0%}' for k, v in res['targets'].items())})", "",
-              "| width | depth | batch | measured ms | predicted ms | error | note |", "|---|---|---|---|---|---|---|"]
+              "| width | depth | batch | measured ms | predicted ms | error | round spread | note |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         note = "calibration point" if r.get("calibration_point") else (
             f"roofline fraction {r['roofline_fraction']:.2f}" if "roofline_fraction" in r else "")
         lines.append(f"| {r['width']} | {r['depth']} | {r['batch']} | {r['measured_ms']:.3f} | {r['predicted_ms']:.3f} "
-                     f"| {r['error']:.1%} | {note} |")
+                     f"| {r['error']:.1%} | {r['spread']:.0%} | {note} |")
     return "\n".join(lines) + "\n"
 
 
@@ -209,11 +218,18 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="ViT-Ti only, 112 px, fewer repeats (< 1 min)")
     ap.add_argument("--device", choices=("cpu", "cuda", "torch-cpu"), default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    ap.add_argument("--clock", choices=("wall", "thread-cpu"), default="wall",
+                    help="thread-cpu: one thread, timed by its CPU time (a cross-check on a busy shared machine; "
+                         "the protocol's figures are wall-clock)")
     ap.add_argument("--profile", default="server-gpu", help="GPU profile whose hardware figures are used")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    load_before = os.getloadavg()
     res = run_host(args) if args.device == "cpu" else run_gpu(args)
-    stem = "latency_model" + ("_gpu" if args.device != "cpu" else "") + ("_quick" if args.quick or args.device == "torch-cpu" else "")
+    res["load_average"] = {"before": load_before, "after": os.getloadavg(),
+                           "note": "1/5/15-min load averages; above the core count the timings include contention"}
+    stem = ("latency_model" + ("_gpu" if args.device != "cpu" else "") + ("_cpuclock" if args.clock != "wall" else "")
+            + ("_quick" if args.quick or args.device == "torch-cpu" else ""))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
     md = markdown(res)

@@ -121,12 +121,14 @@ def _default_threads(threads: int | None) -> int:
 
 def measure_many(jobs: list[tuple[str | os.PathLike, int]], providers: list[str] | None = None,
                  threads: int | None = None, warmup: int = 5, repeats: int = 20, rounds: int = 5,
-                 timeout: float = 1800) -> list[LatencyResult]:
+                 timeout: float = 1800, clock: str = "wall") -> list[LatencyResult]:
     """Times several (model, batch) pairs in one worker, interleaved round by round.
 
     Interleaving spreads slow spells of a shared machine over every model instead of one.
     Peak memory of each is the rise of the worker's RSS high-water mark while its session is
-    created and warmed up (sessions are created one after another).
+    created and warmed up (sessions are created one after another). ``clock="thread_cpu"``
+    (with ``threads=1``) times by the CPU time of the running thread instead of the wall clock:
+    a diagnostic that other processes on a shared machine barely disturb.
     """
     for path, batch in jobs:
         if not Path(path).is_file():
@@ -136,11 +138,14 @@ def measure_many(jobs: list[tuple[str | os.PathLike, int]], providers: list[str]
     if min(warmup, repeats, rounds) < 1:
         raise InputError(f"warmup, repeats and rounds must be >= 1 (got {warmup}, {repeats}, {rounds})")
     threads = _default_threads(threads)
+    if clock not in ("wall", "thread_cpu") or (clock == "thread_cpu" and threads != 1):
+        raise InputError(f"clock must be 'wall', or 'thread_cpu' with threads=1 (got {clock!r}, {threads} threads)")
     req = {"task": "sessions", "jobs": [{"path": os.fspath(p), "batch": int(b)} for p, b in jobs],
-           "providers": providers, "threads": threads, "warmup": warmup, "repeats": repeats, "rounds": rounds}
+           "providers": providers, "threads": threads, "warmup": warmup, "repeats": repeats, "rounds": rounds,
+           "clock": clock}
     answer = _run_worker(req, timeout)
     machine = {**machine_description(), "onnxruntime": answer["onnxruntime"]}
-    settings = {"threads": threads, "warmup": warmup, "repeats": repeats, "rounds": rounds,
+    settings = {"threads": threads, "warmup": warmup, "repeats": repeats, "rounds": rounds, "clock": clock,
                 "interleaved_with": len(jobs), "statistic": "p50 = lowest of the round medians"}
     out = []
     for (path, batch), r in zip(jobs, answer["results"]):
@@ -177,10 +182,10 @@ def available_providers() -> list[str]:
 
 
 @functools.lru_cache(maxsize=4)
-def measure_host_hardware(threads: int | None = None) -> Hardware:
+def measure_host_hardware(threads: int | None = None, clock: str = "wall") -> Hardware:
     """This machine's fp32 / int8 GEMM throughput and memory bandwidth through ONNX Runtime."""
     threads = _default_threads(threads)
-    ans = _run_worker({"task": "hardware", "threads": threads}, timeout=600)
+    ans = _run_worker({"task": "hardware", "threads": threads, "clock": clock}, timeout=600)
     peaks = dict(ans["peak_gflops"])
     peaks.setdefault("fp16", peaks["fp32"])  # CPU EPs run fp16 graphs through fp32 kernels
     return Hardware(peak_gflops=peaks, mem_bandwidth_gbs=ans["mem_bandwidth_gbs"], launch_overhead_us=0.0)
