@@ -179,6 +179,15 @@ def test_measure_onnx_returns_sane_stats(vits):
     assert json.loads(json.dumps(r.to_dict()))["source"] == "measured"
 
 
+def test_measure_many_interleaves_and_thread_clock(vits):
+    rs = latency.measure_many([(vits[1], 1), (vits[4], 1)], threads=1, warmup=1, repeats=2, rounds=2,
+                              clock="thread_cpu")
+    assert [r.settings["clock"] for r in rs] == ["thread_cpu"] * 2 and rs[0].settings["interleaved_with"] == 2
+    assert rs[1].p50 > rs[0].p50  # four blocks take longer than one
+    with pytest.raises(InputError, match="thread_cpu' with threads=1"):
+        latency.measure_many([(vits[1], 1)], threads=2, clock="thread_cpu")
+
+
 def test_measure_onnx_bad_input(tmp_path, vits):
     with pytest.raises(InputError, match="not found"):
         latency.measure_onnx(tmp_path / "nope.onnx")
