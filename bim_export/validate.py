@@ -268,20 +268,19 @@ def run_onnx(session, x: np.ndarray, batch: int) -> dict[str, np.ndarray]:
     return {n: np.concatenate([c[j] for c in chunks]) for j, n in enumerate(names)}
 
 
-def _emulation_note(session, precision: str | None) -> str:
-    if precision == "fp16" and session.get_providers()[0] == "CPUExecutionProvider":
+def _emulation_note(session, precision: str | None = None) -> str:
+    """Names a run whose numerics are not the target's: fp16 on a CPU EP, or int8 made for
+    another device's kernels (TensorRT, arm64) run on this machine's CPU EP."""
+    meta = session.get_modelmeta().custom_metadata_map  # metadata_props, no onnx package needed
+    precision = precision or meta.get("precision")
+    preset = meta.get("quantization_preset")
+    if session.get_providers()[0] != "CPUExecutionProvider":
+        return ""
+    if precision == "fp16":
         return "fp16 on CPUExecutionProvider: host-emulated"
+    if precision == "int8" and preset in ("tensorrt", "arm64") and platform.machine().lower() not in ("aarch64", "arm64"):
+        return f"int8 for {preset} on CPUExecutionProvider: host-emulated"
     return ""
-
-
-def _model_precision(path) -> str | None:
-    try:
-        import onnx
-
-        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        return props.get("precision")
-    except ImportError:
-        return None
 
 
 def run_parity(onnx_path, backbone, x: np.ndarray, tolerances=None, labels=None, *, batches=(1, 8),
@@ -312,7 +311,7 @@ def run_parity(onnx_path, backbone, x: np.ndarray, tolerances=None, labels=None,
             ref[f"tokens{suffix}"] = tokens.numpy()
             ref[f"embedding{suffix}"] = bb.forward_head(tokens, pre_logits=True).numpy()
     session = _session(onnx_path, providers)
-    precision = precision or _model_precision(onnx_path)
+    precision = precision or session.get_modelmeta().custom_metadata_map.get("precision")
     note = _emulation_note(session, precision)
     results = [compare_outputs(ref, run_onnx(session, x, b), tolerances, labels,
                                label=f"{precision or 'onnx'} batch {b}", note=note) for b in batches]

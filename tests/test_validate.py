@@ -133,6 +133,21 @@ def test_run_parity_labels_fp16_on_cpu_as_host_emulated(onnx_model, backbone, im
     assert r.passed and "host-emulated" in r.note
 
 
+def test_run_parity_labels_int8_for_another_devices_kernels(onnx_model, backbone, images, tmp_path, monkeypatch):
+    import platform
+
+    from bim_export import quantize
+
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        pytest.skip("on arm64 the CPU EP runs int8 the way the target does")
+    monkeypatch.setattr(quantize, "_optimum_available", lambda: False)
+    quantize.convert_precision(onnx_model, tmp_path / "trt.onnx", "int8", calib_x=images[0], preset="tensorrt")
+    r = run_parity(tmp_path / "trt.onnx", backbone, images[0][:6], batches=(6,))
+    assert r.note == "int8 for tensorrt on CPUExecutionProvider: host-emulated"
+    r = run_parity(onnx_model, backbone, images[0][:6], batches=(6,))
+    assert r.note == ""
+
+
 # --------------------------------------------------------------------------- validate_bundle
 
 
