@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 from bim_export.calibration import export_reference_vit
-from bim_export.costmodel import DEFAULT_FACTORS, default_factors, fit_factors, graph_cost, roofline_features, roofline_seconds
+from bim_export.costmodel import graph_cost
+from bim_export.roofline import DEFAULT_FACTORS, default_factors, fit_factors, roofline_features, roofline_seconds
 from bim_export.latency import machine_description, measure_host_hardware, measure_many, profile_hardware
 
 WIDTHS = {"ViT-Ti": (192, 3), "ViT-S": (384, 6)}

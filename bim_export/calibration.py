@@ -2,7 +2,7 @@
 
 ``bim-export calibrate --profile NAME``, run on the device itself, exports a few reference ViT graphs
 (two widths, two depths), times them with ONNX Runtime and fits the cost model's efficiency factors
-and overheads (:func:`bim_export.costmodel.fit_factors`) to them. The file goes to
+and overheads (:func:`bim_export.roofline.fit_factors`) to them. The file goes to
 ``$BIM_EXPORT_CALIBRATION_DIR/<profile>.json`` (default ``~/.config/bim-export/calibration``); a
 Jetson owner calibrates once, and exports made on a workstation predict from it.
 
@@ -22,7 +22,8 @@ from pathlib import Path
 
 from . import __version__
 from .atomic import atomic_write_bytes
-from .costmodel import CostFactors, Hardware, default_factors, fit_factors, graph_cost, roofline_features, roofline_seconds
+from .costmodel import graph_cost
+from .roofline import CostFactors, Hardware, default_factors, fit_factors, roofline_features, roofline_seconds
 from .errors import InputError
 
 FORMAT_VERSION = 1

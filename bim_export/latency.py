@@ -3,9 +3,9 @@
 - :func:`measure_onnx` times ``session.run`` with ONNX Runtime in a separate process (fixed intra-op
   threads, warm-up, interleaved repeats in several rounds; the headline p50 is the lowest of the
   round medians, because host noise only ever adds time).
-- :func:`predict_latency` costs the graph per node (:mod:`bim_export.costmodel`) against a profile's
-  hardware figures, with efficiency factors fitted on measurements (a calibration file made on the
-  device when there is one).
+- :func:`predict_latency` costs the graph per node (:mod:`bim_export.costmodel`) and puts it on a
+  roofline (:mod:`bim_export.roofline`) of a profile's hardware figures, with efficiency factors
+  fitted on measurements (a calibration file made on the device when there is one).
 - :func:`latency_for_profile` picks: measured for the ``host`` profile, predicted (from the device's
   calibration where one exists) for every other. Every result says which it is.
 
@@ -23,7 +23,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .costmodel import GraphCost, Hardware, default_factors, graph_cost, predict_memory, roofline_features, roofline_seconds
+from .costmodel import GraphCost, graph_cost, predict_memory
+from .roofline import Hardware, default_factors, roofline_features, roofline_seconds
 from .errors import InputError
 
 __all__ = ["LatencyResult", "measure_onnx", "measure_many", "measure_host_hardware", "measure_gemm_throughput",

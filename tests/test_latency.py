@@ -12,7 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 from bim_export import latency
 from bim_export.calibration import load_calibration
 from bim_export.cli import main as cli_main
-from bim_export.costmodel import CostFactors, Hardware, fit_factors, graph_cost, predict_memory, roofline_features, roofline_seconds
+from bim_export.costmodel import graph_cost, predict_memory
+from bim_export.roofline import CostFactors, Hardware, fit_factors, roofline_features, roofline_seconds
 from bim_export.errors import InputError
 from bim_export.profiles import load_profile
 
