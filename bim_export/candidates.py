@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
 from .errors import ValidationError
 
 log = logging.getLogger(__name__)
@@ -31,6 +30,9 @@ PRUNE_FACTOR = 2.0  # predicted latency above this many budgets is rejected befo
 CALIB_IMAGES = 32  # static int8 calibration
 PARITY_IMAGES = 32  # parity at batch n (all of them) and batch 1 (the first PARITY_BATCH1)
 PARITY_BATCH1 = 4
+# Host timing per candidate: warm-up, then the lowest of `rounds` medians of `repeats` runs. Fewer
+# than a benchmark's: host budgets are tens of ms, and a run times up to a dozen candidates.
+MEASURE = {"warmup": 3, "repeats": 10, "rounds": 3}
 
 
 # ---------------------------------------------------------------------------- shared artefacts
@@ -88,35 +90,53 @@ class Workshop:
             self._refs[depth] = {"tokens": tokens.numpy(), "embedding": emb.numpy()}
         return self._refs[depth]
 
-    def metadata(self, depth: int, precision: str) -> dict[str, str]:
+    def metadata(self, precision: str) -> dict[str, Any]:
         cfg = self.ckpt.config
-        return {"depth": str(depth), "exits": ",".join(map(str, self.ckpt.config["exits"])),
-                "precision": precision, "mean": ",".join(map(str, cfg["mean"])),
-                "std": ",".join(map(str, cfg["std"])), "bim_export_version": __version__}
+        return {"depth": max(cfg["exits"]), "exits": list(cfg["exits"]), "precision": precision,
+                "mean": list(cfg["mean"]), "std": list(cfg["std"])}
 
-    def model(self, depth: int, precision: str, opset: int, preset: str | None = None,
-              multi_exit: bool = False) -> Path:
-        """The ONNX file for depth x precision x opset (exported or converted on first use)."""
-        key = (depth, precision, opset, preset if precision == "int8" else None, multi_exit)
+    def full_graph(self, precision: str, opset: int, preset: str | None = None) -> Path:
+        """The multi-exit graph of every exit at ``precision``: exported (fp32) or converted once.
+
+        Converting the whole graph once and cutting exits out of it gives the same per-exit graphs
+        as converting each depth's graph (weight quantization is per node, and calibration ranges
+        of a tensor do not depend on the blocks after it), at a fraction of the cost.
+        """
+        key = ("full", precision, opset, preset if precision == "int8" else None)
         if key in self._models:
             return self._models[key]
-        stem = f"d{depth}-{precision}-op{opset}" + (f"-{preset}" if key[3] else "") + ("-multi" if multi_exit else "")
-        path = self.work / f"{stem}.onnx"
+        path = self.work / ("all-exits-" + "-".join(str(k) for k in key[1:] if k is not None) + ".onnx")
         if precision == "fp32":
             from .export import export_onnx
 
-            log.info("exporting depth %d (opset %d%s)", depth, opset, ", multi-exit" if multi_exit else "")
-            exits = {d: self.backbone(d) for d in self.ckpt.config["exits"] if d <= depth} if multi_exit else None
-            export_onnx(self.backbone(depth), path, opset=opset, img_size=self.ckpt.config["img_size"],
-                        metadata=self.metadata(depth, "fp32"), multi_exit=multi_exit, exits=exits)
+            exits = self.ckpt.config["exits"]
+            log.info("exporting exits %s in one graph (opset %d)", exits, opset)
+            export_onnx(self.backbone(max(exits)), path, opset=opset, img_size=self.ckpt.config["img_size"],
+                        metadata=self.metadata("fp32"), multi_exit=True, exits={d: self.backbone(d) for d in exits})
         else:
             from .quantize import convert_precision
 
-            log.info("converting depth %d to %s", depth, precision)
-            fp32 = self.model(depth, "fp32", opset, multi_exit=multi_exit)
+            log.info("converting the exits to %s%s", precision, f" ({preset})" if key[3] else "")
             calib = self.images.calib if precision == "int8" else None
-            info = convert_precision(fp32, path, precision, calib_x=calib, preset=preset)
+            info = convert_precision(self.full_graph("fp32", opset), path, precision, calib_x=calib, preset=preset)
             self.conversions[path] = info.to_dict()
+        self._models[key] = path
+        return path
+
+    def model(self, depth: int, precision: str, opset: int, preset: str | None = None,
+              multi_exit: bool = False) -> Path:
+        """The ONNX file of exit ``depth`` at ``precision`` (with ``multi_exit``: every exit up to
+        ``depth`` in one graph), cut out of :meth:`full_graph` on first use."""
+        key = (depth, precision, opset, preset if precision == "int8" else None, multi_exit)
+        if key in self._models:
+            return self._models[key]
+        full = self.full_graph(precision, opset, preset)
+        path = self.work / ("-".join(str(k) for k in (f"d{depth}", *key[1:4]) if k is not None)
+                            + ("-multi" if multi_exit else "") + ".onnx")
+        depths = [d for d in self.ckpt.config["exits"] if d <= depth] if multi_exit else [depth]
+        cut_exits(full, path, depths, single=not multi_exit)
+        if full in self.conversions:
+            self.conversions[path] = self.conversions[full]
         self._models[key] = path
         return path
 
@@ -135,6 +155,65 @@ class Workshop:
                 "batchN": dict(zip(names, full)),
             }
         return self._outputs[model]
+
+
+def cut_exits(src: Path, dst: Path, depths: list[int], single: bool) -> Path:
+    """Writes the part of a multi-exit graph that computes the exits ``depths``.
+
+    Only the nodes and weights those outputs need are kept (blocks up to the deepest, each exit's
+    norm and pooling). With ``single``, the one exit's outputs ``tokens_<d>`` / ``embedding_<d>``
+    are renamed to the contract's ``tokens`` / ``embedding``. metadata_props are carried over with
+    ``depth`` (and ``graph_exits``) updated; the result is full-checked.
+    """
+    import json
+
+    import onnx
+    from onnx.utils import Extractor
+
+    model = onnx.load(str(src))
+    meta = {p.key: p.value for p in model.metadata_props}
+    outputs = [f"{name}_{d}" for d in depths for name in ("tokens", "embedding")]
+    part = Extractor(model).extract_model(["pixels"], outputs)
+    if single:
+        rename = {f"{name}_{depths[0]}": name for name in ("tokens", "embedding")}
+        for node in part.graph.node:
+            node.input[:] = [rename.get(n, n) for n in node.input]
+            node.output[:] = [rename.get(n, n) for n in node.output]
+        for vi in (*part.graph.output, *part.graph.value_info):
+            vi.name = rename.get(vi.name, vi.name)
+        meta.pop("graph_exits", None)
+    else:
+        meta["graph_exits"] = json.dumps(depths)
+    meta["depth"] = str(max(depths))
+    _topological_sort(part.graph)  # converters may append nodes (fp16's input Cast) out of order
+    part.producer_name, part.producer_version = model.producer_name, model.producer_version
+    for k, v in sorted(meta.items()):
+        part.metadata_props.add(key=k, value=v)
+    onnx.checker.check_model(part, full_check=True)
+    onnx.save(part, str(dst))
+    return dst
+
+
+def _topological_sort(graph) -> None:
+    """Reorders ``graph.node`` so every node comes after the producers of its inputs."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(n in ready for n in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise ValueError(f"graph has a cycle or a missing input at node {rest[0].name}")
+        pending = rest
+    copies = [type(n)() for n in ordered]
+    for c, n in zip(copies, ordered):
+        c.CopyFrom(n)
+    del graph.node[:]
+    graph.node.extend(copies)
 
 
 # ------------------------------------------------------------------------------------ parity
@@ -244,28 +323,32 @@ def evaluate_candidates(shop: Workshop, profile, progress=None) -> list[Trial]:
                                 model.stat().st_size / 1e6))
             if progress is not None:
                 progress.update(1)
-    # prune on the cost model before anything is run or timed
+    # Predict from the graph (cheap) and prune before anything is run or timed. For a profile that is
+    # not measured here the prediction is also the latency figure (what latency_for_profile returns
+    # for it, labelled predicted or calibrated); host has no hardware figures and is only measured.
     for t in trials:
-        if budget is not None and profile.hardware is not None:
-            t.predicted = predict_latency(t.model, profile, profile.batch)
-            pred = latency_value(t.predicted, stat)
-            if pred > PRUNE_FACTOR * budget:
-                t.pruned = f"predicted {pred:.1f} ms is over {PRUNE_FACTOR:g}x the {budget:g} ms budget"
-                t.latency = t.predicted
-                t.memory_mb = predict_memory(t.model, profile.batch)
+        if profile.hardware is None:
+            continue
+        t.predicted = t.latency = predict_latency(t.model, profile, profile.batch)
+        t.memory_mb = t.predicted.peak_memory_mb
+        pred = latency_value(t.predicted, stat)
+        if budget is not None and pred > PRUNE_FACTOR * budget:
+            t.pruned = f"predicted {pred:.3g} ms is over {PRUNE_FACTOR:g}x the {budget:g} ms budget"
     for t in trials:
         if t.pruned:
             continue
-        t.parity = check_parity(shop, t.depth, t.precision, t.model, profile.tolerance(t.precision))
+        # Judged on the all-exits graph the candidate was cut from (the same nodes; one session per
+        # precision instead of one per depth); the chosen file is re-checked before it is bundled.
+        full = shop.full_graph(t.precision, profile.opset, profile.int8_preset)
+        t.parity = check_parity(shop, t.depth, t.precision, full, profile.tolerance(t.precision), multi_exit=True)
         if t.precision == "fp32" and not t.parity.passed:
             raise ValidationError(
                 f"fp32 parity failed at depth {t.depth} ({t.parity.summary()}): the ONNX export does not "
                 f"compute what PyTorch computes; no bundle written")
-        if t.parity.passed:
-            t.latency = latency_for_profile(t.model, profile, profile.batch)
-            t.memory_mb = getattr(t.latency, "peak_memory_mb", None) or predict_memory(t.model, profile.batch)
-        else:
-            t.latency = t.predicted or predict_latency(t.model, profile, profile.batch) if profile.hardware else None
+        if t.parity.passed and (profile.measured or t.latency is None):
+            t.latency = latency_for_profile(t.model, profile, profile.batch, **MEASURE)
+            t.memory_mb = t.latency.peak_memory_mb or predict_memory(t.model, profile.batch)
+        elif t.memory_mb is None:
             t.memory_mb = predict_memory(t.model, profile.batch)
     return trials
 

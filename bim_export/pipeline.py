@@ -79,7 +79,8 @@ def export_profile(shop: Workshop, profile, out: Path, multi_exit: bool = False,
     choice = next(t for t in trials if (t.depth, t.precision) == (selection.choice.depth, selection.choice.precision))
     stat, budget = profile.budgets.latency_stat, profile.budgets.latency_ms
 
-    model, parity = choice.model, choice.parity.to_dict()
+    model = choice.model
+    parity = verify_file(shop, choice, model, profile).to_dict()
     n = min(REFERENCE_IMAGES, len(shop.images.parity))
     ref = shop.reference(choice.depth)
     reference = {"pixels": shop.images.parity[:n], "tokens": ref["tokens"][:n],
@@ -133,6 +134,15 @@ def bundle_manifest(shop: Workshop, profile, selection, choice: Trial, parity: d
                     "dataset": shop.ckpt.metrics.get("exits", {}).get(str(choice.depth), {}).get("knn_dataset")},
         "candidates": selection.to_dict(),
     }
+
+
+def verify_file(shop: Workshop, choice: Trial, model: Path, profile):
+    """Parity of the very file that ships (candidates were judged on the graph it was cut from)."""
+    result = check_parity(shop, choice.depth, choice.precision, model, profile.tolerance(choice.precision))
+    if not result.passed:
+        raise ValidationError(f"{choice.label}: the exported file fails parity ({result.summary()}) although its "
+                              f"source graph passed; no bundle written")
+    return result
 
 
 def multi_exit_model(shop: Workshop, choice: Trial, profile) -> tuple[Path, dict]:
