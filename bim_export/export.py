@@ -7,14 +7,17 @@ and named ``batch``; ``metadata_props`` describe the source (depth, exits, profi
 std, exporter, bim_export version).
 
 Exporter choice (torch 2.14, timm ViTs): ``torch.onnx.export(..., dynamo=True)`` (torch.export +
-onnxscript). Measured on ViT-S/16 and on the tiny test ViT, both exporters give the same outputs
-(max abs error ~5e-6), but the dynamo graph has half the nodes (502 vs 954 for ViT-S: the TorchScript
-exporter leaves shape arithmetic, Identity and Constant nodes that onnxscript's optimizer folds), names
-the dynamic axis ``batch`` on every output (TorchScript invents ``LayerNormalizationtokens_dim_0``), and
-is the exporter torch maintains (the TorchScript one is deprecated). Its cost is export time (3-10 s
-versus 0.3-4 s). It emits opset 18 natively and converts down when a profile asks for less (ViTs use
-no op whose semantics changed, so 17 converts cleanly); opset 23 turns attention into the fused
-``Attention`` op, which ONNX Runtime's CPU EP ran no faster here, so profiles keep 17/18.
+onnxscript). Both exporters still work and give the same outputs (max abs error ~5e-6 on ViT-S/16),
+but the dynamo graph has half the nodes (502 vs 954 for ViT-S: the TorchScript exporter leaves shape
+arithmetic, Identity and Constant nodes that onnxscript's optimizer folds), names the dynamic axis
+``batch`` on every output (TorchScript invents ``LayerNormalizationtokens_dim_0``), and is the
+exporter torch maintains (the TorchScript one is deprecated). ONNX Runtime's own graph optimizer
+folds the TorchScript leftovers at session start, so run time did not differ beyond this shared
+machine's noise (bench/export_latency.py times timm's TorchScript default beside ours). The dynamo
+exporter's cost is export time (3-10 s vs 0.3-4 s). It emits opset 18 and converts down when a
+profile asks for less (ViTs use no op whose semantics changed; 17 converts cleanly, checked below).
+Opset 23 turns attention into the fused ``Attention`` op; the profiles keep 17 for the device
+runtimes they name.
 """
 
 from __future__ import annotations
