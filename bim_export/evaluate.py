@@ -165,19 +165,6 @@ def exit_depths(model) -> list[int]:
                     "expected a BIM model (forward_exits) or a timm VisionTransformer")
 
 
-def _pool_exit_tokens(model, tokens):
-    """Pools the normed tokens of one BIM exit the way that exit's backbone will (class token or
-    average over the patch tokens, prefix tokens excluded)."""
-    if hasattr(model, "pool_exit"):
-        return model.pool_exit(tokens)
-    encoder = getattr(model, "encoder", None)
-    if encoder is not None and hasattr(encoder, "pool"):
-        return encoder.pool(tokens)
-    from timm.layers import global_pool_nlc
-
-    return global_pool_nlc(tokens, pool_type=model.global_pool, num_prefix_tokens=model.num_prefix_tokens)
-
-
 def extract_features(model, x, batch_size: int = 256, device=None) -> dict[int, np.ndarray]:
     """Pooled features of every exit, in eval mode, no masking.
 
@@ -205,7 +192,7 @@ def extract_features(model, x, batch_size: int = 256, device=None) -> dict[int, 
             for s in range(0, len(x), batch_size):
                 xb = x[s:s + batch_size].to(device=device, dtype=torch.float32)
                 if hasattr(model, "forward_exits"):
-                    pooled = [_pool_exit_tokens(model, t) for t in model.forward_exits(xb)]
+                    pooled = [model.pool_exit(t) for t in model.forward_exits(xb)]  # the backbone's own pooling
                 else:
                     pooled = [model.forward_head(model.forward_features(xb), pre_logits=True)]
                 for d, p in zip(depths, pooled):
