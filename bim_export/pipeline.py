@@ -90,7 +90,7 @@ def export_profile(shop: Workshop, profile, out: Path, multi_exit: bool = False,
         for d in parity["exits"]:
             reference.update({f"{k}_{d}": v[:n] for k, v in shop.reference(int(d)).items()})
     manifest = bundle_manifest(shop, profile, selection, choice, parity, multi_exit)
-    points = [PlotPoint(t.label, latency_value(t.latency, stat) if t.latency is not None else None, t.quality,
+    points = [PlotPoint(t.depth, t.precision, latency_value(t.latency, stat) if t.latency is not None else None, t.quality,
                         rejected=_rejection(selection, t), chosen=t is choice,
                         source=source_label(t.latency) if t.latency is not None else "")
               for t in trials]

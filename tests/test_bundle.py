@@ -20,11 +20,11 @@ def _spec(tmp_path, script="jetson.py") -> BundleSpec:
     model = write_tiny_onnx(tmp_path / "cached.onnx", {"exporter": "torch.onnx (test)", "depth": "4"})
     rng = np.random.default_rng(0)
     points = [
-        PlotPoint("d4 fp32", 12.0, 0.61, rejected="latency p90 12 ms > 8 ms"),
-        PlotPoint("d4 int8", 5.0, 0.60, chosen=True, source="predicted"),
-        PlotPoint("d2 fp32", 6.5, 0.48),
-        PlotPoint("d2 int8", 3.1, 0.30, rejected="parity failed: cosine 0.97 < 0.995"),
-        PlotPoint("d1 int8", None, 0.2, rejected="pruned"),
+        PlotPoint(4, "fp32", 12.0, 0.61, rejected="latency p90 12 ms > 8 ms"),
+        PlotPoint(4, "int8", 5.0, 0.60, chosen=True, source="predicted"),
+        PlotPoint(2, "fp32", 6.5, 0.48),
+        PlotPoint(2, "int8", 3.1, 0.30, rejected="parity failed: cosine 0.97 < 0.995"),
+        PlotPoint(1, "int8", None, 0.2, rejected="pruned"),
     ]
     manifest = {
         "profile": "jetson-orin-nano", "depth": 4, "precision": "int8", "opset": 17, "batch": 1,
