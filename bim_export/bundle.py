@@ -32,6 +32,18 @@ from .atomic import atomic_dir
 from .resources import resource_dir
 
 FORMAT_VERSION = 1
+SCRIPT_NOTES = {
+    "cpu.py": "infer.py runs on onnxruntime's CPU execution provider; `--threads N` fixes the thread count.",
+    "jetson.py": ("infer.py tries TensorRT (fp16 on, engine cached in `trt_cache/` next to the model: the first "
+                  "run builds it, which takes minutes on an Orin Nano), then CUDA, then the CPU, and prints "
+                  "which one ran."),
+    "server_gpu.py": ("infer.py runs on the CUDA execution provider with IO binding (inputs copied to the GPU "
+                      "once, outputs fetched at the end), else on the CPU."),
+    "mobile.py": ("infer.py converts model.onnx to model.ort (onnxruntime's mobile format, for onnxruntime-android "
+                  "/ -ios apps) with `python -m onnxruntime.tools.convert_onnx_models_to_ort`, checks that the "
+                  ".ort model matches the .onnx one on the reference inputs, then embeds the images with it "
+                  "(XNNPACK / NNAPI where available, else CPU). Ship model.ort in the app."),
+}
 MODEL, MANIFEST, REFERENCE, REPORT, PARETO = "model.onnx", "manifest.json", "reference.npz", "report.md", "pareto.png"
 INFER, COMMON, VALIDATE = "infer.py", "common.py", "validate.py"
 
@@ -340,6 +352,8 @@ def render_report(spec: BundleSpec, manifest: dict[str, Any]) -> str:
         "python infer.py query.jpg --gallery gallery/ --top-k 5",
         "python validate.py .                        # parity vs reference.npz + latency, on this machine",
         "```",
+        "",
+        SCRIPT_NOTES.get(spec.script, ""),
         "",
         f"Preprocessing (done by infer.py): shorter side to {m.get('preprocessing', {}).get('img_size')} px bicubic, "
         f"centre crop, normalize with mean {m.get('preprocessing', {}).get('mean')} and std {m.get('preprocessing', {}).get('std')}.",
