@@ -4,9 +4,11 @@ The kNN is plain numpy (cosine similarity, similarity-weighted vote with DINO's 
 the parity check of exported models can use it without torch; torch is imported only inside the
 functions that run a model or train the linear probe.
 
-Split convention: a labelled folder with ``train/`` and ``val/`` sub-folders (each ImageFolder
-style) is used as given; any other labelled folder is split per class, deterministically (seeded),
-into a reference part and a query part. The metrics say which.
+Protocol: a labelled folder with ``train/`` and ``val/`` sub-folders (each ImageFolder style) is
+used as given; a small labelled folder (under 500 images) is scored leave-one-out (kNN) and by
+5-fold cross-validation (linear probe) over all its images, so that exits can still be told apart;
+any other labelled folder is split per class, deterministically (seeded), into a reference part
+and a query part. The metrics record which (``knn_dataset.protocol``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ KNN_K = 20
 KNN_TEMPERATURE = 0.07  # DINO's weighted kNN: weight = exp(cosine / T)
 VAL_FRACTION = 0.2
 EVAL_LIMIT = 10_000  # images per split at most, a seeded sample beyond that
+LOO_MAX = 500  # smaller labelled sets are scored leave-one-out: a held-out fifth would be too coarse
+PROBE_FOLDS = 5
 
 
 # ------------------------------------------------------------------------------ kNN (numpy)
@@ -44,6 +48,7 @@ def knn_predict(
     temperature: float = KNN_TEMPERATURE,
     num_classes: int | None = None,
     chunk: int = 1024,
+    exclude_self: bool = False,
 ) -> np.ndarray:
     """Labels of ``query_feats`` by a similarity-weighted vote of their k nearest training features.
 
@@ -58,6 +63,8 @@ def knn_predict(
         temperature: softness of the vote; small values approach a plain nearest-neighbour vote.
         num_classes: number of classes (default: max label + 1).
         chunk: queries per block, bounding memory to ``chunk x N`` similarities.
+        exclude_self: the queries are the training features themselves (leave-one-out): query i
+            never counts training feature i as a neighbour.
 
     Returns:
         int64 [M] predicted labels.
@@ -71,11 +78,16 @@ def knn_predict(
         raise ValueError(f"{len(train)} training features but {len(labels)} labels")
     if labels.min() < 0:
         raise ValueError("training labels must be >= 0")
+    if exclude_self and len(query) != len(train):
+        raise ValueError("exclude_self needs the queries to be the training features")
     n_cls = int(labels.max()) + 1 if num_classes is None else num_classes
-    k = max(1, min(k, len(train)))
+    k = max(1, min(k, len(train) - exclude_self))
     out = np.empty(len(query), dtype=np.int64)
     for s in range(0, len(query), chunk):
         sim = query[s:s + chunk] @ train.T  # [m, N]
+        if exclude_self:
+            rows = np.arange(len(sim))
+            sim[rows, s + rows] = -np.inf  # weight exp(-inf) = 0 and never among the top k
         if k < sim.shape[1]:
             idx = np.argpartition(-sim, k - 1, axis=1)[:, :k]  # [m, k], unordered
         else:
@@ -103,33 +115,47 @@ def knn_top1(
     return float(np.mean(pred == test_labels))
 
 
+def knn_loo_top1(feats: np.ndarray, labels: np.ndarray, k: int = KNN_K, temperature: float = KNN_TEMPERATURE) -> float:
+    """Leave-one-out kNN top-1 over one labelled set: each image is labelled by all the others.
+
+    Used for small sets, where a held-out fifth would be a handful of images and its accuracy too
+    coarse to rank exits.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    pred = knn_predict(feats, labels, feats, k=k, temperature=temperature, exclude_self=True)
+    return float(np.mean(pred == labels))
+
+
 # ------------------------------------------------------------------------------ linear probe
 
 
-def linear_probe_top1(
+def linear_probe_predict(
     train_feats: np.ndarray,
     train_labels: np.ndarray,
     test_feats: np.ndarray,
-    test_labels: np.ndarray,
+    num_classes: int | None = None,
     steps: int = 300,
     lr: float = 0.05,
     weight_decay: float = 1e-4,
-) -> float:
-    """Top-1 accuracy in [0, 1] of a multinomial logistic regression on standardized features.
+) -> np.ndarray:
+    """Labels of ``test_feats`` by a multinomial logistic regression on standardized features.
 
     Full-batch AdamW from zero weights with a fixed cosine schedule: the problem is convex and the
-    run has no randomness, so the figure is reproducible for the same features.
+    run has no randomness, so the result is reproducible for the same features.
+
+    Returns:
+        int64 [M] predicted labels.
     """
     import torch
 
+    train_feats = np.asarray(train_feats, dtype=np.float32)
     mu = train_feats.mean(axis=0, keepdims=True)
     sd = train_feats.std(axis=0, keepdims=True)
     sd = np.where(sd > 1e-6, sd, 1.0)  # constant features: leave them at zero rather than blow up
     xtr = torch.from_numpy(((train_feats - mu) / sd).astype(np.float32))
-    xte = torch.from_numpy(((test_feats - mu) / sd).astype(np.float32))
+    xte = torch.from_numpy(((np.asarray(test_feats, dtype=np.float32) - mu) / sd).astype(np.float32))
     ytr = torch.from_numpy(np.asarray(train_labels, dtype=np.int64))
-    yte = np.asarray(test_labels, dtype=np.int64)
-    n_cls = int(max(ytr.max().item(), yte.max())) + 1
+    n_cls = int(ytr.max().item()) + 1 if num_classes is None else num_classes
 
     weight = torch.zeros(xtr.shape[1], n_cls, requires_grad=True)
     bias = torch.zeros(n_cls, requires_grad=True)
@@ -144,8 +170,35 @@ def linear_probe_top1(
             opt.step()
             sched.step()
     with torch.no_grad():
-        pred = (xte @ weight + bias).argmax(dim=1).numpy()
-    return float(np.mean(pred == yte))
+        return (xte @ weight + bias).argmax(dim=1).numpy().astype(np.int64)
+
+
+def linear_probe_top1(
+    train_feats: np.ndarray,
+    train_labels: np.ndarray,
+    test_feats: np.ndarray,
+    test_labels: np.ndarray,
+    **kwargs,
+) -> float:
+    """Top-1 accuracy in [0, 1] of :func:`linear_probe_predict` on labelled test features."""
+    test_labels = np.asarray(test_labels, dtype=np.int64)
+    n_cls = int(max(np.max(train_labels), np.max(test_labels))) + 1
+    pred = linear_probe_predict(train_feats, train_labels, test_feats, num_classes=n_cls, **kwargs)
+    return float(np.mean(pred == test_labels))
+
+
+def linear_probe_kfold_top1(feats: np.ndarray, labels: np.ndarray, folds: int = 5, seed: int = 0, **kwargs) -> float:
+    """Top-1 accuracy of out-of-fold linear-probe predictions over one labelled set (stratified,
+    seeded folds): every image is predicted once, by a probe that never saw it."""
+    labels = np.asarray(labels, dtype=np.int64)
+    fold = stratified_folds(labels, folds, seed)
+    pred = np.full(len(labels), -1, dtype=np.int64)
+    n_cls = int(labels.max()) + 1
+    for f in range(folds):
+        test = fold == f
+        if test.any() and (~test).any():
+            pred[test] = linear_probe_predict(feats[~test], labels[~test], feats[test], num_classes=n_cls, **kwargs)
+    return float(np.mean(pred == labels))
 
 
 # ------------------------------------------------------------------------------ features
@@ -207,23 +260,29 @@ def extract_features(model, x, batch_size: int = 256, device=None) -> dict[int, 
 
 @dataclass
 class EvalData:
-    """A labelled evaluation set: reference images for the kNN / probe, query images to score.
+    """A labelled evaluation set and how it is scored.
 
     Attributes:
         name: the data set's name (its folder name).
-        train: reference images.
-        val: query images.
-        split: how the two came about, recorded in the metrics.
+        images: every image of the set.
+        train_idx, val_idx: reference and query images; both None for a small set, which is scored
+            leave-one-out (kNN) and by k-fold (linear probe) over all its images.
+        protocol: how it is scored, recorded in the metrics.
     """
 
     name: str
-    train: ImageList
-    val: ImageList
-    split: str
+    images: ImageList
+    train_idx: np.ndarray | None
+    val_idx: np.ndarray | None
+    protocol: str
+
+    @property
+    def leave_one_out(self) -> bool:
+        return self.train_idx is None
 
     @property
     def size(self) -> int:
-        return len(self.train) + len(self.val)
+        return len(self.images)
 
 
 def _require_labelled(images: ImageList) -> None:
@@ -259,6 +318,18 @@ def stratified_indices(labels, val_fraction: float = VAL_FRACTION, seed: int = 0
     return np.sort(np.asarray(train_idx, dtype=np.int64)), np.sort(np.asarray(val_idx, dtype=np.int64))
 
 
+def stratified_folds(labels, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Seeded fold number per sample, dealt round-robin within each class (so every fold holds
+    each class about equally)."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    fold = np.zeros(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        fold[idx[rng.permutation(len(idx))]] = np.arange(len(idx)) % folds
+    return fold
+
+
 def stratified_split(images: ImageList, val_fraction: float = VAL_FRACTION, seed: int = 0):
     """:func:`stratified_indices` applied to a labelled list.
 
@@ -269,29 +340,45 @@ def stratified_split(images: ImageList, val_fraction: float = VAL_FRACTION, seed
     return _subset(images, train_idx), _subset(images, val_idx)
 
 
-def load_eval_data(data_dir: str | Path, val_fraction: float = VAL_FRACTION, seed: int = 0) -> EvalData:
+def make_eval_data(images: ImageList, name: str | None = None, seed: int = 0) -> EvalData:
+    """Scores a labelled folder leave-one-out when it is small (under ``LOO_MAX`` images), else on a
+    seeded stratified split.
+
+    Raises:
+        InputError: unlabelled folder or fewer than 2 classes (the message names the folder).
+    """
+    _require_labelled(images)
+    name = name or images.root.resolve().name
+    if len(images) < LOO_MAX:
+        return EvalData(name, images, None, None,
+                        f"leave-one-out kNN, {PROBE_FOLDS}-fold linear probe (under {LOO_MAX} images)")
+    train_idx, val_idx = stratified_indices(images.labels, VAL_FRACTION, seed)
+    return EvalData(name, images, train_idx, val_idx,
+                    f"stratified {1 - VAL_FRACTION:.0%}/{VAL_FRACTION:.0%} split, seed {seed}")
+
+
+def load_eval_data(data_dir: str | Path, seed: int = 0) -> EvalData:
     """Reads a labelled folder for evaluation: its ``train/`` and ``val/`` sub-folders when both
-    exist, else a seeded stratified split of the whole folder.
+    exist (reference and query images), else the whole folder (see :func:`make_eval_data`).
 
     Raises:
         InputError: missing, empty or unlabelled folder (the message names it).
     """
     root = Path(data_dir)
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        train, val = scan_image_folder(root / "train"), scan_image_folder(root / "val")
-        for part in (train, val):
-            _require_labelled(part)
-        index = {c: i for i, c in enumerate(train.classes)}
-        missing = sorted(set(val.classes) - set(index))
-        if missing:
-            raise InputError(f"{root / 'val'}: classes not in {root / 'train'}: {', '.join(missing[:5])}")
-        val = ImageList(val.root, val.paths, [index[val.classes[lbl]] for lbl in val.labels],
-                        train.classes, val.unreadable)
-        return EvalData(root.resolve().name, train, val, "train/ and val/ folders")
-    images = scan_image_folder(root)
-    _require_labelled(images)
-    train, val = stratified_split(images, val_fraction, seed)
-    return EvalData(root.resolve().name, train, val, f"stratified {1 - val_fraction:.0%}/{val_fraction:.0%} split, seed {seed}")
+    if not ((root / "train").is_dir() and (root / "val").is_dir()):
+        return make_eval_data(scan_image_folder(root), seed=seed)
+    train, val = scan_image_folder(root / "train"), scan_image_folder(root / "val")
+    for part in (train, val):
+        _require_labelled(part)
+    index = {c: i for i, c in enumerate(train.classes)}
+    missing = sorted(set(val.classes) - set(index))
+    if missing:
+        raise InputError(f"{root / 'val'}: classes not in {root / 'train'}: {', '.join(missing[:5])}")
+    both = ImageList(root, train.paths + val.paths,
+                     train.labels + [index[val.classes[lbl]] for lbl in val.labels], train.classes,
+                     train.unreadable + val.unreadable)
+    return EvalData(root.resolve().name, both, np.arange(len(train)), np.arange(len(train), len(both)),
+                    "train/ and val/ folders")
 
 
 # ------------------------------------------------------------------------------ per-exit metrics
@@ -313,34 +400,39 @@ def evaluate_model(
 
     Args:
         model: a BIM model or a timm ViT backbone (see :func:`extract_features`).
-        images: a labelled ImageList (split per class, seeded) or an :class:`EvalData`.
+        images: a labelled ImageList (scored as :func:`make_eval_data` decides) or an :class:`EvalData`.
         img_size, mean, std: the model's preprocessing.
         k: kNN neighbours.
-        limit: at most this many images per part (a seeded sample); None for all.
+        limit: at most this many reference and this many query images (seeded samples); None for all.
         probe: also train the linear probe.
 
     Returns:
-        {exit depth as str: {"knn_top1", "knn_dataset": {name, size, split, train, val},
+        {exit depth as str: {"knn_top1", "knn_dataset": {name, size, protocol[, train, val]},
         "linear_probe_top1"}}.
     """
-    if isinstance(images, ImageList):
-        _require_labelled(images)
-        train, val = stratified_split(images)
-        images = EvalData(images.root.resolve().name, train, val, f"stratified {1 - VAL_FRACTION:.0%}/{VAL_FRACTION:.0%} split, seed 0")
-    if len(images.val) == 0:
-        raise InputError(f"{images.train.root}: too few images per class to hold any out for evaluation")
-    xtr, ytr = load_image_array(images.train, img_size, mean, std, limit=limit)
-    xva, yva = load_image_array(images.val, img_size, mean, std, limit=limit)
+    data = images if isinstance(images, EvalData) else make_eval_data(images)
+    out: dict[str, dict] = {}
+    if data.leave_one_out:
+        x, y = load_image_array(data.images, img_size, mean, std)
+        feats = extract_features(model, x, batch_size=batch_size)
+        dataset = {"name": data.name, "size": len(y), "protocol": data.protocol}
+        for d, f in feats.items():
+            out[str(d)] = {"knn_top1": knn_loo_top1(f, y, k=k), "knn_dataset": dict(dataset)}
+            if probe:
+                out[str(d)]["linear_probe_top1"] = linear_probe_kfold_top1(f, y, PROBE_FOLDS)
+        return out
+    if len(data.val_idx) == 0:
+        raise InputError(f"{data.images.root}: no query images to evaluate on")
+    xtr, ytr = load_image_array(_subset(data.images, data.train_idx), img_size, mean, std, limit=limit)
+    xva, yva = load_image_array(_subset(data.images, data.val_idx), img_size, mean, std, limit=limit)
     ftr = extract_features(model, xtr, batch_size=batch_size)
     fva = extract_features(model, xva, batch_size=batch_size)
-    dataset = {"name": images.name, "size": len(ytr) + len(yva), "split": images.split,
+    dataset = {"name": data.name, "size": len(ytr) + len(yva), "protocol": data.protocol,
                "train": len(ytr), "val": len(yva)}
-    out = {}
     for d in ftr:
-        m = {"knn_top1": knn_top1(ftr[d], ytr, fva[d], yva, k=k), "knn_dataset": dict(dataset)}
+        out[str(d)] = {"knn_top1": knn_top1(ftr[d], ytr, fva[d], yva, k=k), "knn_dataset": dict(dataset)}
         if probe:
-            m["linear_probe_top1"] = linear_probe_top1(ftr[d], ytr, fva[d], yva)
-        out[str(d)] = m
+            out[str(d)]["linear_probe_top1"] = linear_probe_top1(ftr[d], ytr, fva[d], yva)
     return out
 
 
@@ -372,6 +464,5 @@ def evaluate_checkpoint(path: str | Path, data_dir: str | Path) -> str:
     metrics = ckpt_io.update_exit_metrics(ckpt.path, results)
 
     ds = next(iter(results.values()))["knn_dataset"]
-    title = (f"{ckpt.path}: {ds['name']}, {ds['train']} reference / {ds['val']} query images "
-             f"({ds['split']}), kNN k={KNN_K}")
+    title = f"{ckpt.path}: {ds['name']} ({ds['size']} images; {ds['protocol']}), kNN k={KNN_K}"
     return format_metrics_table(metrics.get("exits", {}), title) + f"\nwritten to {Path(ckpt.path) / ckpt_io.METRICS}"

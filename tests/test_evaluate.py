@@ -77,6 +77,31 @@ def test_linear_probe_separable_and_random():
     assert ev.linear_probe_top1(xr[:900], yr[:900], xr[900:], yr[900:]) < 0.4
 
 
+def test_knn_leave_one_out_never_counts_the_query_itself():
+    x, y = _clusters()
+    assert ev.knn_loo_top1(x, y) == 1.0
+    rng = np.random.default_rng(5)
+    xr, yr = rng.normal(size=(400, 8)), rng.integers(0, 4, 400)
+    assert ev.knn_loo_top1(xr, yr, k=1) < 0.4  # with itself as a neighbour it would score 1.0
+    assert ev.knn_top1(xr, yr, xr, yr, k=1) == 1.0
+
+
+def test_linear_probe_kfold_separable_and_random():
+    x, y = _clusters(n=200, spread=0.5)
+    assert ev.linear_probe_kfold_top1(x, y) == 1.0
+    rng = np.random.default_rng(6)
+    xr, yr = rng.normal(size=(300, 16)), rng.integers(0, 3, 300)
+    assert ev.linear_probe_kfold_top1(xr, yr) < 0.45  # chance is 1/3
+
+
+def test_stratified_folds_balance_classes():
+    y = np.repeat([0, 1, 2], [10, 7, 5])
+    fold = ev.stratified_folds(y, 5)
+    for c in range(3):
+        counts = np.bincount(fold[y == c], minlength=5)
+        assert counts.max() - counts.min() <= 1
+
+
 def test_linear_probe_needs_linear_not_nearest_neighbour():
     # class given by the sign of one feature among noisy ones: linear probe nails it
     rng = np.random.default_rng(4)
@@ -117,9 +142,25 @@ def test_train_val_subfolders_are_used_as_given(tmp_path):
             for i in range(n):
                 _write(tmp_path / part / c / f"{i}.png", v)
     data = ev.load_eval_data(tmp_path)
-    assert (len(data.train), len(data.val)) == (6, 4)
-    assert "train/ and val/" in data.split
-    assert data.val.classes == ["cat", "dog"]
+    assert (len(data.train_idx), len(data.val_idx)) == (6, 4)
+    assert "train/ and val/" in data.protocol
+    assert data.images.classes == ["cat", "dog"]
+    val_labels = [data.images.labels[i] for i in data.val_idx]
+    val_dirs = [data.images.paths[i].parent.name for i in data.val_idx]
+    assert [data.images.classes[lbl] for lbl in val_labels] == val_dirs
+
+
+def test_small_sets_are_scored_leave_one_out_and_large_ones_split():
+    from bim_export.data import ImageList
+
+    def fake(n):
+        return ImageList(Path("digits"), [Path(f"{i}.png") for i in range(n)], [i % 4 for i in range(n)],
+                         ["a", "b", "c", "d"])
+
+    small, large = ev.make_eval_data(fake(120)), ev.make_eval_data(fake(800))
+    assert small.leave_one_out and "leave-one-out" in small.protocol
+    assert not large.leave_one_out and "stratified" in large.protocol
+    assert (len(large.train_idx), len(large.val_idx)) == (640, 160)
 
 
 def test_unlabelled_folder_is_an_input_error_naming_it(tmp_path):
@@ -166,7 +207,7 @@ def test_evaluate_model_on_real_sample_images(tiny_vit):
     m = res["2"]
     assert m["knn_dataset"]["size"] == len(images)
     assert m["knn_dataset"]["name"] == "sample_images"
-    assert "stratified" in m["knn_dataset"]["split"]
+    assert "leave-one-out" in m["knn_dataset"]["protocol"]  # 60 images: a held-out fifth is too coarse
     # the crops of one photo share colour statistics: even random features beat chance (0.1)
     assert 0.2 <= m["knn_top1"] <= 1.0
     assert 0.2 <= m["linear_probe_top1"] <= 1.0
@@ -202,10 +243,10 @@ def test_evaluate_checkpoint_updates_metrics_and_keeps_recon_loss(ckpt_copy):
         m = after["exits"][d]
         assert m["recon_loss"] == before["exits"][d]["recon_loss"]
         assert 0.0 <= m["knn_top1"] <= 1.0 and 0.0 <= m["linear_probe_top1"] <= 1.0
-        assert m["knn_dataset"] == {"name": "sample_images", "size": 60, "split": m["knn_dataset"]["split"],
-                                    "train": 50, "val": 10}
+        assert m["knn_dataset"] == {"name": "sample_images", "size": 60,
+                                    "protocol": "leave-one-out kNN, 5-fold linear probe (under 500 images)"}
     lines = summary.splitlines()
-    assert "sample_images" in lines[0] and "stratified" in lines[0]
+    assert "sample_images" in lines[0] and "leave-one-out" in lines[0]
     assert [ln.split()[0] for ln in lines[2:4]] == ["2", "4"]
     assert f"{after['exits']['4']['knn_top1']:.4f}" in lines[3]
 
