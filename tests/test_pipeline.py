@@ -73,7 +73,8 @@ def test_exports_are_shared_by_profiles(shop, tmp_path, monkeypatch):
     assert [(t.depth, t.precision) for t in ta] == [(2, "fp32"), (2, "int8"), (4, "fp32"), (4, "int8")]
     assert [t.model for t in ta] == [t.model for t in tb]  # the same files
     assert len(set(t.model for t in ta)) == 4
-    assert calls.count("export_onnx") <= 2 and calls.count("convert_precision") <= 2  # once each, if not cached already
+    # one export of the all-exits graph, one int8 conversion of it; every depth is cut out of those
+    assert calls == ["export_onnx", "convert_precision"]
 
 
 def test_far_over_budget_is_pruned_before_parity_and_measuring(shop, tmp_path, monkeypatch):
@@ -199,3 +200,25 @@ def test_target_all_prints_one_table(tiny_checkpoint, tmp_path, monkeypatch):
     assert "fits" in table and "impossible" in table and "no candidate" in table
     assert (tmp_path / "out" / "fits" / "manifest.json").is_file()
     assert not (tmp_path / "out" / "impossible").exists()
+
+
+def test_cut_exit_graphs_match_their_backbone(shop):
+    import onnx
+    import onnxruntime as ort
+
+    for depth in (2, 4):
+        path = shop.model(depth, "fp32", 17)
+        model = onnx.load(str(path))
+        meta = {p.key: p.value for p in model.metadata_props}
+        assert [o.name for o in model.graph.output] == ["tokens", "embedding"]
+        assert meta["depth"] == str(depth) and "graph_exits" not in meta
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        tokens, emb = sess.run(None, {"pixels": shop.images.parity[:3]})
+        ref = shop.reference(depth)
+        np.testing.assert_allclose(emb, ref["embedding"][:3], atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(tokens, ref["tokens"][:3], atol=1e-4, rtol=1e-4)
+    shallow = onnx.load(str(shop.model(2, "fp32", 17)))
+    deep = onnx.load(str(shop.model(4, "fp32", 17)))
+    assert shallow.ByteSize() < deep.ByteSize()  # the blocks after exit 2 are not in its graph
+    multi = onnx.load(str(shop.model(4, "fp32", 17, multi_exit=True)))
+    assert [o.name for o in multi.graph.output] == ["tokens_2", "embedding_2", "tokens_4", "embedding_4"]
