@@ -48,9 +48,27 @@ class Images:
 
 
 def load_images(data: Path | None, config: dict) -> Images:
-    from .data import load_image_array, sample_images, scan_image_folder
+    """A seeded sample of the user's image folder (else the built-in set), preprocessed as in training.
 
-    images = scan_image_folder(data) if data is not None else sample_images()
+    A large folder is not decoded whole: the files are listed, the sample is decoded, and only if
+    one of those fails is the folder checked image by image (unreadable files are then skipped).
+
+    Raises:
+        InputError: the folder is missing or holds no readable image.
+    """
+    from .data import sample_images, scan_image_folder
+
+    if data is None:
+        return _sample(sample_images(), config)
+    try:
+        return _sample(scan_image_folder(data, verify=False), config)
+    except (OSError, SyntaxError, ValueError):  # an unreadable file was drawn
+        return _sample(scan_image_folder(data, verify=True), config)
+
+
+def _sample(images, config: dict) -> Images:
+    from .data import load_image_array
+
     size, mean, std = config["img_size"], config["mean"], config["std"]
     calib, _ = load_image_array(images, size, mean, std, limit=CALIB_IMAGES, seed=0)
     parity, labels = load_image_array(images, size, mean, std, limit=PARITY_IMAGES, seed=1)

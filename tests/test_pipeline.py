@@ -185,6 +185,9 @@ def test_user_data_folder(tiny_checkpoint, tmp_path):
             Image.fromarray(rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)).save(data / c / f"{i}.png")
     images = load_images(data, load_checkpoint(tiny_checkpoint).config)
     assert images.parity.shape == (8, 3, 32, 32) and sorted(set(images.labels)) == [0, 1]
+    (data / "a" / "broken.png").write_bytes(b"not an image")  # skipped, with a warning
+    images = load_images(data, load_checkpoint(tiny_checkpoint).config)
+    assert images.parity.shape == (8, 3, 32, 32)
     with pytest.raises(InputError):
         load_images(tmp_path / "empty-or-missing", load_checkpoint(tiny_checkpoint).config)
 
