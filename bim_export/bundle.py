@@ -320,12 +320,16 @@ def render_report(spec: BundleSpec, manifest: dict[str, Any]) -> str:
         "## Parity (ONNX Runtime vs PyTorch on real images)",
         "",
     ]
-    for key in ("batch1", "batchN"):
-        r = par.get(key)
-        if isinstance(r, dict):
-            lines.append(f"- {key}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in r.items() if not isinstance(v, (dict, list))))
+    lines += ["| run | images | cosine mean / min | neighbour agreement | max abs | mean abs | passed |",
+              "|---|---|---|---|---|---|---|"]
+    runs = [("batch 1", par.get("batch1")), (f"batch {par.get('batch_n', 'n')}", par.get("batchN"))]
+    runs += [(f"exit {d} (multi-exit graph)", r.get("batchN")) for d, r in (par.get("exits") or {}).items()]
+    lines += [_parity_row(name, r) for name, r in runs if isinstance(r, dict)]
+    tol = par.get("tolerances") or m.get("tolerances") or {}
+    lines += ["", f"Tolerances ({m.get('precision')}): cosine >= {tol.get('cosine')}, neighbour agreement >= "
+              f"{tol.get('neighbour_agreement')}. Run with ONNX Runtime's {par.get('provider', 'CPU')} here."]
     if par.get("note"):
-        lines.append(f"- note: {par['note']}")
+        lines.append(f"Note: {par['note']}.")
     lines += [
         "",
         "## Latency",
@@ -365,7 +369,11 @@ def render_report(spec: BundleSpec, manifest: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+def _parity_row(name: str, r: dict) -> str:
+    """One markdown table row of a ParityResult dict."""
+    agree = r.get("neighbour_agreement")
+    agree_text = "n/a" if agree is None else f"{agree:.1%} ({r.get('agreement_kind', '?')})"
+    nan = float("nan")
+    return (f"| {name} | {r.get('images', '?')} | {r.get('cosine', nan):.6f} / {r.get('cosine_min', nan):.6f} | "
+            f"{agree_text} | {r.get('max_abs', nan):.3g} | {r.get('mean_abs', nan):.3g} | "
+            f"{'yes' if r.get('passed') else 'NO'} |")

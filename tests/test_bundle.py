@@ -29,8 +29,11 @@ def _spec(tmp_path, script="jetson.py") -> BundleSpec:
     manifest = {
         "profile": "jetson-orin-nano", "depth": 4, "precision": "int8", "opset": 17, "batch": 1,
         "preprocessing": {"img_size": SIZE, "mean": [0.5] * 3, "std": [0.25] * 3},
-        "parity": {"passed": True, "batch1": {"cosine": 0.999, "max_abs": 0.01}, "batchN": {"cosine": 0.998},
-                   "note": ""},
+        "parity": {"passed": True, "batch_n": 8, "note": "",
+                   "batch1": {"cosine": 0.999, "cosine_min": 0.998, "max_abs": 0.01, "mean_abs": 0.001, "images": 4,
+                              "neighbour_agreement": None, "passed": True},
+                   "batchN": {"cosine": 0.998, "cosine_min": 0.997, "max_abs": 0.02, "mean_abs": 0.002, "images": 8,
+                              "neighbour_agreement": 1.0, "agreement_kind": "knn_top1", "passed": True}},
         "latency": {"ms": 5.0, "stat": "p90", "source": "predicted", "expected_error": 0.2},
         "candidates": {"choice": {"depth": 4, "precision": "int8"}, "candidates": []},
     }
@@ -72,6 +75,7 @@ def test_report_states_choice_sources_and_how_to_run(tmp_path, spec):
     report = (write_bundle(tmp_path, spec) / "report.md").read_text()
     assert "depth 4 (int8)" in report and "source: **predicted**" in report
     assert "4      int8       chosen" in report
+    assert "| batch 8 | 8 | 0.998000 / 0.997000 | 100.0% (knn_top1) | 0.02 | 0.002 | yes |" in report
     assert "python infer.py" in report and "python validate.py ." in report
     assert "onnxruntime-gpu" in report  # jetson needs the GPU build
 
