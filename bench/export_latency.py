@@ -240,7 +240,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     args.batches = [1] if args.quick else [1, 8]
-    args.repeats, args.rounds = (5, 2) if args.quick else (8, 3)
+    args.repeats, args.rounds = (5, 2) if args.quick else (6, 3)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
 
