@@ -10,7 +10,8 @@ ViT-safe defaults: only the weight GEMMs are quantized (``MatMul`` whose second 
 ``Gemm``, the patch-embedding ``Conv``). LayerNorm, Softmax, GELU/Erf, the residual Adds and the
 attention's activation x activation MatMuls (q @ k^T, attn @ v) stay float: they hold the outliers and
 the softmax's dynamic range that int8 loses, and they are a small share of the FLOPs. Weights are
-quantized per output channel (symmetric int8), activations per tensor (uint8 asymmetric: the dynamic
+quantized per output channel (symmetric int8; on the embedded checkpoint's depth 12 it lifts the worst
+image's cosine from 0.99976 to 0.99987 dynamic, 0.99957 to 0.99985 static, at no cost in speed), activations per tensor (uint8 asymmetric: the dynamic
 kernel ONNX Runtime has on x86). For x86 targets without VNNI (this AVX2 host, the ``avx2`` /
 ``avx512`` presets) weights use 7 bits (``reduce_range``), because their u8 x s8 kernel saturates
 int16 sums: see :func:`reduce_range_for` for the measurements. (optimum's own defaults quantize
