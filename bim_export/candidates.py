@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -148,15 +149,45 @@ class Workshop:
         key = (depth, precision, opset, preset if precision == "int8" else None, multi_exit)
         if key in self._models:
             return self._models[key]
-        full = self.full_graph(precision, opset, preset)
         path = self.work / ("-".join(str(k) for k in (f"d{depth}", *key[1:4]) if k is not None)
                             + ("-multi" if multi_exit else "") + ".onnx")
         depths = [d for d in self.ckpt.config["exits"] if d <= depth] if multi_exit else [depth]
-        cut_exits(full, path, depths, single=not multi_exit)
-        if full in self.conversions:
-            self.conversions[path] = self.conversions[full]
+        if self.too_big_to_cut:
+            self._export_depth(depth, depths, precision, opset, preset, multi_exit, path)
+        else:
+            full = self.full_graph(precision, opset, preset)
+            cut_exits(full, path, depths, single=not multi_exit)
+            if full in self.conversions:
+                self.conversions[path] = self.conversions[full]
         self._models[key] = path
         return path
+
+    @cached_property
+    def too_big_to_cut(self) -> bool:
+        """Whether the all-exits graph would pass protobuf's 2 GB limit (ViT-H and up): each depth is
+        then exported and converted on its own, its weights as external data."""
+        bb = self.backbone(max(self.ckpt.config["exits"]))
+        return sum(p.numel() for p in bb.parameters()) * 4 > 1_500_000_000
+
+    def parity_graph(self, depth: int, precision: str, opset: int, preset: str | None) -> tuple[Path, bool]:
+        """The graph a candidate's parity is judged on, and whether its outputs carry the exit suffix."""
+        if self.too_big_to_cut:
+            return self.model(depth, precision, opset, preset), False
+        return self.full_graph(precision, opset, preset), True
+
+    def _export_depth(self, depth, depths, precision, opset, preset, multi_exit, path) -> None:
+        if precision == "fp32":
+            from .export import export_onnx
+
+            exits = {d: self.backbone(d) for d in depths} if multi_exit else None
+            export_onnx(self.backbone(depth), path, opset=opset, img_size=self.ckpt.config["img_size"],
+                        metadata={**self.metadata("fp32"), "depth": depth}, multi_exit=multi_exit, exits=exits)
+        else:
+            from .quantize import convert_precision
+
+            src = self.model(depth, "fp32", opset, multi_exit=multi_exit)
+            calib = self.images.calib if precision == "int8" else None
+            self.conversions[path] = convert_precision(src, path, precision, calib_x=calib, preset=preset).to_dict()
 
     def onnx_outputs(self, model: Path) -> dict[str, dict[str, np.ndarray]]:
         """ONNX Runtime (CPU EP) outputs on the parity images at batch 1 and batch n."""
@@ -357,8 +388,8 @@ def evaluate_candidates(shop: Workshop, profile, progress=None) -> list[Trial]:
             continue
         # Judged on the all-exits graph the candidate was cut from (the same nodes; one session per
         # precision instead of one per depth); the chosen file is re-checked before it is bundled.
-        full = shop.full_graph(t.precision, profile.opset, profile.int8_preset)
-        t.parity = check_parity(shop, t.depth, t.precision, full, profile.tolerance(t.precision), multi_exit=True)
+        graph, suffixed = shop.parity_graph(t.depth, t.precision, profile.opset, profile.int8_preset)
+        t.parity = check_parity(shop, t.depth, t.precision, graph, profile.tolerance(t.precision), multi_exit=suffixed)
         if t.precision == "fp32" and not t.parity.passed:
             raise ValidationError(
                 f"fp32 parity failed at depth {t.depth} ({t.parity.summary()}): the ONNX export does not "

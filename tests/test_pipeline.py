@@ -225,3 +225,13 @@ def test_cut_exit_graphs_match_their_backbone(shop):
     assert shallow.ByteSize() < deep.ByteSize()  # the blocks after exit 2 are not in its graph
     multi = onnx.load(str(shop.model(4, "fp32", 17, multi_exit=True)))
     assert [o.name for o in multi.graph.output] == ["tokens_2", "embedding_2", "tokens_4", "embedding_4"]
+
+
+def test_models_too_big_to_cut_are_exported_per_depth(tiny_checkpoint, tmp_path, generous):
+    ckpt = load_checkpoint(tiny_checkpoint)
+    big = Workshop(ckpt, load_images(None, ckpt.config), tmp_path)
+    big.too_big_to_cut = True  # as for a ViT-H, whose all-exits graph passes 2 GB
+    trials = evaluate_candidates(big, generous)
+    assert not any(p.name.startswith("all-exits") for p in tmp_path.iterdir())
+    assert all(t.parity.passed for t in trials if t.precision == "fp32")
+    assert big.parity_graph(2, "fp32", 17, None) == (big.model(2, "fp32", 17), False)
