@@ -198,11 +198,11 @@ def _classify(node, consts: set[str], shapes, dtypes) -> str:
     outs = [o for o in node.output if o]
     from onnx import TensorProto
 
-    if outs and all(shapes.get(o) is not None and _numel(shapes[o]) <= 16 for o in outs):
-        return "view"  # shape arithmetic on a handful of scalars
     if op in _GEMM_OPS:
         weight_const = any(i in consts for i in node.input[1:2])
         return "gemm" if (weight_const or op.startswith(("Conv", "Gemm", "QLinearConv"))) else "matmul"
+    if outs and all(shapes.get(o) is not None and _numel(shapes[o]) <= 16 for o in outs):
+        return "view"  # shape arithmetic on a handful of scalars
     if op in _SOFTMAX_OPS:
         return "softmax"
     if op in _NORM_OPS:

@@ -73,6 +73,8 @@ def test_matmul_and_gemm_flops_are_analytic(tmp_path):
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])], [b, c])
     (node,) = graph_cost(_save(g, tmp_path / "gemm.onnx"), batch=5).nodes
     assert node.flops == 2 * 5 * 8 * 16 + 5 * 16  # multiply-adds plus the bias
+    (node,) = graph_cost(tmp_path / "gemm.onnx", batch=1).nodes  # a 16-value output is still a GEMM
+    assert (node.cls, node.flops) == ("gemm", 2 * 8 * 16 + 16)
 
 
 def test_matmul_integer_is_int8_class(tmp_path):
