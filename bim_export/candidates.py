@@ -158,7 +158,8 @@ class Workshop:
             full = self.full_graph(precision, opset, preset)
             cut_exits(full, path, depths, single=not multi_exit)
             if full in self.conversions:
-                self.conversions[path] = self.conversions[full]
+                self.conversions[path] = {**self.conversions[full],
+                                          "graph": "converted as the all-exits graph, this depth cut out of it"}
         self._models[key] = path
         return path
 

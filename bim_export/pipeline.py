@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .candidates import (Trial, Workshop, as_dict, check_parity, evaluate_candidates, latency_value, load_images,
@@ -61,7 +61,7 @@ class Outcome:
     table: str = ""
     stat: str = "p50"
     budget_ms: float | None = None
-    extra: dict = field(default_factory=dict)
+    latency_source: str = ""
 
 
 def export_profile(shop: Workshop, profile, out: Path, multi_exit: bool = False, progress=None) -> Outcome:
@@ -90,9 +90,9 @@ def export_profile(shop: Workshop, profile, out: Path, multi_exit: bool = False,
         for d in parity["exits"]:
             reference.update({f"{k}_{d}": v[:n] for k, v in shop.reference(int(d)).items()})
     manifest = bundle_manifest(shop, profile, selection, choice, parity, multi_exit)
-    points = [PlotPoint(t.depth, t.precision, latency_value(t.latency, stat) if t.latency is not None else None, t.quality,
-                        rejected=_rejection(selection, t), chosen=t is choice,
-                        source=source_label(t.latency) if t.latency is not None else "")
+    points = [PlotPoint(t.depth, t.precision, None if t.latency is None else latency_value(t.latency, stat),
+                        t.quality, rejected=_rejection(selection, t), chosen=t is choice,
+                        source="" if t.latency is None else source_label(t.latency))
               for t in trials]
     chosen_row = next(r for r in selection.rows if r.status == "chosen")
     lat_ms = latency_value(choice.latency, stat)
@@ -105,7 +105,7 @@ def export_profile(shop: Workshop, profile, out: Path, multi_exit: bool = False,
                       budget_ms=budget or float("nan"), latency_stat=stat, why=why)
     bundle = write_bundle(out, spec)
     return Outcome(profile.name, bundle, choice, table=selection.table(), stat=stat, budget_ms=budget,
-                   extra={"latency_source": manifest["latency"]["source"]})
+                   latency_source=manifest["latency"]["source"])
 
 
 def bundle_manifest(shop: Workshop, profile, selection, choice: Trial, parity: dict, multi_exit: bool) -> dict:
@@ -128,8 +128,7 @@ def bundle_manifest(shop: Workshop, profile, selection, choice: Trial, parity: d
         "parity": {**parity, "tolerances": tolerances},
         "latency": {**as_dict(lat), "model": "model.onnx", "ms": latency_value(lat, stat), "stat": stat,
                     "source": source_label(lat), "budget_ms": profile.budgets.latency_ms},
-        "conversion": {**shop.conversions.get(choice.model, {"precision": "fp32", "method": "export"}),
-                       "graph": "converted as the all-exits graph, then this depth cut out of it"},
+        "conversion": shop.conversions.get(choice.model, {"precision": "fp32", "method": "export"}),
         "memory_mb": choice.memory_mb, "size_mb": choice.size_mb,
         "quality": {"metric": "knn_top1", "value": choice.quality,
                     "dataset": shop.ckpt.metrics.get("exits", {}).get(str(choice.depth), {}).get("knn_dataset")},
@@ -226,7 +225,7 @@ def describe(o: Outcome) -> str:
     lat = latency_value(c.latency, o.stat)
     return "\n".join([
         o.table.rstrip(), "",
-        f"{o.profile}: depth {c.depth} {c.precision}, {lat:.2f} ms {o.stat} ({o.extra.get('latency_source')})"
+        f"{o.profile}: depth {c.depth} {c.precision}, {lat:.2f} ms {o.stat} ({o.latency_source})"
         + (f", budget {o.budget_ms:g} ms" if o.budget_ms else "") + f", parity {c.parity.summary()}",
         f"bundle: {o.bundle}",
     ])
@@ -242,7 +241,7 @@ def summary_table(outcomes: list[Outcome]) -> str:
             continue
         c = o.choice
         rows.append((o.profile, str(c.depth), c.precision, f"{latency_value(c.latency, o.stat):.2f} ms {o.stat}",
-                     o.extra.get("latency_source", ""), f"{o.budget_ms:g} ms" if o.budget_ms else "none",
+                     o.latency_source, f"{o.budget_ms:g} ms" if o.budget_ms else "none",
                      f"{c.quality:.1%}" if c.quality is not None else "n/a", str(o.bundle)))
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731

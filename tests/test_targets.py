@@ -94,9 +94,14 @@ def test_server_gpu_and_mobile_fallback(common):
     import mobile
     import server_gpu
 
-    assert [common.provider_name(p) for p in common.choose_providers(server_gpu.preferred_providers(), ["CPUExecutionProvider"])] == ["CPUExecutionProvider"]
-    assert common.provider_name(common.choose_providers(server_gpu.preferred_providers(), ["CUDAExecutionProvider"])[0]) == "CUDAExecutionProvider"
-    assert [common.provider_name(p) for p in common.choose_providers(mobile.PREFERRED, ["NnapiExecutionProvider", "CPUExecutionProvider"])] == ["NnapiExecutionProvider", "CPUExecutionProvider"]
+    def names(preferred, available):
+        return [common.provider_name(p) for p in common.choose_providers(preferred, available)]
+
+    assert names(server_gpu.preferred_providers(), ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert names(server_gpu.preferred_providers(), ["CUDAExecutionProvider"]) == ["CUDAExecutionProvider",
+                                                                                   "CPUExecutionProvider"]
+    assert names(mobile.PREFERRED, ["NnapiExecutionProvider", "CPUExecutionProvider"]) == ["NnapiExecutionProvider",
+                                                                                           "CPUExecutionProvider"]
 
 
 def test_cosine_topk(common):
