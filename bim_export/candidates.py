@@ -1,9 +1,9 @@
 """Candidates for a device: every exit depth x precision, built, pruned, parity-checked and timed.
 
-One :class:`Workshop` per run makes each depth x precision x opset ONNX file once (export, or
-conversion of the fp32 export), the PyTorch reference outputs once per depth and the ONNX Runtime
-outputs once per file; every profile of the run reuses them. For one profile,
-:func:`evaluate_candidates` then:
+One :class:`Workshop` per run exports every exit in ONE multi-exit graph, converts that graph once
+per precision (and int8 preset), and cuts each depth's graph out of it; it also computes the
+PyTorch reference outputs once per depth and the ONNX Runtime outputs once per graph. Every profile
+of the run reuses them. For one profile, :func:`evaluate_candidates` then:
 
 1. predicts each candidate's latency from its graph and rejects those far over the budget, before
    anything is run or timed;
@@ -271,6 +271,8 @@ def _topological_sort(graph) -> None:
 
 @dataclass
 class Parity:
+    """Parity of one graph at batch 1 and batch n (ParityResults of the validate module)."""
+
     passed: bool
     batch1: Any  # ParityResult
     batchN: Any
@@ -278,7 +280,7 @@ class Parity:
 
     def to_dict(self) -> dict:
         return {"passed": self.passed, "batch1": as_dict(self.batch1), "batchN": as_dict(self.batchN),
-                "batch_n": PARITY_IMAGES, "provider": "CPUExecutionProvider", "note": self.note}
+                "batch_n": self.batchN.images, "provider": "CPUExecutionProvider", "note": self.note}
 
     def summary(self) -> str:
         """One line for the candidate table: the misses if it failed, else cosine and agreement."""
