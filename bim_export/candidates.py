@@ -419,7 +419,8 @@ def to_candidates(trials: list[Trial], profile) -> list:
             depth=t.depth, precision=t.precision, quality=t.quality, parity_passed=passed, parity_note=note,
             latency_ms=latency_value(t.latency, stat) if t.latency is not None else None,
             latency_stat=stat,
-            latency_source=source_label(t.latency) if t.latency is not None else "none",
+            latency_source=("none" if t.latency is None else source_label(t.latency))
+            + (" (pruned: not run)" if t.pruned else ""),
             expected_error=getattr(t.latency, "expected_error", None),
             memory_mb=t.memory_mb, size_mb=t.size_mb))
     return out
