@@ -145,7 +145,8 @@ def run_gpu(args) -> dict:
     tiny = args.device == "torch-cpu" or args.quick
     img, batches = (64, (1, 2)) if args.device == "torch-cpu" else (224, (1, 32))
     warmup, repeats, rounds = (2, 3, 3) if tiny else (10, 20, 5)
-    profile = load_profile(args.profile)
+    # the CPU dry run predicts against this machine's measured figures, the GPU run against the profile's
+    profile = load_profile(args.profile or ("server-gpu" if device == "cuda" else "host"))
     hw = profile_hardware(profile)
     card = torch.cuda.get_device_name(0) if device == "cuda" else "cpu (torch eager dry run)"
     t0 = time.time()
@@ -161,7 +162,7 @@ def run_gpu(args) -> dict:
                                                    **s).eval().to(device)
     timed = time_torch(models, batches, img, device, warmup, repeats, rounds)
     calib_keys = [(("ViT-S", d), b) for d in (3, 12) for b in batches]
-    prior = default_factors("gpu", hw)
+    prior = default_factors(profile.device_class, hw)
     fac = fit_factors([(costs[k], timed[k]["ms"] / 1e3) for k in calib_keys], prior, label=f"torch eager on {card}")
     rows = []
     for k in costs:
@@ -221,7 +222,8 @@ def main() -> int:
     ap.add_argument("--clock", choices=("wall", "thread-cpu"), default="wall",
                     help="thread-cpu: one thread, timed by its CPU time (a cross-check on a busy shared machine; "
                          "the protocol's figures are wall-clock)")
-    ap.add_argument("--profile", default="server-gpu", help="GPU profile whose hardware figures are used")
+    ap.add_argument("--profile", default=None,
+                    help="profile whose hardware figures are used (default: server-gpu; host for torch-cpu)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     load_before = os.getloadavg()
