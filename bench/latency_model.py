@@ -140,6 +140,8 @@ def run_gpu(args) -> dict:
     from bim_export.profiles import load_profile
 
     device = "cuda" if args.device == "cuda" else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(1)  # OpenMP threads on a shared 2-core machine wait out whole time slices
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda but torch sees no CUDA device")
     tiny = args.device == "torch-cpu" or args.quick
