@@ -62,8 +62,8 @@ SIZES = {
 
 # The quality comparison: the small ViT and schedule of tests/test_quality.py (16 tokens, a high
 # learning rate; under ~300 steps the features do not yet beat the untrained model's).
-QUALITY = dict(model="vit_tiny_patch16_224", exits=[2, 4], decoder=(1, 64, 2), steps=400, batch_size=128,
-               lr=1.5e-3, mask_ratio=0.75, norm_pix_loss=True, eval_images=5000,
+QUALITY = dict(model="vit_tiny_patch16_224", exits=[2, 4], decoder=(1, 128, 4), steps=700, batch_size=128,
+               lr=2e-3, warmup_steps=50, mask_ratio=0.75, norm_pix_loss=True, eval_images=5000,
                model_args={"img_size": 28, "patch_size": 7, "embed_dim": 64, "depth": 4, "num_heads": 4,
                            "global_pool": "avg"})
 QUALITY_QUICK = dict(QUALITY, steps=20, batch_size=32, eval_images=1000)
@@ -228,6 +228,7 @@ def _quality(tmp: Path, device: str, q: dict) -> dict:
                           exits=exits, mode=mode, decoder_depth=d_depth, decoder_width=d_width,
                           decoder_heads=d_heads, mask_ratio=q["mask_ratio"], norm_pix_loss=q["norm_pix_loss"],
                           mean=mean, std=std, steps=q["steps"], batch_size=q["batch_size"], lr=q["lr"],
+                          warmup_steps=min(q["warmup_steps"], q["steps"] // 2),
                           num_workers=0, progress=False, save_every=q["steps"], log_every=1,
                           save_train_state=False, device=device)
         t0 = time.perf_counter()
