@@ -256,7 +256,9 @@ def predict_latency(path: str | os.PathLike, profile, batch: int | None = None, 
     else:
         error = None
     cost = graph_cost(path, batch)
-    ms = roofline_seconds(roofline_features(cost, hw), factors) * 1e3
+    # TensorRT builds int8 engines from QDQ graphs by fusing each Q/DQ pair into its neighbours.
+    fuse_qdq = bool(profile.execution_providers) and profile.execution_providers[0] == "TensorrtExecutionProvider"
+    ms = roofline_seconds(roofline_features(cost, hw, fuse_qdq=fuse_qdq), factors) * 1e3
     return LatencyResult(mean=ms, p50=ms, p90=ms, p99=ms, source=source, batch=batch, model=os.fspath(path),
                          profile=profile.name, providers=list(profile.execution_providers),
                          settings={"factors": factors.to_dict(), "hardware": hw.signature(),

@@ -120,12 +120,17 @@ def default_factors(device_class: str, hardware: Hardware) -> CostFactors:
     return f
 
 
-def roofline_features(cost: GraphCost, hw: Hardware) -> dict[str, float]:
-    """Roofline seconds per node class at efficiency 1, and the overhead-weighted node count."""
+def roofline_features(cost: GraphCost, hw: Hardware, *, fuse_qdq: bool = False) -> dict[str, float]:
+    """Roofline seconds per node class at efficiency 1, and the overhead-weighted node count.
+
+    Args:
+        fuse_qdq: the runtime folds QuantizeLinear / DequantizeLinear into its int8 kernels
+            (TensorRT does), so they cost neither time nor a launch.
+    """
     feats: dict[str, float] = Counter()
     nodes = 0.0
     for n in cost.nodes:
-        if n.cls == "free":
+        if n.cls == "free" or (fuse_qdq and n.cls == "quant"):
             continue
         if n.cls == "view":
             nodes += VIEW_OVERHEAD_WEIGHT

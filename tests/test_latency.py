@@ -228,6 +228,23 @@ def test_gpu_profile_prediction_is_labelled_predicted(vits):
     assert latency.predict_latency(vits[4], "server-gpu", batch=256).p50 > p1.p50
 
 
+def test_tensorrt_profile_fuses_qdq_so_int8_beats_fp32(vits, tmp_path):
+    """TensorRT folds Q/DQ into int8 kernels: on a Jetson, static int8 must not cost more than fp32."""
+    from bim_export.quantize import convert_precision
+
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    q = tmp_path / "int8.onnx"
+    convert_precision(vits[4], q, "int8", calib_x=x, method="static")
+    cost = graph_cost(q, 1)
+    assert any(n.cls == "quant" for n in cost.nodes)
+    hw = Hardware(peak_gflops={"fp32": 1280, "int8": 20480}, mem_bandwidth_gbs=68, launch_overhead_us=10)
+    fused, unfused = roofline_features(cost, hw, fuse_qdq=True), roofline_features(cost, hw)
+    assert fused["nodes"] < unfused["nodes"] and "quant" not in fused
+    fp32 = latency.predict_latency(vits[4], "jetson", batch=1).p50
+    int8 = latency.predict_latency(q, "jetson", batch=1).p50
+    assert int8 < fp32
+
+
 # -------------------------------------------------------------------------------- calibration
 
 
