@@ -15,7 +15,6 @@ so an interrupted export leaves only what was there before)::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import shutil
@@ -30,6 +29,7 @@ import numpy as np
 from . import __version__
 from .atomic import atomic_dir
 from .resources import resource_dir
+from .validate import sha256_file
 
 FORMAT_VERSION = 1
 SCRIPT_NOTES = {
@@ -194,14 +194,6 @@ def onnx_io(path: Path) -> dict[str, Any]:
         return [d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in vi.type.tensor_type.shape.dim]
 
     return {"input": graph.input[0].name, "outputs": [{"name": o.name, "shape": shape(o)} for o in graph.output]}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def file_hashes(root: Path) -> dict[str, str]:

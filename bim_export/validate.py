@@ -321,7 +321,8 @@ def run_parity(onnx_path, backbone, x: np.ndarray, tolerances=None, labels=None,
 # ------------------------------------------------------------------------------ bundle check
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (the bundle's manifest and its check use it)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -451,7 +452,7 @@ def validate_bundle(bundle_dir, check_latency: bool | None = None, providers=Non
         f = root / name
         if not f.is_file():
             failures.append(f"{name}: listed in the manifest but missing")
-        elif _sha256(f) != digest:
+        elif sha256_file(f) != digest:
             failures.append(f"{name}: sha256 differs from the manifest (file changed since export)")
 
     with np.load(ref_path) as npz:
