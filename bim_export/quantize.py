@@ -326,7 +326,15 @@ def _quantize_optimum(src, dst, tmp, method, preset, per_channel, nodes, x, cali
     if preset in ("avx2", "avx512"):
         kwargs["reduce_range"] = reduce_range_for(preset)
     config = make(**kwargs)
-    quantizer = ORTQuantizer.from_pretrained(src.parent, file_name=src.name)
+    # ORTQuantizer looks for a transformers config beside the model and warns when there is none;
+    # a timm backbone never has one, so the warning only alarms the user.
+    optimum_log = logging.getLogger("optimum.onnxruntime.quantization")
+    level = optimum_log.level
+    optimum_log.setLevel(logging.ERROR)
+    try:
+        quantizer = ORTQuantizer.from_pretrained(src.parent, file_name=src.name)
+    finally:
+        optimum_log.setLevel(level)
     ranges = _calibration_ranges(src, tmp, x, calibration_method) if config.is_static else None
     out_dir = tmp / "optimum"
     written = quantizer.quantize(config, out_dir, calibration_tensors_range=ranges)
