@@ -30,8 +30,8 @@ class TrainConfig(BaseModel):
     mode: Literal["bim", "e2e"] = Field("bim", description="bim: a decoder per exit, gradients stop between "
                                         "stages; e2e: MAE baseline, one decoder at the last exit")
     decoder_depth: int | None = Field(None, ge=1, description="decoder blocks (default: 1 for bim, 8 for e2e)")
-    decoder_width: int | None = Field(None, ge=4, description="decoder width (default: 128 for bim, 512 for e2e)")
-    decoder_heads: int | None = Field(None, ge=1, description="decoder attention heads (default: 4 / 16)")
+    decoder_width: int | None = Field(None, ge=4, description="decoder width (default: 256 for bim, 512 for e2e)")
+    decoder_heads: int | None = Field(None, ge=1, description="decoder attention heads (default: 8 for bim, 16 for e2e)")
     mask_ratio: float = Field(0.75, gt=0, lt=1, description="fraction of patches masked")
     loss_weights: list[float] | None = Field(None, description="one weight per decoder (default 1.0 each)")
     norm_pix_loss: bool = Field(True, description="reconstruct per-patch normalized pixels (MAE)")
