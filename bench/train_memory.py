@@ -282,14 +282,9 @@ def machine(device: str, threads: int | None) -> dict:
     import timm
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from bim_export.latency import machine_description
+
+    cpu = machine_description()["cpu"]
     info = {"cpu": cpu, "cores": os.cpu_count(), "threads": threads or torch.get_num_threads(),
             "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
             "os": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M")}

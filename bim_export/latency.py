@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import platform
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from pathlib import Path
 from .costmodel import GraphCost, graph_cost, predict_memory
 from .roofline import Hardware, default_factors, roofline_features, roofline_seconds
 from .errors import InputError
+from .validate import machine_description
 
 __all__ = ["LatencyResult", "measure_onnx", "measure_many", "measure_host_hardware", "measure_gemm_throughput",
            "graph_cost", "GraphCost", "predict_latency", "predict_memory", "latency_for_profile", "calibrate",
@@ -82,19 +82,6 @@ class LatencyResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def machine_description() -> dict:
-    """What this machine is, for the record next to every measurement."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return {"cpu": cpu, "logical_cores": os.cpu_count(), "os": f"{platform.system()} {platform.release()}",
-            "python": platform.python_version()}
 
 
 # ---------------------------------------------------------------------------------- measuring

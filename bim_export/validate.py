@@ -330,21 +330,17 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _machine() -> dict:
+def machine_description() -> dict:
+    """What this machine is, for the record next to every measurement (stdlib only: runs on devices)."""
+    cpu = platform.processor() or platform.machine()
     try:
-        from bim_export.latency import machine_description
-
-        return machine_description()
-    except ImportError:
-        cpu = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8") as f:
-                names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith(("model name", "Model"))]
-            cpu = names[0] if names else cpu
-        except OSError:
-            pass
-        return {"cpu": cpu, "logical_cores": os.cpu_count(), "os": f"{platform.system()} {platform.release()}",
-                "python": platform.python_version()}
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith(("model name", "Model"))]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return {"cpu": cpu, "logical_cores": os.cpu_count(), "os": f"{platform.system()} {platform.release()}",
+            "python": platform.python_version()}
 
 
 def _time_session(session, x: np.ndarray, warmup: int = 5, repeats: int = 20, rounds: int = 3) -> dict:
@@ -488,7 +484,7 @@ def validate_bundle(bundle_dir, check_latency: bool | None = None, providers=Non
 
     record = {
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": _machine(), "providers": session.get_providers(),
+        "machine": machine_description(), "providers": session.get_providers(),
         "onnxruntime": __import__("onnxruntime").__version__,
         "parity": parity.to_dict(), "latency": latency, "latency_checked": bool(check_latency),
         "passed": not failures, "failures": failures,
