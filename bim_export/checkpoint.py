@@ -31,6 +31,8 @@ REQUIRED_CONFIG_KEYS = ("format_version", "arch", "model_args", "exits", "decode
 # What a later save, or a training run with the same --out, may replace.
 CHECKPOINT = OutputKind("checkpoint", keys=("format_version", "bim_export_version", "exits"), marker=CONFIG,
                         names=frozenset({WEIGHTS, CONFIG, METRICS, TRAIN_STATE, LOG}))
+# A metrics.json written outside its checkpoint (``bim-export eval --metrics-out``).
+METRICS_FILE = OutputKind("metrics file", keys=("exits",))
 
 
 @dataclass
@@ -141,13 +143,18 @@ def write_metrics(path: str | os.PathLike, metrics: dict) -> None:
     atomic_write_bytes(Path(path) / METRICS, (json.dumps(metrics, indent=2) + "\n").encode())
 
 
+def merge_exit_metrics(metrics: dict, per_exit: dict[int | str, dict]) -> dict:
+    """``metrics`` (metrics.json content) with per-exit figures merged in; ``metrics`` is not changed."""
+    merged = {**metrics, "exits": {d: dict(m) for d, m in metrics.get("exits", {}).items()}}
+    for depth, figures in per_exit.items():
+        merged["exits"].setdefault(str(depth), {}).update(figures)
+    return merged
+
+
 def update_exit_metrics(path: str | os.PathLike, per_exit: dict[int | str, dict]) -> dict:
     """Merges per-exit figures into a checkpoint's metrics.json (atomically) and returns the result."""
     path = Path(path)
-    metrics = _read_json(path / METRICS) if (path / METRICS).exists() else {}
-    exits = metrics.setdefault("exits", {})
-    for depth, figures in per_exit.items():
-        exits.setdefault(str(depth), {}).update(figures)
+    metrics = merge_exit_metrics(_read_json(path / METRICS) if (path / METRICS).exists() else {}, per_exit)
     write_metrics(path, metrics)
     return metrics
 

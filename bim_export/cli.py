@@ -96,15 +96,19 @@ def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="kNN and linear probe of every exit on a labelled folder", description=_cmd_eval.__doc__)
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--data", type=Path, required=True, help="labelled image folder (one sub-folder per class)")
+    p.add_argument("--metrics-out", type=Path, default=None, metavar="FILE",
+                   help="write the figures (metrics.json format) to FILE instead of the checkpoint's metrics.json")
     p.set_defaults(func=_cmd_eval)
 
 
 def _cmd_eval(args) -> int:
     """kNN top-1 and linear-probe top-1 of every exit of a checkpoint on a labelled image folder;
-    the figures are written into the checkpoint's metrics.json."""
+    the figures are written into the checkpoint's metrics.json, or to --metrics-out FILE. The
+    checkpoint that ships with bim-export is never rewritten: without --metrics-out its figures
+    are only printed."""
     from .evaluate import evaluate_checkpoint
 
-    print(evaluate_checkpoint(args.checkpoint, args.data))
+    print(evaluate_checkpoint(args.checkpoint, args.data, metrics_out=args.metrics_out))
     return 0
 
 

@@ -170,6 +170,18 @@ def _calibrate_out_is_a_user_file(tmp, ckpt):
     return ["calibrate", "--profile", "host", "--out", str(f)], f, "is not a bim-export calibration file"
 
 
+def _eval_metrics_out_is_a_user_file(tmp, ckpt):
+    f = _user_file(tmp / "metrics.json")
+    argv = ["eval", str(ckpt), "--data", str(sample_images_dir()), "--metrics-out", str(f)]
+    return argv, f, "is not a bim-export metrics file"
+
+
+def _eval_metrics_out_inside_shipped_assets(tmp, ckpt):
+    shipped = resource_dir("assets") / "default_checkpoint" / "metrics.json"
+    argv = ["eval", str(ckpt), "--data", str(sample_images_dir()), "--metrics-out", str(shipped)]
+    return argv, resource_dir("assets"), "ship with bim-export"
+
+
 OUTPUT_CASES = [
     pytest.param(_train_out_is_its_data, id="train-out-is-its-own-data-folder"),
     pytest.param(_train_out_is_a_file, id="train-out-is-a-file"),
@@ -188,6 +200,8 @@ OUTPUT_CASES = [
     pytest.param(_export_bundle_folder_is_a_file, id="export-bundle-folder-is-a-file"),
     pytest.param(_export_out_inside_shipped_assets, id="export-out-inside-shipped-assets"),
     pytest.param(_calibrate_out_is_a_user_file, id="calibrate-out-is-a-user-file"),
+    pytest.param(_eval_metrics_out_is_a_user_file, id="eval-metrics-out-is-a-user-file"),
+    pytest.param(_eval_metrics_out_inside_shipped_assets, id="eval-metrics-out-is-the-shipped-metrics"),
 ]
 
 
@@ -223,10 +237,15 @@ def _readonly_export(ro, ckpt):
     return _export_cmd(ckpt, ro / "exports"), "not writable"
 
 
+def _readonly_eval_in_place(ro, ckpt):
+    return ["eval", str(ro / "ckpt"), "--data", str(sample_images_dir())], "--metrics-out"
+
+
 READ_ONLY_CASES = [
     pytest.param(_readonly_train, id="train-out-in-read-only-folder"),
     pytest.param(_readonly_backbone, id="backbone-out-in-read-only-folder"),
     pytest.param(_readonly_export, id="export-out-in-read-only-folder"),
+    pytest.param(_readonly_eval_in_place, id="eval-checkpoint-in-read-only-folder"),
 ]
 
 
@@ -236,6 +255,7 @@ def _run_as_nobody(argv: list[str]) -> tuple[int, str]:
     import signal
 
     import bim_export.backbone  # noqa: F401 - the child cannot read the interpreter's own files
+    import bim_export.evaluate  # noqa: F401
     import bim_export.pipeline  # noqa: F401
     import bim_export.trainer  # noqa: F401
 
