@@ -69,7 +69,10 @@ def check_destination(dest: str | os.PathLike, kind: OutputKind) -> Path:
             ``kind`` of bim-export, is a file where a folder goes (or the reverse), or its folder
             cannot be written. The message names the path and the reason.
     """
-    dest = _follow(Path(dest))
+    dest = Path(dest)
+    if dest.name in ("", "..", "."):  # "." or "x/..": name the folder itself, not its parent's entry ""
+        dest = Path(os.path.abspath(dest))
+    dest = _follow(dest)
     check_not_shipped(dest)
     if os.path.lexists(dest):
         reason = _not_ours(dest, kind)
@@ -112,6 +115,7 @@ def check_writable(folder: str | os.PathLike) -> None:
                          "cannot be created)") + "; nothing was written")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"{existing}: not writable (permission denied); nothing was written")
+    remove_stale(existing, _PROBE_PREFIX)
     probe = existing / f"{_PROBE_PREFIX}{owner_tag()}"
     try:
         os.mkdir(probe)

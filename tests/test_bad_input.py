@@ -127,6 +127,11 @@ def _backbone_out_user_folder(tmp, ckpt):
     return ["backbone", str(ckpt), "--depth", "2", "--out", str(d)], d, "not part of a bim-export backbone"
 
 
+def _backbone_out_ends_in_dotdot(tmp, ckpt):
+    d = _user_folder(tmp / "photos")
+    return ["backbone", str(ckpt), "--depth", "2", "--out", str(d / "camera" / "..")], d, "not part of a bim-export"
+
+
 def _backbone_out_is_a_file(tmp, ckpt):
     f = _user_file(tmp / "notes.json")
     return ["backbone", str(ckpt), "--depth", "2", "--out", str(f)], f, "is a file"
@@ -192,6 +197,7 @@ OUTPUT_CASES = [
     pytest.param(_train_out_inside_shipped_assets, id="train-out-inside-shipped-assets"),
     pytest.param(_train_resume_shipped_checkpoint, id="train-resume-the-shipped-checkpoint"),
     pytest.param(_backbone_out_user_folder, id="backbone-out-is-a-user-folder"),
+    pytest.param(_backbone_out_ends_in_dotdot, id="backbone-out-ends-in-dotdot"),
     pytest.param(_backbone_out_is_a_file, id="backbone-out-is-a-file"),
     pytest.param(_backbone_out_is_a_checkpoint, id="backbone-out-is-a-checkpoint"),
     pytest.param(_backbone_out_inside_shipped_assets, id="backbone-out-is-the-shipped-checkpoint"),
