@@ -16,11 +16,15 @@ import json
 import os
 from pathlib import Path
 
-
-from .atomic import atomic_dir
+from .atomic import OutputKind, atomic_dir, check_destination
 from .checkpoint import Checkpoint, load_checkpoint
 from .errors import InputError
 from .model import encoder_args
+
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+# What a later ``bim-export backbone --out`` to the same folder may replace.
+BACKBONE = OutputKind("backbone", keys=("architecture", "bim_export"), marker=CONFIG,
+                      names=frozenset({WEIGHTS, CONFIG}))
 
 
 def backbone_model_args(config: dict, depth: int) -> dict:
@@ -58,11 +62,16 @@ def save_backbone(ckpt_or_path: Checkpoint | str | os.PathLike, depth: int, out:
 
     Returns:
         a short summary with the line of Python that loads it.
+
+    Raises:
+        InputError: a bad checkpoint or depth; ``out`` holds something other than a backbone, or
+            cannot be written (nothing is written).
     """
     from safetensors.torch import save_file
 
     ckpt = ckpt_or_path if isinstance(ckpt_or_path, Checkpoint) else load_checkpoint(ckpt_or_path)
     _check_depth(ckpt, depth)
+    out = check_destination(out, BACKBONE)
     model = build_backbone(ckpt, depth)
     cfg = ckpt.config
     model_args = backbone_model_args(cfg, depth)
@@ -82,13 +91,12 @@ def save_backbone(ckpt_or_path: Checkpoint | str | os.PathLike, depth: int, out:
                        "exits": ckpt.exits, "step": cfg.get("step"),
                        "metrics": ckpt.metrics.get("exits", {}).get(str(depth), {})},
     }
-    out = Path(out)
-    with atomic_dir(out) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"),
+    with atomic_dir(out, BACKBONE) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS),
                   metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(timm_config, indent=2) + "\n")
+        (tmp / CONFIG).write_text(json.dumps(timm_config, indent=2) + "\n")
     args = ", ".join(f"{k}={v!r}" for k, v in model_args.items())
     n_params = sum(p.numel() for p in model.parameters())
     return (f"{out}: depth-{depth} backbone of {cfg['arch']} ({n_params / 1e6:.2f} M parameters)\n"
             f"load: timm.create_model({cfg['arch']!r}, pretrained=True, num_classes=0, "
-            f"pretrained_cfg_overlay=dict(file={str(out / 'model.safetensors')!r}), {args})")
+            f"pretrained_cfg_overlay=dict(file={str(out / WEIGHTS)!r}), {args})")

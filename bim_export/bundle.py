@@ -15,6 +15,7 @@ so an interrupted export leaves only what was there before)::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import shutil
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .atomic import atomic_dir
+from .atomic import OutputKind, atomic_dir
 from .resources import resource_dir
 from .validate import sha256_file
 
@@ -46,6 +47,12 @@ SCRIPT_NOTES = {
 }
 MODEL, MANIFEST, REFERENCE, REPORT, PARETO = "model.onnx", "manifest.json", "reference.npz", "report.md", "pareto.png"
 INFER, COMMON, VALIDATE = "infer.py", "common.py", "validate.py"
+# What a later export of the same profile may replace: the bundle's files, and what its own scripts
+# add beside them on the device (mobile.py's model.ort, jetson.py's TensorRT engine cache, the
+# bytecode of common.py).
+BUNDLE = OutputKind("bundle", keys=("format_version", "bim_export_version", "profile", "files"), marker=MANIFEST,
+                    names=frozenset({MODEL, f"{MODEL}.data", MANIFEST, REFERENCE, REPORT, PARETO, INFER, COMMON,
+                                     VALIDATE, "model.ort", "trt_cache", "__pycache__"}))
 
 
 @dataclass
@@ -106,10 +113,22 @@ class BundleSpec:
     extra_files: dict[str, Path] = field(default_factory=dict)
 
 
+def bundle_kind(spec: BundleSpec | None = None) -> OutputKind:
+    """What ``out_dir/<profile>/`` may hold to be replaced by a new bundle (with ``spec``'s extra files)."""
+    if spec is None or not spec.extra_files:
+        return BUNDLE
+    return dataclasses.replace(BUNDLE, names=BUNDLE.names | set(spec.extra_files))
+
+
 def write_bundle(out_dir: str | Path, spec: BundleSpec) -> Path:
-    """Writes ``out_dir/<profile>/`` atomically and returns its path."""
+    """Writes ``out_dir/<profile>/`` atomically and returns its path.
+
+    Raises:
+        InputError: ``out_dir/<profile>`` holds something other than a bundle, or cannot be written
+            (see :func:`bim_export.atomic.check_destination`); nothing is written.
+    """
     dest = Path(out_dir) / spec.profile_name
-    with atomic_dir(dest) as tmp:
+    with atomic_dir(dest, bundle_kind(spec)) as tmp:
         write_model(spec.model_path, tmp / MODEL, {"profile": spec.profile_name,
                                                      "precision": str(spec.manifest.get("precision", ""))})
         np.savez(tmp / REFERENCE, **spec.reference)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .atomic import atomic_write_bytes
+from .atomic import OutputKind, atomic_write_bytes, check_destination
 from .costmodel import graph_cost
 from .roofline import CostFactors, Hardware, default_factors, fit_factors, roofline_features, roofline_seconds
 from .errors import InputError
@@ -29,6 +29,8 @@ from .errors import InputError
 FORMAT_VERSION = 1
 KIND = "bim-export-calibration"
 ENV_DIR = "BIM_EXPORT_CALIBRATION_DIR"
+# What a later calibration may replace at its file's place.
+CALIBRATION = OutputKind("calibration file", keys=("kind", "profile", "factors"))
 
 # Reference graphs: ViT-Ti and ViT-S widths at two depths, patch 16, 224 px, random weights.
 REFERENCE_MODELS = (
@@ -169,6 +171,10 @@ def calibrate(profile, out: str | os.PathLike | None = None, *, specs=None, batc
 
     Returns:
         A summary: each reference model's measured and fitted latency, and where the file went.
+
+    Raises:
+        InputError: a bad profile, no GPU provider here for a GPU profile, or an ``out`` that is not
+            a calibration file or cannot be written (checked before measuring).
     """
     from .latency import available_providers, measure_many
     from .profiles import load_profile
@@ -178,6 +184,7 @@ def calibrate(profile, out: str | os.PathLike | None = None, *, specs=None, batc
     batches = sorted(set(batches or [1, profile.batch]))
     gpu_eps = [e for e in profile.execution_providers if e != "CPUExecutionProvider"]
     hw = _hardware_of(profile)
+    dest = check_destination(Path(out) if out is not None else calibration_path(profile.name), CALIBRATION)
     available = available_providers()
     if profile.device_class == "gpu" and not set(gpu_eps) & set(available):
         raise InputError(f"profile '{profile.name}': none of execution_providers {gpu_eps} is available here "
@@ -202,9 +209,7 @@ def calibrate(profile, out: str | os.PathLike | None = None, *, specs=None, batc
         "measurements": [{"model": model_signature(specs[i // len(batches)]), "batch": b, "measured_ms": r.p50,
                           "fitted_ms": p} for i, ((_, b), r, p) in enumerate(zip(jobs, results, preds))],
     }
-    dest = Path(out) if out is not None else calibration_path(profile.name)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(dest, (json.dumps(record, indent=2) + "\n").encode())
+    atomic_write_bytes(dest, (json.dumps(record, indent=2) + "\n").encode(), CALIBRATION)
     lines = [f"calibrated {profile.name} on {record['machine'].get('cpu')} ({', '.join(used)})",
              f"{'model':<32} {'batch':>5} {'measured ms':>12} {'fitted ms':>10}"]
     lines += [f"{m['model']:<32} {m['batch']:>5} {m['measured_ms']:>12.3f} {m['fitted_ms']:>10.3f}"

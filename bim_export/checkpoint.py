@@ -21,13 +21,18 @@ from typing import Any
 import torch
 
 from . import __version__
-from .atomic import atomic_dir, atomic_write_bytes
+from .atomic import OutputKind, atomic_dir, atomic_write_bytes
 from .errors import InputError
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, METRICS, TRAIN_STATE, LOG = (
     "weights.safetensors", "config.json", "metrics.json", "train_state.pt", "log.jsonl")
 REQUIRED_CONFIG_KEYS = ("format_version", "arch", "model_args", "exits", "decoder", "mask_ratio", "mean", "std")
+# What a later save, or a training run with the same --out, may replace.
+CHECKPOINT = OutputKind("checkpoint", keys=("format_version", "bim_export_version", "exits"), marker=CONFIG,
+                        names=frozenset({WEIGHTS, CONFIG, METRICS, TRAIN_STATE, LOG}))
+# A metrics.json written outside its checkpoint (``bim-export eval --metrics-out``).
+METRICS_FILE = OutputKind("metrics file", keys=("exits",))
 
 
 @dataclass
@@ -73,7 +78,7 @@ class Checkpoint:
 def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], config: dict,
                     metrics: dict | None = None, train_state: dict | None = None,
                     log_lines: list[str] | None = None, weights_dtype: str = "fp32") -> Path:
-    """Writes a checkpoint directory atomically (replacing any previous one at ``path``).
+    """Writes a checkpoint directory atomically (replacing a previous checkpoint at ``path``).
 
     Args:
         state_dict: model weights (any float dtype; stored as ``weights_dtype``).
@@ -82,6 +87,10 @@ def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]
         train_state: optimizer / step / RNG for resume (tensors and plain types only).
         log_lines: JSON lines of the training log.
         weights_dtype: ``fp32`` or ``fp16`` (half the size, cast back to fp32 on load).
+
+    Raises:
+        InputError: ``path`` holds something other than a checkpoint, or cannot be written
+            (see :func:`bim_export.atomic.check_destination`); nothing is written.
     """
     from safetensors.torch import save_file
 
@@ -93,7 +102,7 @@ def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]
     config = {"format_version": FORMAT_VERSION, **config, "weights_dtype": weights_dtype,
               "bim_export_version": __version__}
     path = Path(path)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, CHECKPOINT) as tmp:
         save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
         _write_json(tmp / CONFIG, config)
         _write_json(tmp / METRICS, metrics if metrics is not None else {"step": config.get("step", 0), "exits": {}})
@@ -134,13 +143,18 @@ def write_metrics(path: str | os.PathLike, metrics: dict) -> None:
     atomic_write_bytes(Path(path) / METRICS, (json.dumps(metrics, indent=2) + "\n").encode())
 
 
+def merge_exit_metrics(metrics: dict, per_exit: dict[int | str, dict]) -> dict:
+    """``metrics`` (metrics.json content) with per-exit figures merged in; ``metrics`` is not changed."""
+    merged = {**metrics, "exits": {d: dict(m) for d, m in metrics.get("exits", {}).items()}}
+    for depth, figures in per_exit.items():
+        merged["exits"].setdefault(str(depth), {}).update(figures)
+    return merged
+
+
 def update_exit_metrics(path: str | os.PathLike, per_exit: dict[int | str, dict]) -> dict:
     """Merges per-exit figures into a checkpoint's metrics.json (atomically) and returns the result."""
     path = Path(path)
-    metrics = _read_json(path / METRICS) if (path / METRICS).exists() else {}
-    exits = metrics.setdefault("exits", {})
-    for depth, figures in per_exit.items():
-        exits.setdefault(str(depth), {}).update(figures)
+    metrics = merge_exit_metrics(_read_json(path / METRICS) if (path / METRICS).exists() else {}, per_exit)
     write_metrics(path, metrics)
     return metrics
 

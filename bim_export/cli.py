@@ -45,7 +45,9 @@ def _add_export(sub) -> None:
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", required=True, help="profile name or alias (jetson, mobile, ...), a YAML file, or 'all'")
     p.add_argument("--checkpoint", type=Path, default=None, help="BIM checkpoint directory (default: the one shipped)")
-    p.add_argument("--out", type=Path, default=Path("exports"), help="bundles go to OUT/<profile> (default: exports)")
+    p.add_argument("--out", type=Path, default=Path("exports"),
+                   help="bundles go to OUT/<profile> (default: exports); an existing OUT/<profile> is replaced "
+                        "only if it is an earlier bundle")
     p.add_argument("--data", type=Path, default=None, help="images for calibration and parity (default: built-in sample set)")
     p.add_argument("--multi-exit", action="store_true", help="one ONNX graph with an output per exit")
 
@@ -70,7 +72,8 @@ def _add_train(sub) -> None:
     p.add_argument("--data", type=Path, default=None, help="image folder (recursive; class sub-folders optional; default: the built-in sample images)")
     p.add_argument("--model", default=None, help="timm ViT name, e.g. vit_tiny_patch16_224")
     p.add_argument("--exits", type=_int_list, default=None, help="stage exits as block counts, e.g. 3,6,9,12")
-    p.add_argument("--out", type=Path, default=None, help="checkpoint directory, e.g. runs/NAME")
+    p.add_argument("--out", type=Path, default=None,
+                   help="checkpoint directory, e.g. runs/NAME: new, empty, or a checkpoint to --resume")
     p.add_argument("--eval-data", type=Path, default=None, help="labelled image folder for kNN / linear probe per exit")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any training setting (TrainConfig in bim_export/train_config.py; "
@@ -96,15 +99,19 @@ def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="kNN and linear probe of every exit on a labelled folder", description=_cmd_eval.__doc__)
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--data", type=Path, required=True, help="labelled image folder (one sub-folder per class)")
+    p.add_argument("--metrics-out", type=Path, default=None, metavar="FILE",
+                   help="write the figures (metrics.json format) to FILE instead of the checkpoint's metrics.json")
     p.set_defaults(func=_cmd_eval)
 
 
 def _cmd_eval(args) -> int:
     """kNN top-1 and linear-probe top-1 of every exit of a checkpoint on a labelled image folder;
-    the figures are written into the checkpoint's metrics.json."""
+    the figures are written into the checkpoint's metrics.json, or to --metrics-out FILE. The
+    checkpoint that ships with bim-export is never rewritten: without --metrics-out its figures
+    are only printed."""
     from .evaluate import evaluate_checkpoint
 
-    print(evaluate_checkpoint(args.checkpoint, args.data))
+    print(evaluate_checkpoint(args.checkpoint, args.data, metrics_out=args.metrics_out))
     return 0
 
 
@@ -115,7 +122,7 @@ def _add_backbone(sub) -> None:
     p = sub.add_parser("backbone", help="save the depth-d backbone as a plain timm model", description=_cmd_backbone.__doc__)
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--depth", type=int, required=True)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="folder: new, empty, or an earlier backbone (replaced)")
     p.set_defaults(func=_cmd_backbone)
 
 

@@ -13,6 +13,7 @@ and a query part. The metrics record which (``knn_dataset.protocol``).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -446,23 +447,51 @@ def format_metrics_table(metrics: dict, title: str = "") -> str:
     return "\n".join(([title] if title else []) + rows)
 
 
-def evaluate_checkpoint(path: str | Path, data_dir: str | Path) -> str:
-    """Evaluates every exit of a checkpoint on a labelled folder and records the figures in its
-    ``metrics.json`` (rewritten atomically; other entries, such as the reconstruction loss, kept).
+def evaluate_checkpoint(path: str | Path, data_dir: str | Path, metrics_out: str | Path | None = None) -> str:
+    """Evaluates every exit of a checkpoint on a labelled folder and records the figures.
+
+    Where they go: with ``metrics_out``, to that file (metrics.json's format: the checkpoint's
+    figures with the new ones merged in; the checkpoint is not touched); else into the checkpoint's
+    ``metrics.json`` (rewritten atomically; other entries, such as the reconstruction loss, kept),
+    except for the checkpoint that ships with bim-export: its metrics.json is what default exports
+    select on, so it is never rewritten and the figures are only printed.
 
     Returns:
-        A printable summary table.
+        A printable summary table, and where the figures were written (or that they were not).
+
+    Raises:
+        InputError: bad data or checkpoint; ``metrics_out`` is not a metrics file, or the place to
+            write cannot be written (checked before evaluating).
     """
     from . import checkpoint as ckpt_io
+    from .atomic import atomic_write_bytes, check_destination, check_writable, is_shipped
 
     data = load_eval_data(data_dir)  # bad data fails before the weights are read
     ckpt = ckpt_io.load_checkpoint(path)
+    shipped = metrics_out is None and is_shipped(ckpt.path)
+    if metrics_out is not None:
+        metrics_out = check_destination(metrics_out, ckpt_io.METRICS_FILE)
+    elif not shipped:
+        try:
+            check_writable(ckpt.path)
+        except InputError as e:
+            raise InputError(f"{e}; pass --metrics-out FILE to write the figures elsewhere") from None
     model = ckpt.build_model()
     cfg = ckpt.config
     img_size = model.encoder.patch_embed.img_size[0]
     results = evaluate_model(model, data, img_size, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
-    metrics = ckpt_io.update_exit_metrics(ckpt.path, results)
+    if metrics_out is not None:
+        metrics = ckpt_io.merge_exit_metrics(ckpt.metrics, results)
+        atomic_write_bytes(metrics_out, (json.dumps(metrics, indent=2) + "\n").encode(), ckpt_io.METRICS_FILE)
+        where = f"written to {metrics_out} ({ckpt.path} unchanged)"
+    elif shipped:
+        metrics = ckpt_io.merge_exit_metrics(ckpt.metrics, results)
+        where = (f"not written: {ckpt.path} ships with bim-export and is read-only "
+                 f"(pass --metrics-out FILE to keep these figures)")
+    else:
+        metrics = ckpt_io.update_exit_metrics(ckpt.path, results)
+        where = f"written to {Path(ckpt.path) / ckpt_io.METRICS}"
 
     ds = next(iter(results.values()))["knn_dataset"]
     title = f"{ckpt.path}: {ds['name']} ({ds['size']} images; {ds['protocol']}), kNN k={KNN_K}"
-    return format_metrics_table(metrics.get("exits", {}), title) + f"\nwritten to {Path(ckpt.path) / ckpt_io.METRICS}"
+    return format_metrics_table(metrics.get("exits", {}), title) + f"\n{where}"

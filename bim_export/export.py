@@ -26,7 +26,6 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -151,9 +150,10 @@ def _save_checked(proto, path: Path) -> None:
 
     weights = sum(len(t.raw_data) for t in proto.graph.initializer)
     external = weights > _PROTOBUF_LIMIT - 64 * 1024**2  # margin for the graph itself
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".onnx", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    from .atomic import owned_temp
+
+    # the suffix: onnx.save_model picks the format from the extension
+    tmp = owned_temp(path.parent, f".{path.name}.tmp-", folder=False, suffix=".onnx")
     try:
         if external:
             data_name = f"{path.name}.data"

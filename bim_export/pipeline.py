@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,21 +177,26 @@ def run_export(target: str, checkpoint: Path | None = None, out: Path = Path("ex
         A human summary: the bundle(s), choice, latency with its source, parity.
 
     Raises:
-        InputError: unknown target, bad checkpoint or data (exit 2).
+        InputError: unknown target, bad checkpoint or data, or an ``out/<profile>`` that holds
+            something other than a bundle or cannot be written (exit 2; checked before any work).
         NoCandidateError: nothing meets the budget (exit 3; for ``all``, after the other bundles).
         ValidationError: fp32 parity failed (exit 4; no bundle for that profile).
     """
     from tqdm import tqdm
 
+    from .atomic import check_destination, work_dir
+    from .bundle import bundle_kind
     from .checkpoint import load_checkpoint
     from .resources import default_checkpoint_dir
 
     profiles = resolve_targets(target)
     ckpt = load_checkpoint(checkpoint if checkpoint is not None else default_checkpoint_dir())
-    images = load_images(data, ckpt.config)
     out = Path(out)
+    for profile in profiles:  # every bundle's place, before minutes of work
+        check_destination(out / profile.name, bundle_kind())
+    images = load_images(data, ckpt.config)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".bim-export-work-", dir=out))
+    work = work_dir(out)  # scratch exports of this run; those of killed runs are removed first
     outcomes: list[Outcome] = []
     try:
         shop = Workshop(ckpt, images, work)

@@ -6,6 +6,7 @@ checkout (editable install) ``profiles/`` and ``targets/`` sit at the top of the
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 _PKG = Path(__file__).resolve().parent
@@ -17,6 +18,18 @@ def resource_dir(name: str) -> Path:
         if candidate.is_dir():
             return candidate
     raise FileNotFoundError(f"bim-export resource folder '{name}' is missing from the installation")
+
+
+def shipped_roots() -> list[Path]:
+    """The folders whose files ship with bim-export (the package, ``profiles/``, ``targets/``),
+    resolved. Every command treats them as read-only."""
+    roots = [_PKG]
+    for name in ("profiles", "targets"):
+        try:
+            roots.append(resource_dir(name))
+        except FileNotFoundError:
+            pass
+    return [Path(os.path.realpath(r)) for r in roots]
 
 
 def default_checkpoint_dir() -> Path:

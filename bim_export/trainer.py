@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt_io
+from .atomic import check_destination
 from .distributed import (DistInfo, average_gradients, average_tensor, barrier, broadcast_parameters,
                           init_distributed, shutdown)
 from .errors import InputError, TrainingError
@@ -220,7 +221,8 @@ def train(cfg: TrainConfig, resume: bool = False, dataset=None) -> TrainResult:
             (tensor, label); used as is, without augmentation).
 
     Raises:
-        InputError: bad settings or data. TrainingError: non-finite loss (the last saved checkpoint
+        InputError: bad settings or data; ``cfg.out`` holds something other than a checkpoint or
+            cannot be written (checked before training). TrainingError: non-finite loss (the last saved checkpoint
             is kept), resume from another architecture.
     """
     device = _device(cfg)
@@ -235,7 +237,9 @@ def _train(cfg: TrainConfig, resume: bool, dataset, device: torch.device, info: 
     if cfg.batch_size % (cfg.accum_steps * info.world_size):
         raise InputError(f"batch_size {cfg.batch_size} must be divisible by accum_steps x processes "
                          f"({cfg.accum_steps} x {info.world_size})")
-    out = Path(cfg.out)
+    # before any work: --out must be empty, missing or a checkpoint, and writable (else the first
+    # save, minutes in, would fail or replace the user's files)
+    out = check_destination(cfg.out, ckpt_io.CHECKPOINT)
     has_ckpt = (out / ckpt_io.CONFIG).exists()
     if has_ckpt and not resume:
         raise InputError(f"{out}: already holds a checkpoint; pass --resume to continue it or pick another --out")

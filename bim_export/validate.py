@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -382,7 +381,10 @@ def measure_latency(model: Path, batch: int, providers, img_shape) -> dict:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    # Not tempfile.mkstemp: its 0600 would hide the manifest from the device's other users; mode 0o666
+    # follows the umask. The ".<name>.tmp-" prefix is what bim_export.atomic counts as the bundle's own.
+    tmp = str(path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o))

@@ -112,10 +112,33 @@ def test_fp32_parity_failure_exit_4_no_bundle(tmp_path, tiny_checkpoint, capsys,
     monkeypatch.setattr(candidates.Workshop, "reference", skewed)
     yaml_path = _profile_yaml(tmp_path, latency_ms=1000, peak_memory_mb=4000, model_size_mb=100)
     out = tmp_path / "exports"
-    (out / "tiny-edge").mkdir(parents=True)
-    (out / "tiny-edge" / "old.txt").write_text("previous bundle")
+    previous = out / "tiny-edge"  # a previous bundle (recognised by its manifest), which may be replaced
+    previous.mkdir(parents=True)
+    (previous / "manifest.json").write_text(json.dumps(
+        {"format_version": 1, "bim_export_version": "0", "profile": "tiny-edge", "files": {}}))
+    (previous / "model.onnx").write_text("previous model")
     assert main(["--target", str(yaml_path), "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 4
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "fp32 parity failed" in err
     assert _leftovers(out) == ["tiny-edge"]
-    assert _leftovers(out / "tiny-edge") == ["old.txt"]  # what was there before, untouched
+    assert _leftovers(previous) == ["manifest.json", "model.onnx"]  # what was there before, untouched
+    assert (previous / "model.onnx").read_text() == "previous model"
+
+
+def test_export_removes_work_folders_of_killed_runs_only(tmp_path, tiny_checkpoint, capsys):
+    from bim_export import atomic
+    from bim_export.stale import owner_tag
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "exports"
+    out.mkdir()
+    stale = out / f"{atomic.WORK_PREFIX}{owner_tag(pid=dead.pid, start=1)}"  # a killed earlier run's
+    stale.mkdir()
+    live = atomic.owned_temp(out, atomic.WORK_PREFIX, folder=True)  # a run still going (this process)
+    for p in (stale, live):
+        (p / "d2-fp32-17.onnx").write_bytes(b"x" * 1000)
+    yaml_path = _profile_yaml(tmp_path, latency_ms=1000, peak_memory_mb=4000, model_size_mb=100)
+    assert main(["--target", str(yaml_path), "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 0
+    assert _leftovers(out) == sorted(["tiny-edge", live.name])
+    assert _leftovers(live) == ["d2-fp32-17.onnx"]

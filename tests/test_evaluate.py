@@ -286,3 +286,59 @@ def test_cli_eval_unlabelled_folder_is_exit_2_naming_it(ckpt_copy, tmp_path, cap
     assert main(["eval", str(ckpt_copy), "--data", str(loose)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "loose_images" in err and len(err.strip().splitlines()) == 1
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_cli_eval_metrics_out_leaves_the_checkpoint_unchanged(ckpt_copy, tmp_path, capsys):
+    import json
+
+    from bim_export.cli import main
+    from bim_export.resources import sample_images_dir
+
+    before = _tree(ckpt_copy)
+    dest = tmp_path / "figures" / "metrics.json"
+    assert main(["eval", str(ckpt_copy), "--data", str(sample_images_dir()), "--metrics-out", str(dest)]) == 0
+    assert f"written to {dest} ({ckpt_copy} unchanged)" in capsys.readouterr().out
+    assert _tree(ckpt_copy) == before
+    written = json.loads(dest.read_text())
+    shipped_before = json.loads(before["metrics.json"])
+    for d in ("2", "4"):  # the checkpoint's figures with the new ones merged in
+        assert written["exits"][d]["recon_loss"] == shipped_before["exits"][d]["recon_loss"]
+        assert 0.0 <= written["exits"][d]["knn_top1"] <= 1.0
+    assert main(["eval", str(ckpt_copy), "--data", str(sample_images_dir()), "--metrics-out", str(dest)]) == 0
+
+
+def test_cli_eval_of_a_shipped_checkpoint_only_prints(ckpt_copy, capsys, monkeypatch):
+    """Shipped checkpoints are read-only: the figures are printed, the table says nothing was written."""
+    from bim_export import atomic
+    from bim_export.cli import main
+    from bim_export.resources import sample_images_dir
+
+    # where the files that ship live is the installation's business; here, beside the copy
+    monkeypatch.setattr(atomic, "shipped_roots", lambda: [ckpt_copy.parent.resolve()])
+    before = _tree(ckpt_copy)
+    assert main(["eval", str(ckpt_copy), "--data", str(sample_images_dir())]) == 0
+    out = capsys.readouterr().out
+    assert "kNN top-1" in out and f"not written: {ckpt_copy} ships with bim-export and is read-only" in out
+    assert _tree(ckpt_copy) == before
+
+
+@pytest.mark.slow
+def test_cli_eval_of_the_shipped_default_checkpoint_writes_elsewhere(tmp_path, capsys):
+    """The shipped metrics.json is what default exports select on: evaluating it never rewrites it."""
+    import json
+
+    from bim_export.cli import main
+    from bim_export.resources import default_checkpoint_dir, resource_dir, sample_images_dir
+
+    assets = resource_dir("assets")
+    before = _tree(assets)
+    dest = tmp_path / "default-metrics.json"
+    assert main(["eval", str(default_checkpoint_dir()), "--data", str(sample_images_dir()),
+                 "--metrics-out", str(dest)]) == 0
+    assert f"written to {dest}" in capsys.readouterr().out
+    assert _tree(assets) == before
+    assert set(json.loads(dest.read_text())["exits"]) == {"3", "6", "9", "12"}
