@@ -8,28 +8,9 @@ import pytest
 import torch
 
 from bim_export.backbone import build_backbone, save_backbone
-from bim_export.checkpoint import load_checkpoint, save_checkpoint
+from bim_export.checkpoint import load_checkpoint
 from bim_export.cli import main
 from bim_export.errors import InputError
-from bim_export.model import BimModel
-
-REG_AVG = {"img_size": 32, "patch_size": 8, "depth": 4, "embed_dim": 32, "num_heads": 2,
-           "class_token": False, "reg_tokens": 2, "global_pool": "avg"}
-
-
-@pytest.fixture(scope="module")
-def reg_avg_checkpoint(tmp_path_factory):
-    """A checkpoint of a no-class-token, 2-register, avg-pooled ViT with non-trivial exit norms."""
-    torch.manual_seed(0)
-    model = BimModel("vit_tiny_patch16_224", REG_AVG, [2, 4], decoder_width=32, decoder_heads=2)
-    with torch.no_grad():
-        for norm in model.exit_norms:
-            norm.weight.uniform_(0.5, 1.5)
-            norm.bias.normal_(0, 0.1)
-    out = tmp_path_factory.mktemp("regavg") / "ckpt"
-    cfg = {**model.arch_config(), "mean": [0.5] * 3, "std": [0.5] * 3, "step": 0, "train": {}}
-    save_checkpoint(out, model.state_dict(), cfg)
-    return out
 
 
 @pytest.mark.parametrize("fixture", ["tiny_checkpoint", "reg_avg_checkpoint"])

@@ -235,3 +235,31 @@ def test_models_too_big_to_cut_are_exported_per_depth(tiny_checkpoint, tmp_path,
     assert not any(p.name.startswith("all-exits") for p in tmp_path.iterdir())
     assert all(t.parity.passed for t in trials if t.precision == "fp32")
     assert big.parity_graph(2, "fp32", 17, None) == (big.model(2, "fp32", 17), False)
+
+
+@pytest.mark.slow
+def test_avg_pooled_register_vit_exports_for_a_shipped_opset_17_profile(reg_avg_checkpoint, tmp_path):
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from bim_export.backbone import build_backbone
+
+    profile = load_profile("raspberry-pi-5")
+    assert profile.opset == 17
+    pipeline.run_export("raspberry-pi-5", reg_avg_checkpoint, tmp_path / "out")
+    bundle = tmp_path / "out" / "raspberry-pi-5"
+    m = json.loads((bundle / "manifest.json").read_text())
+    model = onnx.load(str(bundle / "model.onnx"))
+    assert m["opset"] == 17 and {o.domain: o.version for o in model.opset_import}[""] == 17
+    x = load_images(None, load_checkpoint(reg_avg_checkpoint).config).parity[:4]
+    sess = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    tokens, emb = sess.run(["tokens", "embedding"], {"pixels": x})
+    backbone = build_backbone(reg_avg_checkpoint, m["depth"])
+    assert backbone.global_pool == "avg" and backbone.num_prefix_tokens == 2 and not backbone.has_class_token
+    with torch.inference_mode():
+        ref_tokens = backbone.forward_features(torch.from_numpy(x))
+        ref_emb = backbone.forward_head(ref_tokens, pre_logits=True)
+    atol = 1e-5 if m["precision"] == "fp32" else 0.1  # int8 passed the profile's parity to be chosen
+    np.testing.assert_allclose(tokens, ref_tokens.numpy(), atol=atol, rtol=0)
+    np.testing.assert_allclose(emb, ref_emb.numpy(), atol=atol, rtol=0)
