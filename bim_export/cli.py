@@ -120,8 +120,9 @@ def _add_backbone(sub) -> None:
 
 
 def _cmd_backbone(args) -> int:
-    """Save the backbone of one exit depth as safetensors + timm pretrained config, loadable with
-    timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=...), depth=d, num_classes=0)."""
+    """Save the backbone of one exit depth as safetensors + a timm config.json, loadable with
+    timm.create_model(arch, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=...), **model_args)
+    (arch and model_args, depth included, from the config.json), or timm.create_model("local-dir:OUT", pretrained=True)."""
     from .backbone import save_backbone
 
     print(save_backbone(args.checkpoint, args.depth, args.out))
