@@ -49,9 +49,10 @@ def build_backbone(ckpt_or_path: Checkpoint | str | os.PathLike, depth: int):
 
     ckpt = ckpt_or_path if isinstance(ckpt_or_path, Checkpoint) else load_checkpoint(ckpt_or_path)
     _check_depth(ckpt, depth)
+    state = ckpt.build_model().backbone_state_dict(depth)  # first: it checks config.json's architecture
     model = timm.create_model(ckpt.config["arch"], pretrained=False, num_classes=0,
                               **backbone_model_args(ckpt.config, depth))
-    model.load_state_dict(ckpt.build_model().backbone_state_dict(depth), strict=True)
+    model.load_state_dict(state, strict=True)
     return model.float().eval()
 
 

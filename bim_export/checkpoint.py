@@ -54,7 +54,10 @@ class Checkpoint:
         """The :class:`~bim_export.model.BimModel` with these weights (eval mode, float32)."""
         from .model import BimModel
 
-        model = BimModel.from_config(self.config)
+        try:
+            model = BimModel.from_config(self.config)
+        except InputError as e:  # model_args, exits, decoder... that no model can be built from
+            raise InputError(f"{self.path / CONFIG}: {e}") from None
         try:
             missing, unexpected = model.load_state_dict(self.state_dict, strict=False)
         except RuntimeError as e:  # shape mismatch
@@ -124,6 +127,12 @@ def load_checkpoint(path: str | os.PathLike, weights: bool = True) -> Checkpoint
     if config["format_version"] > FORMAT_VERSION:
         raise InputError(f"{path / CONFIG}: format_version {config['format_version']} is newer than this "
                          f"bim-export ({__version__}) reads ({FORMAT_VERSION}); upgrade bim-export")
+    from .model import check_model_name
+
+    try:
+        check_model_name(config["arch"])
+    except InputError as e:
+        raise InputError(f"{path / CONFIG}: arch: {e}") from None
     metrics = _read_json(path / METRICS) if (path / METRICS).exists() else {}
     state = _read_weights(path / WEIGHTS) if weights else {}
     return Checkpoint(path, config, metrics, state)

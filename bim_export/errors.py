@@ -46,10 +46,20 @@ class TrainingError(BimExportError):
     exit_code = 2
 
 
-def close_matches(name: str, valid: list[str], n: int = 3) -> str:
-    """Formats ``valid`` names for an error line, close matches to ``name`` first."""
+LISTED_NAMES = 30  # an error line lists every valid name up to this many, else only the closest
+
+
+def close_matches(name: str, valid: list[str], n: int = 3, what: str = "") -> str:
+    """Formats ``valid`` names for an error line, close matches to ``name`` first.
+
+    A short list is given whole; of a long one (timm's ViTs), only the ``n`` closest names, and
+    how many there are of ``what``.
+    """
     import difflib
 
     close = difflib.get_close_matches(name, valid, n=n, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return f"valid: {', '.join(sorted(valid))}{hint}"
+    if len(valid) <= LISTED_NAMES:
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        return f"valid: {', '.join(sorted(valid))}{hint}"
+    closest = close or difflib.get_close_matches(name, valid, n=n, cutoff=0.0)
+    return f"closest: {', '.join(closest)} (of {len(valid)}{' ' + what if what else ''})"

@@ -28,6 +28,7 @@ from .errors import InputError, close_matches
 MODES = ("bim", "e2e")
 DEFAULT_DECODER = {"bim": (1, 256, 8), "e2e": (8, 512, 16)}  # (depth, width, heads)
 SUPPORTED_POOLS = ("token", "avg", "avgmax", "max", "")
+PLAIN_VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit")  # where timm defines plain ViTs
 
 
 # ------------------------------------------------------------------------------ encoder
@@ -42,10 +43,9 @@ def create_encoder(arch: str, model_args: dict | None = None):
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
-    if not timm.is_model(arch):
-        raise InputError(f"unknown model '{arch}'; {close_matches(arch, timm.list_models('vit_*'))}")
+    check_model_name(arch)
     module = timm.models.model_entrypoint(arch).__module__
-    if module not in ("timm.models.vision_transformer", "timm.models.deit"):
+    if module not in PLAIN_VIT_MODULES:
         raise InputError(f"model '{arch}' (from {module}) is not a plain timm VisionTransformer "
                          f"(pick a vit_* model, e.g. vit_tiny_patch16_224)")
     try:
@@ -59,6 +59,16 @@ def create_encoder(arch: str, model_args: dict | None = None):
         raise InputError(f"model '{arch}': global_pool '{enc.global_pool}' has a learned pooling head that "
                          f"masked image modeling does not train; use global_pool token or avg")
     return enc
+
+
+def check_model_name(arch: str) -> None:
+    """Raises InputError for a name timm does not know, naming the 5 closest plain ViTs it has."""
+    import timm
+
+    if not isinstance(arch, str) or not timm.is_model(arch):
+        vits = [n for n in timm.list_models(["vit_*", "deit_*"])
+                if timm.models.model_entrypoint(n).__module__ in PLAIN_VIT_MODULES]
+        raise InputError(f"unknown model '{arch}'; {close_matches(str(arch), vits, n=5, what='plain timm ViTs')}")
 
 
 def encoder_args(model_args: dict) -> dict:
