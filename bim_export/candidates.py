@@ -57,13 +57,13 @@ def load_images(data: Path | None, config: dict) -> Images:
     Raises:
         InputError: the folder is missing or holds no readable image.
     """
-    from .data import sample_images, scan_image_folder
+    from .data import UNREADABLE_IMAGE, sample_images, scan_image_folder
 
     if data is None:
         return _sample(sample_images(), config)
     try:
         return _sample(scan_image_folder(data, verify=False), config)
-    except (OSError, SyntaxError, ValueError):  # an unreadable file was drawn
+    except UNREADABLE_IMAGE:  # an unreadable file was drawn
         return _sample(scan_image_folder(data, verify=True), config)
 
 

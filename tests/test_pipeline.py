@@ -192,6 +192,25 @@ def test_user_data_folder(tiny_checkpoint, tmp_path):
         load_images(tmp_path / "empty-or-missing", load_checkpoint(tiny_checkpoint).config)
 
 
+def test_user_data_folder_skips_bombs_and_truncated_files_by_name(tiny_checkpoint, tmp_path, caplog):
+    from conftest import write_png_bomb, write_truncated_jpeg
+    from PIL import Image
+
+    data = tmp_path / "mine"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    write_png_bomb(data / "bomb.png")  # drawn in every sample: the folder has 5 files, the sample 32
+    write_truncated_jpeg(data / "cut.jpg")
+    with caplog.at_level("WARNING", logger="bim_export.data"):
+        images = load_images(data, load_checkpoint(tiny_checkpoint).config)
+    assert images.parity.shape == (3, 3, 32, 32)
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "2 of 5 images unreadable and skipped" in warning
+    assert "bomb.png (decompression bomb" in warning and "cut.jpg (image file is truncated" in warning
+
+
 def test_target_all_prints_one_table(tiny_checkpoint, tmp_path, monkeypatch):
     good = _profile(tmp_path, "fits", latency_ms=1000, peak_memory_mb=4000, model_size_mb=100)
     bad = _profile(tmp_path, "impossible", latency_ms=1e-5)
