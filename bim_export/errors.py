@@ -15,9 +15,19 @@ class BimExportError(Exception):
 
 
 class InputError(BimExportError):
-    """Bad input or usage: a broken file, an unknown name, a value out of range (exit 2)."""
+    """Bad input or usage: a broken file, an unknown name, a value out of range (exit 2).
+
+    Attributes:
+        field: the setting at fault, where the raiser knows it but not where the value came from
+            (a model given ``exits`` cannot tell a YAML file from a flag); the caller that knows
+            names the source.
+    """
 
     exit_code = 2
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class NoCandidateError(BimExportError):
