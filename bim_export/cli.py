@@ -75,7 +75,9 @@ def _add_train(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any training setting (TrainConfig in bim_export/train_config.py; "
                         "dots for nested keys), e.g. --set steps=200 --set model_args.img_size=64")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--resume", nargs="?", const=True, default=False, type=_resume_mode, metavar="auto",
+                   help="continue from the checkpoint in --out (an error if there is none); '--resume auto': "
+                        "continue if there is one, else start (for requeued jobs)")
     p.set_defaults(func=_cmd_train)
 
 
@@ -87,6 +89,12 @@ def _cmd_train(args) -> int:
     print(train_from_cli(config_file=args.config, data=args.data, model=args.model, exits=args.exits,
                          out=args.out, eval_data=args.eval_data, overrides=args.overrides, resume=args.resume))
     return 0
+
+
+def _resume_mode(text: str) -> str:
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"the only value is 'auto' (got '{text}')")
+    return text
 
 
 # --------------------------------------------------------------------------------------- eval
