@@ -164,9 +164,10 @@ def convert_opset(proto, opset: int):
 
 
 def _drop_empty_axes_attribute(node, opset: int) -> None:
-    """Opset 18 gave the Reduce ops ``noop_with_empty_axes``; onnx's converter leaves it on the
-    opset-17 node, where the checker rejects it. Its default 0 is what opset 17 does, so it goes."""
-    if not node.op_type.startswith("Reduce") or node.domain not in ("", "ai.onnx"):
+    """Opset 18 gave the Reduce ops but ReduceSum (which had it since 13) ``noop_with_empty_axes``;
+    onnx's converter leaves it on the opset-17 node, where the checker rejects it. Its default 0 is
+    what opset 17 does, so it goes."""
+    if not node.op_type.startswith("Reduce") or node.op_type == "ReduceSum" or node.domain not in ("", "ai.onnx"):
         return
     for i, attr in enumerate(node.attribute):
         if attr.name == "noop_with_empty_axes":

@@ -82,10 +82,7 @@ class TrainConfig(BaseModel):
     def where(self, key: str) -> str:
         """Names a setting for an error line with its source: ``run.yaml: loss_weights``,
         ``--exits``, ``--set model_args.depth``, or ``training settings: steps`` (not given)."""
-        origin = self._origins.get(key.split(".")[0], self._default_origin)
-        if origin.startswith("--set"):
-            return f"--set {key}"
-        return origin if origin.startswith("--") else f"{origin}: {key}"
+        return _where(self._origins, self._default_origin, key)
 
     @property
     def warmup(self) -> int:
@@ -166,9 +163,10 @@ def load_train_config(config_file: str | os.PathLike | None = None, overrides: l
 
 
 def _where(origins: dict[str, str], default: str, key: str) -> str:
-    probe = TrainConfig.model_construct()
-    probe._origins, probe._default_origin = origins, default
-    return probe.where(key)
+    origin = origins.get(key.split(".")[0], default)
+    if origin == "--set":
+        return f"--set {key}"
+    return origin if origin.startswith("--") else f"{origin}: {key}"
 
 
 def _check_combinations(cfg: TrainConfig) -> None:
