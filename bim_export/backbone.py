@@ -1,13 +1,15 @@
 """Backbones: the depth-d cut of a BIM checkpoint as a plain timm VisionTransformer.
 
-A backbone of depth ``d`` is ``timm.create_model(arch, depth=d, num_classes=0, **model_args)`` with
-the checkpoint's ``blocks[:d]`` and the exit norm of depth ``d`` as its final ``norm``. Nothing
-project-specific is needed to load a saved one::
+A backbone of depth ``d`` is ``timm.create_model(arch, num_classes=0, **model_args)`` (``model_args``
+holding ``depth=d``) with the checkpoint's ``blocks[:d]`` and the exit norm of depth ``d`` as its final
+``norm``. Nothing project-specific is needed to load a saved one::
 
     timm.create_model(arch, pretrained=True, num_classes=0,
                       pretrained_cfg_overlay=dict(file="OUT/model.safetensors"), **model_args)
 
-with ``arch`` and ``model_args`` (which include ``depth=d``) from ``OUT/config.json``.
+with ``arch`` (``architecture``) and ``model_args`` from ``OUT/config.json``, which is timm's own
+format: ``model_args`` is complete (``depth`` included) because timm's ``local-dir:`` and ``hf-hub:``
+sources build the model from it alone (``timm.create_model("local-dir:OUT", pretrained=True)``).
 """
 
 from __future__ import annotations
@@ -51,9 +53,10 @@ def build_backbone(ckpt_or_path: Checkpoint | str | os.PathLike, depth: int):
 
     ckpt = ckpt_or_path if isinstance(ckpt_or_path, Checkpoint) else load_checkpoint(ckpt_or_path)
     _check_depth(ckpt, depth)
+    state = ckpt.build_model().backbone_state_dict(depth)  # first: it checks config.json's architecture
     model = timm.create_model(ckpt.config["arch"], pretrained=False, num_classes=0,
                               **backbone_model_args(ckpt.config, depth))
-    model.load_state_dict(ckpt.build_model().backbone_state_dict(depth), strict=True)
+    model.load_state_dict(state, strict=True)
     return model.float().eval()
 
 
@@ -99,4 +102,5 @@ def save_backbone(ckpt_or_path: Checkpoint | str | os.PathLike, depth: int, out:
     n_params = sum(p.numel() for p in model.parameters())
     return (f"{out}: depth-{depth} backbone of {cfg['arch']} ({n_params / 1e6:.2f} M parameters)\n"
             f"load: timm.create_model({cfg['arch']!r}, pretrained=True, num_classes=0, "
-            f"pretrained_cfg_overlay=dict(file={str(out / WEIGHTS)!r}), {args})")
+            f"pretrained_cfg_overlay=dict(file={str(out / WEIGHTS)!r}), {args})\n"
+            f"  or: timm.create_model({'local-dir:' + str(out)!r}, pretrained=True)")

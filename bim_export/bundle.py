@@ -339,6 +339,11 @@ def render_report(spec: BundleSpec, manifest: dict[str, Any]) -> str:
     tol = par.get("tolerances") or m.get("tolerances") or {}
     lines += ["", f"Tolerances ({m.get('precision')}): cosine >= {tol.get('cosine')}, neighbour agreement >= "
               f"{tol.get('neighbour_agreement')}. Run with ONNX Runtime's {par.get('provider', 'CPU')} here."]
+    data = m.get("data")
+    if isinstance(data, dict):
+        lines.append(f"Images: {data.get('parity_images')} for parity, {data.get('calibration_images')} for "
+                     f"calibration, drawn from {data.get('images')} in "
+                     + (f"`{data['folder']}` (--data)." if data.get("folder") else "the built-in sample set."))
     if par.get("note"):
         lines.append(f"Note: {par['note']}.")
     lines += [

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ValidationError
+from .errors import InputError, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,9 @@ PRUNE_FACTOR = 2.0  # predicted latency above this many budgets is rejected befo
 CALIB_IMAGES = 32  # static int8 calibration
 PARITY_IMAGES = 32  # parity at batch n (all of them) and batch 1 (the first PARITY_BATCH1)
 PARITY_BATCH1 = 4
+# Fewer images than this and parity says little: neighbour agreement moves in steps of 1/n (and
+# needs 3 images at all), so a --data folder must have at least this many readable images.
+MIN_PARITY_IMAGES = 16
 # Host timing per candidate: warm-up, then the lowest of `rounds` medians of `repeats` runs. Fewer
 # than a benchmark's: host budgets are tens of ms, and a run times up to a dozen candidates.
 MEASURE = {"warmup": 3, "repeats": 10, "rounds": 3}
@@ -46,6 +49,15 @@ class Images:
     calib: np.ndarray  # [Nc, 3, S, S]
     parity: np.ndarray  # [Np, 3, S, S]
     labels: np.ndarray  # [Np], -1 unlabelled
+    folder: Path | None = None  # the --data folder; None: the built-in sample images
+    found: int = 0  # image files in it (unreadable ones not drawn into the sample included)
+
+    def describe(self) -> dict:
+        """What manifest.json records of the images parity and calibration were run on."""
+        return {"folder": str(self.folder) if self.folder is not None else None,
+                "source": "--data" if self.folder is not None else "built-in sample images",
+                "images": self.found, "parity_images": len(self.parity), "calibration_images": len(self.calib),
+                "labelled": bool(len(self.labels)) and bool((self.labels >= 0).all())}
 
 
 def load_images(data: Path | None, config: dict) -> Images:
@@ -55,16 +67,22 @@ def load_images(data: Path | None, config: dict) -> Images:
     one of those fails is the folder checked image by image (unreadable files are then skipped).
 
     Raises:
-        InputError: the folder is missing or holds no readable image.
+        InputError: the folder is missing, or holds fewer than MIN_PARITY_IMAGES readable images.
     """
-    from .data import sample_images, scan_image_folder
+    from .data import UNREADABLE_IMAGE, sample_images, scan_image_folder
 
     if data is None:
         return _sample(sample_images(), config)
     try:
-        return _sample(scan_image_folder(data, verify=False), config)
-    except (OSError, SyntaxError, ValueError):  # an unreadable file was drawn
-        return _sample(scan_image_folder(data, verify=True), config)
+        images = _sample(scan_image_folder(data, verify=False), config)
+    except UNREADABLE_IMAGE:  # an unreadable file was drawn
+        images = _sample(scan_image_folder(data, verify=True), config)
+    if len(images.parity) < MIN_PARITY_IMAGES:
+        raise InputError(f"{data}: {len(images.parity)} readable image{'s' * (len(images.parity) != 1)}; parity "
+                         f"and int8 calibration need at least {MIN_PARITY_IMAGES} (add images, or leave out "
+                         f"--data for the built-in sample set)")
+    images.folder = Path(data)
+    return images
 
 
 def _sample(images, config: dict) -> Images:
@@ -73,7 +91,7 @@ def _sample(images, config: dict) -> Images:
     size, mean, std = config["img_size"], config["mean"], config["std"]
     calib, _ = load_image_array(images, size, mean, std, limit=CALIB_IMAGES, seed=0)
     parity, labels = load_image_array(images, size, mean, std, limit=PARITY_IMAGES, seed=1)
-    return Images(calib, parity, labels)
+    return Images(calib, parity, labels, found=len(images))
 
 
 class Workshop:

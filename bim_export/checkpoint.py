@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,10 @@ class Checkpoint:
         """The :class:`~bim_export.model.BimModel` with these weights (eval mode, float32)."""
         from .model import BimModel
 
-        model = BimModel.from_config(self.config)
+        try:
+            model = BimModel.from_config(self.config)
+        except InputError as e:  # model_args, exits, decoder... that no model can be built from
+            raise InputError(f"{self.path / CONFIG}: {e}") from None
         try:
             missing, unexpected = model.load_state_dict(self.state_dict, strict=False)
         except RuntimeError as e:  # shape mismatch
@@ -133,6 +137,12 @@ def load_checkpoint(path: str | os.PathLike, weights: bool = True) -> Checkpoint
     if config["format_version"] > FORMAT_VERSION:
         raise InputError(f"{path / CONFIG}: format_version {config['format_version']} is newer than this "
                          f"bim-export ({__version__}) reads ({FORMAT_VERSION}); upgrade bim-export")
+    from .model import check_model_name
+
+    try:
+        check_model_name(config["arch"])
+    except InputError as e:
+        raise InputError(f"{path / CONFIG}: arch: {e}") from None
     metrics = _read_json(path / METRICS) if (path / METRICS).exists() else {}
     state = _read_weights(path / WEIGHTS) if weights else {}
     return Checkpoint(path, config, metrics, state)
@@ -204,5 +214,15 @@ def _torch_load(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, AttributeError) as e:
-        raise InputError(f"{path}: corrupt, unreadable or unsafe training state ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from e
+        # torch's message for a refused file suggests weights_only=False, i.e. running the file's
+        # code: not advice to pass on for a file bim-export only ever fills with tensors and numbers.
+        # Only the unpickler's own finding is kept.
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+        found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        detail = (found.group(1) if found else text).strip().splitlines()[0] if text.strip() else type(e).__name__
+        named = re.search(r"Unsupported global: GLOBAL ([\w.]+)", detail)
+        if named:
+            raise InputError(f"{path}: unsafe training state, refused: it holds objects that would run code "
+                             f"when loaded ({named.group(1)}); bim-export writes only tensors and plain values "
+                             f"there") from None
+        raise InputError(f"{path}: corrupt or unreadable training state ({type(e).__name__}: {detail})") from None

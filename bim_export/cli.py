@@ -78,7 +78,9 @@ def _add_train(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any training setting (TrainConfig in bim_export/train_config.py; "
                         "dots for nested keys), e.g. --set steps=200 --set model_args.img_size=64")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--resume", nargs="?", const=True, default=False, type=_resume_mode, metavar="auto",
+                   help="continue from the checkpoint in --out (an error if there is none); '--resume auto': "
+                        "continue if there is one, else start (for requeued jobs)")
     p.set_defaults(func=_cmd_train)
 
 
@@ -90,6 +92,12 @@ def _cmd_train(args) -> int:
     print(train_from_cli(config_file=args.config, data=args.data, model=args.model, exits=args.exits,
                          out=args.out, eval_data=args.eval_data, overrides=args.overrides, resume=args.resume))
     return 0
+
+
+def _resume_mode(text: str) -> str:
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"the only value is 'auto' (got '{text}')")
+    return text
 
 
 # --------------------------------------------------------------------------------------- eval
@@ -127,8 +135,9 @@ def _add_backbone(sub) -> None:
 
 
 def _cmd_backbone(args) -> int:
-    """Save the backbone of one exit depth as safetensors + timm pretrained config, loadable with
-    timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=...), depth=d, num_classes=0)."""
+    """Save the backbone of one exit depth as safetensors + a timm config.json, loadable with
+    timm.create_model(arch, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=...), **model_args)
+    (arch and model_args, depth included, from the config.json), or timm.create_model("local-dir:OUT", pretrained=True)."""
     from .backbone import save_backbone
 
     print(save_backbone(args.checkpoint, args.depth, args.out))

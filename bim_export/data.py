@@ -21,6 +21,10 @@ from .resources import sample_images_dir
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# What decoding a bad file raises: truncated or corrupt data, and images over Pillow's pixel limit
+# (Image.MAX_IMAGE_PIXELS x 2; a 20000 x 20000 PNG of a few KB would take 1.2 GB as RGB).
+UNREADABLE_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+SKIPPED_NAMED = 5  # skipped files named in the warning
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -71,31 +75,40 @@ def scan_image_folder(root: str | Path, verify: bool = True) -> ImageList:
     index = {c: i for i, c in enumerate(classes)}
     paths, labels, bad = [], [], []
     for p in files:
-        if verify and not _readable(p):
-            bad.append(p)
+        why = unreadable_reason(p) if verify else None
+        if why:
+            bad.append((p, why))
             continue
         parts = p.relative_to(root).parts
         paths.append(p)
         labels.append(index[parts[0]] if len(parts) > 1 else -1)
     if bad:
-        log.warning("%s: %d of %d images unreadable and skipped (first: %s)", root, len(bad), len(files), bad[0])
+        named = "; ".join(f"{p.relative_to(root)} ({why})" for p, why in bad[:SKIPPED_NAMED])
+        more = f"; +{len(bad) - SKIPPED_NAMED} more" if len(bad) > SKIPPED_NAMED else ""
+        log.warning("%s: %d of %d images unreadable and skipped: %s%s", root, len(bad), len(files), named, more)
     if not paths:
-        raise InputError(f"{root}: none of the {len(files)} image files is readable (first: {bad[0].name})")
+        p, why = bad[0]
+        raise InputError(f"{root}: none of the {len(files)} image files is readable (first: {p.name}: {why})")
     used = sorted(set(labels) - {-1})
     if used and len(used) < len(classes):  # drop classes whose every image was unreadable
         remap = {old: new for new, old in enumerate(used)}
         classes = [classes[i] for i in used]
         labels = [remap.get(lbl, -1) for lbl in labels]
-    return ImageList(root, paths, labels, classes, bad)
+    return ImageList(root, paths, labels, classes, [p for p, _ in bad])
 
 
-def _readable(path: Path) -> bool:
+def unreadable_reason(path: Path) -> str | None:
+    """Why an image file cannot be used (one short phrase), or None when it decodes."""
     try:
         with Image.open(path) as im:
             im.load()  # decode fully: verify() alone misses truncated files
-        return True
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return False
+        return None
+    except Image.DecompressionBombError:
+        return f"decompression bomb: over Pillow's limit of {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels"
+    except Image.UnidentifiedImageError:
+        return "not an image Pillow can read"
+    except UNREADABLE_IMAGE as e:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def load_rgb(path: str | Path) -> Image.Image:

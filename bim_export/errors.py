@@ -15,9 +15,19 @@ class BimExportError(Exception):
 
 
 class InputError(BimExportError):
-    """Bad input or usage: a broken file, an unknown name, a value out of range (exit 2)."""
+    """Bad input or usage: a broken file, an unknown name, a value out of range (exit 2).
+
+    Attributes:
+        field: the setting at fault, where the raiser knows it but not where the value came from
+            (a model given ``exits`` cannot tell a YAML file from a flag); the caller that knows
+            names the source.
+    """
 
     exit_code = 2
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class NoCandidateError(BimExportError):
@@ -46,10 +56,20 @@ class TrainingError(BimExportError):
     exit_code = 2
 
 
-def close_matches(name: str, valid: list[str], n: int = 3) -> str:
-    """Formats ``valid`` names for an error line, close matches to ``name`` first."""
+LISTED_NAMES = 30  # an error line lists every valid name up to this many, else only the closest
+
+
+def close_matches(name: str, valid: list[str], n: int = 3, what: str = "") -> str:
+    """Formats ``valid`` names for an error line, close matches to ``name`` first.
+
+    A short list is given whole; of a long one (timm's ViTs), only the ``n`` closest names, and
+    how many there are of ``what``.
+    """
     import difflib
 
     close = difflib.get_close_matches(name, valid, n=n, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return f"valid: {', '.join(sorted(valid))}{hint}"
+    if len(valid) <= LISTED_NAMES:
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        return f"valid: {', '.join(sorted(valid))}{hint}"
+    closest = close or difflib.get_close_matches(name, valid, n=n, cutoff=0.0)
+    return f"closest: {', '.join(closest)} (of {len(valid)}{' ' + what if what else ''})"

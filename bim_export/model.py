@@ -28,6 +28,7 @@ from .errors import InputError, close_matches
 MODES = ("bim", "e2e")
 DEFAULT_DECODER = {"bim": (1, 256, 8), "e2e": (8, 512, 16)}  # (depth, width, heads)
 SUPPORTED_POOLS = ("token", "avg", "avgmax", "max", "")
+PLAIN_VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit")  # where timm defines plain ViTs
 
 
 # ------------------------------------------------------------------------------ encoder
@@ -42,23 +43,32 @@ def create_encoder(arch: str, model_args: dict | None = None):
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
-    if not timm.is_model(arch):
-        raise InputError(f"unknown model '{arch}'; {close_matches(arch, timm.list_models('vit_*'))}")
+    check_model_name(arch)
     module = timm.models.model_entrypoint(arch).__module__
-    if module not in ("timm.models.vision_transformer", "timm.models.deit"):
+    if module not in PLAIN_VIT_MODULES:
         raise InputError(f"model '{arch}' (from {module}) is not a plain timm VisionTransformer "
-                         f"(pick a vit_* model, e.g. vit_tiny_patch16_224)")
+                         f"(pick a vit_* model, e.g. vit_tiny_patch16_224)", field="model")
     try:
         enc = timm.create_model(arch, pretrained=False, num_classes=0, **encoder_args(model_args or {}))
     except (TypeError, ValueError, AssertionError, RuntimeError) as e:
-        raise InputError(f"model '{arch}' with model_args {model_args}: {e}") from e
+        raise InputError(f"model '{arch}' with model_args {model_args}: {e}", field="model_args") from e
     if not isinstance(enc, VisionTransformer) or type(enc.patch_embed).__name__ != "PatchEmbed":
         raise InputError(f"model '{arch}' is a {type(enc).__name__}, not a plain timm VisionTransformer "
-                         f"(pick a vit_* model, e.g. vit_tiny_patch16_224)")
+                         f"(pick a vit_* model, e.g. vit_tiny_patch16_224)", field="model")
     if enc.global_pool not in SUPPORTED_POOLS:
         raise InputError(f"model '{arch}': global_pool '{enc.global_pool}' has a learned pooling head that "
-                         f"masked image modeling does not train; use global_pool token or avg")
+                         f"masked image modeling does not train; use global_pool token or avg", field="model_args")
     return enc
+
+
+def check_model_name(arch: str) -> None:
+    """Raises InputError for a name timm does not know, naming the 5 closest plain ViTs it has."""
+    import timm
+
+    if not isinstance(arch, str) or not timm.is_model(arch):
+        vits = [n for n in timm.list_models(["vit_*", "deit_*"])
+                if timm.models.model_entrypoint(n).__module__ in PLAIN_VIT_MODULES]
+        raise InputError(f"unknown model '{arch}'; {close_matches(str(arch), vits, n=5, what='plain timm ViTs')}")
 
 
 def encoder_args(model_args: dict) -> dict:
@@ -92,14 +102,14 @@ def validate_exits(exits: Sequence[int], depth: int) -> list[int]:
     """Checks stage exits (block counts): strictly increasing, within 1..depth, last = depth."""
     exits = [int(e) for e in exits]
     if not exits:
-        raise InputError("exits: at least one exit is needed")
+        raise InputError("exits: at least one exit is needed", field="exits")
     if any(b <= a for a, b in zip(exits, exits[1:])):
-        raise InputError(f"exits must be strictly increasing (got {exits})")
+        raise InputError(f"exits must be strictly increasing (got {exits})", field="exits")
     if exits[0] < 1 or exits[-1] > depth:
-        raise InputError(f"exits must lie in 1..{depth}, the model depth (got {exits})")
+        raise InputError(f"exits must lie in 1..{depth}, the model depth (got {exits})", field="exits")
     if exits[-1] != depth:
         raise InputError(f"the last exit must be the model depth {depth} (got {exits}): blocks after it "
-                         f"would never train; set model_args.depth={exits[-1]} for a shallower model")
+                         f"would never train; set model_args.depth={exits[-1]} for a shallower model", field="exits")
     return exits
 
 
@@ -115,7 +125,7 @@ def default_exits(depth: int, stages: int = 4) -> list[int]:
 def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
     """Fixed 2-D sine-cosine position embedding as in MAE. Returns [grid_h * grid_w, dim]."""
     if dim % 4:
-        raise InputError(f"decoder width must be a multiple of 4 (got {dim})")
+        raise InputError(f"decoder width must be a multiple of 4 (got {dim})", field="decoder_width")
     ys, xs = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
                             torch.arange(grid_w, dtype=torch.float64), indexing="ij")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
@@ -222,7 +232,7 @@ class BimModel(nn.Module):
         weights = list(loss_weights) if loss_weights is not None else [1.0] * len(decoded)
         if len(weights) != len(decoded):
             raise InputError(f"loss_weights: {len(decoded)} values needed, one per decoder at exits "
-                             f"{decoded} (got {len(weights)})")
+                             f"{decoded} (got {len(weights)})", field="loss_weights")
         self.loss_weights = [float(w) for w in weights]
 
         enc = self.encoder

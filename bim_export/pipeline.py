@@ -125,6 +125,7 @@ def bundle_manifest(shop: Workshop, profile, selection, choice: Trial, parity: d
         "preprocessing": {"img_size": size, "mean": mean, "std": std, "resize": "shorter_side_bicubic",
                           "crop": "center"},
         "parity": {**parity, "tolerances": tolerances},
+        "data": shop.images.describe(),
         "latency": {**as_dict(lat), "model": "model.onnx", "ms": latency_value(lat, stat), "stat": stat,
                     "source": source_label(lat), "budget_ms": profile.budgets.latency_ms},
         "conversion": shop.conversions.get(choice.model, {"precision": "fp32", "method": "export"}),

@@ -7,15 +7,20 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from .errors import InputError
+
+FLAGS = {"data": "--data", "model": "--model", "exits": "--exits", "out": "--out", "eval_data": "--eval-data"}
 
 
 class TrainConfig(BaseModel):
     """Every setting of a BIM (or end-to-end MAE) pretraining run."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # where each top-level setting came from (a YAML file, a flag, --set), for error lines
+    _origins: dict[str, str] = PrivateAttr(default_factory=dict)
+    _default_origin: str = PrivateAttr("training settings")
 
     # -- data and output
     data: Path | None = Field(None, description="image folder (recursive, class sub-folders optional); "
@@ -74,6 +79,11 @@ class TrainConfig(BaseModel):
             raise ValueError(f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}")
         return self
 
+    def where(self, key: str) -> str:
+        """Names a setting for an error line with its source: ``run.yaml: loss_weights``,
+        ``--exits``, ``--set model_args.depth``, or ``training settings: steps`` (not given)."""
+        return _where(self._origins, self._default_origin, key)
+
     @property
     def warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 20)
@@ -120,6 +130,7 @@ def load_train_config(config_file: str | os.PathLike | None = None, overrides: l
     """
     raw: dict = {}
     source = "training settings"
+    origins: dict[str, str] = {}
     if config_file is not None:
         path = Path(config_file)
         source = str(path)
@@ -131,13 +142,44 @@ def load_train_config(config_file: str | os.PathLike | None = None, overrides: l
             raise InputError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
         if not isinstance(raw, dict):
             raise InputError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
-    raw = _merge(raw, {k: v for k, v in fields.items() if v is not None})
-    raw = _merge(raw, parse_overrides(overrides or []))
+        origins = dict.fromkeys(map(str, raw), source)
+    flags = {k: v for k, v in fields.items() if v is not None}
+    origins.update({k: FLAGS.get(k, f"--{k}") for k in flags})
+    overridden = parse_overrides(overrides or [])
+    origins.update(dict.fromkeys(overridden, "--set"))
+    raw = _merge(_merge(raw, flags), overridden)
     try:
-        return TrainConfig(**raw)
+        cfg = TrainConfig(**raw)
     except ValidationError as e:
         err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "(settings)"
+        field = ".".join(str(p) for p in err["loc"])
+        where = _where(origins, source, field) if field else f"{source}: (settings)"
         got = f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""
         more = f" [+{len(e.errors()) - 1} more]" if len(e.errors()) > 1 else ""
-        raise InputError(f"{source}: {field}: {err['msg']}{got}{more}") from None
+        raise InputError(f"{where}: {err['msg']}{got}{more}") from None
+    cfg._origins, cfg._default_origin = origins, source
+    _check_combinations(cfg)
+    return cfg
+
+
+def _where(origins: dict[str, str], default: str, key: str) -> str:
+    origin = origins.get(key.split(".")[0], default)
+    if origin == "--set":
+        return f"--set {key}"
+    return origin if origin.startswith("--") else f"{origin}: {key}"
+
+
+def _check_combinations(cfg: TrainConfig) -> None:
+    """What one field cannot check alone, named by where each setting came from."""
+    from .model import check_model_name
+
+    try:
+        check_model_name(cfg.model)
+    except InputError as e:
+        raise InputError(f"{cfg.where('model')}: {e}") from None
+    if cfg.loss_weights is not None and cfg.exits is not None:
+        decoders = cfg.exits if cfg.mode == "bim" else cfg.exits[-1:]
+        if len(cfg.loss_weights) != len(decoders):
+            raise InputError(
+                f"{cfg.where('loss_weights')}: {len(cfg.loss_weights)} weights for {len(decoders)} decoders "
+                f"(mode {cfg.mode}, exits {cfg.exits} from {cfg.where('exits')}); give one weight per decoder")

@@ -15,6 +15,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -170,10 +171,12 @@ class TrainResult:
     metrics: dict = field(default_factory=dict)
     model: BimModel | None = field(default=None, repr=False)  # the trained model (on every rank)
     is_main: bool = True  # rank 0 (or a single process): the one that wrote the checkpoint
+    resumed_from: int | None = None  # the step a resumed run continued from; None: started from scratch
 
     def summary(self) -> str:
         loss = ", ".join(f"exit {d}: {v:.4f}" for d, v in self.losses.items())
-        lines = [f"{self.path}: step {self.step}, {self.seconds:.0f} s, {self.images_per_s:.1f} img/s; "
+        lines = [_start_line(self.path, self.resumed_from),
+                 f"{self.path}: step {self.step}, {self.seconds:.0f} s, {self.images_per_s:.1f} img/s; "
                  f"recon loss {loss}"]
         for d, m in self.metrics.get("exits", {}).items():
             if "knn_top1" in m:
@@ -211,20 +214,25 @@ def _resume(model: BimModel, cfg: TrainConfig, optimizer) -> tuple[int, list[str
     return int(state["step"]), lines
 
 
-def train(cfg: TrainConfig, resume: bool = False, dataset=None) -> TrainResult:
+def train(cfg: TrainConfig, resume: bool | Literal["auto"] = False, dataset=None) -> TrainResult:
     """Pretrains a BIM (or end-to-end MAE) model and writes its checkpoint to ``cfg.out``.
 
     Args:
         cfg: the settings.
-        resume: continue from the checkpoint in ``cfg.out`` (model, optimizer, step, RNG).
+        resume: True: continue from the checkpoint in ``cfg.out`` (model, optimizer, step, RNG), which
+            must exist; ``"auto"``: continue if it exists, else start (requeued jobs); False: start,
+            and ``cfg.out`` must hold no checkpoint.
         dataset: images to train on instead of ``cfg.data`` (``ds[i]`` -> tensor [3, H, W] or
             (tensor, label); used as is, without augmentation).
 
     Raises:
         InputError: bad settings or data; ``cfg.out`` holds something other than a checkpoint or
-            cannot be written (checked before training). TrainingError: non-finite loss (the last saved checkpoint
-            is kept), resume from another architecture.
+            cannot be written (checked before training); a checkpoint in ``cfg.out`` without ``resume``,
+            or none with ``resume=True``. TrainingError: non-finite loss (the last saved checkpoint is
+            kept), resume from another architecture.
     """
+    if resume not in (True, False, "auto"):
+        raise InputError(f"resume must be True, False or 'auto' (got {resume!r})")
     device = _device(cfg)
     info = init_distributed(device.type)
     try:
@@ -233,7 +241,7 @@ def train(cfg: TrainConfig, resume: bool = False, dataset=None) -> TrainResult:
         shutdown(info)
 
 
-def _train(cfg: TrainConfig, resume: bool, dataset, device: torch.device, info: DistInfo) -> TrainResult:
+def _train(cfg: TrainConfig, resume: bool | str, dataset, device: torch.device, info: DistInfo) -> TrainResult:
     if cfg.batch_size % (cfg.accum_steps * info.world_size):
         raise InputError(f"batch_size {cfg.batch_size} must be divisible by accum_steps x processes "
                          f"({cfg.accum_steps} x {info.world_size})")
@@ -243,9 +251,11 @@ def _train(cfg: TrainConfig, resume: bool, dataset, device: torch.device, info: 
     has_ckpt = (out / ckpt_io.CONFIG).exists()
     if has_ckpt and not resume:
         raise InputError(f"{out}: already holds a checkpoint; pass --resume to continue it or pick another --out")
+    if resume is True and not has_ckpt:  # a mistyped --out must not silently restart a long run
+        raise InputError(f"{out}: no checkpoint to resume from (no {ckpt_io.CONFIG} there); check --out, "
+                         f"or pass '--resume auto' to start when there is none")
     torch.manual_seed(cfg.seed)
-    model = BimModel(cfg.model, cfg.model_args, cfg.exits, cfg.mode, cfg.decoder_depth, cfg.decoder_width,
-                     cfg.decoder_heads, cfg.mask_ratio, cfg.loss_weights, cfg.norm_pix_loss)
+    model = _build_model(cfg)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     img_size = model.encoder.patch_embed.img_size[0]
     if dataset is None:
@@ -255,8 +265,9 @@ def _train(cfg: TrainConfig, resume: bool, dataset, device: torch.device, info: 
     step, log_lines = 0, []
     if resume and has_ckpt:
         step, log_lines = _resume(model, cfg, optimizer)
-    elif resume:
-        log.warning("%s: no checkpoint to resume from, starting from scratch", out)
+    resumed = step if resume and has_ckpt else None
+    if info.is_main:
+        _announce(cfg, _start_line(out, resumed))
     model.to(device).train()
     _optimizer_to(optimizer, device)
     broadcast_parameters(model, info)
@@ -314,7 +325,18 @@ def _train(cfg: TrainConfig, resume: bool, dataset, device: torch.device, info: 
             metrics = _evaluate(model, cfg, eval_set, out)
     means = {d: float(np.mean(v)) for d, v in recent.items() if v}
     return TrainResult(out, step, means, seconds, imgs_done / max(seconds, 1e-9), metrics, model.eval(),
-                       info.is_main)
+                       info.is_main, resumed)
+
+
+def _build_model(cfg: TrainConfig) -> BimModel:
+    try:
+        return BimModel(cfg.model, cfg.model_args, cfg.exits, cfg.mode, cfg.decoder_depth, cfg.decoder_width,
+                        cfg.decoder_heads, cfg.mask_ratio, cfg.loss_weights, cfg.norm_pix_loss)
+    except InputError as e:
+        if e.field is None:
+            raise
+        message = str(e).removeprefix(f"{e.field}: ")
+        raise InputError(f"{cfg.where(e.field)}: {message}", field=e.field) from None
 
 
 def _accumulate_gradients(model: BimModel, batches, cfg: TrainConfig, step: int, info: DistInfo, amp,
@@ -341,6 +363,21 @@ def _saved_step(out: Path) -> int | None:
         return json.loads((out / ckpt_io.CONFIG).read_text()).get("step")
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def _start_line(out: Path, resumed: int | None) -> str:
+    return f"{out}: " + (f"resumed from step {resumed}" if resumed is not None else "started from scratch")
+
+
+def _announce(cfg: TrainConfig, line: str) -> None:
+    """A line for the run's log: through the progress bar's channel when there is one."""
+    log.info(line)
+    if cfg.progress:
+        import sys
+
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stderr)
 
 
 def _progress(cfg: TrainConfig, info: DistInfo, step: int):
@@ -383,7 +420,7 @@ def _evaluate(model: BimModel, cfg: TrainConfig, eval_set, out: Path) -> dict:
 
 
 def train_from_cli(config_file=None, data=None, model=None, exits=None, out=None, eval_data=None,
-                   overrides=None, resume: bool = False) -> str:
+                   overrides=None, resume: bool | Literal["auto"] = False) -> str:
     """``bim-export train``: settings from the YAML file, flags and ``--set``; returns a short summary."""
     cfg = load_train_config(config_file, overrides, data=data, model=model, exits=exits, out=out,
                             eval_data=eval_data)

@@ -20,6 +20,9 @@ from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CPU = "CPUExecutionProvider"
+# What decoding a bad file raises: truncated or corrupt data, and images over Pillow's pixel limit
+# (a decompression bomb: a few KB of PNG that would take gigabytes decoded).
+UNREADABLE_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 # ------------------------------------------------------------------------------ bundle and images
 
@@ -61,14 +64,32 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
     return found
 
 
-def load_images(paths: Sequence[Path], manifest: dict) -> np.ndarray:
-    """Preprocesses image files as the manifest says. Returns float32 [N, 3, S, S]."""
+def load_images(paths: Sequence[Path], manifest: dict) -> tuple[list[Path], np.ndarray]:
+    """Preprocesses image files as the manifest says.
+
+    Files that cannot be decoded (truncated, corrupt, over Pillow's pixel limit) are skipped and
+    named on stderr, as bim-export does with its image folders.
+
+    Returns:
+        the paths read, and their pixels: float32 [N, 3, S, S].
+    """
     pre = manifest["preprocessing"]
-    arrays = []
+    kept, arrays, skipped = [], [], []
     for p in paths:
-        with Image.open(p) as im:
-            arrays.append(preprocess(im.convert("RGB"), pre["img_size"], pre["mean"], pre["std"]))
-    return np.stack(arrays)
+        try:
+            with Image.open(p) as im:
+                arrays.append(preprocess(im.convert("RGB"), pre["img_size"], pre["mean"], pre["std"]))
+            kept.append(p)
+        except Image.DecompressionBombError:
+            skipped.append(f"{p} (decompression bomb: over Pillow's pixel limit)")
+        except UNREADABLE_IMAGE as e:
+            skipped.append(f"{p} ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+    if not kept:
+        raise SystemExit(f"error: none of the {len(paths)} images is readable (first: {skipped[0]})")
+    if skipped:
+        print(f"warning: {len(skipped)} of {len(paths)} images unreadable and skipped: {'; '.join(skipped)}",
+              file=sys.stderr)
+    return kept, np.stack(arrays)
 
 
 # ------------------------------------------------------------------------------------- sessions
@@ -217,15 +238,14 @@ def run_main(args: argparse.Namespace, providers: Sequence, *, runner_factory=No
     used = session.get_providers()
     output = embedding_output(session, args.exit_depth)
     runner = (runner_factory or Runner)(session, output)
-    paths = collect_images(args.images)
-    x = load_images(paths, manifest)
+    paths, x = load_images(collect_images(args.images), manifest)
     runner(x[:batch], batch)  # warm-up: engine builds and allocations happen here, not in the timing
     runner.times_ms.clear()
     emb = runner(x, batch)
     gallery_paths = gallery = None
     if args.gallery is not None:
-        gallery_paths = collect_images([args.gallery])
-        gallery = runner(load_images(gallery_paths, manifest), batch)
+        gallery_paths, gallery_x = load_images(collect_images([args.gallery]), manifest)
+        gallery = runner(gallery_x, batch)
     print(report(paths, emb, gallery_paths, gallery, args.top_k))
     print(f"model: {model} ({manifest.get('precision', '?')}, depth {manifest.get('depth', '?')})")
     print(timing_line(runner.times_ms, batch, used))

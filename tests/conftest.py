@@ -34,3 +34,48 @@ def tiny_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
     train(tiny_train_config(out, eval_data=sample_images_dir()))
     return out
+
+
+REG_AVG_MODEL_ARGS = {**TINY_MODEL_ARGS, "class_token": False, "reg_tokens": 2, "global_pool": "avg"}
+
+
+@pytest.fixture(scope="session")
+def reg_avg_checkpoint(tmp_path_factory):
+    """A checkpoint of a no-class-token, 2-register, avg-pooled ViT with non-trivial exit norms
+    (untrained: the weights are timm's initialization)."""
+    from bim_export.checkpoint import save_checkpoint
+    from bim_export.model import BimModel
+
+    torch.manual_seed(0)
+    model = BimModel("vit_tiny_patch16_224", REG_AVG_MODEL_ARGS, TINY_EXITS, decoder_width=32, decoder_heads=2)
+    with torch.no_grad():
+        for norm in model.exit_norms:
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_(0, 0.1)
+    out = tmp_path_factory.mktemp("regavg") / "ckpt"
+    cfg = {**model.arch_config(), "mean": [0.5] * 3, "std": [0.5] * 3, "step": 0, "train": {}}
+    save_checkpoint(out, model.state_dict(), cfg)
+    return out
+
+
+def write_png_bomb(path, side: int = 20000):
+    """A PNG that declares side x side pixels (a decompression bomb to Pillow) in 45 bytes: the
+    header only, since Pillow refuses it on open, before any pixel data is read."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
+def write_truncated_jpeg(path):
+    """The first half of a real JPEG: Pillow opens it, decoding fails."""
+    from bim_export.resources import sample_images_dir
+
+    real = sorted(sample_images_dir().rglob("*.jpg"))[0].read_bytes()
+    path.write_bytes(real[: len(real) // 2])
+    return path

@@ -3,33 +3,17 @@
 from __future__ import annotations
 
 import json
+import textwrap
 
 import pytest
 import torch
+from conftest import TINY_MODEL_ARGS
 
 from bim_export.backbone import build_backbone, save_backbone
 from bim_export.checkpoint import load_checkpoint, save_checkpoint
 from bim_export.cli import main
 from bim_export.errors import InputError
 from bim_export.model import BimModel
-
-REG_AVG = {"img_size": 32, "patch_size": 8, "depth": 4, "embed_dim": 32, "num_heads": 2,
-           "class_token": False, "reg_tokens": 2, "global_pool": "avg"}
-
-
-@pytest.fixture(scope="module")
-def reg_avg_checkpoint(tmp_path_factory):
-    """A checkpoint of a no-class-token, 2-register, avg-pooled ViT with non-trivial exit norms."""
-    torch.manual_seed(0)
-    model = BimModel("vit_tiny_patch16_224", REG_AVG, [2, 4], decoder_width=32, decoder_heads=2)
-    with torch.no_grad():
-        for norm in model.exit_norms:
-            norm.weight.uniform_(0.5, 1.5)
-            norm.bias.normal_(0, 0.1)
-    out = tmp_path_factory.mktemp("regavg") / "ckpt"
-    cfg = {**model.arch_config(), "mean": [0.5] * 3, "std": [0.5] * 3, "step": 0, "train": {}}
-    save_checkpoint(out, model.state_dict(), cfg)
-    return out
 
 
 @pytest.mark.parametrize("fixture", ["tiny_checkpoint", "reg_avg_checkpoint"])
@@ -93,3 +77,59 @@ def test_backbone_cli(tiny_checkpoint, tmp_path, capsys):
     assert err.startswith("error:") and "exits: 2, 4" in err
     assert main(["backbone", str(tmp_path / "missing"), "--depth", "2", "--out", str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def _readme_load_code() -> str:
+    """The Python block of the README that loads a saved backbone (``bb6/``)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [textwrap.dedent(b) for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S)]
+    found = [b for b in blocks if "bb6/" in b and "timm.create_model" in b]
+    assert len(found) == 1, "README: expected one python block loading bb6/"
+    return found[0]
+
+
+def test_readme_load_code_gives_the_bim_encoders_exit(tmp_path, monkeypatch):
+    # the README's command: bim-export backbone CKPT --depth 6 --out bb6/, on a checkpoint with exit 6
+    torch.manual_seed(0)
+    bim = BimModel("vit_tiny_patch16_224", {**TINY_MODEL_ARGS, "depth": 6}, [3, 6], decoder_width=32, decoder_heads=2)
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(ckpt, bim.state_dict(), {**bim.arch_config(), "mean": [0.5] * 3, "std": [0.5] * 3, "step": 0})
+    monkeypatch.chdir(tmp_path)
+    assert main(["backbone", str(ckpt), "--depth", "6", "--out", "bb6"]) == 0
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = bim.eval().forward_exits(x)[-1]  # exit 6: normed tokens [B, N, D]
+        ref_emb = bim.pool_exit(ref)
+    # each statement that builds `model` is checked, not only the last one
+    code = _readme_load_code()
+    namespace: dict = {}
+    models = 0
+    for chunk in code.split("\n\n"):
+        exec(chunk, namespace)  # noqa: S102 - the README's own code
+        if "model =" not in chunk:
+            continue
+        models += 1
+        model = namespace["model"].eval()
+        assert len(model.blocks) == 6 and model.num_classes == 0
+        with torch.no_grad():
+            tokens = model.forward_features(x)
+            assert torch.allclose(tokens, ref, atol=1e-6)
+            assert torch.allclose(model.forward_head(tokens, pre_logits=True), ref_emb, atol=1e-6)
+    assert models == 2
+
+
+def test_printed_load_lines_run(tiny_checkpoint, tmp_path):
+    summary = save_backbone(tiny_checkpoint, 2, tmp_path / "bb")
+    calls = [line.split(": ", 1)[1] for line in summary.splitlines()[1:]]
+    assert len(calls) == 2 and all(c.startswith("timm.create_model(") for c in calls)
+    ref = build_backbone(tiny_checkpoint, 2)
+    x = torch.randn(2, 3, 32, 32)
+    import timm
+
+    for call in calls:
+        model = eval(call, {"timm": timm}).eval()  # noqa: S307 - the line the command prints
+        with torch.no_grad():
+            assert torch.allclose(model.forward_features(x), ref.forward_features(x), atol=1e-6)

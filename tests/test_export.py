@@ -14,7 +14,7 @@ import torch
 from bim_export import __version__
 from bim_export import export as export_mod
 from bim_export.data import load_image_array, sample_images
-from bim_export.errors import InputError
+from bim_export.errors import BimExportError, InputError
 from bim_export.export import export_onnx, read_metadata
 
 SIZE = 32
@@ -88,14 +88,30 @@ def test_metadata_records_source_and_versions(exported):
     assert meta["bim_export_version"] == __version__
 
 
-def test_vit_variant_without_class_token_avg_pool_registers(tmp_path, images):
+@pytest.mark.parametrize("opset", [17, 18])
+def test_vit_variant_without_class_token_avg_pool_registers(tmp_path, images, opset):
+    # avg pooling is a ReduceMean, whose axes moved from attribute to input in opset 18: the
+    # exporter alone leaves such a graph at 18 when asked for 17
     backbone = tiny_vit(class_token=False, global_pool="avg", reg_tokens=2, no_embed_class=True)
-    path = export_onnx(backbone, tmp_path / "v.onnx", opset=18, img_size=SIZE, metadata={})
+    path = export_onnx(backbone, tmp_path / "v.onnx", opset=opset, img_size=SIZE, metadata={})
+    model = onnx.load(str(path))
+    assert {o.domain: o.version for o in model.opset_import}[""] == opset
+    assert "ReduceMean" in {n.op_type for n in model.graph.node}
     ref_tokens, ref_emb = torch_outputs(backbone, images[:2])
     tokens, emb = ort_outputs(path, images[:2])
     assert tokens.shape == (2, 18, 32)  # 16 patches + 2 registers
-    np.testing.assert_allclose(tokens, ref_tokens, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(emb, ref_emb, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(tokens, ref_tokens, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(emb, ref_emb, atol=1e-5, rtol=0)
+    converted = "opset 18 converted to 17" in read_metadata(path)["exporter"]
+    assert converted == (opset == 17)
+
+
+@pytest.mark.slow
+def test_opset_too_old_for_the_graph_is_a_clean_error(tmp_path):
+    # LayerNormalization exists from opset 17 on: nothing can express it at 16
+    with pytest.raises(BimExportError, match="cannot be converted to opset 16.*LayerNormalization"):
+        export_onnx(tiny_vit(depth=1), tmp_path / "old.onnx", opset=16, img_size=SIZE, metadata={})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_multi_exit_graph_equals_each_depths_backbone(tiny_checkpoint, tmp_path, images):

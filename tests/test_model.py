@@ -189,9 +189,12 @@ def test_bad_exits_are_rejected(exits, message):
         validate_exits(exits, 4)
 
 
-def test_unknown_model_name_suggests_close_names():
-    with pytest.raises(InputError, match=r"unknown model 'vit_tiny_patch16_22'.*did you mean.*vit_tiny_patch16_224"):
+def test_unknown_model_name_suggests_the_five_closest():
+    with pytest.raises(InputError, match=r"unknown model 'vit_tiny_patch16_22'; closest: vit_tiny_patch16_224") as err:
         BimModel("vit_tiny_patch16_22", TINY)
+    named = str(err.value).split("closest: ")[1].split(" (of ")[0].split(", ")
+    assert len(named) == 5 and len(str(err.value)) < 300  # not the whole list of timm's ViTs
+    assert all(n.startswith(("vit_", "deit_")) for n in named)
 
 
 def test_non_vit_and_learned_pooling_are_rejected():

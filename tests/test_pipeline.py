@@ -135,6 +135,9 @@ def test_bundle_end_to_end(exported):
     assert m["latency"]["source"] == "predicted" and m["latency"]["stat"] == "p90"
     assert len(m["candidates"]["candidates"]) == 4
     assert m["parity"]["passed"] and m["exits"] == [2, 4]
+    assert m["data"] == {"folder": None, "source": "built-in sample images", "images": 60, "parity_images": 32,
+                         "calibration_images": 32, "labelled": True}
+    assert "drawn from 60 in the built-in sample set" in (bundle / "report.md").read_text()
     # reference.npz: real inputs, PyTorch outputs that model.onnx reproduces
     import onnxruntime as ort
 
@@ -174,22 +177,49 @@ def test_multi_exit_bundle(tiny_checkpoint, tmp_path):
     assert {f"embedding_{d}" for d in exits} <= set(ref.files)
 
 
-def test_user_data_folder(tiny_checkpoint, tmp_path):
+def _image_folder(root: Path, per_class: int, classes=("a", "b")) -> Path:
     from PIL import Image
 
-    data = tmp_path / "mine"
     rng = np.random.default_rng(0)
-    for c in ("a", "b"):
-        (data / c).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)).save(data / c / f"{i}.png")
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_user_data_folder(tiny_checkpoint, tmp_path):
+    data = _image_folder(tmp_path / "mine", per_class=8)
     images = load_images(data, load_checkpoint(tiny_checkpoint).config)
-    assert images.parity.shape == (8, 3, 32, 32) and sorted(set(images.labels)) == [0, 1]
+    assert images.parity.shape == (16, 3, 32, 32) and sorted(set(images.labels)) == [0, 1]
+    assert images.describe() == {"folder": str(data), "source": "--data", "images": 16, "parity_images": 16,
+                                 "calibration_images": 16, "labelled": True}
     (data / "a" / "broken.png").write_bytes(b"not an image")  # skipped, with a warning
     images = load_images(data, load_checkpoint(tiny_checkpoint).config)
-    assert images.parity.shape == (8, 3, 32, 32)
+    assert images.parity.shape == (16, 3, 32, 32)
     with pytest.raises(InputError):
         load_images(tmp_path / "empty-or-missing", load_checkpoint(tiny_checkpoint).config)
+
+
+def test_user_data_folder_skips_bombs_and_truncated_files_by_name(tiny_checkpoint, tmp_path, caplog):
+    from conftest import write_png_bomb, write_truncated_jpeg
+
+    data = _image_folder(tmp_path / "mine", per_class=8)
+    write_png_bomb(data / "a" / "bomb.png")  # drawn: the folder has 18 files, the sample takes 32
+    write_truncated_jpeg(data / "b" / "cut.jpg")
+    with caplog.at_level("WARNING", logger="bim_export.data"):
+        images = load_images(data, load_checkpoint(tiny_checkpoint).config)
+    assert images.parity.shape == (16, 3, 32, 32)
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "2 of 18 images unreadable and skipped" in warning
+    assert "bomb.png (decompression bomb" in warning and "cut.jpg (image file is truncated" in warning
+
+
+def test_parity_needs_enough_images(tiny_checkpoint, tmp_path):
+    data = _image_folder(tmp_path / "few", per_class=5)  # 10 < MIN_PARITY_IMAGES
+    with pytest.raises(InputError, match=rf"few: 10 readable images; parity and int8 calibration need at least "
+                                         rf"{cand.MIN_PARITY_IMAGES}"):
+        load_images(data, load_checkpoint(tiny_checkpoint).config)
 
 
 def test_target_all_prints_one_table(tiny_checkpoint, tmp_path, monkeypatch):
@@ -235,3 +265,31 @@ def test_models_too_big_to_cut_are_exported_per_depth(tiny_checkpoint, tmp_path,
     assert not any(p.name.startswith("all-exits") for p in tmp_path.iterdir())
     assert all(t.parity.passed for t in trials if t.precision == "fp32")
     assert big.parity_graph(2, "fp32", 17, None) == (big.model(2, "fp32", 17), False)
+
+
+@pytest.mark.slow
+def test_avg_pooled_register_vit_exports_for_a_shipped_opset_17_profile(reg_avg_checkpoint, tmp_path):
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from bim_export.backbone import build_backbone
+
+    profile = load_profile("raspberry-pi-5")
+    assert profile.opset == 17
+    pipeline.run_export("raspberry-pi-5", reg_avg_checkpoint, tmp_path / "out")
+    bundle = tmp_path / "out" / "raspberry-pi-5"
+    m = json.loads((bundle / "manifest.json").read_text())
+    model = onnx.load(str(bundle / "model.onnx"))
+    assert m["opset"] == 17 and {o.domain: o.version for o in model.opset_import}[""] == 17
+    x = load_images(None, load_checkpoint(reg_avg_checkpoint).config).parity[:4]
+    sess = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    tokens, emb = sess.run(["tokens", "embedding"], {"pixels": x})
+    backbone = build_backbone(reg_avg_checkpoint, m["depth"])
+    assert backbone.global_pool == "avg" and backbone.num_prefix_tokens == 2 and not backbone.has_class_token
+    with torch.inference_mode():
+        ref_tokens = backbone.forward_features(torch.from_numpy(x))
+        ref_emb = backbone.forward_head(ref_tokens, pre_logits=True)
+    atol = 1e-5 if m["precision"] == "fp32" else 0.1  # int8 passed the profile's parity to be chosen
+    np.testing.assert_allclose(tokens, ref_tokens.numpy(), atol=atol, rtol=0)
+    np.testing.assert_allclose(emb, ref_emb.numpy(), atol=atol, rtol=0)

@@ -18,7 +18,7 @@ from PIL import Image
 from tiny_onnx import SIZE, write_tiny_onnx
 
 from bim_export.data import preprocess as package_preprocess
-from bim_export.resources import resource_dir
+from bim_export.resources import resource_dir, sample_images_dir
 
 TARGETS = resource_dir("targets")
 
@@ -118,8 +118,7 @@ def test_script_prints_embeddings_matching_onnxruntime(bundle, images, script, c
     assert done.stdout.count("(dim 16,") == 3 and "timing:" in done.stdout
     assert "CPUExecutionProvider" in done.stdout
     # same numbers as preprocessing + a plain session here
-    paths = common.collect_images([images])
-    x = common.load_images(paths, json.loads((bundle / "manifest.json").read_text()))
+    _, x = common.load_images(common.collect_images([images]), json.loads((bundle / "manifest.json").read_text()))
     import onnxruntime as ort
 
     ref = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"]).run(["embedding"], {"pixels": x})[0]
@@ -144,3 +143,64 @@ def test_mobile_converts_to_ort_and_checks(bundle, images):
 def test_script_errors_are_one_line(bundle, tmp_path):
     done = _run_script(bundle, "cpu.py", tmp_path / "missing.jpg")
     assert done.returncode != 0 and done.stderr.strip().startswith("error:")
+
+
+# ------------------------------------------------------------------ a real bundle, bad images in
+
+
+@pytest.fixture(scope="module")
+def exported_bundle(tiny_checkpoint, tmp_path_factory) -> Path:
+    """A bundle written by the export pipeline (cpu target) for the tiny checkpoint."""
+    import yaml
+    from export_cache import memoize_exports
+
+    from bim_export.pipeline import run_export
+
+    tmp = tmp_path_factory.mktemp("real-bundle")
+    prof = yaml.safe_load((resource_dir("profiles") / "raspberry-pi-5.yaml").read_text())
+    prof["budgets"].update(latency_ms=1000, peak_memory_mb=4000, model_size_mb=100)
+    (tmp / "pi.yaml").write_text(yaml.safe_dump(prof))
+    with pytest.MonkeyPatch.context() as mp:
+        memoize_exports(mp, tmp)
+        run_export(str(tmp / "pi.yaml"), tiny_checkpoint, tmp / "exports")
+    return tmp / "exports" / "pi"
+
+
+def _infer(bundle: Path, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(bundle / "infer.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=bundle.parent, timeout=120)
+
+
+@pytest.mark.slow
+def test_bundle_infer_skips_truncated_and_bomb_images(exported_bundle, tmp_path):
+    from conftest import write_png_bomb, write_truncated_jpeg
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    good = sorted(sample_images_dir().rglob("*.jpg"))[:2]
+    for p in good:
+        shutil.copy(p, photos / p.name)
+    write_truncated_jpeg(photos / "cut.jpg")
+    write_png_bomb(photos / "bomb.png")
+    done = _infer(exported_bundle, photos)
+    assert done.returncode == 0, done.stderr
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith(str(photos))]
+    assert sorted(Path(ln.split(": ")[0]).name for ln in lines) == sorted(p.name for p in good)
+    warning = [ln for ln in done.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warning) == 1 and "2 of 4 images" in warning[0]
+    assert "cut.jpg (image file is truncated" in warning[0] and "bomb.png (decompression bomb" in warning[0]
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_bundle_infer_with_no_readable_image_is_one_error_line(exported_bundle, tmp_path):
+    from conftest import write_png_bomb
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    write_png_bomb(photos / "bomb.png")
+    done = _infer(exported_bundle, photos, "--save", tmp_path / "emb.npy")
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [f"error: none of the 1 images is readable (first: {photos / 'bomb.png'} "
+                                                "(decompression bomb: over Pillow's pixel limit))"]
+    assert done.stdout == "" and not (tmp_path / "emb.npy").exists()

@@ -66,6 +66,10 @@ def test_yaml_flags_and_set_overrides_combine(tmp_path):
     ("out: [unclosed\n", [], r"run\.yaml: not valid YAML"),
     ("- a list\n", [], "expected a mapping"),
     ("out: x\n", ["novalue"], "--set novalue: expected KEY=VALUE"),
+    ("out: x\n", ["steps=0"], "--set steps: Input should be greater than or equal to 1"),
+    ("out: x\nexits: [3, 6, 9, 12]\nloss_weights: [1, 1, 1, 2]\n", ["exits=[4, 8, 12]"],
+     r"run\.yaml: loss_weights: 4 weights for 3 decoders \(mode bim, exits \[4, 8, 12\] from --set exits\)"),
+    ("out: x\nmodel: vit_tiny_patch16_2244\n", [], r"run\.yaml: model: unknown model 'vit_tiny_patch16_2244'"),
 ])
 def test_bad_settings_name_the_file_and_field(tmp_path, text, overrides, message):
     f = tmp_path / "run.yaml"
@@ -199,6 +203,21 @@ def test_resume_from_another_architecture_is_refused(tiny_checkpoint, tmp_path):
         train(tiny_train_config(out, steps=6))
 
 
+def test_resume_is_strict_and_auto_resumes_if_present(tmp_path):
+    out = tmp_path / "requeued"
+    with pytest.raises(InputError, match=r"requeued: no checkpoint to resume from.*--resume auto"):
+        train(tiny_train_config(out, steps=2), resume=True)  # e.g. a mistyped --out
+    assert not out.exists()
+    first = train(tiny_train_config(out, steps=2), resume="auto")
+    assert first.resumed_from is None and first.step == 2
+    assert first.summary().splitlines()[0] == f"{out}: started from scratch"
+    again = train(tiny_train_config(out, steps=4), resume="auto")
+    assert again.resumed_from == 2 and again.step == 4
+    assert again.summary().splitlines()[0] == f"{out}: resumed from step 2"
+    with pytest.raises(InputError, match="resume must be True, False or 'auto'"):
+        train(tiny_train_config(out, steps=4), resume="yes")
+
+
 def test_bad_data_folders(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         train(tiny_train_config(tmp_path / "o1", data=tmp_path / "missing"))
@@ -231,7 +250,7 @@ def test_train_cli(tmp_path, capsys):
     assert load_checkpoint(out).config["exits"] == [2, 4]
     rc = main(["train", "--config", str(cfg), "--model", "vit_tiny_patch16_22", "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("error: unknown model 'vit_tiny_patch16_22'") and "did you mean" in err
+    assert rc == 2 and err.startswith("error: --model: unknown model 'vit_tiny_patch16_22'; closest: vit_tiny_patch16_224")
     rc = main(["train", "--config", str(cfg), "--exits", "2,6", "--out", str(tmp_path / "y")])
     assert rc == 2 and "exits must lie in 1..4" in capsys.readouterr().err
     rc = main(["train", "--config", str(cfg), "--out", str(tmp_path / "z"), "--set", "batch_size=0"])
