@@ -126,8 +126,9 @@ def run_worker(spec: dict) -> dict:
     ``BimModel.forward_backward`` + AdamW step, on random images."""
     import torch
 
-    from bim_export.model import BimModel
-    from bim_export.trainer import param_groups
+    from bim_export.architecture import BimConfig
+    from bim_export.train.model import BimModel
+    from bim_export.train.optim import param_groups
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -138,8 +139,9 @@ def run_worker(spec: dict) -> dict:
     div = spec.get("decoder_div", 1)
     d_depth, d_width, d_heads = spec["decoder"][0], spec["decoder"][1] // div, max(1, spec["decoder"][2] // div)
     exits = [e for e in EXITS if e <= spec["depth"]] if spec["mode"] == "bim" else [spec["depth"]]
-    model = BimModel(spec["arch"], {**spec["model_args"], "depth": spec["depth"]}, exits, spec["mode"],
-                     d_depth, d_width, d_heads, mask_ratio=0.75).to(device).train()
+    model = BimModel(BimConfig.from_settings(
+        model=spec["arch"], model_args={**spec["model_args"], "depth": spec["depth"]}, exits=exits, mode=spec["mode"],
+        decoder_depth=d_depth, decoder_width=d_width, decoder_heads=d_heads, mask_ratio=0.75)).to(device).train()
     if spec["ckpt"]:
         model.set_grad_checkpointing(True)
         _checkpoint_decoder_blocks(model)
@@ -205,12 +207,14 @@ def _loss_ends(log: list[dict]) -> tuple[dict, dict]:
 def _quality(tmp: Path, device: str, q: dict) -> dict:
     import torch
 
-    from bim_export.checkpoint import load_checkpoint
+    from bim_export.architecture import BimConfig
     from bim_export.data import load_image_array, write_mnist_folder
-    from bim_export.evaluate import extract_features, knn_top1, stratified_indices
-    from bim_export.model import BimModel
-    from bim_export.train_config import TrainConfig
-    from bim_export.trainer import train
+    from bim_export.knn import knn_top1
+    from bim_export.train.evaluate import extract_features
+    from bim_export.train.model import BimModel
+    from bim_export.train.splits import stratified_indices
+    from bim_export.train.config import TrainConfig
+    from bim_export.train.trainer import train
 
     images = write_mnist_folder(tmp / "mnist")  # sorted by digit: sample, never truncate
     mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -234,13 +238,15 @@ def _quality(tmp: Path, device: str, q: dict) -> dict:
         t0 = time.perf_counter()
         train(cfg, dataset=dataset)
         seconds = time.perf_counter() - t0
-        model = load_checkpoint(cfg.out).build_model()
+        model = BimModel.from_checkpoint(cfg.out)
         log = [json.loads(line) for line in (cfg.out / "log.jsonl").read_text().splitlines()]
         return model, seconds, log
 
     torch.manual_seed(0)
     depth = q["model_args"]["depth"]
-    untrained = knn(BimModel(q["model"], q["model_args"], q["exits"], "bim", *q["decoder"]))
+    untrained = knn(BimModel(BimConfig.from_settings(
+        model=q["model"], model_args=q["model_args"], exits=q["exits"], mode="bim", decoder_depth=q["decoder"][0],
+        decoder_width=q["decoder"][1], decoder_heads=q["decoder"][2])))
     bim, bim_s, bim_log = run("bim", depth, q["exits"], "bim")
     bim_knn = knn(bim)
     rows, e2e_s = [], 0.0
@@ -258,8 +264,8 @@ def _quality(tmp: Path, device: str, q: dict) -> dict:
 def real_image_losses(device: str, size: dict, steps: int) -> dict:
     """A short BIM training of the benchmark model on the built-in real photos (with MAE's
     augmentation): every stage's loss over the first and the last tenth of the steps."""
-    from bim_export.train_config import TrainConfig
-    from bim_export.trainer import train
+    from bim_export.train.config import TrainConfig
+    from bim_export.train.trainer import train
 
     with tempfile.TemporaryDirectory(prefix="bench-real-") as tmp:
         out = Path(tmp) / "run"

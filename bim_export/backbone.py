@@ -18,10 +18,12 @@ import json
 import os
 from pathlib import Path
 
+from .architecture import backbone_state_dict, create_vit, encoder_args
 from .atomic import OutputKind, atomic_dir, check_destination
+from .checkpoint import CONFIG as CHECKPOINT_CONFIG
+from .checkpoint import WEIGHTS as CHECKPOINT_WEIGHTS
 from .checkpoint import Checkpoint, load_checkpoint
 from .errors import InputError
-from .model import encoder_args
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 # What a later ``bim-export backbone --out`` to the same folder may replace.
@@ -35,28 +37,35 @@ def backbone_model_args(config: dict, depth: int) -> dict:
 
 
 def _check_depth(ckpt: Checkpoint, depth: int) -> None:
-    if depth not in ckpt.exits:
-        raise InputError(f"{ckpt.path}: depth {depth} is not an exit of this checkpoint; "
-                         f"exits: {', '.join(map(str, ckpt.exits))}")
+    try:
+        ckpt.bim_config.check_depth(depth)
+    except InputError as e:
+        raise InputError(f"{ckpt.path}: {e}") from None
 
 
 def build_backbone(ckpt_or_path: Checkpoint | str | os.PathLike, depth: int):
     """The depth-``depth`` backbone of a checkpoint: a timm VisionTransformer, eval mode, float32.
 
+    Built from the checkpoint's encoder weights and that exit's norm alone (no decoders).
     ``forward_features(x)`` gives the exit's normed tokens [B, N, D]; ``forward_head(t, pre_logits=True)``
     the pooled embedding [B, D] (the checkpoint's ``global_pool``).
 
     Raises:
-        InputError: ``depth`` is not one of the checkpoint's exits (the message lists them).
+        InputError: ``depth`` is not one of the checkpoint's exits (the message lists them), or
+            config.json / the weights do not describe a model (the message names the file).
     """
-    import timm
-
     ckpt = ckpt_or_path if isinstance(ckpt_or_path, Checkpoint) else load_checkpoint(ckpt_or_path)
     _check_depth(ckpt, depth)
-    state = ckpt.build_model().backbone_state_dict(depth)  # first: it checks config.json's architecture
-    model = timm.create_model(ckpt.config["arch"], pretrained=False, num_classes=0,
-                              **backbone_model_args(ckpt.config, depth))
-    model.load_state_dict(state, strict=True)
+    config = ckpt.bim_config
+    try:
+        model = create_vit(config.arch, {**config.model_args, "depth": depth})
+    except InputError as e:  # model_args that no model can be built from
+        raise InputError(f"{ckpt.path / CHECKPOINT_CONFIG}: {e}") from None
+    try:
+        model.load_state_dict(backbone_state_dict(ckpt.state_dict, config, depth), strict=True)
+    except RuntimeError as e:  # missing, unexpected or mis-shaped weights
+        raise InputError(f"{ckpt.path / CHECKPOINT_WEIGHTS}: weights do not match config.json "
+                         f"({str(e).splitlines()[-1].strip()[:200]})") from None
     return model.float().eval()
 
 

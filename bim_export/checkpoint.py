@@ -56,23 +56,23 @@ class Checkpoint:
     def exits(self) -> list[int]:
         return list(self.config["exits"])
 
-    def build_model(self):
-        """The :class:`~bim_export.model.BimModel` with these weights (eval mode, float32)."""
-        from .model import BimModel
+    @property
+    def bim_config(self):
+        """The model's :class:`~bim_export.architecture.BimConfig`, read from config.json.
+
+        Raises:
+            InputError: config.json's architecture fields are malformed (the message names the file).
+        """
+        from pydantic import ValidationError
+
+        from .architecture import BimConfig
 
         try:
-            model = BimModel.from_config(self.config)
-        except InputError as e:  # model_args, exits, decoder... that no model can be built from
-            raise InputError(f"{self.path / CONFIG}: {e}") from None
-        try:
-            missing, unexpected = model.load_state_dict(self.state_dict, strict=False)
-        except RuntimeError as e:  # shape mismatch
-            raise InputError(f"{self.path / WEIGHTS}: weights do not match config.json "
-                             f"({str(e).splitlines()[-1].strip()})") from e
-        if missing or unexpected:
-            raise InputError(f"{self.path / WEIGHTS}: weights do not match config.json "
-                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        return model.eval()
+            return BimConfig.from_json(self.config)
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = ".".join(str(p) for p in err["loc"]) or "(architecture)"
+            raise InputError(f"{self.path / CONFIG}: {field}: {err['msg']}") from None
 
     def load_train_state(self) -> dict[str, Any]:
         """train_state.pt (optimizer, step, RNG), loaded without unpickling code."""
@@ -137,7 +137,7 @@ def load_checkpoint(path: str | os.PathLike, weights: bool = True) -> Checkpoint
     if config["format_version"] > FORMAT_VERSION:
         raise InputError(f"{path / CONFIG}: format_version {config['format_version']} is newer than this "
                          f"bim-export ({__version__}) reads ({FORMAT_VERSION}); upgrade bim-export")
-    from .model import check_model_name
+    from .architecture import check_model_name
 
     try:
         check_model_name(config["arch"])

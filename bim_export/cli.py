@@ -87,7 +87,7 @@ def _add_train(sub) -> None:
 def _cmd_train(args) -> int:
     """BIM pretraining: every stage exit gets its own light decoder and masked-patch loss, gradients
     stop between stages; one run trains backbones of every exit depth. Works under torchrun."""
-    from .trainer import train_from_cli
+    from .train.trainer import train_from_cli
 
     print(train_from_cli(config_file=args.config, data=args.data, model=args.model, exits=args.exits,
                          out=args.out, eval_data=args.eval_data, overrides=args.overrides, resume=args.resume))
@@ -117,7 +117,7 @@ def _cmd_eval(args) -> int:
     the figures are written into the checkpoint's metrics.json, or to --metrics-out FILE. The
     checkpoint that ships with bim-export is never rewritten: without --metrics-out its figures
     are only printed."""
-    from .evaluate import evaluate_checkpoint
+    from .train.evaluate import evaluate_checkpoint
 
     print(evaluate_checkpoint(args.checkpoint, args.data, metrics_out=args.metrics_out))
     return 0

@@ -164,45 +164,6 @@ def sample_images() -> ImageList:
     return scan_image_folder(sample_images_dir())
 
 
-# ---------------------------------------------------------------- torch side (training, eval)
-
-
-def train_transform(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """MAE's pretraining augmentation: random resized crop (scale 0.2-1), flip, normalize."""
-    from torchvision import transforms as T
-
-    return T.Compose([
-        T.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])
-
-
-def eval_transform(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """:func:`preprocess` as a torch transform (PIL image -> float tensor [3, H, W])."""
-    import torch
-
-    def _apply(img: Image.Image):
-        return torch.from_numpy(preprocess(img, img_size, mean, std))
-
-    return _apply
-
-
-class ImageFolderDataset:
-    """A torch-style dataset over an :class:`ImageList`: returns (image tensor, label)."""
-
-    def __init__(self, images: ImageList, transform):
-        self.images = images
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int):
-        return self.transform(load_rgb(self.images.paths[i])), self.images.labels[i]
-
-
 # ---------------------------------------------------------------- real images from installed wheels
 
 

@@ -134,7 +134,7 @@ def _nearest_other(feats: np.ndarray) -> np.ndarray:
 
 def _knn_top1(bank: np.ndarray, bank_labels: np.ndarray, query: np.ndarray, k: int) -> np.ndarray:
     try:  # the package's kNN when it is installed; the same rule, in numpy, on a device
-        from bim_export.evaluate import knn_predict
+        from bim_export.knn import knn_predict
 
         return np.asarray(knn_predict(bank, bank_labels, query, k=k))
     except ImportError:

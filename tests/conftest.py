@@ -15,7 +15,7 @@ TINY_EXITS = [2, 4]
 
 def tiny_train_config(out, **overrides):
     """Settings of a tiny, fast run (depth 4, width 32, 32-px images, patch 8, exits 2 and 4)."""
-    from bim_export.train_config import TrainConfig
+    from bim_export.train.config import TrainConfig
 
     settings = dict(out=out, model="vit_tiny_patch16_224", model_args=dict(TINY_MODEL_ARGS), exits=list(TINY_EXITS),
                     decoder_width=32, decoder_heads=2, steps=4, batch_size=8, lr=1e-3, warmup_steps=1,
@@ -29,7 +29,7 @@ def tiny_checkpoint(tmp_path_factory):
     """Path of a checkpoint made by the trainer on the built-in sample images, with per-exit metrics
     (recon_loss, and knn_top1 / linear_probe_top1 on the sample images' 10 classes)."""
     from bim_export.resources import sample_images_dir
-    from bim_export.trainer import train
+    from bim_export.train.trainer import train
 
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
     train(tiny_train_config(out, eval_data=sample_images_dir()))
@@ -44,10 +44,12 @@ def reg_avg_checkpoint(tmp_path_factory):
     """A checkpoint of a no-class-token, 2-register, avg-pooled ViT with non-trivial exit norms
     (untrained: the weights are timm's initialization)."""
     from bim_export.checkpoint import save_checkpoint
-    from bim_export.model import BimModel
+    from bim_export.architecture import BimConfig
+    from bim_export.train.model import BimModel
 
     torch.manual_seed(0)
-    model = BimModel("vit_tiny_patch16_224", REG_AVG_MODEL_ARGS, TINY_EXITS, decoder_width=32, decoder_heads=2)
+    model = BimModel(BimConfig.from_settings(model="vit_tiny_patch16_224", model_args=REG_AVG_MODEL_ARGS,
+                                             exits=TINY_EXITS, decoder_width=32, decoder_heads=2))
     with torch.no_grad():
         for norm in model.exit_norms:
             norm.weight.uniform_(0.5, 1.5)

@@ -13,17 +13,18 @@ from bim_export.backbone import build_backbone, save_backbone
 from bim_export.checkpoint import load_checkpoint, save_checkpoint
 from bim_export.cli import main
 from bim_export.errors import InputError
-from bim_export.model import BimModel
+from bim_export.architecture import BimConfig
+from bim_export.train.model import BimModel
 
 
 @pytest.mark.parametrize("fixture", ["tiny_checkpoint", "reg_avg_checkpoint"])
 def test_backbone_equals_the_bim_encoder_at_every_exit(fixture, request):
     path = request.getfixturevalue(fixture)
     ck = load_checkpoint(path)
-    bim = ck.build_model()
+    bim = BimModel.from_checkpoint(ck)
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        exits = bim.forward_exits(x)
+        exits = bim.forward_intermediates(x)
         for depth, ref in zip(ck.exits, exits):
             bb = build_backbone(ck, depth)
             assert len(bb.blocks) == depth and not bb.training and bb.num_classes == 0
@@ -94,14 +95,15 @@ def _readme_load_code() -> str:
 def test_readme_load_code_gives_the_bim_encoders_exit(tmp_path, monkeypatch):
     # the README's command: bim-export backbone CKPT --depth 6 --out bb6/, on a checkpoint with exit 6
     torch.manual_seed(0)
-    bim = BimModel("vit_tiny_patch16_224", {**TINY_MODEL_ARGS, "depth": 6}, [3, 6], decoder_width=32, decoder_heads=2)
+    bim = BimModel(BimConfig.from_settings(model="vit_tiny_patch16_224", model_args={**TINY_MODEL_ARGS, "depth": 6},
+                                           exits=[3, 6], decoder_width=32, decoder_heads=2))
     ckpt = tmp_path / "ckpt"
     save_checkpoint(ckpt, bim.state_dict(), {**bim.arch_config(), "mean": [0.5] * 3, "std": [0.5] * 3, "step": 0})
     monkeypatch.chdir(tmp_path)
     assert main(["backbone", str(ckpt), "--depth", "6", "--out", "bb6"]) == 0
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ref = bim.eval().forward_exits(x)[-1]  # exit 6: normed tokens [B, N, D]
+        ref = bim.eval().forward_intermediates(x)[-1]  # exit 6: normed tokens [B, N, D]
         ref_emb = bim.pool_exit(ref)
     # each statement that builds `model` is checked, not only the last one
     code = _readme_load_code()

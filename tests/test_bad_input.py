@@ -265,9 +265,9 @@ def _run_as_nobody(argv: list[str]) -> tuple[int, str]:
     import signal
 
     import bim_export.backbone  # noqa: F401 - the child cannot read the interpreter's own files
-    import bim_export.evaluate  # noqa: F401
+    import bim_export.train.evaluate  # noqa: F401
     import bim_export.pipeline  # noqa: F401
-    import bim_export.trainer  # noqa: F401
+    import bim_export.train.trainer  # noqa: F401
 
     r, w = os.pipe()
     pid = os.fork()

@@ -10,6 +10,7 @@ import torch
 
 from bim_export.checkpoint import (Checkpoint, load_checkpoint, save_checkpoint, update_exit_metrics)
 from bim_export.errors import InputError
+from bim_export.train.model import BimModel
 
 DESIGN_KEYS = ("format_version", "arch", "img_size", "patch_size", "embed_dim", "depth", "num_heads",
                "num_prefix_tokens", "exits", "decoder", "mask_ratio", "mean", "std", "step", "train",
@@ -40,7 +41,7 @@ def test_trained_checkpoint_describes_itself(tiny_checkpoint):
 
 def test_build_model_round_trips_the_weights(tiny_checkpoint, tmp_path):
     ck = load_checkpoint(tiny_checkpoint)
-    model = ck.build_model()
+    model = BimModel.from_checkpoint(ck)
     assert not model.training
     save_checkpoint(tmp_path / "copy", model.state_dict(), ck.config, ck.metrics)
     again = load_checkpoint(tmp_path / "copy")
@@ -135,7 +136,7 @@ def test_weights_that_do_not_match_the_config_are_reported(tiny_checkpoint, tmp_
     cfg = {**ck.config, "model_args": {**ck.config["model_args"], "embed_dim": 64}}
     save_checkpoint(tmp_path / "x", ck.state_dict, cfg)
     with pytest.raises(InputError, match=r"weights\.safetensors: weights do not match config\.json"):
-        load_checkpoint(tmp_path / "x").build_model()
+        BimModel.from_checkpoint(load_checkpoint(tmp_path / "x"))
 
 
 def test_newer_format_is_refused(tiny_checkpoint, tmp_path):
@@ -149,13 +150,14 @@ def test_newer_format_is_refused(tiny_checkpoint, tmp_path):
 
 def test_shipped_default_checkpoint_matches_its_recipe():
     from bim_export.resources import default_checkpoint_dir, resource_dir
-    from bim_export.train_config import load_train_config
+    from bim_export.train.config import TrainConfig, load_train_config
 
     ck = load_checkpoint(default_checkpoint_dir())
     assert ck.exits == [3, 6, 9, 12] and ck.config["embed_dim"] == 192 and ck.config["weights_dtype"] == "fp16"
     assert not (default_checkpoint_dir() / "train_state.pt").exists()
     assert all(0.0 <= ck.metrics["exits"][str(d)]["knn_top1"] <= 1.0 for d in ck.exits)
     recipe = load_train_config(resource_dir("assets") / "default_checkpoint.yaml")
-    trained = ck.config["train"]
-    for key in ("model", "model_args", "exits", "decoder_width", "steps", "batch_size", "lr", "seed"):
-        assert trained[key] == getattr(recipe, key), key
+    trained = TrainConfig(**ck.config["train"])
+    assert trained.bim == recipe.bim  # model, model_args, exits, decoder ...
+    for key in ("steps", "batch_size", "lr", "seed"):
+        assert getattr(trained, key) == getattr(recipe, key), key

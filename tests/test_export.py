@@ -117,6 +117,7 @@ def test_opset_too_old_for_the_graph_is_a_clean_error(tmp_path):
 def test_multi_exit_graph_equals_each_depths_backbone(tiny_checkpoint, tmp_path, images):
     from bim_export.backbone import build_backbone
     from bim_export.checkpoint import load_checkpoint
+    from bim_export.train.model import BimModel
 
     ckpt = load_checkpoint(tiny_checkpoint)
     exits = {d: build_backbone(ckpt, d) for d in ckpt.exits}
@@ -134,7 +135,7 @@ def test_multi_exit_graph_equals_each_depths_backbone(tiny_checkpoint, tmp_path,
         np.testing.assert_allclose(got[f"embedding_{d}"], ref_emb, atol=1e-4, rtol=0)
     # ... and the BIM model's own exits (the training-time encoder) agree with the graph too
     with torch.inference_mode():
-        bim_tokens = ckpt.build_model().eval().forward_exits(torch.from_numpy(x))
+        bim_tokens = BimModel.from_checkpoint(ckpt).forward_intermediates(torch.from_numpy(x))
     for d, t in zip(ckpt.exits, bim_tokens):
         np.testing.assert_allclose(got[f"tokens_{d}"], t.numpy(), atol=1e-4, rtol=0)
     # shared blocks run once: the graph has as many attention softmaxes as the deepest exit has blocks

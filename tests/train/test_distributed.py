@@ -12,7 +12,7 @@ from conftest import tiny_train_config
 from test_trainer import assert_same_weights
 
 from bim_export.checkpoint import load_checkpoint
-from bim_export.trainer import train
+from bim_export.train.trainer import train
 
 STEPS, BATCH = 3, 8
 

@@ -1,9 +1,8 @@
 """The BIM training loop: AdamW with MAE's recipe, block-wise backward, resume, torchrun data parallel.
 
-A run is a function of its settings and ``seed``: which images form step ``s``'s batch, their
-augmentation and their masks are all drawn from generators seeded by ``(seed, s)``, never from a
-stream that depends on what ran before. So a resumed run continues exactly as an uninterrupted one
-would, and a run on W processes sees the same global batch and masks as a run on one.
+A run is a function of its settings and ``seed`` (see :mod:`bim_export.train.loader`), so a resumed
+run continues exactly as an uninterrupted one would, and a run on W processes sees the same global
+batch and masks as a run on one.
 """
 
 from __future__ import annotations
@@ -20,122 +19,22 @@ from typing import Literal
 import numpy as np
 import torch
 
-from . import checkpoint as ckpt_io
-from .atomic import check_destination
+from .. import checkpoint as ckpt_io
+from ..atomic import check_destination
+from ..errors import InputError, TrainingError
+from .config import TrainConfig, load_train_config
 from .distributed import (DistInfo, average_gradients, average_tensor, barrier, broadcast_parameters,
                           init_distributed, shutdown)
-from .errors import InputError, TrainingError
+from .loader import SeededDataset, StepSampler, image_dataset, mask_noise
 from .model import BimModel
-from .train_config import TrainConfig, load_train_config
+from .optim import lr_at, param_groups
 
 log = logging.getLogger(__name__)
 
 ARCH_KEYS = ("arch", "model_args", "exits", "mode", "decoder")  # must match to resume
 
 
-# ------------------------------------------------------------------------------ data
-
-
-def _mix(*ints: int) -> int:
-    """A 63-bit seed from several integers (stable across processes and runs)."""
-    h = 0x9E3779B97F4A7C15
-    for v in ints:
-        h = (h ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
-class StepSampler(torch.utils.data.Sampler):
-    """Yields ``(position, index)`` for this rank's share of every micro-batch from ``start_step`` on.
-
-    Position ``p = step * batch + j`` of the global stream maps to image ``perm_e[p % n]``, with one
-    seeded permutation per epoch ``e = p // n``. Micro-batch ``a`` of a step holds positions
-    ``[a * m, (a + 1) * m)`` (``m = batch / accum``); rank ``r`` takes the ``r``-th contiguous slice.
-    """
-
-    def __init__(self, n: int, batch: int, accum: int, info: DistInfo, seed: int, start_step: int, steps: int):
-        self.n, self.batch, self.accum, self.info, self.seed = n, batch, accum, info, seed
-        self.start, self.steps = start_step, steps
-        self.micro = batch // accum
-        self.local = self.micro // info.world_size
-        self._perm: tuple[int, torch.Tensor] | None = None
-
-    def index(self, p: int) -> int:
-        e = p // self.n
-        if self._perm is None or self._perm[0] != e:
-            self._perm = (e, torch.randperm(self.n, generator=torch.Generator().manual_seed(_mix(self.seed, e))))
-        return int(self._perm[1][p % self.n])
-
-    def __iter__(self):
-        for s in range(self.start, self.steps):
-            for a in range(self.accum):
-                first = s * self.batch + a * self.micro + self.info.rank * self.local
-                for p in range(first, first + self.local):
-                    yield p, self.index(p)
-
-    def __len__(self) -> int:
-        return (self.steps - self.start) * self.accum * self.local
-
-
-class SeededDataset(torch.utils.data.Dataset):
-    """Items keyed by ``(position, index)``; the augmentation of a position is seeded by it."""
-
-    def __init__(self, base, seed: int):
-        self.base, self.seed = base, seed
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, key):
-        p, i = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_mix(self.seed, 1, p))
-            x = self.base[i]
-        return x[0] if isinstance(x, (tuple, list)) else x
-
-
-def mask_noise(model: BimModel, seed: int, step: int, micro: int, accum: int, batch: int, info: DistInfo):
-    """This rank's rows of micro-batch ``micro`` of step ``step``'s masking noise: [local batch, N].
-
-    The noise of the whole global batch is drawn from one ``(seed, step)`` generator and sliced like the
-    images (see :class:`StepSampler`), so neither the process count nor accumulation changes the masks.
-    """
-    noise = model.mask_noise(batch, torch.Generator().manual_seed(_mix(seed, 2, step)))
-    m = batch // accum
-    local = m // info.world_size
-    first = micro * m + info.rank * local
-    return noise[first:first + local]
-
-
-def image_dataset(data: Path | None, img_size: int, mean, std):
-    """The training images with MAE's augmentation (``data`` None: the built-in sample set)."""
-    from .data import ImageFolderDataset, sample_images, scan_image_folder, train_transform
-
-    images = sample_images() if data is None else scan_image_folder(data)
-    return ImageFolderDataset(images, train_transform(img_size, mean, std))
-
-
-# ------------------------------------------------------------------------------ optimizer
-
-
-def param_groups(model: BimModel, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on weight matrices only (not norms, biases, position embeddings, tokens)."""
-    skip = {f"encoder.{n}" for n in model.encoder.no_weight_decay()}
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name in skip or name.endswith("token") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to the peak, then half-cosine to ``min_lr`` (MAE), for optimizer step ``step``."""
-    peak, warm = cfg.peak_lr, cfg.warmup
-    if step < warm:
-        return peak * (step + 1) / warm
-    t = (step - warm) / max(1, cfg.steps - warm)
-    return cfg.min_lr + (peak - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+# ------------------------------------------------------------------------------ resume state
 
 
 def _rng_state() -> dict:
@@ -330,8 +229,7 @@ def _train(cfg: TrainConfig, resume: bool | str, dataset, device: torch.device, 
 
 def _build_model(cfg: TrainConfig) -> BimModel:
     try:
-        return BimModel(cfg.model, cfg.model_args, cfg.exits, cfg.mode, cfg.decoder_depth, cfg.decoder_width,
-                        cfg.decoder_heads, cfg.mask_ratio, cfg.loss_weights, cfg.norm_pix_loss)
+        return BimModel(cfg.bim)
     except InputError as e:
         if e.field is None:
             raise
@@ -385,7 +283,7 @@ def _progress(cfg: TrainConfig, info: DistInfo, step: int):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=cfg.steps, initial=step, desc="bim" if cfg.mode == "bim" else "mae", unit="step",
+    return tqdm(total=cfg.steps, initial=step, desc="bim" if cfg.bim.mode == "bim" else "mae", unit="step",
                 dynamic_ncols=True)
 
 

@@ -18,9 +18,11 @@ from conftest import tiny_train_config
 from bim_export.checkpoint import load_checkpoint
 from bim_export.cli import main
 from bim_export.errors import InputError, TrainingError
-from bim_export.model import BimModel
-from bim_export.train_config import load_train_config, parse_overrides
-from bim_export.trainer import lr_at, param_groups, train
+from bim_export.architecture import BimConfig
+from bim_export.train.model import BimModel
+from bim_export.train.config import load_train_config, parse_overrides
+from bim_export.train.optim import lr_at, param_groups
+from bim_export.train.trainer import train
 
 
 def _weights(path) -> dict[str, torch.Tensor]:
@@ -51,8 +53,8 @@ def test_yaml_flags_and_set_overrides_combine(tmp_path):
     f = tmp_path / "run.yaml"
     f.write_text("model: vit_small_patch16_224\nsteps: 10\nmodel_args: {img_size: 64, depth: 6}\nout: a\n")
     cfg = load_train_config(f, ["steps=20", "model_args.depth=4", "exits=[2,4]"], out=tmp_path / "b", model=None)
-    assert cfg.model == "vit_small_patch16_224" and cfg.steps == 20 and cfg.exits == [2, 4]
-    assert cfg.model_args == {"img_size": 64, "depth": 4} and cfg.out == tmp_path / "b"
+    assert cfg.bim.arch == "vit_small_patch16_224" and cfg.steps == 20 and cfg.bim.exits == [2, 4]
+    assert cfg.bim.model_args == {"img_size": 64, "depth": 4} and cfg.out == tmp_path / "b"
     assert parse_overrides(["a.b.c=1.5", "flag=true", "name=x"]) == {"a": {"b": {"c": 1.5}}, "flag": True, "name": "x"}
 
 
@@ -94,8 +96,9 @@ def test_mae_learning_rate_schedule(tmp_path):
 
 
 def test_weight_decay_skips_norms_biases_position_and_tokens():
-    m = BimModel("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32,
-                                          "num_heads": 2, "reg_tokens": 1}, [2])
+    m = BimModel(BimConfig(arch="vit_tiny_patch16_224", model_args={"img_size": 32, "patch_size": 8, "depth": 2,
+                                                                    "embed_dim": 32, "num_heads": 2, "reg_tokens": 1},
+                           exits=[2]))
     decay, no_decay = param_groups(m, 0.05)
     names = {id(p): n for n, p in m.named_parameters()}
     skipped = {names[id(p)] for p in no_decay["params"]}
@@ -138,7 +141,7 @@ _CHILD = textwrap.dedent("""
     import sys, time, torch
     sys.path.insert(0, {tests!r})
     torch.set_num_threads(1)
-    import bim_export.trainer as trainer
+    import bim_export.train.trainer as trainer
     from conftest import tiny_train_config
     slow = trainer.lr_at
     def lr_at(step, cfg):  # slow the run down so the test can kill it between saves
@@ -153,7 +156,7 @@ _CHILD = textwrap.dedent("""
 def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "killed"
     train(tiny_train_config(ref, steps=8, save_every=1))
-    child = subprocess.Popen([sys.executable, "-c", _CHILD.format(tests=str(Path(__file__).parent), out=str(out))],
+    child = subprocess.Popen([sys.executable, "-c", _CHILD.format(tests=str(Path(__file__).parents[1]), out=str(out))],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     step, deadline = None, time.time() + 60
     while time.time() < deadline and child.poll() is None:

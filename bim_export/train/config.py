@@ -9,7 +9,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from .errors import InputError
+from .. import architecture
+from ..architecture import BimConfig, check_model_name
+from ..errors import InputError
 
 FLAGS = {"data": "--data", "model": "--model", "exits": "--exits", "out": "--out", "eval_data": "--eval-data"}
 
@@ -27,19 +29,12 @@ class TrainConfig(BaseModel):
                                                 "null: the built-in sample images")
     out: Path = Field(..., description="checkpoint directory written (atomically) during and after training")
     eval_data: Path | None = Field(None, description="labelled image folder: kNN / linear probe per exit at the end")
-    # -- model
-    model: str = Field("vit_tiny_patch16_224", description="registered timm ViT name")
-    model_args: dict = Field(default_factory=dict, description="timm.create_model overrides: img_size, "
-                             "patch_size, embed_dim, depth, num_heads, class_token, reg_tokens, global_pool ...")
-    exits: list[int] | None = Field(None, description="stage exits as block counts (default: 4 equal stages)")
-    mode: Literal["bim", "e2e"] = Field("bim", description="bim: a decoder per exit, gradients stop between "
-                                        "stages; e2e: MAE baseline, one decoder at the last exit")
-    decoder_depth: int | None = Field(None, ge=1, description="decoder blocks (default: 1 for bim, 8 for e2e)")
-    decoder_width: int | None = Field(None, ge=4, description="decoder width (default: 256 for bim, 512 for e2e)")
-    decoder_heads: int | None = Field(None, ge=1, description="decoder attention heads (default: 8 for bim, 16 for e2e)")
-    mask_ratio: float = Field(0.75, gt=0, lt=1, description="fraction of patches masked")
-    loss_weights: list[float] | None = Field(None, description="one weight per decoder (default 1.0 each)")
-    norm_pix_loss: bool = Field(True, description="reconstruct per-patch normalized pixels (MAE)")
+    # -- model: given as the flat settings of architecture.SETTINGS (model, model_args, exits, mode,
+    # decoder_depth / _width / _heads, mask_ratio, loss_weights, norm_pix_loss)
+    bim: BimConfig = Field(default_factory=BimConfig, description="the model: timm ViT, exits, decoder, mask "
+                           "and loss (stored in config.json); set through the flat settings model, model_args, "
+                           "exits, mode, decoder_depth, decoder_width, decoder_heads, mask_ratio, loss_weights, "
+                           "norm_pix_loss")
     mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="input normalization mean")
     std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="input normalization std")
     # -- optimization (MAE's recipe)
@@ -71,10 +66,20 @@ class TrainConfig(BaseModel):
     eval_limit: int | None = Field(2000, ge=1, description="images per evaluation split at most")
     progress: bool = Field(True, description="show a progress bar")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_model_settings(cls, data):
+        """Moves the flat model settings into ``bim`` (over what a nested ``bim`` mapping says)."""
+        flat = {k: v for k, v in data.items() if k in architecture.SETTINGS} if isinstance(data, dict) else {}
+        if not flat:
+            return data
+        bim = data.get("bim", {})
+        bim = bim.model_dump() if isinstance(bim, BimConfig) else dict(bim or {})
+        rest = {k: v for k, v in data.items() if k not in flat}
+        return {**rest, "bim": architecture.nest_settings(flat, bim)}
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        if self.exits is not None and any(b <= a for a, b in zip(self.exits, self.exits[1:])):
-            raise ValueError(f"exits must be strictly increasing (got {self.exits})")
         if self.batch_size % self.accum_steps:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}")
         return self
@@ -152,7 +157,7 @@ def load_train_config(config_file: str | os.PathLike | None = None, overrides: l
         cfg = TrainConfig(**raw)
     except ValidationError as e:
         err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"])
+        field = setting_name(".".join(str(p) for p in err["loc"]))
         where = _where(origins, source, field) if field else f"{source}: (settings)"
         got = f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""
         more = f" [+{len(e.errors()) - 1} more]" if len(e.errors()) > 1 else ""
@@ -160,6 +165,11 @@ def load_train_config(config_file: str | os.PathLike | None = None, overrides: l
     cfg._origins, cfg._default_origin = origins, source
     _check_combinations(cfg)
     return cfg
+
+
+def setting_name(field: str) -> str:
+    """The name a user gives a setting: ``bim.decoder.width`` -> ``decoder_width``."""
+    return architecture.setting_name(field[len("bim."):]) if field.startswith("bim.") else field
 
 
 def _where(origins: dict[str, str], default: str, key: str) -> str:
@@ -171,15 +181,13 @@ def _where(origins: dict[str, str], default: str, key: str) -> str:
 
 def _check_combinations(cfg: TrainConfig) -> None:
     """What one field cannot check alone, named by where each setting came from."""
-    from .model import check_model_name
-
+    bim = cfg.bim
     try:
-        check_model_name(cfg.model)
+        check_model_name(bim.arch)
     except InputError as e:
         raise InputError(f"{cfg.where('model')}: {e}") from None
-    if cfg.loss_weights is not None and cfg.exits is not None:
-        decoders = cfg.exits if cfg.mode == "bim" else cfg.exits[-1:]
-        if len(cfg.loss_weights) != len(decoders):
+    if bim.loss_weights is not None and bim.exits is not None:
+        if len(bim.loss_weights) != len(bim.decoded_exits):
             raise InputError(
-                f"{cfg.where('loss_weights')}: {len(cfg.loss_weights)} weights for {len(decoders)} decoders "
-                f"(mode {cfg.mode}, exits {cfg.exits} from {cfg.where('exits')}); give one weight per decoder")
+                f"{cfg.where('loss_weights')}: {len(bim.loss_weights)} weights for {len(bim.decoded_exits)} decoders "
+                f"(mode {bim.mode}, exits {bim.exits} from {cfg.where('exits')}); give one weight per decoder")

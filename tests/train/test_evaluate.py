@@ -1,4 +1,5 @@
-"""kNN, linear probe and per-exit evaluation: synthetic features with known answers, then real images."""
+"""Linear probe, the evaluation protocol and per-exit evaluation: synthetic features with known answers,
+then real images."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bim_export import evaluate as ev
+from bim_export.train import evaluate as ev
+from bim_export.train import probe, splits
 from bim_export.data import sample_images, scan_image_folder
 from bim_export.errors import InputError
 
@@ -23,80 +25,30 @@ def _clusters(n=400, dim=16, classes=5, spread=0.3, seed=0):
 
 
 def test_eval_module_imports_without_torch():
-    code = "import sys, bim_export.evaluate; print('torch' in sys.modules)"
+    code = "import sys, bim_export.train.evaluate; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
 
-def test_knn_separable_clusters_is_perfect():
-    x, y = _clusters()
-    assert ev.knn_top1(x[:300], y[:300], x[300:], y[300:]) == 1.0
-
-
-def test_knn_random_features_are_near_chance():
-    rng = np.random.default_rng(1)
-    x, y = rng.normal(size=(2000, 32)), rng.integers(0, 4, 2000)
-    acc = ev.knn_top1(x[:1500], y[:1500], x[1500:], y[1500:])
-    assert 0.15 < acc < 0.35  # chance is 0.25
-
-
-def test_knn_is_cosine_scale_invariant():
-    x, y = _clusters(spread=0.8)
-    scale = np.random.default_rng(2).uniform(0.01, 100, size=(len(x), 1))
-    a = ev.knn_predict(x[:300], y[:300], x[300:])
-    b = ev.knn_predict(x[:300] * scale[:300], y[:300], x[300:] * scale[300:])
-    np.testing.assert_array_equal(a, b)
-
-
-def test_knn_vote_is_similarity_weighted():
-    # two close neighbours of class 0 outweigh three far ones of class 1 at k=5
-    train = np.array([[1.0, 0.02], [1.0, -0.02], [0.5, 1.0], [0.4, 1.0], [0.45, 1.0]])
-    labels = np.array([0, 0, 1, 1, 1])
-    assert ev.knn_predict(train, labels, np.array([[1.0, 0.0]]), k=5).tolist() == [0]
-    # with a very soft vote it is a plain majority
-    assert ev.knn_predict(train, labels, np.array([[1.0, 0.0]]), k=5, temperature=100.0).tolist() == [1]
-
-
-def test_knn_k_larger_than_train_set_and_chunking():
-    x, y = _clusters(n=60)
-    full = ev.knn_predict(x[:10], y[:10], x[10:], k=50)
-    chunked = ev.knn_predict(x[:10], y[:10], x[10:], k=50, chunk=7)
-    np.testing.assert_array_equal(full, chunked)
-
-
-def test_knn_rejects_mismatched_shapes():
-    with pytest.raises(ValueError):
-        ev.knn_predict(np.zeros((4, 3)), np.zeros(4, int), np.zeros((2, 5)))
-
-
 def test_linear_probe_separable_and_random():
     x, y = _clusters(spread=0.5)
-    assert ev.linear_probe_top1(x[:300], y[:300], x[300:], y[300:]) == 1.0
+    assert probe.linear_probe_top1(x[:300], y[:300], x[300:], y[300:]) == 1.0
     rng = np.random.default_rng(3)
     xr, yr = rng.normal(size=(1200, 16)), rng.integers(0, 4, 1200)
-    assert ev.linear_probe_top1(xr[:900], yr[:900], xr[900:], yr[900:]) < 0.4
-
-
-def test_knn_leave_one_out_never_counts_the_query_itself():
-    x, y = _clusters()
-    assert ev.knn_loo_top1(x, y) == 1.0
-    rng = np.random.default_rng(5)
-    xr, yr = rng.normal(size=(400, 8)), rng.integers(0, 4, 400)
-    assert ev.knn_loo_top1(xr, yr, k=1) < 0.4  # with itself as a neighbour it would score 1.0
-    assert ev.knn_top1(xr, yr, xr, yr, k=1) == 1.0
+    assert probe.linear_probe_top1(xr[:900], yr[:900], xr[900:], yr[900:]) < 0.4
 
 
 def test_linear_probe_kfold_separable_and_random():
     x, y = _clusters(n=200, spread=0.5)
-    assert ev.linear_probe_kfold_top1(x, y) == 1.0
+    assert probe.linear_probe_kfold_top1(x, y) == 1.0
     rng = np.random.default_rng(6)
     xr, yr = rng.normal(size=(300, 16)), rng.integers(0, 3, 300)
-    assert ev.linear_probe_kfold_top1(xr, yr) < 0.45  # chance is 1/3
+    assert probe.linear_probe_kfold_top1(xr, yr) < 0.45  # chance is 1/3
 
 
 def test_stratified_folds_balance_classes():
     y = np.repeat([0, 1, 2], [10, 7, 5])
-    fold = ev.stratified_folds(y, 5)
+    fold = splits.stratified_folds(y, 5)
     for c in range(3):
         counts = np.bincount(fold[y == c], minlength=5)
         assert counts.max() - counts.min() <= 1
@@ -107,14 +59,14 @@ def test_linear_probe_needs_linear_not_nearest_neighbour():
     rng = np.random.default_rng(4)
     x = rng.normal(size=(800, 20))
     y = (x[:, 0] > 0).astype(int)
-    assert ev.linear_probe_top1(x[:600], y[:600], x[600:], y[600:]) > 0.95
+    assert probe.linear_probe_top1(x[:600], y[:600], x[600:], y[600:]) > 0.95
 
 
 def test_linear_probe_is_deterministic_and_handles_constant_features():
     x, y = _clusters(spread=1.0)
     x[:, 3] = 7.0
-    a = ev.linear_probe_top1(x[:300], y[:300], x[300:], y[300:])
-    b = ev.linear_probe_top1(x[:300], y[:300], x[300:], y[300:])
+    a = probe.linear_probe_top1(x[:300], y[:300], x[300:], y[300:])
+    b = probe.linear_probe_top1(x[:300], y[:300], x[300:], y[300:])
     assert a == b and a > 0.5
 
 
@@ -123,8 +75,8 @@ def test_linear_probe_is_deterministic_and_handles_constant_features():
 
 def test_stratified_split_is_deterministic_and_per_class():
     images = sample_images()
-    tr1, va1 = ev.stratified_split(images)
-    tr2, va2 = ev.stratified_split(images)
+    tr1, va1 = splits.stratified_split(images)
+    tr2, va2 = splits.stratified_split(images)
     assert tr1.paths == tr2.paths and va1.paths == va2.paths
     assert not set(tr1.paths) & set(va1.paths)
     assert len(tr1) + len(va1) == len(images)
@@ -141,7 +93,7 @@ def test_train_val_subfolders_are_used_as_given(tmp_path):
         for c, v in (("cat", 10), ("dog", 200)):
             for i in range(n):
                 _write(tmp_path / part / c / f"{i}.png", v)
-    data = ev.load_eval_data(tmp_path)
+    data = splits.load_eval_data(tmp_path)
     assert (len(data.train_idx), len(data.val_idx)) == (6, 4)
     assert "train/ and val/" in data.protocol
     assert data.images.classes == ["cat", "dog"]
@@ -157,7 +109,7 @@ def test_small_sets_are_scored_leave_one_out_and_large_ones_split():
         return ImageList(Path("digits"), [Path(f"{i}.png") for i in range(n)], [i % 4 for i in range(n)],
                          ["a", "b", "c", "d"])
 
-    small, large = ev.make_eval_data(fake(120)), ev.make_eval_data(fake(800))
+    small, large = splits.make_eval_data(fake(120)), splits.make_eval_data(fake(800))
     assert small.leave_one_out and "leave-one-out" in small.protocol
     assert not large.leave_one_out and "stratified" in large.protocol
     assert (len(large.train_idx), len(large.val_idx)) == (640, 160)
@@ -167,14 +119,14 @@ def test_unlabelled_folder_is_an_input_error_naming_it(tmp_path):
     for i in range(3):
         _write(tmp_path / "loose" / f"{i}.png", i)
     with pytest.raises(InputError, match="loose"):
-        ev.load_eval_data(tmp_path / "loose")
+        splits.load_eval_data(tmp_path / "loose")
 
 
 def test_single_class_folder_is_an_input_error(tmp_path):
     for i in range(3):
         _write(tmp_path / "d" / "only" / f"{i}.png", i)
     with pytest.raises(InputError, match="2 classes"):
-        ev.load_eval_data(tmp_path / "d")
+        splits.load_eval_data(tmp_path / "d")
 
 
 # ------------------------------------------------------------------------------ real images, real model
@@ -182,7 +134,7 @@ def test_single_class_folder_is_an_input_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_vit():
-    timm = pytest.importorskip("timm")
+    import timm
     import torch
 
     torch.manual_seed(0)
@@ -255,10 +207,10 @@ def test_eval_features_match_the_exported_backbone(ckpt_copy):
     """The pooled exit features scored here are the embedding the exported backbone will produce."""
     import torch
 
-    from bim_export.checkpoint import load_checkpoint
+    from bim_export import backbone
+    from bim_export.train.model import BimModel
 
-    backbone = pytest.importorskip("bim_export.backbone")
-    model = load_checkpoint(ckpt_copy).build_model()
+    model = BimModel.from_checkpoint(ckpt_copy)
     x = np.random.default_rng(0).normal(size=(3, 3, 32, 32)).astype(np.float32)
     feats = ev.extract_features(model, x)
     for d in (2, 4):

@@ -1,0 +1,1 @@
+"""The training half: BIM pretraining of timm ViTs (settings, data stream, model, loop, evaluation)."""

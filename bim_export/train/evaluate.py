@@ -1,0 +1,203 @@
+"""Quality of every exit: kNN top-1 and linear-probe top-1 on pooled features of a labelled folder.
+
+Features come from the model's exit API (:meth:`BimModel.forward_intermediates`, pooled as each
+backbone pools) or from a timm backbone; the kNN is :mod:`bim_export.knn`, the linear probe
+:mod:`bim_export.train.probe`, and which images are reference and query is
+:mod:`bim_export.train.splits`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..data import IMAGENET_MEAN, IMAGENET_STD, ImageList, load_image_array
+from ..errors import InputError
+from ..knn import KNN_K, knn_loo_top1, knn_top1
+from .probe import linear_probe_kfold_top1, linear_probe_top1
+from .splits import PROBE_FOLDS, EvalData, _subset, load_eval_data, make_eval_data
+
+log = logging.getLogger(__name__)
+
+EVAL_LIMIT = 10_000  # images per split at most, a seeded sample beyond that
+
+
+# ------------------------------------------------------------------------------ features
+
+
+def _is_timm_vit(model) -> bool:
+    return hasattr(model, "forward_features") and hasattr(model, "forward_head") and hasattr(model, "blocks")
+
+
+def exit_depths(model) -> list[int]:
+    """The exit depths a model's features come from: a BIM model's exits, a backbone's depth."""
+    from .model import BimModel
+
+    if isinstance(model, BimModel):
+        return [int(e) for e in model.exits]
+    if _is_timm_vit(model):
+        return [len(model.blocks)]
+    raise TypeError(f"cannot extract features from {type(model).__name__}: "
+                    "expected a BIM model or a timm VisionTransformer")
+
+
+def _exit_embeddings(model, x) -> list:
+    # x: [B, 3, H, W] -> one pooled embedding [B, D] per exit, pooled as each backbone pools
+    from .model import BimModel
+
+    if isinstance(model, BimModel):
+        return [model.pool_exit(t) for t in model.forward_intermediates(x)]
+    return [model.forward_head(model.forward_features(x), pre_logits=True)]
+
+
+def extract_features(model, x, batch_size: int = 256, device=None) -> dict[int, np.ndarray]:
+    """Pooled features of every exit, in eval mode, no masking.
+
+    Args:
+        model: a BIM model (its exits' normed tokens, pooled as each backbone pools) or a timm
+            VisionTransformer backbone (its ``forward_head(pre_logits=True)`` embedding).
+        x: preprocessed images, float32 [N, 3, H, W] (numpy or torch).
+        batch_size: images per forward pass.
+        device: where to run (default: where the model's parameters are).
+
+    Returns:
+        {exit depth: float32 [N, D]}.
+    """
+    import torch
+
+    depths = exit_depths(model)
+    if device is None:
+        device = next(model.parameters()).device
+    x = torch.as_tensor(x)
+    was_training = model.training
+    model.eval()
+    feats: dict[int, list[np.ndarray]] = {d: [] for d in depths}
+    try:
+        with torch.inference_mode():
+            for s in range(0, len(x), batch_size):
+                xb = x[s:s + batch_size].to(device=device, dtype=torch.float32)
+                for d, p in zip(depths, _exit_embeddings(model, xb)):
+                    feats[d].append(p.float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    return {d: np.concatenate(f) for d, f in feats.items()}
+
+
+# ------------------------------------------------------------------------------ per-exit metrics
+
+
+def evaluate_model(
+    model,
+    images: ImageList | EvalData,
+    img_size: int,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    *,
+    k: int = KNN_K,
+    limit: int | None = EVAL_LIMIT,
+    batch_size: int = 256,
+    probe: bool = True,
+) -> dict[str, dict]:
+    """kNN top-1 and linear-probe top-1 of every exit of ``model`` on a labelled image set.
+
+    Args:
+        model: a BIM model or a timm ViT backbone (see :func:`extract_features`).
+        images: a labelled ImageList (scored as :func:`make_eval_data` decides) or an :class:`EvalData`.
+        img_size, mean, std: the model's preprocessing.
+        k: kNN neighbours.
+        limit: at most this many reference and this many query images (seeded samples); None for all.
+        probe: also train the linear probe.
+
+    Returns:
+        {exit depth as str: {"knn_top1", "knn_dataset": {name, size, protocol[, train, val]},
+        "linear_probe_top1"}}.
+    """
+    data = images if isinstance(images, EvalData) else make_eval_data(images)
+    out: dict[str, dict] = {}
+    if data.leave_one_out:
+        x, y = load_image_array(data.images, img_size, mean, std)
+        feats = extract_features(model, x, batch_size=batch_size)
+        dataset = {"name": data.name, "size": len(y), "protocol": data.protocol}
+        for d, f in feats.items():
+            out[str(d)] = {"knn_top1": knn_loo_top1(f, y, k=k), "knn_dataset": dict(dataset)}
+            if probe:
+                out[str(d)]["linear_probe_top1"] = linear_probe_kfold_top1(f, y, PROBE_FOLDS)
+        return out
+    if len(data.val_idx) == 0:
+        raise InputError(f"{data.images.root}: no query images to evaluate on")
+    xtr, ytr = load_image_array(_subset(data.images, data.train_idx), img_size, mean, std, limit=limit)
+    xva, yva = load_image_array(_subset(data.images, data.val_idx), img_size, mean, std, limit=limit)
+    ftr = extract_features(model, xtr, batch_size=batch_size)
+    fva = extract_features(model, xva, batch_size=batch_size)
+    dataset = {"name": data.name, "size": len(ytr) + len(yva), "protocol": data.protocol,
+               "train": len(ytr), "val": len(yva)}
+    for d in ftr:
+        out[str(d)] = {"knn_top1": knn_top1(ftr[d], ytr, fva[d], yva, k=k), "knn_dataset": dict(dataset)}
+        if probe:
+            out[str(d)]["linear_probe_top1"] = linear_probe_top1(ftr[d], ytr, fva[d], yva)
+    return out
+
+
+def format_metrics_table(metrics: dict, title: str = "") -> str:
+    """A fixed-width table of per-exit metrics (one row per exit depth)."""
+    rows = [f"{'exit':>5}  {'kNN top-1':>9}  {'probe top-1':>11}  {'recon loss':>10}"]
+    for d in sorted(metrics, key=int):
+        m = metrics[d]
+        cell = lambda key, w: f"{m[key]:>{w}.4f}" if isinstance(m.get(key), (int, float)) else f"{'-':>{w}}"  # noqa: E731
+        rows.append(f"{d:>5}  {cell('knn_top1', 9)}  {cell('linear_probe_top1', 11)}  {cell('recon_loss', 10)}")
+    return "\n".join(([title] if title else []) + rows)
+
+
+def evaluate_checkpoint(path: str | Path, data_dir: str | Path, metrics_out: str | Path | None = None) -> str:
+    """Evaluates every exit of a checkpoint on a labelled folder and records the figures.
+
+    Where they go: with ``metrics_out``, to that file (metrics.json's format: the checkpoint's
+    figures with the new ones merged in; the checkpoint is not touched); else into the checkpoint's
+    ``metrics.json`` (rewritten atomically; other entries, such as the reconstruction loss, kept),
+    except for the checkpoint that ships with bim-export: its metrics.json is what default exports
+    select on, so it is never rewritten and the figures are only printed.
+
+    Returns:
+        A printable summary table, and where the figures were written (or that they were not).
+
+    Raises:
+        InputError: bad data or checkpoint; ``metrics_out`` is not a metrics file, or the place to
+            write cannot be written (checked before evaluating).
+    """
+    from .. import checkpoint as ckpt_io
+    from ..atomic import atomic_write_bytes, check_destination, check_writable, is_shipped
+
+    data = load_eval_data(data_dir)  # bad data fails before the weights are read
+    ckpt = ckpt_io.load_checkpoint(path)
+    shipped = metrics_out is None and is_shipped(ckpt.path)
+    if metrics_out is not None:
+        metrics_out = check_destination(metrics_out, ckpt_io.METRICS_FILE)
+    elif not shipped:
+        try:
+            check_writable(ckpt.path)
+        except InputError as e:
+            raise InputError(f"{e}; pass --metrics-out FILE to write the figures elsewhere") from None
+    from .model import BimModel
+
+    model = BimModel.from_checkpoint(ckpt)
+    cfg = ckpt.config
+    img_size = model.encoder.patch_embed.img_size[0]
+    results = evaluate_model(model, data, img_size, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
+    if metrics_out is not None:
+        metrics = ckpt_io.merge_exit_metrics(ckpt.metrics, results)
+        atomic_write_bytes(metrics_out, (json.dumps(metrics, indent=2) + "\n").encode(), ckpt_io.METRICS_FILE)
+        where = f"written to {metrics_out} ({ckpt.path} unchanged)"
+    elif shipped:
+        metrics = ckpt_io.merge_exit_metrics(ckpt.metrics, results)
+        where = (f"not written: {ckpt.path} ships with bim-export and is read-only "
+                 f"(pass --metrics-out FILE to keep these figures)")
+    else:
+        metrics = ckpt_io.update_exit_metrics(ckpt.path, results)
+        where = f"written to {Path(ckpt.path) / ckpt_io.METRICS}"
+
+    ds = next(iter(results.values()))["knn_dataset"]
+    title = f"{ckpt.path}: {ds['name']} ({ds['size']} images; {ds['protocol']}), kNN k={KNN_K}"
+    return format_metrics_table(metrics.get("exits", {}), title) + f"\n{where}"
