@@ -13,8 +13,8 @@ processes). Here, pure Python:
 - **The error**: the relative range of the round values (a second run's median of rounds falls
   inside it with margin), at least :data:`MIN_ERROR` (what rounds in one process cannot see:
   another process's memory layout, thread placement, clock). A disturbed measurement is biased
-  high by an amount it cannot know, so its error also reaches down to a floor the quiet machine
-  cannot beat (single-thread CPU time over the thread count).
+  high by an amount it cannot know: its error reaches from the figure down to a floor the quiet
+  machine cannot beat (single-thread CPU time over the thread count), and no further.
 
 Pure Python (no numpy) so it is tested with plain numbers.
 """
@@ -103,11 +103,12 @@ def summarize(blocks: list[dict], rounds: int, floor_ms: float | None = None, co
     if not all(blocks[i].get("quiet", True) for i in used):
         disturbed = describe_disturbance(wait, others, cores)
     for name in STATS:
-        err = max(MIN_ERROR, errors[name])
-        if disturbed and floor_ms is not None and values[name] > 0:
-            # the floor is itself measured (on a busy machine): give it the quiet machine's margin
-            err = max(err, 1.0 - floor_ms * (1 - MIN_ERROR) / values[name])
-        errors[name] = err
+        if disturbed and floor_ms is not None and values[name] > floor_ms:
+            # Busy rounds vary with the load, not with the model: what is known is that a quiet run lies
+            # between the floor (itself measured on a busy machine: the quiet margin below it) and here.
+            errors[name] = max(MIN_ERROR, 1.0 - floor_ms * (1 - MIN_ERROR) / values[name])
+        else:
+            errors[name] = max(MIN_ERROR, errors[name])
     return Summary(values, errors, disturbed, used, floor_ms, wait, others)
 
 
