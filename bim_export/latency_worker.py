@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 EXTRA_ROUND_PAUSE_S = 0.3
+OTHERS_WINDOW_S = 0.25  # /proc/stat counts 10 ms ticks: shorter stretches are too coarse to read
 
 
 def _maxrss_mb() -> float:
@@ -110,15 +111,15 @@ class Probe:
     def read(self) -> tuple:
         return time.perf_counter(), time.process_time(), self.run_delay_ns(), self.system_busy_s()
 
-    def since(self, mark: tuple) -> dict:
-        """``wait`` and ``others`` since ``mark`` (a :meth:`read`)."""
+    def since(self, mark: tuple, min_seconds: float = OTHERS_WINDOW_S) -> dict:
+        """``wait`` and ``others`` since ``mark`` (a :meth:`read`); ``others`` is None for a stretch
+        shorter than ``min_seconds``."""
         (wall0, cpu0, delay0, busy0), (wall, cpu, delay, busy) = mark, self.read()
         dt = max(wall - wall0, 1e-9)
         wait = None if delay is None or delay0 is None else (delay - delay0) / 1e9 / (dt * self.threads)
         others = None
         if busy is not None and busy0 is not None:
-            # /proc/stat counts clock ticks (10 ms): too coarse for a stretch much shorter than a second
-            others = max(0.0, (busy - busy0) - (cpu - cpu0)) / dt if dt >= 0.25 else None
+            others = max(0.0, (busy - busy0) - (cpu - cpu0)) / dt if dt >= min_seconds else None
         elif not any(self.observed.values()):
             load = _loadavg()
             others = None if load is None else max(0.0, load - self.threads)
@@ -156,7 +157,25 @@ def time_sessions(req: dict) -> dict:
     probe = Probe(threads)
 
     def quiet_rounds(job) -> int:
-        return sum(b["quiet"] for b in job["rounds"])
+        return sum(b.get("quiet", False) for b in job["rounds"])
+
+    window, unjudged = probe.read(), []
+
+    def judge(force: bool) -> None:
+        """Scores the blocks since the window opened, once it is long enough for /proc/stat's ticks
+        (forced: made so by idling, which shows what the others use without us)."""
+        nonlocal window, unjudged
+        elapsed = time.perf_counter() - window[0]
+        if elapsed < OTHERS_WINDOW_S:
+            if not force:
+                return
+            time.sleep(OTHERS_WINDOW_S - elapsed)
+        others = probe.since(window, min_seconds=0.0)["others"]
+        for block in unjudged:
+            block["others"] = others
+            block["score"] = 0.0 if thread_clock else disturbance(block["wait"], others, threads, cores)
+            block["quiet"] = block["score"] <= quiet
+        window, unjudged = probe.read(), []
 
     for r in range(max_rounds):
         pending = jobs if r < rounds else [j for j in jobs if quiet_rounds(j) < rounds]
@@ -165,23 +184,21 @@ def time_sessions(req: dict) -> dict:
         if r >= rounds:
             time.sleep(EXTRA_ROUND_PAUSE_S)  # let a burst of other work pass before measuring again
         order = pending[r % len(pending):] + pending[: r % len(pending)]
-        round_mark, blocks = probe.read(), []
         for job in order:
             sess, feeds, times = job["sess"], job["feeds"], []
-            sess.run(None, feeds)  # untimed: this model's weights back in cache after the others'
+            # untimed: this model's weights back in cache after the others'; after a pause, the whole
+            # warm-up again (an idle core comes back slower: clocks, caches, the pool's threads)
+            for _ in range(req["warmup"] if r >= rounds else 1):
+                sess.run(None, feeds)
             mark = probe.read()
             for _ in range(req["repeats"]):
                 t0 = clock()
                 sess.run(None, feeds)
                 times.append((clock() - t0) * 1e3)
-            block = {"ms": times, "round": r, **probe.since(mark)}
+            block = {"ms": times, "round": r, "wait": probe.since(mark)["wait"]}
             job["rounds"].append(block)
-            blocks.append(block)
-        others = probe.since(round_mark)["others"]
-        for block in blocks:
-            block["others"] = others
-            block["score"] = 0.0 if thread_clock else disturbance(block["wait"], others, threads, cores)
-            block["quiet"] = block["score"] <= quiet
+            unjudged.append(block)
+        judge(force=r >= rounds - 1)  # every block is judged before extra rounds are decided
     out = []
     for job in jobs:
         res = {"rounds": [{k: b[k] for k in ("ms", "round", "wait", "others", "score", "quiet")} for b in job["rounds"]],
