@@ -244,7 +244,7 @@ def _why_not(c: Candidate, chosen: Candidate, best: float, use_quality: bool, ti
     elif c.depth < chosen.depth:
         return f"shallower (depth {c.depth} vs {chosen.depth})"
     if any(c is t for t in ties):
-        if abs(_latency(c) - _latency(chosen)) <= _EPS * max(_latency(c), 1.0):
+        if _latency(c) == _latency(chosen) or abs(_latency(c) - _latency(chosen)) <= _EPS * _latency(c):
             return f"tie on latency; {_preferred(chosen, c, use_quality)}"
         return (f"tie on latency within the measurement error ({_num(_latency(c))} vs "
                 f"{_num(_latency(chosen))} ms); {_preferred(chosen, c, use_quality)}")
