@@ -9,7 +9,7 @@ embeddings with PyTorch fp32 on the built-in real images.
 
 Models: ViT-S/16 (random weights, 224 px) and the embedded checkpoint when it is there.
 ONNX Runtime timings go through bim_export.latency (separate process, fixed threads, interleaved
-rounds, lowest round median); eager timings follow the same rule in this process.
+rounds, the median across rounds); eager timings follow the same rule in this process.
 
     python bench/export_latency.py            # full run (<= 8 min on 2 cores), writes bench/results/
     python bench/export_latency.py --quick    # ViT-S depth 3 only, batch 1, fewer repeats (< 1 min)
@@ -35,7 +35,7 @@ log = logging.getLogger("export_latency")
 
 
 def eager_ms(backbone, x, threads: int, warmup: int, repeats: int, rounds: int) -> float:
-    """Lowest round median of backbone features + pooling, in ms."""
+    """Median of the round medians of backbone features + pooling, in ms."""
     import torch
 
     torch.set_num_threads(threads)
@@ -51,7 +51,7 @@ def eager_ms(backbone, x, threads: int, warmup: int, repeats: int, rounds: int) 
                 backbone.forward_head(backbone.forward_features(xt), pre_logits=True)
                 times.append((time.perf_counter() - t0) * 1000)
             medians.append(float(np.median(times)))
-    return min(medians)
+    return float(np.median(medians))
 
 
 def roofline_ms(path: Path, batch: int, gemm_gflops: dict[str, float]) -> dict[str, float]:

@@ -10,7 +10,9 @@ of the run reuses them. For one profile, :func:`evaluate_candidates` then:
 2. checks parity against PyTorch on real images at batch 1 and batch n with the profile's
    tolerances (a failed precision rejects that candidate; a failed fp32 is an export bug);
 3. gets the latency the budget is checked against: measured for host / calibrated profiles,
-   predicted otherwise, labelled.
+   predicted otherwise, labelled. Measured candidates are timed together, interleaved; a table in
+   which a deeper model is faster than a shallower one of the same precision beyond their errors
+   has those rows re-measured, and says so where they still disagree.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ PARITY_BATCH1 = 4
 # Fewer images than this and parity says little: neighbour agreement moves in steps of 1/n (and
 # needs 3 images at all), so a --data folder must have at least this many readable images.
 MIN_PARITY_IMAGES = 16
-# Host timing per candidate: warm-up, then the lowest of `rounds` medians of `repeats` runs. Fewer
-# than a benchmark's: host budgets are tens of ms, and a run times up to a dozen candidates.
-MEASURE = {"warmup": 3, "repeats": 10, "rounds": 3}
+# Host timing: every candidate in one worker, interleaved; warm-up, then `rounds` rounds of `repeats`
+# runs, disturbed rounds re-run up to `max_rounds`. Fewer than a benchmark's: host budgets are tens
+# of ms, and a run times up to a dozen candidates.
+MEASURE = {"warmup": 3, "repeats": 10, "rounds": 5, "max_rounds": 10}
 
 
 # ---------------------------------------------------------------------------- shared artefacts
@@ -380,7 +383,7 @@ def source_label(result) -> str:
 
 def evaluate_candidates(shop: Workshop, profile, progress=None) -> list[Trial]:
     """Builds, prunes, checks parity of and times every depth x precision for ``profile``."""
-    from .latency import latency_for_profile, predict_latency, predict_memory
+    from .latency import predict_latency, predict_memory
 
     budget = profile.budgets.latency_ms
     stat = profile.budgets.latency_stat
@@ -415,12 +418,62 @@ def evaluate_candidates(shop: Workshop, profile, progress=None) -> list[Trial]:
             raise ValidationError(
                 f"fp32 parity failed at depth {t.depth} ({t.parity.summary()}): the ONNX export does not "
                 f"compute what PyTorch computes; no bundle written")
-        if t.parity.passed and (profile.measured or t.latency is None):
-            t.latency = latency_for_profile(t.model, profile, profile.batch, **MEASURE)
+    timed = [t for t in trials if not t.pruned and t.parity.passed and (profile.measured or t.latency is None)]
+    measure_trials(timed, profile)
+    timed_ids = {id(t) for t in timed}
+    for t in trials:
+        if id(t) in timed_ids:
             t.memory_mb = t.latency.peak_memory_mb or predict_memory(t.model, profile.batch)
         elif t.memory_mb is None:
             t.memory_mb = predict_memory(t.model, profile.batch)
     return trials
+
+
+def measure_trials(trials: list[Trial], profile, settings: dict | None = None) -> None:
+    """Sets each trial's latency for ``profile``; measured ones are timed in one worker, interleaved.
+
+    Where a deeper model comes out faster than a shallower one of the same precision beyond both
+    errors (the deeper graph holds every node of the shallower one), those rows are measured again,
+    together and with twice the rounds; a contradiction that survives is noted on both rows.
+    """
+    from .latency import latencies_for_profile
+
+    if not trials:
+        return
+    settings = dict(settings or MEASURE)
+    for t, r in zip(trials, latencies_for_profile([t.model for t in trials], profile, profile.batch, **settings)):
+        t.latency = r
+    if not profile.measured:
+        return
+    busy = [t for t in trials if t.latency.disturbed]
+    if busy:
+        log.warning("%s: latency measured on a busy machine (%s); the figures are biased high and their errors "
+                    "widened to match: measure on a quiet machine for tight figures", profile.name,
+                    busy[0].latency.disturbed.removeprefix("busy machine: "))
+    stats = sorted({"p50", profile.budgets.latency_stat})
+    pairs = _inversions(trials, stats)
+    if not pairs:
+        return
+    involved = sorted({i for pair in pairs for i in pair})
+    log.info("latency table inverted (%s): re-measuring those rows", ", ".join(trials[i].label for i in involved))
+    again = {**settings, "rounds": 2 * settings["rounds"],
+             "max_rounds": 2 * settings["max_rounds"] if settings.get("max_rounds") else None}
+    redo = latencies_for_profile([trials[i].model for i in involved], profile, profile.batch, **again)
+    for i, r in zip(involved, redo):
+        r.settings["remeasured"] = "a deeper model of the same precision was faster beyond both errors"
+        trials[i].latency = r
+    for i, j in _inversions(trials, stats):
+        for t, other, word in ((trials[i], trials[j], "deeper"), (trials[j], trials[i], "shallower")):
+            t.latency.note = ", ".join(filter(None, [t.latency.note, f"inconsistent with {word} {other.label}"]))
+            t.latency.settings.setdefault("inconsistent_with", []).append(other.label)
+
+
+def _inversions(trials: list[Trial], stats: list[str]) -> list[tuple[int, int]]:
+    """(shallow, deep) index pairs whose latency, at any of ``stats``, is inverted beyond both errors."""
+    from .latency_stats import depth_inversions
+
+    return sorted({pair for stat in stats for pair in depth_inversions(
+        [(t.depth, t.precision, t.latency.stat(stat), t.latency.error(stat) or 0.0) for t in trials])})
 
 
 def to_candidates(trials: list[Trial], profile) -> list:
@@ -439,6 +492,7 @@ def to_candidates(trials: list[Trial], profile) -> list:
             latency_stat=stat,
             latency_source=("none" if t.latency is None else source_label(t.latency))
             + (" (pruned: not run)" if t.pruned else ""),
-            expected_error=getattr(t.latency, "expected_error", None),
+            expected_error=None if t.latency is None else t.latency.error(stat),
+            latency_disturbed=bool(getattr(t.latency, "disturbed", "")),
             memory_mb=t.memory_mb, size_mb=t.size_mb))
     return out

@@ -1,8 +1,10 @@
 """Latency of an ONNX model on a device: measured where we can, predicted where we cannot.
 
-- :func:`measure_onnx` times ``session.run`` with ONNX Runtime in a separate process (fixed intra-op
-  threads, warm-up, interleaved repeats in several rounds; the headline p50 is the lowest of the
-  round medians, because host noise only ever adds time).
+- :func:`measure_onnx` / :func:`measure_many` time ``session.run`` with ONNX Runtime in a separate
+  process (fixed intra-op threads, warm-up, interleaved repeats in several rounds). Each round notes
+  how much other processes got in the way; disturbed rounds are re-measured, and a figure that stays
+  disturbed says so and widens its error (:mod:`bim_export.latency_stats`: every statistic is the
+  median across rounds of that round's statistic).
 - :func:`predict_latency` costs the graph per node (:mod:`bim_export.costmodel`) and puts it on a
   roofline (:mod:`bim_export.roofline`) of a profile's hardware figures, with efficiency factors
   fitted on measurements (a calibration file made on the device when there is one).
@@ -28,7 +30,8 @@ from .errors import InputError
 from .validate import machine_description
 
 __all__ = ["LatencyResult", "measure_onnx", "measure_many", "measure_host_hardware", "measure_gemm_throughput",
-           "graph_cost", "GraphCost", "predict_latency", "predict_memory", "latency_for_profile", "calibrate",
+           "graph_cost", "GraphCost", "predict_latency", "predict_memory", "latency_for_profile",
+           "latencies_for_profile", "calibrate",
            "machine_description"]
 
 # Relative error a prediction for an uncalibrated device is expected to stay within: the factors
@@ -47,8 +50,13 @@ class LatencyResult:
         source: ``measured`` (timed here), ``predicted`` (cost model, default factors) or
             ``calibrated`` (cost model with factors fitted on the device itself).
         expected_error: relative error the figure is expected to be within (0.1 = 10 %); for a
-            measurement, the spread of its round medians.
-        note: e.g. ``host-emulated fp16`` when an fp16 model was timed on a CPU execution provider.
+            measurement, a bound a second measurement of the same file stays within (the larger of
+            the p50's and the p90's; ``errors`` has each statistic's).
+        errors: relative error per statistic (p50, p90, p99, mean), measured results only.
+        disturbed: empty, or what disturbed a measurement that could not get quiet rounds (its
+            figures are then biased high and its errors reach down to a quiet-machine floor).
+        note: e.g. ``host-emulated fp16`` when an fp16 model was timed on a CPU execution provider,
+            ``busy machine`` for a disturbed measurement.
     """
 
     mean: float
@@ -64,6 +72,8 @@ class LatencyResult:
     peak_memory_mb: float | None = None
     machine: dict = field(default_factory=dict)
     expected_error: float | None = None
+    errors: dict = field(default_factory=dict)
+    disturbed: str = ""
     note: str = ""
 
     def stat(self, name: str) -> float:
@@ -71,6 +81,12 @@ class LatencyResult:
         if name not in ("p50", "p90", "p99", "mean"):
             raise InputError(f"latency statistic must be p50, p90, p99 or mean (got '{name}')")
         return float(getattr(self, name))
+
+    def error(self, name: str) -> float | None:
+        """The relative error of statistic ``name`` (the result's ``expected_error`` when it has no
+        per-statistic errors, as a prediction)."""
+        self.stat(name)
+        return self.errors.get(name, self.expected_error)
 
     @property
     def label(self) -> str:
@@ -109,15 +125,21 @@ def _default_threads(threads: int | None) -> int:
 
 def measure_many(jobs: list[tuple[str | os.PathLike, int]], providers: list[str] | None = None,
                  threads: int | None = None, warmup: int = 5, repeats: int = 20, rounds: int = 5,
-                 timeout: float = 1800, clock: str = "wall") -> list[LatencyResult]:
+                 timeout: float = 1800, clock: str = "wall", max_rounds: int | None = None) -> list[LatencyResult]:
     """Times several (model, batch) pairs in one worker, interleaved round by round.
 
-    Interleaving spreads slow spells of a shared machine over every model instead of one.
-    Peak memory of each is the rise of the worker's RSS high-water mark while its session is
-    created and warmed up (sessions are created one after another). ``clock="thread_cpu"``
-    (with ``threads=1``) times by the CPU time of the running thread instead of the wall clock:
-    a diagnostic that other processes on a shared machine barely disturb.
+    Interleaving spreads slow spells of a shared machine over every model instead of one. A model
+    whose block of a round was disturbed (its threads waited for a core, or other processes used
+    the cores it needs) gets extra rounds, up to ``max_rounds`` (default ``2 * rounds``); its
+    figures come from its ``rounds`` quietest blocks. One that never got enough quiet ones is marked
+    ``disturbed`` (note ``busy machine``) and its error widened down to a floor the quiet machine
+    cannot beat. Peak memory of each is the rise of the worker's RSS high-water mark while its
+    session is created and warmed up (sessions are created one after another).
+    ``clock="thread_cpu"`` (with ``threads=1``) times by the CPU time of the running thread instead
+    of the wall clock: a diagnostic that other processes on a shared machine barely disturb.
     """
+    from .latency_stats import QUIET, percentile, summarize
+
     for path, batch in jobs:
         if not Path(path).is_file():
             raise InputError(f"{path}: ONNX file not found")
@@ -125,31 +147,41 @@ def measure_many(jobs: list[tuple[str | os.PathLike, int]], providers: list[str]
             raise InputError(f"batch must be >= 1 (got {batch})")
     if min(warmup, repeats, rounds) < 1:
         raise InputError(f"warmup, repeats and rounds must be >= 1 (got {warmup}, {repeats}, {rounds})")
+    max_rounds = 2 * rounds if max_rounds is None else max(rounds, int(max_rounds))
     threads = _default_threads(threads)
     if clock not in ("wall", "thread_cpu") or (clock == "thread_cpu" and threads != 1):
         raise InputError(f"clock must be 'wall', or 'thread_cpu' with threads=1 (got {clock!r}, {threads} threads)")
     req = {"task": "sessions", "jobs": [{"path": os.fspath(p), "batch": int(b)} for p, b in jobs],
            "providers": providers, "threads": threads, "warmup": warmup, "repeats": repeats, "rounds": rounds,
-           "clock": clock}
+           "max_rounds": max_rounds, "quiet": QUIET, "clock": clock}
     answer = _run_worker(req, timeout)
     machine = {**machine_description(), "onnxruntime": answer["onnxruntime"]}
-    settings = {"threads": threads, "warmup": warmup, "repeats": repeats, "rounds": rounds, "clock": clock,
-                "interleaved_with": len(jobs), "statistic": "p50 = lowest of the round medians"}
+    settings = {"threads": threads, "warmup": warmup, "repeats": repeats, "rounds": rounds, "max_rounds": max_rounds,
+                "clock": clock, "interleaved_with": len(jobs),
+                "statistic": "each of p50/p90/p99/mean is the median over the quietest rounds of that round's value"}
     out = []
     for (path, batch), r in zip(jobs, answer["results"]):
-        meds = r["round_medians_ms"]
-        out.append(LatencyResult(mean=r["mean_ms"], p50=r["p50_ms"], p90=max(r["p90_ms"], r["p50_ms"]),
-                                 p99=max(r["p99_ms"], r["p50_ms"]), source="measured", batch=int(batch),
-                                 model=os.fspath(path), providers=r["providers"],
-                                 settings={**settings, "round_medians_ms": meds, "samples": r["samples"]},
+        blocks = r["rounds"]
+        s = summarize(blocks, rounds, r["floor_ms"], answer["cores"])
+        record = {"round_medians_ms": [percentile(b["ms"], 50) for b in blocks],
+                  "rounds_run": len(blocks), "rounds_used": s.used, "quiet_rounds": sum(b["quiet"] for b in blocks),
+                  "samples": sum(len(blocks[i]["ms"]) for i in s.used),
+                  "run_queue_wait": s.wait, "other_processes_cores": s.others,
+                  "load_average": answer["load_average"], "observed": answer["observed"]}
+        if s.floor_ms is not None:
+            record["floor_ms"] = s.floor_ms
+        out.append(LatencyResult(mean=s.values["mean"], p50=s.values["p50"], p90=s.values["p90"],
+                                 p99=s.values["p99"], source="measured", batch=int(batch), model=os.fspath(path),
+                                 providers=r["providers"], settings={**settings, **record},
                                  peak_memory_mb=r["peak_memory_mb"], machine=machine,
-                                 expected_error=(max(meds) - min(meds)) / min(meds)))
+                                 expected_error=s.expected_error, errors=s.errors, disturbed=s.disturbed,
+                                 note="busy machine" if s.disturbed else ""))
     return out
 
 
 def measure_onnx(path: str | os.PathLike, batch: int = 1, providers: list[str] | None = None,
                  threads: int | None = None, warmup: int = 5, repeats: int = 20, rounds: int = 5,
-                 timeout: float = 600) -> LatencyResult:
+                 timeout: float = 600, max_rounds: int | None = None) -> LatencyResult:
     """Measures one ONNX model with ONNX Runtime in a separate process.
 
     Args:
@@ -158,9 +190,11 @@ def measure_onnx(path: str | os.PathLike, batch: int = 1, providers: list[str] |
             the result lists the ones the session actually used). Default: CPU.
         threads: intra-op threads (default: every logical core). Inter-op threads are 1.
         warmup: untimed runs after session creation.
-        repeats: timed runs per round; ``rounds`` rounds, the lowest round median is ``p50``.
+        repeats: timed runs per round; each statistic is the median over ``rounds`` quiet rounds
+            of that round's value (disturbed rounds are re-run, up to ``max_rounds`` in all).
     """
-    return measure_many([(path, batch)], providers, threads, warmup, repeats, rounds, timeout)[0]
+    return measure_many([(path, batch)], providers, threads, warmup, repeats, rounds, timeout,
+                        max_rounds=max_rounds)[0]
 
 
 @functools.lru_cache(maxsize=1)
@@ -255,22 +289,36 @@ def predict_latency(path: str | os.PathLike, profile, batch: int | None = None, 
 
 
 def latency_for_profile(path: str | os.PathLike, profile, batch: int | None = None, *, threads: int | None = None,
-                        warmup: int = 5, repeats: int = 20, rounds: int = 5) -> LatencyResult:
+                        warmup: int = 5, repeats: int = 20, rounds: int = 5,
+                        max_rounds: int | None = None) -> LatencyResult:
     """Measured latency for a measured profile (``host``), predicted for every other.
 
     A prediction uses the profile's calibration file when one exists (labelled ``calibrated``).
     An fp16 model measured on a CPU execution provider is labelled ``host-emulated fp16``.
     """
+    return latencies_for_profile([path], profile, batch, threads=threads, warmup=warmup, repeats=repeats,
+                                 rounds=rounds, max_rounds=max_rounds)[0]
+
+
+def latencies_for_profile(paths: list[str | os.PathLike], profile, batch: int | None = None, *,
+                          threads: int | None = None, warmup: int = 5, repeats: int = 20, rounds: int = 5,
+                          max_rounds: int | None = None) -> list[LatencyResult]:
+    """:func:`latency_for_profile` of several models; measured ones are timed interleaved in one worker,
+    so that a slow spell of the machine falls on all of them rather than on one."""
     profile = _profile(profile)
     batch = int(batch or profile.batch)
     if not profile.measured:
-        return predict_latency(path, profile, batch)
-    res = measure_onnx(path, batch, providers=list(profile.execution_providers), threads=threads or profile.threads,
-                       warmup=warmup, repeats=repeats, rounds=rounds)
-    res.profile = profile.name
-    if model_precision(path) == "fp16" and all(p == "CPUExecutionProvider" for p in res.providers):
-        res.note = "host-emulated fp16"
-    return res
+        return [predict_latency(p, profile, batch) for p in paths]
+    if not paths:
+        return []
+    results = measure_many([(p, batch) for p in paths], providers=list(profile.execution_providers),
+                           threads=threads or profile.threads, warmup=warmup, repeats=repeats, rounds=rounds,
+                           max_rounds=max_rounds)
+    for path, res in zip(paths, results):
+        res.profile = profile.name
+        if model_precision(path) == "fp16" and all(p == "CPUExecutionProvider" for p in res.providers):
+            res.note = ", ".join(filter(None, ["host-emulated fp16", res.note]))
+    return results
 
 
 def calibrate(profile, out: str | os.PathLike | None = None, **kwargs) -> str:

@@ -4,10 +4,14 @@
 on stdout. Requests:
 
 - ``{"task": "sessions", "jobs": [{"path", "batch"}...], "providers", "threads", "warmup",
-  "repeats", "rounds"}``: one session per job (fixed intra-op threads, sequential execution), a
-  warm-up, then ``rounds`` rounds in which every job runs ``repeats`` times, the jobs interleaved
-  (and rotated) within each round. Only ``session.run`` is timed, by the wall clock, or with
-  ``"clock": "thread_cpu"`` (one thread only) by the CPU time of the calling thread.
+  "repeats", "rounds", "max_rounds", "quiet"}``: one session per job (fixed intra-op threads,
+  sequential execution), a warm-up, then ``rounds`` rounds in which every job runs ``repeats``
+  times, the jobs interleaved (and rotated) within each round. Each job's block of a round records
+  how disturbed it was (:class:`Probe`); a job with fewer than ``rounds`` quiet blocks (score <=
+  ``quiet``) gets extra rounds, up to ``max_rounds``, and if still short, a single-thread floor.
+  Only ``session.run`` is timed, by the wall clock, or with ``"clock": "thread_cpu"`` (one thread
+  only) by the CPU time of the calling thread. The answer holds every sample: the statistics are
+  the caller's (:mod:`bim_export.latency_stats`).
 - ``{"task": "providers"}``: the execution providers available here.
 - ``{"task": "hardware", "threads"}``: GEMM throughput (fp32 MatMul, int8 MatMulInteger) and
   memory bandwidth (a large Add) of this machine through ONNX Runtime.
@@ -25,6 +29,9 @@ import time
 
 import numpy as np
 
+EXTRA_ROUND_PAUSE_S = 0.3
+OTHERS_WINDOW_S = 0.25  # /proc/stat counts 10 ms ticks: shorter stretches are too coarse to read
+
 
 def _maxrss_mb() -> float:
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -39,6 +46,10 @@ def _session(model, providers, threads):
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
+    # Idle pool threads otherwise spin for tens of ms after a run, competing with the next session's
+    # runs in an interleaved round (and with the caller's own work between requests in a service).
+    # Spinning within a run is unchanged; each timed run includes waking the pool.
+    so.add_session_config_entry("session.force_spinning_stop", "1")
     available = ort.get_available_providers()
     chosen = [p for p in (providers or ["CPUExecutionProvider"]) if p in available] or ["CPUExecutionProvider"]
     return ort.InferenceSession(model, sess_options=so, providers=chosen)
@@ -58,16 +69,79 @@ def _feeds(sess, batch: int, rng) -> dict:
     return feeds
 
 
-def _stats(samples: list[float], round_medians: list[float]) -> dict:
-    a = np.asarray(samples) * 1e3
-    return {"mean_ms": float(a.mean()), "p50_ms": float(min(round_medians) * 1e3),
-            "p90_ms": float(np.percentile(a, 90)), "p99_ms": float(np.percentile(a, 99)),
-            "min_ms": float(a.min()), "round_medians_ms": [m * 1e3 for m in round_medians], "samples": len(a)}
+class Probe:
+    """How much the rest of the machine got in the way of a stretch of timed runs.
+
+    - ``wait``: the time this process's threads spent runnable but not running (the kernel's
+      run-queue delay, ``/proc/self/task/*/schedstat``), as a fraction of the thread-time the
+      session wanted (wall x threads): other processes holding the cores.
+    - ``others``: CPU used by other processes (``/proc/stat`` busy and steal time less this
+      process's own), in cores: they also share caches, memory bandwidth and, on a VM, the host.
+
+    Where the system exposes neither (not Linux), ``others`` falls back to the 1-minute load
+    average less this session's threads: coarse, but it still tells a busy machine from an idle one.
+    """
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.observed = {"run_queue_wait": self.run_delay_ns() is not None,
+                         "other_processes_cpu": self.system_busy_s() is not None}
+
+    @staticmethod
+    def run_delay_ns() -> int | None:
+        total = 0
+        try:
+            for task in os.listdir("/proc/self/task"):
+                with open(f"/proc/self/task/{task}/schedstat", "rb") as f:
+                    total += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            return None
+        return total
+
+    def system_busy_s(self) -> float | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        # user nice system idle iowait irq softirq steal: everything but idle and iowait is busy
+        return (sum(v[:3]) + sum(v[5:8])) / self.hz
+
+    def read(self) -> tuple:
+        return time.perf_counter(), time.process_time(), self.run_delay_ns(), self.system_busy_s()
+
+    def since(self, mark: tuple, min_seconds: float = OTHERS_WINDOW_S) -> dict:
+        """``wait`` and ``others`` since ``mark`` (a :meth:`read`); ``others`` is None for a stretch
+        shorter than ``min_seconds``."""
+        (wall0, cpu0, delay0, busy0), (wall, cpu, delay, busy) = mark, self.read()
+        dt = max(wall - wall0, 1e-9)
+        wait = None if delay is None or delay0 is None else (delay - delay0) / 1e9 / (dt * self.threads)
+        others = None
+        if busy is not None and busy0 is not None:
+            others = max(0.0, (busy - busy0) - (cpu - cpu0)) / dt if dt >= min_seconds else None
+        elif not any(self.observed.values()):
+            load = _loadavg()
+            others = None if load is None else max(0.0, load - self.threads)
+        return {"wait": wait, "others": others}
+
+
+def disturbance(wait: float | None, others: float | None, threads: int, cores: int) -> float:
+    """One figure for how disturbed a stretch was: the larger of the run-queue wait fraction and the
+    other processes' CPU beyond the cores this session leaves free, per session thread."""
+    excess = 0.0 if others is None else max(0.0, others - max(0, cores - threads)) / threads
+    return max(wait or 0.0, excess)
 
 
 def time_sessions(req: dict) -> dict:
+    """Warm-up, then rounds of interleaved repeats; extra rounds (up to ``max_rounds``) for the jobs
+    that have fewer than ``rounds`` quiet ones; a single-thread CPU-time floor for those still short."""
     rng = np.random.default_rng(0)
     threads = req["threads"]
+    cores = os.cpu_count() or 1
+    rounds, max_rounds = req["rounds"], max(req["rounds"], req.get("max_rounds") or req["rounds"])
+    quiet = float(req.get("quiet", 0.1))
+    load_before = _loadavg()
     jobs = []
     for job in req["jobs"]:
         before = _maxrss_mb()
@@ -75,28 +149,91 @@ def time_sessions(req: dict) -> dict:
         feeds = _feeds(sess, job["batch"], rng)
         for _ in range(max(1, req["warmup"])):
             sess.run(None, feeds)
-        jobs.append({"sess": sess, "feeds": feeds, "samples": [], "medians": [],
-                     "memory_mb": max(0.0, _maxrss_mb() - before)})
+        jobs.append({"sess": sess, "feeds": feeds, "rounds": [], "memory_mb": max(0.0, _maxrss_mb() - before),
+                     "path": job["path"], "batch": job["batch"]})
     # thread_time: CPU time of this (the only) thread, blind to other processes on a shared machine
-    clock = time.thread_time if req.get("clock") == "thread_cpu" else time.perf_counter
-    for r in range(req["rounds"]):
-        order = jobs[r % len(jobs):] + jobs[: r % len(jobs)]
+    thread_clock = req.get("clock") == "thread_cpu"
+    clock = time.thread_time if thread_clock else time.perf_counter
+    probe = Probe(threads)
+
+    def quiet_rounds(job) -> int:
+        return sum(b.get("quiet", False) for b in job["rounds"])
+
+    window, unjudged = probe.read(), []
+
+    def judge(force: bool) -> None:
+        """Scores the blocks since the window opened, once it is long enough for /proc/stat's ticks
+        (forced: made so by idling, which shows what the others use without us)."""
+        nonlocal window, unjudged
+        elapsed = time.perf_counter() - window[0]
+        if elapsed < OTHERS_WINDOW_S:
+            if not force:
+                return
+            if not thread_clock:  # the thread clock does not see other processes: nothing to judge
+                time.sleep(OTHERS_WINDOW_S - elapsed)
+        others = probe.since(window, min_seconds=0.0)["others"]
+        for block in unjudged:
+            block["others"] = others
+            block["score"] = 0.0 if thread_clock else disturbance(block["wait"], others, threads, cores)
+            block["quiet"] = block["score"] <= quiet
+        window, unjudged = probe.read(), []
+
+    for r in range(max_rounds):
+        pending = jobs if r < rounds else [j for j in jobs if quiet_rounds(j) < rounds]
+        if not pending:
+            break
+        if r >= rounds:
+            time.sleep(EXTRA_ROUND_PAUSE_S)  # let a burst of other work pass before measuring again
+        order = pending[r % len(pending):] + pending[: r % len(pending)]
         for job in order:
             sess, feeds, times = job["sess"], job["feeds"], []
+            # untimed: this model's weights back in cache after the others'; after a pause, the whole
+            # warm-up again (an idle core comes back slower: clocks, caches, the pool's threads)
+            for _ in range(req["warmup"] if r >= rounds else 1):
+                sess.run(None, feeds)
+            mark = probe.read()
             for _ in range(req["repeats"]):
                 t0 = clock()
                 sess.run(None, feeds)
-                times.append(clock() - t0)
-            job["samples"] += times
-            job["medians"].append(float(np.median(times)))
+                times.append((clock() - t0) * 1e3)
+            block = {"ms": times, "round": r, "wait": probe.since(mark)["wait"]}
+            job["rounds"].append(block)
+            unjudged.append(block)
+        judge(force=r >= rounds - 1)  # every block is judged before extra rounds are decided
     out = []
     for job in jobs:
-        res = _stats(job["samples"], job["medians"])
-        res.update(providers=job["sess"].get_providers(), peak_memory_mb=job["memory_mb"])
+        res = {"rounds": [{k: b[k] for k in ("ms", "round", "wait", "others", "score", "quiet")} for b in job["rounds"]],
+               "providers": job["sess"].get_providers(), "peak_memory_mb": job["memory_mb"], "floor_ms": None}
+        if not thread_clock and quiet_rounds(job) < rounds:
+            res["floor_ms"] = _single_thread_floor(job, req.get("providers"), threads, req["repeats"])
         out.append(res)
     import onnxruntime as ort
 
-    return {"results": out, "onnxruntime": ort.__version__, "threads": threads}
+    return {"results": out, "onnxruntime": ort.__version__, "threads": threads, "cores": cores,
+            "load_average": [load_before, _loadavg()],
+            "observed": probe.observed}
+
+
+def _single_thread_floor(job: dict, providers, threads: int, repeats: int) -> float:
+    """A lower bound of the quiet-machine latency: the median CPU time of a single-thread session of
+    the same model, divided by the thread count (no session beats perfect scaling of its work).
+    CPU time of one thread is barely touched by other processes, so this holds on a busy machine."""
+    sess = _session(job["path"], providers, 1)
+    feeds = _feeds(sess, job["batch"], np.random.default_rng(0))
+    sess.run(None, feeds)
+    times = []
+    for _ in range(max(3, min(repeats, 10))):
+        t0 = time.thread_time()
+        sess.run(None, feeds)
+        times.append((time.thread_time() - t0) * 1e3)
+    return float(np.median(times)) / threads
+
+
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def _best_median(sess, feeds, clock, repeats=5, rounds=3) -> float:

@@ -95,8 +95,9 @@ def export_profile(shop: Workshop, profile, out: Path, multi_exit: bool = False,
               for t in trials]
     chosen_row = next(r for r in selection.rows if r.status == "chosen")
     lat_ms = latency_value(choice.latency, stat)
-    why = (f"Depth {choice.depth} in {choice.precision}: {chosen_row.reason}. Its latency is {lat_ms:.2f} ms {stat} "
-           f"({manifest['latency']['source']})" + (f" against a budget of {budget:g} ms" if budget else "")
+    why = (f"Depth {choice.depth} in {choice.precision}: {chosen_row.reason}. Its latency is {lat_ms:.2f} ms {stat}"
+           f"{_error_text(choice.latency, stat)} ({manifest['latency']['source']})"
+           + (f" against a budget of {budget:g} ms" if budget else "")
            + f"; parity {choice.parity.summary()}. The rule: among candidates that pass parity and every budget, "
            "the best quality (the exit's kNN top-1); within half a point of it, the lowest latency.")
     spec = BundleSpec(profile_name=profile.name, script=f"{profile.target_script}.py", model_path=model,
@@ -127,7 +128,8 @@ def bundle_manifest(shop: Workshop, profile, selection, choice: Trial, parity: d
         "parity": {**parity, "tolerances": tolerances},
         "data": shop.images.describe(),
         "latency": {**as_dict(lat), "model": "model.onnx", "ms": latency_value(lat, stat), "stat": stat,
-                    "source": source_label(lat), "budget_ms": profile.budgets.latency_ms},
+                    "expected_error": lat.error(stat), "source": source_label(lat),
+                    "budget_ms": profile.budgets.latency_ms},
         "conversion": shop.conversions.get(choice.model, {"precision": "fp32", "method": "export"}),
         "memory_mb": choice.memory_mb, "size_mb": choice.size_mb,
         "quality": {"metric": "knn_top1", "value": choice.quality,
@@ -230,10 +232,16 @@ def describe(o: Outcome) -> str:
     lat = latency_value(c.latency, o.stat)
     return "\n".join([
         o.table.rstrip(), "",
-        f"{o.profile}: depth {c.depth} {c.precision}, {lat:.2f} ms {o.stat} ({o.latency_source})"
+        f"{o.profile}: depth {c.depth} {c.precision}, {lat:.2f} ms {o.stat}{_error_text(c.latency, o.stat)} "
+        f"({o.latency_source})"
         + (f", budget {o.budget_ms:g} ms" if o.budget_ms else "") + f", parity {c.parity.summary()}",
         f"bundle: {o.bundle}",
     ])
+
+
+def _error_text(result, stat: str) -> str:
+    err = result.error(stat)
+    return "" if err is None else f" ±{err:.0%}"
 
 
 def summary_table(outcomes: list[Outcome]) -> str:

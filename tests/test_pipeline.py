@@ -82,7 +82,7 @@ def test_far_over_budget_is_pruned_before_parity_and_measuring(shop, tmp_path, m
     monkeypatch.setattr(cand, "check_parity", lambda *a, **k: ran.append("parity"))
     import bim_export.latency as latency
 
-    monkeypatch.setattr(latency, "latency_for_profile", lambda *a, **k: ran.append("latency"))
+    monkeypatch.setattr(latency, "latencies_for_profile", lambda *a, **k: ran.append("latency") or [])
     tight = _profile(tmp_path, "tight", latency_ms=1e-5)
     trials = evaluate_candidates(shop, tight)
     assert ran == []
@@ -293,3 +293,76 @@ def test_avg_pooled_register_vit_exports_for_a_shipped_opset_17_profile(reg_avg_
     atol = 1e-5 if m["precision"] == "fp32" else 0.1  # int8 passed the profile's parity to be chosen
     np.testing.assert_allclose(tokens, ref_tokens.numpy(), atol=atol, rtol=0)
     np.testing.assert_allclose(emb, ref_emb.numpy(), atol=atol, rtol=0)
+
+
+# ---------------------------------------------------------------------------- measured latency
+
+
+def test_measured_candidates_are_timed_together_with_errors(shop, tmp_path):
+    hostlike = _profile(tmp_path, "hostlike", base="host", latency_ms=1000)
+    trials = evaluate_candidates(shop, hostlike)
+    assert all(t.latency.source == "measured" for t in trials)
+    assert {t.latency.settings["interleaved_with"] for t in trials} == {len(trials)}  # one worker, interleaved
+    cands = cand.to_candidates(trials, hostlike)
+    for t, c in zip(trials, cands):
+        assert c.expected_error == t.latency.error("p90") >= 0.05
+        assert c.latency_ms == t.latency.p90 and c.latency_disturbed == bool(t.latency.disturbed)
+
+
+def _matmul_chain(path: Path, layers: int, width: int = 256) -> Path:
+    """A graph of ``layers`` [64, width] x [width, width] MatMuls (0 layers: one Add)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.full((width, width), 1.0 / width, np.float32), "w")
+    nodes, x = [], "pixels"
+    for i in range(layers):
+        nodes.append(helper.make_node("MatMul", [x, "w"], [f"h{i}"]))
+        x = f"h{i}"
+    nodes.append(helper.make_node("Add", [x, x], ["embedding"]))
+    g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [64, width])],
+                          [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [64, width])],
+                          [w] if layers else [])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def test_inverted_latency_table_is_remeasured_and_flagged(tmp_path):
+    """A 'depth 2' file that really is 40 layers and a 'depth 4' one that is a single Add: the table
+    says the deeper one is faster; it is measured again, and the contradiction, which stays, is noted."""
+    host = load_profile("host")
+    trials = [cand.Trial(2, "int8", _matmul_chain(tmp_path / "heavy.onnx", 40), 0.5, 1.0),
+              cand.Trial(4, "int8", _matmul_chain(tmp_path / "light.onnx", 0), 0.6, 1.0),
+              cand.Trial(2, "fp32", _matmul_chain(tmp_path / "a.onnx", 0), 0.5, 1.0)]
+    cand.measure_trials(trials, host, {"warmup": 1, "repeats": 3, "rounds": 2, "max_rounds": 2})
+    heavy, light, other = (t.latency for t in trials)
+    assert heavy.settings["remeasured"] and light.settings["remeasured"] and "remeasured" not in other.settings
+    assert heavy.settings["rounds"] == 4  # re-measured with twice the rounds, the two rows together
+    assert heavy.settings["interleaved_with"] == 2
+    assert "inconsistent with deeper d4 int8" in heavy.note and "inconsistent with shallower d2 int8" in light.note
+    assert heavy.settings["inconsistent_with"] == ["d4 int8"]
+    assert cand.source_label(heavy).startswith("measured (") and "inconsistent" in cand.source_label(heavy)
+
+
+@pytest.mark.slow
+def test_two_host_exports_of_the_shipped_checkpoint_agree(tmp_path):
+    """The same choice twice, and every measured p90 within the stated errors of the other run's:
+    on this shared machine too, whose other processes make exactly the noise this must survive."""
+    from bim_export.latency_stats import intervals_overlap
+
+    runs = []
+    for name in ("first", "second"):
+        pipeline.run_export("host", None, tmp_path / name, None)
+        runs.append(json.loads((tmp_path / name / "host" / "manifest.json").read_text()))
+    a, b = runs
+    assert (a["depth"], a["precision"]) == (b["depth"], b["precision"])
+    la, lb = a["latency"], b["latency"]
+    assert la["stat"] == "p90" and la["source"].startswith("measured")
+    assert intervals_overlap(la["ms"], la["expected_error"], lb["ms"], lb["expected_error"]), (la, lb)
+    rows_a, rows_b = a["candidates"]["candidates"], b["candidates"]["candidates"]
+    assert [(r["depth"], r["precision"]) for r in rows_a] == [(r["depth"], r["precision"]) for r in rows_b]
+    for ra, rb in zip(rows_a, rows_b):
+        assert intervals_overlap(ra["latency_ms"], ra["expected_error"], rb["latency_ms"], rb["expected_error"]), \
+            (ra, rb)

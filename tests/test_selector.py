@@ -140,3 +140,89 @@ def test_table_and_dict_list_every_candidate():
 def test_quality_in_percent_is_a_bug():
     with pytest.raises(ValueError, match="fraction"):
         select([_c(3, quality=65.3)], _profile())
+
+
+# ------------------------------------------------------------------- ties within measurement error
+
+
+def _m(depth, precision, quality, latency, error, size, source="measured", disturbed=False):
+    return Candidate(depth=depth, precision=precision, quality=quality, latency_ms=latency, latency_stat="p90",
+                     latency_source=source, expected_error=error, latency_disturbed=disturbed, memory_mb=10.0,
+                     size_mb=size)
+
+
+def _reasons(selection) -> dict:
+    return {(r.candidate.depth, r.candidate.precision): r.reason for r in selection.rows}
+
+
+def test_overlapping_measured_latencies_tie_and_the_smaller_file_wins():
+    # fp32 reads faster, but 5.3 +-5 % and 5.6 +-5 % overlap: equal quality, so the smaller file wins
+    cands = [_m(9, "fp32", 0.70, 5.3, 0.05, 21.6), _m(9, "int8", 0.70, 5.6, 0.05, 5.9)]
+    s = select(cands, _profile(latency_ms=50))
+    assert (s.choice.depth, s.choice.precision) == (9, "int8")
+    reasons = _reasons(s)
+    assert reasons[(9, "int8")] == ("best within budget "
+                                    "(as fast as depth 9 fp32 within the measurement error, smaller file)")
+    assert reasons[(9, "fp32")] == "tie on latency within the measurement error (5.3 vs 5.6 ms); smaller file"
+    # the same figures without an error: the faster one, as before
+    exact = [_m(9, "fp32", 0.70, 5.3, None, 21.6), _m(9, "int8", 0.70, 5.6, None, 5.9)]
+    assert select(exact, _profile(latency_ms=50)).choice.precision == "fp32"
+
+
+def test_latency_tie_goes_to_quality_before_size():
+    # both within half a point of the best; 8.2 +-10 % and 7.9 +-10 % overlap: the better exit wins
+    cands = [_m(12, "int8", 0.702, 8.2, 0.10, 6.0), _m(9, "int8", 0.700, 7.9, 0.10, 4.5)]
+    s = select(cands, _profile())
+    assert s.choice.depth == 12
+    assert _reasons(s)[(9, "int8")].endswith("; higher quality")
+    # outside the window, quality decides before latency is looked at
+    s = select([_m(12, "int8", 0.71, 8.2, 0.10, 6.0), _m(9, "int8", 0.70, 7.9, 0.10, 4.5)], _profile())
+    assert s.choice.depth == 12 and _reasons(s)[(9, "int8")].startswith("lower quality")
+
+
+def test_separated_measurements_still_rank_by_latency():
+    # 4.0 +-5 % and 6.0 +-5 % do not overlap: the faster (larger) file wins on latency
+    cands = [_m(9, "fp32", 0.70, 4.0, 0.05, 21.6), _m(9, "int8", 0.70, 6.0, 0.05, 5.9)]
+    s = select(cands, _profile())
+    assert s.choice.precision == "fp32"
+    assert _reasons(s)[(9, "int8")] == "slower (6 vs 4 ms)"
+    assert _reasons(s)[(9, "fp32")] == "best within budget (fastest of the best)"
+
+
+def test_only_candidates_tied_with_the_fastest_count():
+    # 5.0 ties 5.4 (+-5 %), 5.4 ties 5.8, but 5.0 and 5.8 do not: the tie is with the fastest only
+    cands = [_m(9, "fp32", 0.70, 5.0, 0.05, 20.0), _m(9, "fp16", 0.70, 5.4, 0.05, 10.0),
+             _m(9, "int8", 0.70, 5.8, 0.05, 5.0)]
+    s = select(cands, _profile())
+    assert s.choice.precision == "fp16"
+    assert _reasons(s)[(9, "int8")].startswith("slower")
+
+
+def test_predicted_errors_do_not_make_ties():
+    # a prediction's +-50 % is a scale shared by every candidate of the device: the order holds
+    cands = [_m(9, "fp16", 0.70, 3.1, 0.5, 8.2, source="predicted"), _m(9, "int8", 0.70, 3.5, 0.5, 4.4,
+                                                                         source="predicted")]
+    assert select(cands, _profile()).choice.precision == "fp16"
+
+
+def test_busy_machine_latency_is_checked_against_the_low_end_of_its_error():
+    cands = [_m(9, "int8", 0.70, 60.0, 0.8, 5.9, source="measured (busy machine)", disturbed=True),
+             _m(12, "int8", 0.60, 200.0, 0.5, 7.0, source="measured (busy machine)", disturbed=True)]
+    s = select(cands, _profile(latency_ms=50))
+    assert (s.choice.depth, s.choice.precision) == (9, "int8")
+    reasons = _reasons(s)
+    assert reasons[(9, "int8")].endswith(
+        "latency p90 60 ms is over the 50 ms budget as measured on a busy machine, within it by its ±80% error")
+    assert reasons[(12, "int8")] == ("latency p90 200 ms (busy machine; at least 100 ms) > budget 50 ms "
+                                     "(+50 ms, +100%)")
+    # a quiet measurement over the budget is over it, error or not
+    quiet = [_m(9, "int8", 0.70, 60.0, 0.8, 5.9), _m(3, "int8", 0.50, 10.0, 0.05, 2.0)]
+    s = select(quiet, _profile(latency_ms=50))
+    assert s.choice.depth == 3 and _reasons(s)[(9, "int8")].startswith("latency p90 60 ms > budget 50 ms")
+
+
+def test_table_shows_the_error_of_measured_latencies():
+    s = select([_m(9, "fp32", 0.70, 5.3, 0.05, 21.6), _m(9, "int8", 0.70, 5.6, 0.07, 5.9)], _profile())
+    table = s.table()
+    assert "5.3 p90 ±5%" in table and "5.6 p90 ±7%" in table
+    assert "rule" in s.to_dict() and "ties" in s.to_dict()["rule"]
