@@ -30,10 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bim_export.calibration import export_reference_vit
-from bim_export.costmodel import graph_cost
-from bim_export.roofline import DEFAULT_FACTORS, default_factors, fit_factors, roofline_features, roofline_seconds
-from bim_export.latency import machine_description, measure_host_hardware, measure_many, profile_hardware
+from bim_export.deploy.latency.calibration import export_reference_vit
+from bim_export.deploy.latency.costmodel import graph_cost
+from bim_export.deploy.latency.roofline import DEFAULT_FACTORS, default_factors, fit_factors, roofline_features, roofline_seconds
+from bim_export.deploy.latency.predict import machine_description, measure_host_hardware, measure_many, profile_hardware
 
 WIDTHS = {"ViT-Ti": (192, 3), "ViT-S": (384, 6)}
 DEPTHS = (3, 6, 9, 12)
@@ -137,7 +137,7 @@ def run_gpu(args) -> dict:
     import timm
     import torch
 
-    from bim_export.profiles import load_profile
+    from bim_export.deploy.profiles import load_profile
 
     device = "cuda" if args.device == "cuda" else "cpu"
     if device == "cpu":

@@ -7,7 +7,7 @@ The candidates of the shipped checkpoint (each exit x fp32 / int8) are built onc
 - before: p50 = the lowest round median, p90 = the p90 of the pooled samples, error = (slowest -
   fastest round median) / fastest, over the first ``rounds`` rounds (no re-measuring). Only its
   statistics: exports then also timed each candidate in a worker of its own, not interleaved;
-- now: :mod:`bim_export.latency_stats` (the quietest rounds after re-measuring disturbed ones, every
+- now: :mod:`bim_export.deploy.latency.stats` (the quietest rounds after re-measuring disturbed ones, every
   statistic the median across rounds of that round's value, the error with a floor and, on a busy
   machine, reaching down to the single-thread floor).
 
@@ -47,7 +47,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def build_candidates(work: Path):
     """(depth, precision, file) of every candidate of the shipped checkpoint, and the checkpoint."""
-    from bim_export.candidates import Workshop, load_images
+    from bim_export.deploy.candidates import Workshop, load_images
     from bim_export.checkpoint import load_checkpoint
     from bim_export.resources import default_checkpoint_dir
 
@@ -58,7 +58,7 @@ def build_candidates(work: Path):
 
 def before(blocks: list[dict], rounds: int) -> dict:
     """The earlier protocol on the first ``rounds`` rounds: lowest median, pooled p90, range over lowest."""
-    from bim_export.latency_stats import percentile
+    from bim_export.deploy.latency.stats import percentile
 
     first = blocks[:rounds]
     medians = [percentile(b["ms"], 50) for b in first]
@@ -69,7 +69,7 @@ def before(blocks: list[dict], rounds: int) -> dict:
 
 
 def now(blocks: list[dict], rounds: int, floor_ms, cores: int) -> dict:
-    from bim_export.latency_stats import summarize
+    from bim_export.deploy.latency.stats import summarize
 
     s = summarize(blocks, rounds, floor_ms, cores)
     return {"p50": s.values["p50"], "p90": s.values["p90"], "error": s.errors["p90"], "error_p50": s.errors["p50"],
@@ -78,9 +78,9 @@ def now(blocks: list[dict], rounds: int, floor_ms, cores: int) -> dict:
 
 def choice(rows: list[dict], method: str, cands, ckpt) -> str:
     """The host profile's pick from one repetition's table."""
-    from bim_export.candidates import exit_quality
-    from bim_export.profiles import load_profile
-    from bim_export.selector import Candidate, select
+    from bim_export.deploy.candidates import exit_quality
+    from bim_export.deploy.profiles import load_profile
+    from bim_export.deploy.selector import Candidate, select
 
     table = []
     for (depth, precision, path), row in zip(cands, rows):
@@ -95,7 +95,7 @@ def choice(rows: list[dict], method: str, cands, ckpt) -> str:
 
 
 def inversions(rows: list[dict], method: str, cands) -> int:
-    from bim_export.latency_stats import depth_inversions
+    from bim_export.deploy.latency.stats import depth_inversions
 
     err = "error" if method == "now" else None
     return len(depth_inversions([(d, p, r[method]["p90"], r[method][err] if err else 0.0)
@@ -172,9 +172,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
 
-    from bim_export.candidates import MEASURE
-    from bim_export.latency import _run_worker, machine_description
-    from bim_export.latency_stats import QUIET
+    from bim_export.deploy.candidates import MEASURE
+    from bim_export.deploy.latency.predict import _run_worker, machine_description
+    from bim_export.deploy.latency.stats import QUIET
 
     t0 = time.perf_counter()
     reps, per_rep, loads, spun = [], [], [], []

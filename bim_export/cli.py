@@ -55,7 +55,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 def _cmd_export(args) -> int:
     """Pick the best depth x precision for a device profile, export it to ONNX, check parity and
     latency, and write a self-describing bundle to OUT/<profile>/."""
-    from .pipeline import run_export
+    from .deploy.pipeline import run_export
 
     summary = run_export(target=args.target, checkpoint=args.checkpoint, out=args.out,
                          data=args.data, multi_exit=args.multi_exit)
@@ -161,7 +161,7 @@ def _add_profiles(sub) -> None:
 def _cmd_profiles(args) -> int:
     """List the device profiles, print one (resolved aliases, canonical name), or validate a YAML
     file against the schema."""
-    from . import profiles
+    from .deploy import profiles
 
     if args.action == "list":
         print(profiles.format_profile_list())
@@ -189,7 +189,7 @@ def _cmd_calibrate(args) -> int:
     """Run on the real device: export a few reference ViTs, time them with ONNX Runtime and fit the
     latency model to them; later predictions for this profile (on any machine that has the file)
     use the fitted factors and are labelled calibrated."""
-    from .latency import calibrate
+    from .deploy.latency.predict import calibrate
 
     print(calibrate(args.profile, out=args.out))
     return 0
@@ -210,7 +210,7 @@ def _cmd_validate(args) -> int:
     """Re-run parity (against the bundle's reference.npz) and latency on this machine and record the
     measured figures in the bundle's manifest (exit 4 on a parity failure or a changed file). Needs
     only onnxruntime and numpy; the bundle's own validate.py does the same without bim-export."""
-    from .validate import validate_bundle
+    from .deploy.validate import validate_bundle
 
     print(validate_bundle(args.bundle, check_latency=True if args.check_latency else None))
     return 0

@@ -22,8 +22,8 @@ def _digest(path: Path) -> str:
 
 
 def memoize_exports(monkeypatch, store: Path) -> None:
-    import bim_export.export as export
-    import bim_export.quantize as quantize
+    import bim_export.deploy.export as export
+    import bim_export.deploy.quantize as quantize
 
     real_export, real_convert = export.export_onnx, quantize.convert_precision
 

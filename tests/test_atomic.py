@@ -59,7 +59,7 @@ def test_a_stranger_appearing_during_the_work_is_not_replaced(tmp_path):
 
 
 def test_bundle_kind_accepts_what_its_own_scripts_add(tmp_path):
-    from bim_export.bundle import BUNDLE
+    from bim_export.deploy.bundle import BUNDLE
 
     b = tmp_path / "b"
     (b / "__pycache__").mkdir(parents=True)
@@ -124,8 +124,8 @@ def test_backbone_follows_the_umask(umask, tiny_checkpoint, tmp_path):
 def test_bundle_and_its_revalidated_manifest_follow_the_umask(umask, tmp_path):
     from test_bundle import _spec
 
-    from bim_export.bundle import write_bundle
-    from bim_export.validate import _write_json_atomic
+    from bim_export.deploy.bundle import write_bundle
+    from bim_export.deploy.validate import _write_json_atomic
 
     dest = write_bundle(tmp_path / "exports", _spec(tmp_path))
     manifest = json.loads((dest / "manifest.json").read_text())
@@ -137,8 +137,8 @@ def test_onnx_file_calibration_file_and_work_folder_follow_the_umask(umask, tmp_
     import onnx
     from tiny_onnx import write_tiny_onnx
 
-    from bim_export.calibration import CALIBRATION
-    from bim_export.export import _save_checked
+    from bim_export.deploy.latency.calibration import CALIBRATION
+    from bim_export.deploy.export import _save_checked
 
     out = tmp_path / "out"
     out.mkdir(mode=0o777 & ~umask)

@@ -266,7 +266,7 @@ def _run_as_nobody(argv: list[str]) -> tuple[int, str]:
 
     import bim_export.backbone  # noqa: F401 - the child cannot read the interpreter's own files
     import bim_export.train.evaluate  # noqa: F401
-    import bim_export.pipeline  # noqa: F401
+    import bim_export.deploy.pipeline  # noqa: F401
     import bim_export.train.trainer  # noqa: F401
 
     r, w = os.pipe()

@@ -101,7 +101,7 @@ def test_export_exit_0_writes_bundle(tmp_path, tiny_checkpoint, capsys):
 
 
 def test_fp32_parity_failure_exit_4_no_bundle(tmp_path, tiny_checkpoint, capsys, monkeypatch):
-    from bim_export import candidates
+    from bim_export.deploy import candidates
 
     real = candidates.Workshop.reference
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from bim_export.latency_stats import (MIN_ERROR, depth_inversions, intervals_overlap, percentile, round_stats,
+from bim_export.deploy.latency.stats import (MIN_ERROR, depth_inversions, intervals_overlap, percentile, round_stats,
                                       summarize)
 
 

@@ -365,7 +365,7 @@ def _time_session(session, x: np.ndarray, warmup: int = 5, repeats: int = 20, ro
 def measure_latency(model: Path, batch: int, providers, img_shape) -> dict:
     """Latency of the bundle's model here: bim_export's subprocess timing when installed, else in-process."""
     try:
-        from bim_export.latency import measure_onnx
+        from bim_export.deploy.latency.predict import measure_onnx
     except ImportError:
         session = _session(model, providers)
         x = np.random.default_rng(0).standard_normal((batch, *img_shape)).astype(np.float32)

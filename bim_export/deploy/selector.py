@@ -21,8 +21,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
-from .errors import NoCandidateError
-from .latency_stats import intervals_overlap
+from ..errors import NoCandidateError
+from .latency.stats import intervals_overlap
 
 QUALITY_WINDOW = 0.005  # half a point of kNN top-1: within it, latency decides
 _PRECISION_RANK = {"fp32": 0, "fp16": 1, "int8": 2}  # at equal quality and latency, keep more bits
@@ -103,7 +103,7 @@ def select(candidates: list[Candidate], profile) -> Selection:
 
     Args:
         candidates: every depth x precision considered; latency at the profile's statistic.
-        profile: a :class:`~bim_export.profiles.Profile` (only ``name`` and ``budgets`` are read).
+        profile: a :class:`~bim_export.deploy.profiles.Profile` (only ``name`` and ``budgets`` are read).
 
     Returns:
         The selection; ``.choice`` is the chosen candidate.

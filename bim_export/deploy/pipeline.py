@@ -8,7 +8,7 @@ For each target profile::
       -> latency for the profile (measured on host / calibrated profiles, predicted otherwise)
       -> selector -> bundle
 
-Work is shared (see :mod:`bim_export.candidates`): each depth x precision x opset is exported (or
+Work is shared (see :mod:`bim_export.deploy.candidates`): each depth x precision x opset is exported (or
 converted) once into a work folder under ``out/`` and reused by every profile of the run, and so are
 the PyTorch reference outputs and the ONNX Runtime outputs used for parity. ``--target all`` runs
 every shipped profile in one go and prints one summary table.
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .candidates import (Trial, Workshop, as_dict, check_parity, evaluate_candidates, latency_value, load_images,
                          source_label, to_candidates)
-from .errors import NoCandidateError, ValidationError
+from ..errors import NoCandidateError, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -187,10 +187,10 @@ def run_export(target: str, checkpoint: Path | None = None, out: Path = Path("ex
     """
     from tqdm import tqdm
 
-    from .atomic import check_destination, work_dir
+    from ..atomic import check_destination, work_dir
     from .bundle import bundle_kind
-    from .checkpoint import load_checkpoint
-    from .resources import default_checkpoint_dir
+    from ..checkpoint import load_checkpoint
+    from ..resources import default_checkpoint_dir
 
     profiles = resolve_targets(target)
     ckpt = load_checkpoint(checkpoint if checkpoint is not None else default_checkpoint_dir())

@@ -1,6 +1,6 @@
 """FLOPs and bytes moved per ONNX node, from shape inference with the batch axis bound.
 
-The one cost model of bim-export: the latency predictor (:mod:`bim_export.roofline` turns costs into
+The one cost model of bim-export: the latency predictor (:mod:`bim_export.deploy.latency.roofline` turns costs into
 time), the calibration and the benchmarks use it. Each node gets a class (``gemm``: MatMul / Gemm /
 Conv with a weight; ``matmul``: activation x activation, i.e. attention; ``softmax``, ``norm``,
 ``elementwise``, ``quant``, ``layout``; ``view``: reshapes and shape arithmetic, no data moved;
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InputError
+from ...errors import InputError
 
 _GEMM_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInteger", "QLinearMatMul", "ConvInteger",
              "QLinearConv", "FusedMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}

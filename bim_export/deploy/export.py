@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import BimExportError, InputError
+from ..errors import BimExportError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def export_onnx(
         InputError: multi-exit without exits, or exits deeper than ``backbone``.
         BimExportError: the exporter could not produce a valid graph at this opset.
     """
-    from . import __version__
+    from .. import __version__
 
     path = Path(path)
     h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
@@ -237,7 +237,7 @@ def _save_checked(proto, path: Path) -> None:
 
     weights = sum(len(t.raw_data) for t in proto.graph.initializer)
     external = weights > _PROTOBUF_LIMIT - 64 * 1024**2  # margin for the graph itself
-    from .atomic import owned_temp
+    from ..atomic import owned_temp
 
     # the suffix: onnx.save_model picks the format from the extension
     tmp = owned_temp(path.parent, f".{path.name}.tmp-", folder=False, suffix=".onnx")

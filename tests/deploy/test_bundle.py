@@ -10,8 +10,8 @@ import onnx
 import pytest
 from tiny_onnx import SIZE, write_tiny_onnx
 
-from bim_export import bundle as bundle_mod
-from bim_export.bundle import BundleSpec, PlotPoint, file_hashes, sha256_file, write_bundle
+from bim_export.deploy import bundle as bundle_mod
+from bim_export.deploy.bundle import BundleSpec, PlotPoint, file_hashes, sha256_file, write_bundle
 
 EXPECTED = {"model.onnx", "manifest.json", "reference.npz", "report.md", "pareto.png", "infer.py", "common.py", "validate.py"}
 

@@ -12,14 +12,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bim_export import latency
-from bim_export.calibration import load_calibration
+from bim_export.deploy.latency import predict as latency
+from bim_export.deploy.latency.calibration import load_calibration
 from bim_export.cli import main as cli_main
-from bim_export.costmodel import graph_cost, predict_memory
-from bim_export.roofline import CostFactors, Hardware, fit_factors, roofline_features, roofline_seconds
+from bim_export.deploy.latency.costmodel import graph_cost, predict_memory
+from bim_export.deploy.latency.roofline import CostFactors, Hardware, fit_factors, roofline_features, roofline_seconds
 from bim_export.errors import InputError
-from bim_export.latency_stats import MIN_ERROR
-from bim_export.profiles import load_profile
+from bim_export.deploy.latency.stats import MIN_ERROR
+from bim_export.deploy.profiles import load_profile
 
 TINY = {"embed_dim": 32, "num_heads": 2, "img_size": 32, "patch_size": 8}
 
@@ -264,7 +264,7 @@ def test_gpu_profile_prediction_is_labelled_predicted(vits):
 
 def test_tensorrt_profile_fuses_qdq_so_int8_beats_fp32(vits, tmp_path):
     """TensorRT folds Q/DQ into int8 kernels: on a Jetson, static int8 must not cost more than fp32."""
-    from bim_export.quantize import convert_precision
+    from bim_export.deploy.quantize import convert_precision
 
     x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
     q = tmp_path / "int8.onnx"

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bim_export import cli, profiles
+from bim_export import cli
+from bim_export.deploy import profiles
 from bim_export.errors import InputError
-from bim_export.profiles import ALIASES, Profile, list_profiles, load_profile, load_profile_file
+from bim_export.deploy.profiles import ALIASES, Profile, list_profiles, load_profile, load_profile_file
 
 REQUIRED = {"host", "jetson-orin-nano", "jetson-agx-orin", "raspberry-pi-5"}
 
@@ -100,7 +101,7 @@ def test_profile_list_table_names_every_profile_and_alias():
 
 
 def test_import_is_light():
-    code = ("import sys, bim_export.profiles, bim_export.selector; "
+    code = ("import sys, bim_export.deploy.profiles, bim_export.deploy.selector; "
             "print(sorted(m for m in ('torch', 'onnxruntime', 'numpy', 'onnx') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -15,12 +15,12 @@ import pytest
 import timm
 import torch
 
-import bim_export.validate as validate_mod
+import bim_export.deploy.validate as validate_mod
 from bim_export.cli import main as cli_main
 from bim_export.data import load_image_array, sample_images
 from bim_export.errors import InputError, ValidationError
-from bim_export.export import export_onnx
-from bim_export.validate import compare_outputs, merge_results, run_parity, validate_bundle
+from bim_export.deploy.export import export_onnx
+from bim_export.deploy.validate import compare_outputs, merge_results, run_parity, validate_bundle
 
 SIZE = 32
 
@@ -126,7 +126,7 @@ def test_run_parity_fp32_at_batch_1_and_n(onnx_model, backbone, images):
 
 
 def test_run_parity_labels_fp16_on_cpu_as_host_emulated(onnx_model, backbone, images, tmp_path):
-    from bim_export.quantize import convert_precision
+    from bim_export.deploy.quantize import convert_precision
 
     convert_precision(onnx_model, tmp_path / "fp16.onnx", "fp16")
     r = run_parity(tmp_path / "fp16.onnx", backbone, images[0][:6], batches=(1, 6))
@@ -136,7 +136,7 @@ def test_run_parity_labels_fp16_on_cpu_as_host_emulated(onnx_model, backbone, im
 def test_run_parity_labels_int8_for_another_devices_kernels(onnx_model, backbone, images, tmp_path, monkeypatch):
     import platform
 
-    from bim_export import quantize
+    from bim_export.deploy import quantize
 
     if platform.machine().lower() in ("aarch64", "arm64"):
         pytest.skip("on arm64 the CPU EP runs int8 the way the target does")

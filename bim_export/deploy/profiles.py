@@ -21,8 +21,8 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from .errors import InputError, close_matches
-from .resources import resource_dir
+from ..errors import InputError, close_matches
+from ..resources import resource_dir
 
 PRECISIONS = ("fp32", "fp16", "int8")
 

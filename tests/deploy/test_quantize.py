@@ -11,12 +11,12 @@ import pytest
 import timm
 import torch
 
-from bim_export import quantize
+from bim_export.deploy import quantize
 from bim_export.data import load_image_array, sample_images
 from bim_export.errors import InputError
-from bim_export.export import export_onnx, read_metadata
-from bim_export.quantize import convert_precision
-from bim_export.validate import compare_outputs, run_onnx
+from bim_export.deploy.export import export_onnx, read_metadata
+from bim_export.deploy.quantize import convert_precision
+from bim_export.deploy.validate import compare_outputs, run_onnx
 
 SIZE = 32
 

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .atomic import OutputKind, atomic_dir
-from .resources import resource_dir
+from .. import __version__
+from ..atomic import OutputKind, atomic_dir
+from ..resources import resource_dir
 from .validate import sha256_file
 
 FORMAT_VERSION = 1

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .costmodel import GraphCost
-from .errors import InputError
+from ...errors import InputError
 
 # Classes whose efficiency factors are fitted together, as one scale on their prior ratios (the
 # graphs of a ViT family do not separate softmax from layer-norm time well enough to fit each).

@@ -1,6 +1,6 @@
 """The timing worker: runs in its own process, so the only thing in it is ONNX Runtime.
 
-``python -m bim_export.latency_worker`` reads one JSON request on stdin and writes one JSON answer
+``python -m bim_export.deploy.latency.worker`` reads one JSON request on stdin and writes one JSON answer
 on stdout. Requests:
 
 - ``{"task": "sessions", "jobs": [{"path", "batch"}...], "providers", "threads", "warmup",
@@ -11,7 +11,7 @@ on stdout. Requests:
   ``quiet``) gets extra rounds, up to ``max_rounds``, and if still short, a single-thread floor.
   Only ``session.run`` is timed, by the wall clock, or with ``"clock": "thread_cpu"`` (one thread
   only) by the CPU time of the calling thread. The answer holds every sample: the statistics are
-  the caller's (:mod:`bim_export.latency_stats`).
+  the caller's (:mod:`bim_export.deploy.latency.stats`).
 - ``{"task": "providers"}``: the execution providers available here.
 - ``{"task": "hardware", "threads"}``: GEMM throughput (fp32 MatMul, int8 MatMulInteger) and
   memory bandwidth (a large Add) of this machine through ONNX Runtime.

@@ -3,15 +3,15 @@
 - :func:`measure_onnx` / :func:`measure_many` time ``session.run`` with ONNX Runtime in a separate
   process (fixed intra-op threads, warm-up, interleaved repeats in several rounds). Each round notes
   how much other processes got in the way; disturbed rounds are re-measured, and a figure that stays
-  disturbed says so and widens its error (:mod:`bim_export.latency_stats`: every statistic is the
+  disturbed says so and widens its error (:mod:`bim_export.deploy.latency.stats`: every statistic is the
   median across rounds of that round's statistic).
-- :func:`predict_latency` costs the graph per node (:mod:`bim_export.costmodel`) and puts it on a
-  roofline (:mod:`bim_export.roofline`) of a profile's hardware figures, with efficiency factors
+- :func:`predict_latency` costs the graph per node (:mod:`bim_export.deploy.latency.costmodel`) and puts it on a
+  roofline (:mod:`bim_export.deploy.latency.roofline`) of a profile's hardware figures, with efficiency factors
   fitted on measurements (a calibration file made on the device when there is one).
 - :func:`latency_for_profile` picks: measured for the ``host`` profile, predicted (from the device's
   calibration where one exists) for every other. Every result says which it is.
 
-onnxruntime is only imported in the worker process (:mod:`bim_export.latency_worker`).
+onnxruntime is only imported in the worker process (:mod:`bim_export.deploy.latency.worker`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from pathlib import Path
 
 from .costmodel import GraphCost, graph_cost, predict_memory
 from .roofline import Hardware, default_factors, roofline_features, roofline_seconds
-from .errors import InputError
-from .validate import machine_description
+from ...errors import InputError
+from ..validate import machine_description
 
 __all__ = ["LatencyResult", "measure_onnx", "measure_many", "measure_host_hardware", "measure_gemm_throughput",
            "graph_cost", "GraphCost", "predict_latency", "predict_memory", "latency_for_profile",
@@ -106,7 +106,7 @@ class LatencyResult:
 def _run_worker(request: dict, timeout: float) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(request["threads"]))
     try:
-        proc = subprocess.run([sys.executable, "-m", "bim_export.latency_worker"], input=json.dumps(request),
+        proc = subprocess.run([sys.executable, "-m", "bim_export.deploy.latency.worker"], input=json.dumps(request),
                               capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         raise InputError(f"latency measurement took longer than {timeout:.0f} s; use fewer repeats") from None
@@ -138,7 +138,7 @@ def measure_many(jobs: list[tuple[str | os.PathLike, int]], providers: list[str]
     ``clock="thread_cpu"`` (with ``threads=1``) times by the CPU time of the running thread instead
     of the wall clock: a diagnostic that other processes on a shared machine barely disturb.
     """
-    from .latency_stats import QUIET, percentile, summarize
+    from .stats import QUIET, percentile, summarize
 
     for path, batch in jobs:
         if not Path(path).is_file():
@@ -223,7 +223,7 @@ def measure_gemm_throughput(threads: int | None = None) -> dict[str, float]:
 
 
 def _profile(profile):
-    from .profiles import load_profile
+    from ..profiles import load_profile
 
     return load_profile(profile)
 
@@ -324,7 +324,7 @@ def latencies_for_profile(paths: list[str | os.PathLike], profile, batch: int | 
 def calibrate(profile, out: str | os.PathLike | None = None, **kwargs) -> str:
     """Measures reference models on this device and writes the profile's calibration file.
 
-    See :func:`bim_export.calibration.calibrate`.
+    See :func:`bim_export.deploy.latency.calibration.calibrate`.
     """
     from .calibration import calibrate as _calibrate
 

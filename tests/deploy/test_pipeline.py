@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import yaml
 
-from bim_export import candidates as cand
-from bim_export import pipeline
-from bim_export.candidates import Workshop, evaluate_candidates, load_images
+from bim_export.deploy import candidates as cand
+from bim_export.deploy import pipeline
+from bim_export.deploy.candidates import Workshop, evaluate_candidates, load_images
 from bim_export.checkpoint import load_checkpoint
 from bim_export.errors import InputError, NoCandidateError
-from bim_export.profiles import list_profiles, load_profile
+from bim_export.deploy.profiles import list_profiles, load_profile
 from bim_export.resources import resource_dir
 from export_cache import memoize_exports
 
@@ -61,7 +61,7 @@ def test_resolve_targets():
 
 def test_exports_are_shared_by_profiles(shop, tmp_path, monkeypatch):
     calls = []
-    for module, name in (("bim_export.export", "export_onnx"), ("bim_export.quantize", "convert_precision")):
+    for module, name in (("bim_export.deploy.export", "export_onnx"), ("bim_export.deploy.quantize", "convert_precision")):
         import importlib
 
         mod = importlib.import_module(module)
@@ -80,7 +80,7 @@ def test_exports_are_shared_by_profiles(shop, tmp_path, monkeypatch):
 def test_far_over_budget_is_pruned_before_parity_and_measuring(shop, tmp_path, monkeypatch):
     ran = []
     monkeypatch.setattr(cand, "check_parity", lambda *a, **k: ran.append("parity"))
-    import bim_export.latency as latency
+    import bim_export.deploy.latency.predict as latency
 
     monkeypatch.setattr(latency, "latencies_for_profile", lambda *a, **k: ran.append("latency") or [])
     tight = _profile(tmp_path, "tight", latency_ms=1e-5)
@@ -88,7 +88,7 @@ def test_far_over_budget_is_pruned_before_parity_and_measuring(shop, tmp_path, m
     assert ran == []
     assert all("predicted" in t.pruned and "budget" in t.pruned for t in trials)
     with pytest.raises(NoCandidateError) as err:
-        from bim_export.selector import select
+        from bim_export.deploy.selector import select
 
         select(cand.to_candidates(trials, tight), tight)
     assert err.value.table.count("(pruned: not run)") == len(trials)
@@ -152,7 +152,7 @@ def test_interrupted_export_leaves_previous_bundle(exported, tiny_checkpoint, mo
     out, _ = exported
     bundle = out / "tiny-edge"
     before = {p.name: p.read_bytes() for p in bundle.iterdir()}
-    from bim_export import bundle as bundle_mod
+    from bim_export.deploy import bundle as bundle_mod
 
     def interrupt(*a, **k):
         raise KeyboardInterrupt
@@ -350,7 +350,7 @@ def test_inverted_latency_table_is_remeasured_and_flagged(tmp_path):
 def test_two_host_exports_of_the_shipped_checkpoint_agree(tmp_path):
     """The same choice twice, and every measured p90 within the stated errors of the other run's:
     on this shared machine too, whose other processes make exactly the noise this must survive."""
-    from bim_export.latency_stats import intervals_overlap
+    from bim_export.deploy.latency.stats import intervals_overlap
 
     runs = []
     for name in ("first", "second"):

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError, ValidationError
+from ..errors import InputError, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def load_images(data: Path | None, config: dict) -> Images:
     Raises:
         InputError: the folder is missing, or holds fewer than MIN_PARITY_IMAGES readable images.
     """
-    from .data import UNREADABLE_IMAGE, sample_images, scan_image_folder
+    from ..data import UNREADABLE_IMAGE, sample_images, scan_image_folder
 
     if data is None:
         return _sample(sample_images(), config)
@@ -89,7 +89,7 @@ def load_images(data: Path | None, config: dict) -> Images:
 
 
 def _sample(images, config: dict) -> Images:
-    from .data import load_image_array
+    from ..data import load_image_array
 
     size, mean, std = config["img_size"], config["mean"], config["std"]
     calib, _ = load_image_array(images, size, mean, std, limit=CALIB_IMAGES, seed=0)
@@ -113,7 +113,7 @@ class Workshop:
 
     def backbone(self, depth: int):
         if depth not in self._backbones:
-            from .backbone import build_backbone
+            from ..backbone import build_backbone
 
             self._backbones[depth] = build_backbone(self.ckpt, depth)
         return self._backbones[depth]
@@ -383,7 +383,7 @@ def source_label(result) -> str:
 
 def evaluate_candidates(shop: Workshop, profile, progress=None) -> list[Trial]:
     """Builds, prunes, checks parity of and times every depth x precision for ``profile``."""
-    from .latency import predict_latency, predict_memory
+    from .latency.predict import predict_latency, predict_memory
 
     budget = profile.budgets.latency_ms
     stat = profile.budgets.latency_stat
@@ -436,7 +436,7 @@ def measure_trials(trials: list[Trial], profile, settings: dict | None = None) -
     errors (the deeper graph holds every node of the shallower one), those rows are measured again,
     together and with twice the rounds; a contradiction that survives is noted on both rows.
     """
-    from .latency import latencies_for_profile
+    from .latency.predict import latencies_for_profile
 
     if not trials:
         return
@@ -470,7 +470,7 @@ def measure_trials(trials: list[Trial], profile, settings: dict | None = None) -
 
 def _inversions(trials: list[Trial], stats: list[str]) -> list[tuple[int, int]]:
     """(shallow, deep) index pairs whose latency, at any of ``stats``, is inverted beyond both errors."""
-    from .latency_stats import depth_inversions
+    from .latency.stats import depth_inversions
 
     return sorted({pair for stat in stats for pair in depth_inversions(
         [(t.depth, t.precision, t.latency.stat(stat), t.latency.error(stat) or 0.0) for t in trials])})

@@ -2,7 +2,7 @@
 
 ``bim-export calibrate --profile NAME``, run on the device itself, exports a few reference ViT graphs
 (two widths, two depths), times them with ONNX Runtime and fits the cost model's efficiency factors
-and overheads (:func:`bim_export.roofline.fit_factors`) to them. The file goes to
+and overheads (:func:`bim_export.deploy.latency.roofline.fit_factors`) to them. The file goes to
 ``$BIM_EXPORT_CALIBRATION_DIR/<profile>.json`` (default ``~/.config/bim-export/calibration``); a
 Jetson owner calibrates once, and exports made on a workstation predict from it.
 
@@ -20,11 +20,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
-from .atomic import OutputKind, atomic_write_bytes, check_destination
+from ... import __version__
+from ...atomic import OutputKind, atomic_write_bytes, check_destination
 from .costmodel import graph_cost
 from .roofline import CostFactors, Hardware, default_factors, fit_factors, roofline_features, roofline_seconds
-from .errors import InputError
+from ...errors import InputError
 
 FORMAT_VERSION = 1
 KIND = "bim-export-calibration"
@@ -69,7 +69,7 @@ def model_signature(spec: dict) -> str:
 
 
 def _hardware_of(profile) -> Hardware:
-    from .latency import profile_hardware
+    from .predict import profile_hardware
 
     return profile_hardware(profile)
 
@@ -151,7 +151,7 @@ def export_reference_vit(spec: dict, path: str | os.PathLike, opset: int = 17) -
     import timm
     import torch
 
-    from .export import export_onnx
+    from ..export import export_onnx
 
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **spec).eval()
@@ -176,8 +176,8 @@ def calibrate(profile, out: str | os.PathLike | None = None, *, specs=None, batc
         InputError: a bad profile, no GPU provider here for a GPU profile, or an ``out`` that is not
             a calibration file or cannot be written (checked before measuring).
     """
-    from .latency import available_providers, measure_many
-    from .profiles import load_profile
+    from .predict import available_providers, measure_many
+    from ..profiles import load_profile
 
     profile = load_profile(profile)
     specs = list(specs or REFERENCE_MODELS)

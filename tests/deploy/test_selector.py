@@ -7,8 +7,8 @@ import json
 import pytest
 
 from bim_export.errors import NoCandidateError
-from bim_export.profiles import Budgets, Profile
-from bim_export.selector import Candidate, select
+from bim_export.deploy.profiles import Budgets, Profile
+from bim_export.deploy.selector import Candidate, select
 
 
 def _profile(**budgets) -> Profile:

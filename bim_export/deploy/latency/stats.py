@@ -1,6 +1,6 @@
 """From timed rounds to latency figures with an error that a second measurement stays within.
 
-The worker (:mod:`bim_export.latency_worker`) times each model in rounds and notes, for each
+The worker (:mod:`bim_export.deploy.latency.worker`) times each model in rounds and notes, for each
 model's block of a round, how disturbed it was (run-queue wait of its threads, CPU used by other
 processes). Here, pure Python:
 

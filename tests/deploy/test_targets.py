@@ -154,7 +154,7 @@ def exported_bundle(tiny_checkpoint, tmp_path_factory) -> Path:
     import yaml
     from export_cache import memoize_exports
 
-    from bim_export.pipeline import run_export
+    from bim_export.deploy.pipeline import run_export
 
     tmp = tmp_path_factory.mktemp("real-bundle")
     prof = yaml.safe_load((resource_dir("profiles") / "raspberry-pi-5.yaml").read_text())
