@@ -8,7 +8,7 @@ applied to the whole graph. Quality of each int8 model: cosine and kNN top-1 agr
 embeddings with PyTorch fp32 on the built-in real images.
 
 Models: ViT-S/16 (random weights, 224 px) and the embedded checkpoint when it is there.
-ONNX Runtime timings go through bim_export.deploy.latency.predict (separate process, fixed threads, interleaved
+ONNX Runtime timings go through bim_export.deploy.latency.measure (separate process, fixed threads, interleaved
 rounds, the median across rounds); eager timings follow the same rule in this process.
 
     python bench/export_latency.py            # full run (<= 8 min on 2 cores), writes bench/results/
@@ -56,7 +56,7 @@ def eager_ms(backbone, x, threads: int, warmup: int, repeats: int, rounds: int) 
 
 def roofline_ms(path: Path, batch: int, gemm_gflops: dict[str, float]) -> dict[str, float]:
     """Graph FLOPs and the time they take at the measured GEMM throughput of their precision."""
-    from bim_export.deploy.latency.predict import graph_cost
+    from bim_export.deploy.latency.costmodel import graph_cost
 
     cost = graph_cost(path, batch)
     flops = {"fp32": 0.0, "int8": 0.0}
@@ -145,9 +145,9 @@ def bench_model(name, backbones, size, mean, std, work: Path, args, gemm, preset
 
     from bim_export.data import load_image_array, sample_images
     from bim_export.deploy.export import export_onnx
-    from bim_export.deploy.latency.predict import measure_many
+    from bim_export.deploy.latency.measure import measure_many
     from bim_export.deploy.quantize import convert_precision
-    from bim_export.deploy.validate import compare_outputs, run_onnx
+    from bim_export.deploy.parity import compare_outputs, run_onnx
 
     x, labels = load_image_array(sample_images(), size, mean, std, limit=30 if args.quick else None)
     calib, test, test_labels = x[::2], x[1::2], labels[1::2]  # no image both calibrates and tests
@@ -247,11 +247,12 @@ def main(argv=None) -> int:
     import onnxruntime
     import torch
 
-    from bim_export.deploy.latency.predict import machine_description, measure_gemm_throughput
+    from bim_export.deploy.latency.measure import measure_host_hardware
+    from bim_export.machine import machine_description
 
     t0 = time.perf_counter()
     torch.set_num_threads(args.threads)
-    gemm = measure_gemm_throughput(args.threads)
+    gemm = measure_host_hardware(args.threads)["peak_gflops"]
     print(f"  GEMM throughput {gemm} ({time.perf_counter() - t0:.0f} s)", flush=True)
     preset = host_preset()
     rows = []

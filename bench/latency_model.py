@@ -32,8 +32,10 @@ from pathlib import Path
 
 from bim_export.deploy.latency.calibration import export_reference_vit
 from bim_export.deploy.latency.costmodel import graph_cost
-from bim_export.deploy.latency.roofline import DEFAULT_FACTORS, default_factors, fit_factors, roofline_features, roofline_seconds
-from bim_export.deploy.latency.predict import machine_description, measure_host_hardware, measure_many, profile_hardware
+from bim_export.deploy.latency.roofline import (DEFAULT_FACTORS, Hardware, default_factors, fit_factors, roofline_features,
+                                                roofline_seconds)
+from bim_export.deploy.latency.measure import measure_many
+from bim_export.machine import machine_description
 
 WIDTHS = {"ViT-Ti": (192, 3), "ViT-S": (384, 6)}
 DEPTHS = (3, 6, 9, 12)
@@ -59,7 +61,7 @@ def run_host(args) -> dict:
     t0 = time.time()
     clock = args.clock.replace("-", "_")
     threads = 1 if clock == "thread_cpu" else args.threads
-    hw = measure_host_hardware(threads, clock)
+    hw = Hardware.measured(threads, clock)
     print(f"host: fp32 GEMM {hw.peak_gflops['fp32']:.1f} GFLOP/s, int8 {hw.peak_gflops['int8']:.1f} GOP/s, "
           f"bandwidth {hw.mem_bandwidth_gbs:.1f} GB/s", flush=True)
     widths = ("ViT-Ti",) if args.quick else tuple(WIDTHS)
@@ -149,7 +151,7 @@ def run_gpu(args) -> dict:
     warmup, repeats, rounds = (2, 3, 3) if tiny else (10, 20, 5)
     # the CPU dry run predicts against this machine's measured figures, the GPU run against the profile's
     profile = load_profile(args.profile or ("server-gpu" if device == "cuda" else "host"))
-    hw = profile_hardware(profile)
+    hw = Hardware.from_profile(profile)
     card = torch.cuda.get_device_name(0) if device == "cuda" else "cpu (torch eager dry run)"
     t0 = time.time()
     models, costs = {}, {}

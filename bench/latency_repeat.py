@@ -173,7 +173,8 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
 
     from bim_export.deploy.candidates import MEASURE
-    from bim_export.deploy.latency.predict import _run_worker, machine_description
+    from bim_export.deploy.latency.measure import _run_worker
+    from bim_export.machine import machine_description
     from bim_export.deploy.latency.stats import QUIET
 
     t0 = time.perf_counter()

@@ -288,7 +288,7 @@ def machine(device: str, threads: int | None) -> dict:
     import timm
     import torch
 
-    from bim_export.deploy.latency.predict import machine_description
+    from bim_export.machine import machine_description
 
     cpu = machine_description()["cpu"]
     info = {"cpu": cpu, "cores": os.cpu_count(), "threads": threads or torch.get_num_threads(),

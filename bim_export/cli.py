@@ -189,7 +189,7 @@ def _cmd_calibrate(args) -> int:
     """Run on the real device: export a few reference ViTs, time them with ONNX Runtime and fit the
     latency model to them; later predictions for this profile (on any machine that has the file)
     use the fitted factors and are labelled calibrated."""
-    from .deploy.latency.predict import calibrate
+    from .deploy.latency.calibration import calibrate
 
     print(calibrate(args.profile, out=args.out))
     return 0
@@ -210,9 +210,10 @@ def _cmd_validate(args) -> int:
     """Re-run parity (against the bundle's reference.npz) and latency on this machine and record the
     measured figures in the bundle's manifest (exit 4 on a parity failure or a changed file). Needs
     only onnxruntime and numpy; the bundle's own validate.py does the same without bim-export."""
+    from .deploy.latency.measure import bundle_timer
     from .deploy.validate import validate_bundle
 
-    print(validate_bundle(args.bundle, check_latency=True if args.check_latency else None))
+    print(validate_bundle(args.bundle, check_latency=True if args.check_latency else None, timer=bundle_timer))
     return 0
 
 

@@ -164,6 +164,59 @@ def sample_images() -> ImageList:
     return scan_image_folder(sample_images_dir())
 
 
+# ---------------------------------------------------------------- images for checks of an export
+
+
+@dataclass
+class Images:
+    """Real images for calibration and parity, preprocessed as the checkpoint was trained."""
+
+    calib: np.ndarray  # [Nc, 3, S, S]
+    parity: np.ndarray  # [Np, 3, S, S]
+    labels: np.ndarray  # [Np], -1 unlabelled
+    folder: Path | None = None  # the --data folder; None: the built-in sample images
+    found: int = 0  # image files in it (unreadable ones not drawn into the sample included)
+
+    def describe(self) -> dict:
+        """What manifest.json records of the images parity and calibration were run on."""
+        return {"folder": str(self.folder) if self.folder is not None else None,
+                "source": "--data" if self.folder is not None else "built-in sample images",
+                "images": self.found, "parity_images": len(self.parity), "calibration_images": len(self.calib),
+                "labelled": bool(len(self.labels)) and bool((self.labels >= 0).all())}
+
+
+def load_check_images(data: Path | None, config: dict, calib: int, parity: int, minimum: int) -> Images:
+    """A seeded sample of the user's image folder (else the built-in set), preprocessed as the
+    checkpoint (``config``: its config.json) was trained: ``calib`` images for int8 calibration and
+    ``parity`` for parity checks.
+
+    A large folder is not decoded whole: the files are listed, the sample is decoded, and only if
+    one of those fails is the folder checked image by image (unreadable files are then skipped).
+
+    Raises:
+        InputError: the folder is missing, or holds fewer than ``minimum`` readable images.
+    """
+    if data is None:
+        return _sample(sample_images(), config, calib, parity)
+    try:
+        images = _sample(scan_image_folder(data, verify=False), config, calib, parity)
+    except UNREADABLE_IMAGE:  # an unreadable file was drawn
+        images = _sample(scan_image_folder(data, verify=True), config, calib, parity)
+    if len(images.parity) < minimum:
+        raise InputError(f"{data}: {len(images.parity)} readable image{'s' * (len(images.parity) != 1)}; parity "
+                         f"and int8 calibration need at least {minimum} (add images, or leave out "
+                         f"--data for the built-in sample set)")
+    images.folder = Path(data)
+    return images
+
+
+def _sample(images: ImageList, config: dict, n_calib: int, n_parity: int) -> Images:
+    size, mean, std = config["img_size"], config["mean"], config["std"]
+    calib, _ = load_image_array(images, size, mean, std, limit=n_calib, seed=0)
+    parity, labels = load_image_array(images, size, mean, std, limit=n_parity, seed=1)
+    return Images(calib, parity, labels, found=len(images))
+
+
 # ---------------------------------------------------------------- real images from installed wheels
 
 

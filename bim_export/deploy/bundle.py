@@ -30,7 +30,7 @@ import numpy as np
 from .. import __version__
 from ..atomic import OutputKind, atomic_dir
 from ..resources import resource_dir
-from .validate import sha256_file
+from ..machine import sha256_file
 
 FORMAT_VERSION = 1
 SCRIPT_NOTES = {
@@ -46,13 +46,15 @@ SCRIPT_NOTES = {
                   "(XNNPACK / NNAPI where available, else CPU). Ship model.ort in the app."),
 }
 MODEL, MANIFEST, REFERENCE, REPORT, PARETO = "model.onnx", "manifest.json", "reference.npz", "report.md", "pareto.png"
-INFER, COMMON, VALIDATE = "infer.py", "common.py", "validate.py"
+INFER, COMMON = "infer.py", "common.py"
+# The standalone validator and the modules it imports, copied beside it (see validator_files).
+VALIDATOR = ("validate.py", "parity.py", "knn.py", "machine.py")
 # What a later export of the same profile may replace: the bundle's files, and what its own scripts
 # add beside them on the device (mobile.py's model.ort, jetson.py's TensorRT engine cache, the
 # bytecode of common.py).
 BUNDLE = OutputKind("bundle", keys=("format_version", "bim_export_version", "profile", "files"), marker=MANIFEST,
                     names=frozenset({MODEL, f"{MODEL}.data", MANIFEST, REFERENCE, REPORT, PARETO, INFER, COMMON,
-                                     VALIDATE, "model.ort", "trt_cache", "__pycache__"}))
+                                     *VALIDATOR, "model.ort", "trt_cache", "__pycache__"}))
 
 
 @dataclass
@@ -135,7 +137,8 @@ def write_bundle(out_dir: str | Path, spec: BundleSpec) -> Path:
         targets = resource_dir("targets")
         shutil.copyfile(targets / spec.script, tmp / INFER)
         shutil.copyfile(targets / COMMON, tmp / COMMON)
-        shutil.copyfile(Path(__file__).with_name("validate.py"), tmp / VALIDATE)
+        for name, src in validator_files().items():
+            shutil.copyfile(src, tmp / name)
         for name, src in spec.extra_files.items():
             shutil.copyfile(src, tmp / name)
         plot_pareto(spec.points, spec.budget_ms, tmp / PARETO,
@@ -145,6 +148,15 @@ def write_bundle(out_dir: str | Path, spec: BundleSpec) -> Path:
         manifest["files"] = file_hashes(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n", encoding="utf-8")
     return dest
+
+
+def validator_files() -> dict[str, Path]:
+    """The bundle's standalone validator and the modules it imports (numpy, onnxruntime and the
+    standard library only), by file name."""
+    from .. import knn, machine
+    from . import parity, validate
+
+    return {Path(m.__file__).name: Path(m.__file__) for m in (validate, parity, knn, machine)}
 
 
 def write_model(src: Path, dst: Path, metadata: dict[str, str]) -> None:

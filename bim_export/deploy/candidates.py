@@ -25,7 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError, ValidationError
+from ..data import Images
+from ..errors import ValidationError
+from .export import cut_exits
+from .parity import ParityResult, compare_outputs, emulation_note, merge_results
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ PARITY_BATCH1 = 4
 # Fewer images than this and parity says little: neighbour agreement moves in steps of 1/n (and
 # needs 3 images at all), so a --data folder must have at least this many readable images.
 MIN_PARITY_IMAGES = 16
+ONNX_PROVIDER = "CPUExecutionProvider"  # what parity runs on here
 # Host timing: every candidate in one worker, interleaved; warm-up, then `rounds` rounds of `repeats`
 # runs, disturbed rounds re-run up to `max_rounds`. Fewer than a benchmark's: host budgets are tens
 # of ms, and a run times up to a dozen candidates.
@@ -45,62 +49,18 @@ MEASURE = {"warmup": 3, "repeats": 10, "rounds": 5, "max_rounds": 10}
 # ---------------------------------------------------------------------------- shared artefacts
 
 
-@dataclass
-class Images:
-    """Real images for calibration and parity, preprocessed as the checkpoint was trained."""
-
-    calib: np.ndarray  # [Nc, 3, S, S]
-    parity: np.ndarray  # [Np, 3, S, S]
-    labels: np.ndarray  # [Np], -1 unlabelled
-    folder: Path | None = None  # the --data folder; None: the built-in sample images
-    found: int = 0  # image files in it (unreadable ones not drawn into the sample included)
-
-    def describe(self) -> dict:
-        """What manifest.json records of the images parity and calibration were run on."""
-        return {"folder": str(self.folder) if self.folder is not None else None,
-                "source": "--data" if self.folder is not None else "built-in sample images",
-                "images": self.found, "parity_images": len(self.parity), "calibration_images": len(self.calib),
-                "labelled": bool(len(self.labels)) and bool((self.labels >= 0).all())}
-
-
 def load_images(data: Path | None, config: dict) -> Images:
-    """A seeded sample of the user's image folder (else the built-in set), preprocessed as in training.
+    """The calibration and parity images of an export (see :func:`bim_export.data.load_check_images`)."""
+    from ..data import load_check_images
 
-    A large folder is not decoded whole: the files are listed, the sample is decoded, and only if
-    one of those fails is the folder checked image by image (unreadable files are then skipped).
-
-    Raises:
-        InputError: the folder is missing, or holds fewer than MIN_PARITY_IMAGES readable images.
-    """
-    from ..data import UNREADABLE_IMAGE, sample_images, scan_image_folder
-
-    if data is None:
-        return _sample(sample_images(), config)
-    try:
-        images = _sample(scan_image_folder(data, verify=False), config)
-    except UNREADABLE_IMAGE:  # an unreadable file was drawn
-        images = _sample(scan_image_folder(data, verify=True), config)
-    if len(images.parity) < MIN_PARITY_IMAGES:
-        raise InputError(f"{data}: {len(images.parity)} readable image{'s' * (len(images.parity) != 1)}; parity "
-                         f"and int8 calibration need at least {MIN_PARITY_IMAGES} (add images, or leave out "
-                         f"--data for the built-in sample set)")
-    images.folder = Path(data)
-    return images
-
-
-def _sample(images, config: dict) -> Images:
-    from ..data import load_image_array
-
-    size, mean, std = config["img_size"], config["mean"], config["std"]
-    calib, _ = load_image_array(images, size, mean, std, limit=CALIB_IMAGES, seed=0)
-    parity, labels = load_image_array(images, size, mean, std, limit=PARITY_IMAGES, seed=1)
-    return Images(calib, parity, labels, found=len(images))
+    return load_check_images(data, config, CALIB_IMAGES, PARITY_IMAGES, MIN_PARITY_IMAGES)
 
 
 class Workshop:
     """Exports, conversions and outputs of one run, each made once and shared by all profiles.
 
-    Files live in ``work/`` keyed by depth, precision and opset.
+    Files live in ``work/`` keyed by depth, precision, opset and int8 preset: what a profile asks of
+    a graph, read from it in one place (:meth:`_graph`).
     """
 
     def __init__(self, ckpt, images: Images, work: Path):
@@ -135,14 +95,21 @@ class Workshop:
         return {"depth": max(cfg["exits"]), "exits": list(cfg["exits"]), "precision": precision,
                 "mean": list(cfg["mean"]), "std": list(cfg["std"])}
 
-    def full_graph(self, precision: str, opset: int, preset: str | None = None) -> Path:
-        """The multi-exit graph of every exit at ``precision``: exported (fp32) or converted once.
+    @staticmethod
+    def _graph(precision: str, profile) -> tuple[str, int, str | None]:
+        """(precision, opset, int8 preset or None): what a profile asks of a graph at ``precision``."""
+        return precision, profile.opset, profile.int8_preset if precision == "int8" else None
+
+    def full_graph(self, precision: str, profile) -> Path:
+        """The multi-exit graph of every exit at ``precision`` for ``profile``: exported (fp32) or
+        converted once (and shared with every profile asking for the same opset and preset).
 
         Converting the whole graph once and cutting exits out of it gives the same per-exit graphs
         as converting each depth's graph (weight quantization is per node, and calibration ranges
         of a tensor do not depend on the blocks after it), at a fraction of the cost.
         """
-        key = ("full", precision, opset, preset if precision == "int8" else None)
+        precision, opset, preset = self._graph(precision, profile)
+        key = ("full", precision, opset, preset)
         if key in self._models:
             return self._models[key]
         path = self.work / ("all-exits-" + "-".join(str(k) for k in key[1:] if k is not None) + ".onnx")
@@ -158,25 +125,25 @@ class Workshop:
 
             log.info("converting the exits to %s%s", precision, f" ({preset})" if key[3] else "")
             calib = self.images.calib if precision == "int8" else None
-            info = convert_precision(self.full_graph("fp32", opset), path, precision, calib_x=calib, preset=preset)
+            info = convert_precision(self.full_graph("fp32", profile), path, precision, calib_x=calib, preset=preset)
             self.conversions[path] = info.to_dict()
         self._models[key] = path
         return path
 
-    def model(self, depth: int, precision: str, opset: int, preset: str | None = None,
-              multi_exit: bool = False) -> Path:
-        """The ONNX file of exit ``depth`` at ``precision`` (with ``multi_exit``: every exit up to
-        ``depth`` in one graph), cut out of :meth:`full_graph` on first use."""
-        key = (depth, precision, opset, preset if precision == "int8" else None, multi_exit)
+    def model(self, depth: int, precision: str, profile, multi_exit: bool = False) -> Path:
+        """The ONNX file of exit ``depth`` at ``precision`` for ``profile`` (with ``multi_exit``: every
+        exit up to ``depth`` in one graph), cut out of :meth:`full_graph` on first use."""
+        precision, opset, preset = self._graph(precision, profile)
+        key = (depth, precision, opset, preset, multi_exit)
         if key in self._models:
             return self._models[key]
         path = self.work / ("-".join(str(k) for k in (f"d{depth}", *key[1:4]) if k is not None)
                             + ("-multi" if multi_exit else "") + ".onnx")
         depths = [d for d in self.ckpt.config["exits"] if d <= depth] if multi_exit else [depth]
         if self.too_big_to_cut:
-            self._export_depth(depth, depths, precision, opset, preset, multi_exit, path)
+            self._export_depth(depth, depths, precision, profile, multi_exit, path)
         else:
-            full = self.full_graph(precision, opset, preset)
+            full = self.full_graph(precision, profile)
             cut_exits(full, path, depths, single=not multi_exit)
             if full in self.conversions:
                 self.conversions[path] = {**self.conversions[full],
@@ -191,13 +158,14 @@ class Workshop:
         bb = self.backbone(max(self.ckpt.config["exits"]))
         return sum(p.numel() for p in bb.parameters()) * 4 > 1_500_000_000
 
-    def parity_graph(self, depth: int, precision: str, opset: int, preset: str | None) -> tuple[Path, bool]:
+    def parity_graph(self, depth: int, precision: str, profile) -> tuple[Path, bool]:
         """The graph a candidate's parity is judged on, and whether its outputs carry the exit suffix."""
         if self.too_big_to_cut:
-            return self.model(depth, precision, opset, preset), False
-        return self.full_graph(precision, opset, preset), True
+            return self.model(depth, precision, profile), False
+        return self.full_graph(precision, profile), True
 
-    def _export_depth(self, depth, depths, precision, opset, preset, multi_exit, path) -> None:
+    def _export_depth(self, depth, depths, precision, profile, multi_exit, path) -> None:
+        precision, opset, preset = self._graph(precision, profile)
         if precision == "fp32":
             from .export import export_onnx
 
@@ -207,7 +175,7 @@ class Workshop:
         else:
             from .quantize import convert_precision
 
-            src = self.model(depth, "fp32", opset, multi_exit=multi_exit)
+            src = self.model(depth, "fp32", profile, multi_exit=multi_exit)
             calib = self.images.calib if precision == "int8" else None
             self.conversions[path] = convert_precision(src, path, precision, calib_x=calib, preset=preset).to_dict()
 
@@ -216,7 +184,7 @@ class Workshop:
         if model not in self._outputs:
             import onnxruntime as ort
 
-            sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+            sess = ort.InferenceSession(str(model), providers=[ONNX_PROVIDER])
             names = [o.name for o in sess.get_outputs()]
             x = self.images.parity
             ones = [sess.run(names, {"pixels": x[i:i + 1]}) for i in range(min(PARITY_BATCH1, len(x)))]
@@ -228,117 +196,30 @@ class Workshop:
         return self._outputs[model]
 
 
-def cut_exits(src: Path, dst: Path, depths: list[int], single: bool) -> Path:
-    """Writes the part of a multi-exit graph that computes the exits ``depths``.
-
-    Only the nodes and weights those outputs need are kept (blocks up to the deepest, each exit's
-    norm and pooling). With ``single``, the one exit's outputs ``tokens_<d>`` / ``embedding_<d>``
-    are renamed to the contract's ``tokens`` / ``embedding``. metadata_props are carried over with
-    ``depth`` (and ``graph_exits``) updated; the result is full-checked.
-    """
-    import json
-
-    import onnx
-    from onnx.utils import Extractor
-
-    model = onnx.load(str(src))
-    meta = {p.key: p.value for p in model.metadata_props}
-    outputs = [f"{name}_{d}" for d in depths for name in ("tokens", "embedding")]
-    part = Extractor(model).extract_model(["pixels"], outputs)
-    if single:
-        rename = {f"{name}_{depths[0]}": name for name in ("tokens", "embedding")}
-        for node in part.graph.node:
-            node.input[:] = [rename.get(n, n) for n in node.input]
-            node.output[:] = [rename.get(n, n) for n in node.output]
-        for vi in (*part.graph.output, *part.graph.value_info):
-            vi.name = rename.get(vi.name, vi.name)
-        meta.pop("graph_exits", None)
-    else:
-        meta["graph_exits"] = json.dumps(depths)
-    meta["depth"] = str(max(depths))
-    _topological_sort(part.graph)  # converters may append nodes (fp16's input Cast) out of order
-    part.producer_name, part.producer_version = model.producer_name, model.producer_version
-    for k, v in sorted(meta.items()):
-        part.metadata_props.add(key=k, value=v)
-    onnx.checker.check_model(part, full_check=True)
-    onnx.save(part, str(dst))
-    return dst
-
-
-def _topological_sort(graph) -> None:
-    """Reorders ``graph.node`` so every node comes after the producers of its inputs."""
-    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        rest = []
-        for node in pending:
-            if all(n in ready for n in node.input):
-                ordered.append(node)
-                ready.update(node.output)
-            else:
-                rest.append(node)
-        if len(rest) == len(pending):
-            raise ValueError(f"graph has a cycle or a missing input at node {rest[0].name}")
-        pending = rest
-    copies = [type(n)() for n in ordered]
-    for c, n in zip(copies, ordered):
-        c.CopyFrom(n)
-    del graph.node[:]
-    graph.node.extend(copies)
-
-
 # ------------------------------------------------------------------------------------ parity
 
 
-@dataclass
-class Parity:
-    """Parity of one graph at batch 1 and batch n (ParityResults of the validate module)."""
-
-    passed: bool
-    batch1: Any  # ParityResult
-    batchN: Any
-    note: str = ""
-
-    def to_dict(self) -> dict:
-        return {"passed": self.passed, "batch1": as_dict(self.batch1), "batchN": as_dict(self.batchN),
-                "batch_n": self.batchN.images, "provider": "CPUExecutionProvider", "note": self.note}
-
-    def summary(self) -> str:
-        """One line for the candidate table: the misses if it failed, else cosine and agreement."""
-        if not self.passed:
-            return "; ".join(f for r in (self.batch1, self.batchN) for f in r.failures)
-        r = self.batchN
-        agree = "" if r.neighbour_agreement is None else f", agreement {r.neighbour_agreement:.0%}"
-        return f"cosine {r.cosine:.5f}{agree}" + (f" ({self.note})" if self.note else "")
-
-
-def check_parity(shop: Workshop, depth: int, precision: str, model: Path, tolerance,
-                 multi_exit: bool = False) -> Parity:
+def check_parity(shop: Workshop, depth: int, precision: str, model: Path, profile,
+                 multi_exit: bool = False) -> ParityResult:
     """ONNX Runtime vs PyTorch at batch 1 and batch n, against the profile's tolerances.
 
     With ``multi_exit``, compares the graph's ``tokens_<depth>`` / ``embedding_<depth>`` outputs.
-    """
-    from .validate import compare_outputs
 
+    Returns:
+        The merged result; its runs ``batch1`` and ``batchN`` hold each batch size's figures.
+    """
+    tolerance = profile.tolerance(precision)
     ref, outs = shop.reference(depth), shop.onnx_outputs(model)
     suffix = f"_{depth}" if multi_exit else ""
     got = {run: {k: outs[run][f"{k}{suffix}"] for k in ref} for run in ("batch1", "batchN")}
     labels = shop.images.labels if (shop.images.labels >= 0).all() else None
     n1 = len(got["batch1"]["embedding"])
-    note = "fp16 on CPUExecutionProvider: host-emulated" if precision == "fp16" else ""
+    note = emulation_note(precision, profile.int8_preset if precision == "int8" else None, ONNX_PROVIDER)
     b1 = compare_outputs({k: v[:n1] for k, v in ref.items()}, got["batch1"], tolerance,
                          labels=None if labels is None else labels[:n1], label=f"{precision} batch 1", note=note)
     bn = compare_outputs(ref, got["batchN"], tolerance, labels=labels, label=f"{precision} batch {len(ref['embedding'])}",
                          note=note)
-    return Parity(bool(b1.passed and bn.passed), b1, bn, note)
-
-
-def as_dict(obj) -> dict:
-    if hasattr(obj, "to_dict"):
-        return obj.to_dict()
-    from dataclasses import asdict, is_dataclass
-
-    return asdict(obj) if is_dataclass(obj) else dict(obj)
+    return merge_results({"batch1": b1, "batchN": bn}, label=precision)
 
 
 # ---------------------------------------------------------------------------------- candidates
@@ -355,7 +236,7 @@ class Trial:
     size_mb: float
     predicted: Any = None  # LatencyResult from the cost model
     pruned: str = ""  # why it was dropped before parity / measuring
-    parity: Parity | None = None
+    parity: ParityResult | None = None
     latency: Any = None  # LatencyResult used for the budget check
     memory_mb: float | None = None
 
@@ -383,15 +264,15 @@ def source_label(result) -> str:
 
 def evaluate_candidates(shop: Workshop, profile, progress=None) -> list[Trial]:
     """Builds, prunes, checks parity of and times every depth x precision for ``profile``."""
-    from .latency.predict import predict_latency, predict_memory
+    from .latency.costmodel import predict_memory
+    from .latency.predict import predict_latency
 
     budget = profile.budgets.latency_ms
     stat = profile.budgets.latency_stat
     trials = []
     for depth in shop.ckpt.config["exits"]:
         for precision in profile.precisions:
-            preset = profile.int8_preset
-            model = shop.model(depth, precision, profile.opset, preset)
+            model = shop.model(depth, precision, profile)
             trials.append(Trial(depth, precision, model, exit_quality(shop.ckpt.metrics, depth),
                                 model.stat().st_size / 1e6))
             if progress is not None:
@@ -412,11 +293,11 @@ def evaluate_candidates(shop: Workshop, profile, progress=None) -> list[Trial]:
             continue
         # Judged on the all-exits graph the candidate was cut from (the same nodes; one session per
         # precision instead of one per depth); the chosen file is re-checked before it is bundled.
-        graph, suffixed = shop.parity_graph(t.depth, t.precision, profile.opset, profile.int8_preset)
-        t.parity = check_parity(shop, t.depth, t.precision, graph, profile.tolerance(t.precision), multi_exit=suffixed)
+        graph, suffixed = shop.parity_graph(t.depth, t.precision, profile)
+        t.parity = check_parity(shop, t.depth, t.precision, graph, profile, multi_exit=suffixed)
         if t.precision == "fp32" and not t.parity.passed:
             raise ValidationError(
-                f"fp32 parity failed at depth {t.depth} ({t.parity.summary()}): the ONNX export does not "
+                f"fp32 parity failed at depth {t.depth} ({t.parity.brief()}): the ONNX export does not "
                 f"compute what PyTorch computes; no bundle written")
     timed = [t for t in trials if not t.pruned and t.parity.passed and (profile.measured or t.latency is None)]
     measure_trials(timed, profile)
@@ -485,7 +366,7 @@ def to_candidates(trials: list[Trial], profile) -> list:
         if t.pruned:  # rejected on latency by the selector; parity was never run
             passed, note = True, "not checked (pruned)"
         else:
-            passed, note = t.parity.passed, t.parity.summary()
+            passed, note = t.parity.passed, t.parity.brief()
         out.append(Candidate(
             depth=t.depth, precision=t.precision, quality=t.quality, parity_passed=passed, parity_note=note,
             latency_ms=latency_value(t.latency, stat) if t.latency is not None else None,

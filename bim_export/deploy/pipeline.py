@@ -21,9 +21,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .candidates import (Trial, Workshop, as_dict, check_parity, evaluate_candidates, latency_value, load_images,
-                         source_label, to_candidates)
 from ..errors import NoCandidateError, ValidationError
+from .candidates import (Trial, Workshop, check_parity, evaluate_candidates, latency_value, load_images, source_label,
+                         to_candidates)
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,8 @@ def export_profile(shop: Workshop, profile, out: Path, multi_exit: bool = False,
     stat, budget = profile.budgets.latency_stat, profile.budgets.latency_ms
 
     model = choice.model
-    parity = verify_file(shop, choice, model, profile).to_dict()
+    shipped = verify_file(shop, choice, model, profile)
+    parity = {**shipped.to_dict(), "batch_n": shipped.runs["batchN"].images, "provider": "CPUExecutionProvider"}
     n = min(REFERENCE_IMAGES, len(shop.images.parity))
     ref = shop.reference(choice.depth)
     reference = {"pixels": shop.images.parity[:n], "tokens": ref["tokens"][:n],
@@ -98,7 +99,7 @@ def export_profile(shop: Workshop, profile, out: Path, multi_exit: bool = False,
     why = (f"Depth {choice.depth} in {choice.precision}: {chosen_row.reason}. Its latency is {lat_ms:.2f} ms {stat}"
            f"{_error_text(choice.latency, stat)} ({manifest['latency']['source']})"
            + (f" against a budget of {budget:g} ms" if budget else "")
-           + f"; parity {choice.parity.summary()}. The rule: among candidates that pass parity and every budget, "
+           + f"; parity {choice.parity.brief()}. The rule: among candidates that pass parity and every budget, "
            "the best quality (the exit's kNN top-1); within half a point of it, the lowest latency.")
     spec = BundleSpec(profile_name=profile.name, script=f"{profile.target_script}.py", model_path=model,
                       reference=reference, manifest=manifest, table=selection.table(), points=points,
@@ -127,7 +128,7 @@ def bundle_manifest(shop: Workshop, profile, selection, choice: Trial, parity: d
                           "crop": "center"},
         "parity": {**parity, "tolerances": tolerances},
         "data": shop.images.describe(),
-        "latency": {**as_dict(lat), "model": "model.onnx", "ms": latency_value(lat, stat), "stat": stat,
+        "latency": {**lat.to_dict(), "model": "model.onnx", "ms": latency_value(lat, stat), "stat": stat,
                     "expected_error": lat.error(stat), "source": source_label(lat),
                     "budget_ms": profile.budgets.latency_ms},
         "conversion": shop.conversions.get(choice.model, {"precision": "fp32", "method": "export"}),
@@ -140,9 +141,9 @@ def bundle_manifest(shop: Workshop, profile, selection, choice: Trial, parity: d
 
 def verify_file(shop: Workshop, choice: Trial, model: Path, profile):
     """Parity of the very file that ships (candidates were judged on the graph it was cut from)."""
-    result = check_parity(shop, choice.depth, choice.precision, model, profile.tolerance(choice.precision))
+    result = check_parity(shop, choice.depth, choice.precision, model, profile)
     if not result.passed:
-        raise ValidationError(f"{choice.label}: the exported file fails parity ({result.summary()}) although its "
+        raise ValidationError(f"{choice.label}: the exported file fails parity ({result.brief()}) although its "
                               f"source graph passed; no bundle written")
     return result
 
@@ -150,14 +151,13 @@ def verify_file(shop: Workshop, choice: Trial, model: Path, profile):
 def multi_exit_model(shop: Workshop, choice: Trial, profile) -> tuple[Path, dict]:
     """The chosen precision as one graph with an output per exit up to the chosen depth, and its
     parity per exit (the single-exit graph passed; a failing exit here is an export bug)."""
-    model = shop.model(choice.depth, choice.precision, profile.opset, profile.int8_preset, multi_exit=True)
-    tolerance = profile.tolerance(choice.precision)
+    model = shop.model(choice.depth, choice.precision, profile, multi_exit=True)
     per_exit = {}
     for d in (d for d in shop.ckpt.config["exits"] if d <= choice.depth):
-        result = check_parity(shop, d, choice.precision, model, tolerance, multi_exit=True)
+        result = check_parity(shop, d, choice.precision, model, profile, multi_exit=True)
         if not result.passed and (d == choice.depth or choice.precision == "fp32"):
             raise ValidationError(f"multi-exit graph, exit {d} ({choice.precision}): parity failed "
-                                  f"({result.summary()}); no bundle written")
+                                  f"({result.brief()}); no bundle written")
         per_exit[str(d)] = result.to_dict()
     return model, per_exit
 
@@ -234,7 +234,7 @@ def describe(o: Outcome) -> str:
         o.table.rstrip(), "",
         f"{o.profile}: depth {c.depth} {c.precision}, {lat:.2f} ms {o.stat}{_error_text(c.latency, o.stat)} "
         f"({o.latency_source})"
-        + (f", budget {o.budget_ms:g} ms" if o.budget_ms else "") + f", parity {c.parity.summary()}",
+        + (f", budget {o.budget_ms:g} ms" if o.budget_ms else "") + f", parity {c.parity.brief()}",
         f"bundle: {o.bundle}",
     ])
 

@@ -11,9 +11,11 @@ import pytest
 from tiny_onnx import SIZE, write_tiny_onnx
 
 from bim_export.deploy import bundle as bundle_mod
-from bim_export.deploy.bundle import BundleSpec, PlotPoint, file_hashes, sha256_file, write_bundle
+from bim_export.deploy.bundle import BundleSpec, PlotPoint, file_hashes, write_bundle
+from bim_export.machine import sha256_file
 
-EXPECTED = {"model.onnx", "manifest.json", "reference.npz", "report.md", "pareto.png", "infer.py", "common.py", "validate.py"}
+EXPECTED = {"model.onnx", "manifest.json", "reference.npz", "report.md", "pareto.png", "infer.py", "common.py", "validate.py",
+            "parity.py", "knn.py", "machine.py"}
 
 
 def _spec(tmp_path, script="jetson.py") -> BundleSpec:
@@ -63,7 +65,8 @@ def test_bundle_has_every_file_and_hashes(tmp_path, spec):
     assert manifest["latency"]["source"] == "predicted" and manifest["depth"] == 4
     assert manifest["infer_script"] == "jetson.py"
     assert "TensorrtExecutionProvider" in (dest / "infer.py").read_text()
-    assert (dest / "validate.py").read_text() == (bundle_mod.Path(bundle_mod.__file__).with_name("validate.py")).read_text()
+    for name, src in bundle_mod.validator_files().items():
+        assert (dest / name).read_bytes() == src.read_bytes()
     ref = np.load(dest / "reference.npz")
     np.testing.assert_array_equal(ref["pixels"], spec.reference["pixels"])
     onnx.checker.check_model(str(dest / "model.onnx"), full_check=True)

@@ -12,7 +12,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from bim_export.deploy.latency import measure
 from bim_export.deploy.latency import predict as latency
+from bim_export.deploy.latency.calibration import calibrate
 from bim_export.deploy.latency.calibration import load_calibration
 from bim_export.cli import main as cli_main
 from bim_export.deploy.latency.costmodel import graph_cost, predict_memory
@@ -175,7 +177,7 @@ def test_fit_factors_recovers_known_factors():
 
 
 def test_measure_onnx_returns_sane_stats(vits):
-    r = latency.measure_onnx(vits[1], batch=2, threads=1, warmup=1, repeats=3, rounds=2)
+    r = measure.measure_onnx(vits[1], batch=2, threads=1, warmup=1, repeats=3, rounds=2)
     assert r.source == "measured" and r.batch == 2
     assert 0 < r.p50 <= r.p90 <= r.p99 and r.mean > 0
     assert r.providers == ["CPUExecutionProvider"]
@@ -192,12 +194,12 @@ def test_measure_onnx_returns_sane_stats(vits):
 
 
 def test_measure_many_interleaves_and_thread_clock(vits):
-    rs = latency.measure_many([(vits[1], 1), (vits[4], 1)], threads=1, warmup=1, repeats=2, rounds=2,
+    rs = measure.measure_many([(vits[1], 1), (vits[4], 1)], threads=1, warmup=1, repeats=2, rounds=2,
                               clock="thread_cpu")
     assert [r.settings["clock"] for r in rs] == ["thread_cpu"] * 2 and rs[0].settings["interleaved_with"] == 2
     assert rs[1].p50 > rs[0].p50  # four blocks take longer than one
     with pytest.raises(InputError, match="thread_cpu' with threads=1"):
-        latency.measure_many([(vits[1], 1)], threads=2, clock="thread_cpu")
+        measure.measure_many([(vits[1], 1)], threads=2, clock="thread_cpu")
 
 
 @pytest.mark.slow
@@ -209,7 +211,7 @@ def test_busy_machine_is_detected_and_its_error_reaches_the_floor(vits):
     cores = os.cpu_count() or 1
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * cores)]
     try:
-        r = latency.measure_onnx(vits[4], threads=cores, warmup=2, repeats=5, rounds=3)
+        r = measure.measure_onnx(vits[4], threads=cores, warmup=2, repeats=5, rounds=3)
     finally:
         for proc in spinners:
             proc.kill()
@@ -225,12 +227,12 @@ def test_busy_machine_is_detected_and_its_error_reaches_the_floor(vits):
 
 def test_measure_onnx_bad_input(tmp_path, vits):
     with pytest.raises(InputError, match="not found"):
-        latency.measure_onnx(tmp_path / "nope.onnx")
+        measure.measure_onnx(tmp_path / "nope.onnx")
     (tmp_path / "junk.onnx").write_bytes(b"junk")
     with pytest.raises(InputError, match="junk.onnx"):
-        latency.measure_onnx(tmp_path / "junk.onnx", threads=1, warmup=1, repeats=1, rounds=1)
+        measure.measure_onnx(tmp_path / "junk.onnx", threads=1, warmup=1, repeats=1, rounds=1)
     with pytest.raises(InputError, match="repeats"):
-        latency.measure_onnx(vits[1], repeats=0)
+        measure.measure_onnx(vits[1], repeats=0)
 
 
 def test_host_profile_is_measured_and_fp16_is_labelled_emulated(tmp_path, vits):
@@ -284,7 +286,7 @@ def test_tensorrt_profile_fuses_qdq_so_int8_beats_fp32(vits, tmp_path):
 
 @pytest.mark.slow
 def test_calibration_round_trip(calibration_dir, vits):
-    text = latency.calibrate("edge-cpu", specs=[{**TINY, "depth": 1}], batches=[1, 2], threads=1, warmup=1,
+    text = calibrate("edge-cpu", specs=[{**TINY, "depth": 1}], batches=[1, 2], threads=1, warmup=1,
                              repeats=2, rounds=2)
     path = calibration_dir / "raspberry-pi-5.json"
     assert str(path) in text and path.is_file()
@@ -301,7 +303,7 @@ def test_calibration_round_trip(calibration_dir, vits):
 
 def _write_calibration(calibration_dir, profile_name="raspberry-pi-5", **changes):
     prof = load_profile(profile_name)
-    hw = latency.profile_hardware(prof)
+    hw = Hardware.from_profile(prof)
     data = {"kind": "bim-export-calibration", "format_version": 1, "profile": prof.name, "machine": {"cpu": "x"},
             "hardware": hw.signature(), "fit_error": {"median": 0.05, "max": 0.08},
             "factors": {"efficiency": {"gemm": 0.7}, "node_overhead_us": 3.0, "fixed_overhead_us": 20.0}}
@@ -338,7 +340,7 @@ def test_bad_calibration_files(calibration_dir, vits):
 
 def test_calibrate_gpu_profile_needs_the_gpu(calibration_dir):
     with pytest.raises(InputError, match="run calibrate on the device"):
-        latency.calibrate("server-gpu", specs=[{**TINY, "depth": 1}], batches=[1], threads=1, warmup=1,
+        calibrate("server-gpu", specs=[{**TINY, "depth": 1}], batches=[1], threads=1, warmup=1,
                           repeats=1, rounds=1)
     assert not (calibration_dir / "h100-sxm.json").exists()
 

@@ -15,12 +15,14 @@ import pytest
 import timm
 import torch
 
-import bim_export.deploy.validate as validate_mod
 from bim_export.cli import main as cli_main
 from bim_export.data import load_image_array, sample_images
 from bim_export.errors import InputError, ValidationError
 from bim_export.deploy.export import export_onnx
-from bim_export.deploy.validate import compare_outputs, merge_results, run_parity, validate_bundle
+from bim_export.deploy.bundle import validator_files
+from bim_export.deploy.parity import (compare_outputs, merge_results, run_onnx, session,
+                                     session_emulation_note)
+from bim_export.deploy.validate import validate_bundle
 
 SIZE = 32
 
@@ -113,7 +115,21 @@ def test_merge_keeps_worst_figures_and_labels_failures(reference):
     assert json.loads(json.dumps(m.to_dict()))["label"] == "int8"
 
 
-# -------------------------------------------------------------------------------- run_parity
+# ------------------------------------------------------------------------ ONNX Runtime vs PyTorch
+
+
+def run_parity(onnx_path, backbone, x, tolerances=None, labels=None, *, batches=(1, 8)):
+    """ONNX Runtime vs the PyTorch backbone at each batch size, merged: the parity library on a plain
+    timm model, as the pipeline runs it on each candidate."""
+    with torch.inference_mode():
+        tokens = backbone.forward_features(torch.from_numpy(x))
+        ref = {"tokens": tokens.numpy(), "embedding": backbone.forward_head(tokens, pre_logits=True).numpy()}
+    sess = session(onnx_path)
+    precision = sess.get_modelmeta().custom_metadata_map.get("precision")
+    note = session_emulation_note(sess)
+    return merge_results([compare_outputs(ref, run_onnx(sess, x, b), tolerances, labels,
+                                          label=f"{precision} batch {b}", note=note) for b in batches],
+                         label=precision)
 
 
 def test_run_parity_fp32_at_batch_1_and_n(onnx_model, backbone, images):
@@ -160,7 +176,8 @@ def make_bundle(root: Path, onnx_model: Path, reference: dict, profile: str = "h
     root.mkdir(parents=True)
     shutil.copyfile(onnx_model, root / "model.onnx")
     np.savez(root / "reference.npz", **{k: v[:6] for k, v in reference.items()})
-    shutil.copyfile(validate_mod.__file__, root / "validate.py")
+    for name, src in validator_files().items():
+        shutil.copyfile(src, root / name)
     manifest = {
         "format_version": 1, "profile": profile, "depth": 4, "precision": "fp32", "opset": 17, "batch": 2,
         "execution_providers": ["TensorrtExecutionProvider", "CPUExecutionProvider"],

@@ -22,9 +22,14 @@ from pathlib import Path
 
 from ... import __version__
 from ...atomic import OutputKind, atomic_write_bytes, check_destination
-from .costmodel import graph_cost
-from .roofline import CostFactors, Hardware, default_factors, fit_factors, roofline_features, roofline_seconds
 from ...errors import InputError
+from ..profiles import load_profile
+from .costmodel import graph_cost
+from .measure import available_providers, measure_many
+from .roofline import CostFactors, Hardware, default_factors, fit_factors, roofline_features, roofline_seconds
+
+# What a calibration file records of the timing protocol (not one measurement's diagnostics).
+PROTOCOL_SETTINGS = ("threads", "warmup", "repeats", "rounds", "max_rounds", "clock", "statistic")
 
 FORMAT_VERSION = 1
 KIND = "bim-export-calibration"
@@ -68,12 +73,6 @@ def model_signature(spec: dict) -> str:
     return "vit-w{embed_dim}-h{num_heads}-d{depth}-p{patch_size}-{img_size}px".format(**spec)
 
 
-def _hardware_of(profile) -> Hardware:
-    from .predict import profile_hardware
-
-    return profile_hardware(profile)
-
-
 def load_calibration(profile, path: str | os.PathLike | None = None) -> Calibration | None:
     """The profile's calibration, or None when it has none (an explicit ``path`` must exist).
 
@@ -110,7 +109,7 @@ def load_calibration(profile, path: str | os.PathLike | None = None) -> Calibrat
     if need("profile", str) != profile.name:
         raise InputError(f"{path}: field 'profile' is '{data['profile']}', but this is for profile '{profile.name}'")
     recorded = need("hardware", dict)
-    current = _hardware_of(profile).signature() if profile.hardware is not None else None
+    current = Hardware.from_profile(profile).signature() if profile.hardware is not None else None
     if current is not None:
         for key, value in _flat(current).items():
             got = _flat(recorded).get(key)
@@ -151,7 +150,7 @@ def export_reference_vit(spec: dict, path: str | os.PathLike, opset: int = 17) -
     import timm
     import torch
 
-    from ..export import export_onnx
+    from ..export import export_onnx  # torch and the exporter only when calibrating
 
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **spec).eval()
@@ -176,14 +175,11 @@ def calibrate(profile, out: str | os.PathLike | None = None, *, specs=None, batc
         InputError: a bad profile, no GPU provider here for a GPU profile, or an ``out`` that is not
             a calibration file or cannot be written (checked before measuring).
     """
-    from .predict import available_providers, measure_many
-    from ..profiles import load_profile
-
     profile = load_profile(profile)
     specs = list(specs or REFERENCE_MODELS)
     batches = sorted(set(batches or [1, profile.batch]))
     gpu_eps = [e for e in profile.execution_providers if e != "CPUExecutionProvider"]
-    hw = _hardware_of(profile)
+    hw = Hardware.from_profile(profile)
     dest = check_destination(Path(out) if out is not None else calibration_path(profile.name), CALIBRATION)
     available = available_providers()
     if profile.device_class == "gpu" and not set(gpu_eps) & set(available):
@@ -203,7 +199,7 @@ def calibrate(profile, out: str | os.PathLike | None = None, *, specs=None, batc
     record = {
         "kind": KIND, "format_version": FORMAT_VERSION, "profile": profile.name, "bim_export_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": results[0].machine, "providers": used,
-        "settings": {k: v for k, v in results[0].settings.items() if k not in ("round_medians_ms", "samples")},
+        "settings": {k: v for k, v in results[0].settings.items() if k in PROTOCOL_SETTINGS},
         "hardware": hw.signature(), "factors": factors.to_dict(),
         "fit_error": {"median": statistics.median(errors), "max": max(errors)},
         "measurements": [{"model": model_signature(specs[i // len(batches)]), "batch": b, "measured_ms": r.p50,

@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .costmodel import GraphCost
 from ...errors import InputError
+from .costmodel import GraphCost
+from .measure import measure_host_hardware
 
 # Classes whose efficiency factors are fitted together, as one scale on their prior ratios (the
 # graphs of a ViT family do not separate softmax from layer-norm time well enough to fit each).
@@ -37,6 +38,9 @@ GROUPS = {
 }
 # Views and shape arithmetic cost a dispatch but move no data; constants cost nothing.
 VIEW_OVERHEAD_WEIGHT = 0.25
+# GPUs are launch-bound at the batch sizes of an embedding service; their L2 (40-50 MB on A100 /
+# H100) keeps a ViT's activations on chip, so no node is costed as DRAM-bound below that.
+GPU_CACHE_MB = 40.0
 
 
 @dataclass
@@ -54,6 +58,25 @@ class Hardware:
         if not value or value <= 0:
             raise InputError(f"hardware.peak_gflops.{precision} must be > 0 (got {value})")
         return float(value)
+
+    @classmethod
+    def measured(cls, threads: int | None = None, clock: str = "wall") -> Hardware:
+        """This machine's figures: measured GEMM throughput and bandwidth, no launch overhead."""
+        figures = measure_host_hardware(threads, clock)
+        peaks = dict(figures["peak_gflops"])
+        peaks.setdefault("fp16", peaks["fp32"])  # CPU EPs run fp16 graphs through fp32 kernels
+        return cls(peak_gflops=peaks, mem_bandwidth_gbs=figures["mem_bandwidth_gbs"])
+
+    @classmethod
+    def from_profile(cls, profile) -> Hardware:
+        """A device's figures: its profile's data-sheet figures, or for a measured profile without
+        any (``host``), this machine's measured ones (:meth:`measured`)."""
+        hw = profile.hardware
+        if hw is None:
+            return cls.measured(profile.threads)
+        return cls(peak_gflops={k: v for k, v in hw.peak_gflops.model_dump().items() if v},
+                   mem_bandwidth_gbs=hw.mem_bandwidth_gbs, launch_overhead_us=hw.launch_overhead_us,
+                   cache_mb=GPU_CACHE_MB if profile.device_class == "gpu" else cls.cache_mb)
 
     def signature(self) -> dict:
         return {"peak_gflops": dict(self.peak_gflops), "mem_bandwidth_gbs": self.mem_bandwidth_gbs,
