@@ -1,3 +1,44 @@
-"""bim-export: block-wise masked image modeling for timm ViTs, exported per device to ONNX."""
+"""bim-export: block-wise masked image modeling for timm ViTs, exported per device to ONNX.
+
+The package, one line per module in data-flow order. Imports run one way: a module imports only
+modules listed above it; ``train`` and ``deploy`` never import each other, and both use the bridge
+(tests/test_layout.py checks all three).
+
+bridge (used by both halves)
+    errors                  the one error hierarchy; exit codes
+    resources               where shipped profiles, targets and assets live
+    stale                   owner tags of temporary outputs; removal of killed runs' leftovers
+    atomic                  atomic writes; what an output may replace; the umask
+    machine                 machine description (CPU flags), sha256 (ships in bundles)
+    table                   plain-text tables
+    data                    image folders, preprocessing, sample and check images
+    knn                     kNN on features (numpy; ships in bundles)
+    architecture            BimConfig, the timm encoder, the exit API (exit_tokens)
+    checkpoint              checkpoint directories: save, load, metrics
+    backbone                a depth's plain timm ViT out of a checkpoint
+train (BIM pretraining)
+    train.config            TrainConfig (nests BimConfig), from YAML, flags and --set
+    train.distributed       torchrun process groups, gradient averaging
+    train.model             BimModel: masking, stages, decoders, block-wise backward
+    train.loader            the seeded data stream: batches, augmentation, masks
+    train.optim             AdamW groups, warm-up + cosine schedule
+    train.splits            the evaluation protocol (reference / query split)
+    train.probe             linear probe
+    train.evaluate          kNN / linear probe of every exit
+    train.trainer           the training loop, resume, checkpoints
+deploy (per-device export)
+    deploy.profiles         device profiles: schema, loading, budgets
+    deploy.export           backbone -> ONNX at the profile's opset, metadata, graph surgery
+    deploy.quantize         fp16 / int8 conversion
+    deploy.latency          costmodel -> stats -> measure (+ worker) -> roofline -> calibration -> predict
+    deploy.selector         the choice of depth x precision (pure Python)
+    deploy.parity           ONNX Runtime vs PyTorch: ParityResult (ships in bundles)
+    deploy.validate         re-checking a finished bundle (ships in bundles)
+    deploy.candidates       every depth x precision built once, parity-checked, timed
+    deploy.report           report.md and pareto.png
+    deploy.bundle           the bundle folder and its manifest
+    deploy.pipeline         bim-export --target: checkpoint -> bundles
+cli                         the command line: parse, call one library function, print
+"""
 
 __version__ = "0.1.0"

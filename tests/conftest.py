@@ -81,3 +81,13 @@ def write_truncated_jpeg(path):
     real = sorted(sample_images_dir().rglob("*.jpg"))[0].read_bytes()
     path.write_bytes(real[: len(real) // 2])
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run wherever CUDA is available and are skipped, saying so, elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -123,7 +123,8 @@ def export_onnx(
         meta["exporter"] += f", opset {exported} converted to {opset} by onnx.version_converter"
     if _onnx_opset(proto) != opset:
         raise BimExportError(f"the ONNX exporter produced opset {_onnx_opset(proto)}, not the requested {opset}")
-    _set_metadata(proto, meta)
+    set_metadata(proto, meta)
+    proto.producer_name = "bim-export"
     _save_checked(proto, path)
     return path
 
@@ -223,12 +224,12 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
-def _set_metadata(proto, meta: Mapping[str, str]) -> None:
+def set_metadata(proto, meta: Mapping[str, object]) -> None:
+    """Replaces a model's ``metadata_props`` with ``meta`` (sorted; values that are not strings as
+    JSON): the one writer of ONNX metadata in bim-export."""
     del proto.metadata_props[:]
     for key, value in sorted(meta.items()):
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = str(key), value
-    proto.producer_name = "bim-export"
+        proto.metadata_props.add(key=str(key), value=value if isinstance(value, str) else json.dumps(value))
 
 
 def _save_checked(proto, path: Path) -> None:
@@ -258,11 +259,11 @@ def _save_checked(proto, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The ``metadata_props`` of an ONNX file, as a plain dict (no weights loaded)."""
+def read_metadata(model) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX model (a path, read without its weights, or a proto)."""
     import onnx
 
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = onnx.load(str(model), load_external_data=False) if isinstance(model, (str, os.PathLike)) else model
     return {p.key: p.value for p in proto.metadata_props}
 
 
@@ -332,7 +333,7 @@ def cut_exits(src: Path, dst: Path, depths: list[int], single: bool) -> Path:
     from onnx.utils import Extractor
 
     model = onnx.load(str(src))
-    meta = {p.key: p.value for p in model.metadata_props}
+    meta = read_metadata(model)
     outputs = [f"{name}_{d}" for d in depths for name in ("tokens", "embedding")]
     part = Extractor(model).extract_model(["pixels"], outputs)
     if single:
@@ -348,8 +349,7 @@ def cut_exits(src: Path, dst: Path, depths: list[int], single: bool) -> Path:
     meta["depth"] = str(max(depths))
     _topological_sort(part.graph)  # converters may append nodes (fp16's input Cast) out of order
     part.producer_name, part.producer_version = model.producer_name, model.producer_version
-    for k, v in sorted(meta.items()):
-        part.metadata_props.add(key=k, value=v)
+    set_metadata(part, meta)
     onnx.checker.check_model(part, full_check=True)
     onnx.save(part, str(dst))
     return dst

@@ -22,8 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import NoCandidateError, ValidationError
+from ..table import format_table
+from .bundle import BundleSpec, bundle_kind, write_bundle
 from .candidates import (Trial, Workshop, check_parity, evaluate_candidates, latency_value, load_images, source_label,
                          to_candidates)
+from .parity import ParityResult
+from .profiles import list_profiles, load_profile
+from .report import PlotPoint
+from .selector import select
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +45,6 @@ def resolve_targets(target: str) -> list:
     Raises:
         InputError: unknown name (listing the valid ones and close matches) or a bad YAML file.
     """
-    from .profiles import list_profiles, load_profile
-
     if target == "all":
         return [load_profile(name) for name in list_profiles()]
     return [load_profile(target)]
@@ -70,26 +74,21 @@ def export_profile(shop: Workshop, profile, out: Path, multi_exit: bool = False,
         NoCandidateError: nothing meets the budgets (with the candidate table).
         ValidationError: fp32 parity failed (an export bug); nothing is written.
     """
-    from .bundle import BundleSpec, PlotPoint, write_bundle
-    from .selector import select
-
     trials = evaluate_candidates(shop, profile, progress)
     selection = select(to_candidates(trials, profile), profile)
     choice = next(t for t in trials if (t.depth, t.precision) == (selection.choice.depth, selection.choice.precision))
     stat, budget = profile.budgets.latency_stat, profile.budgets.latency_ms
 
-    model = choice.model
-    shipped = verify_file(shop, choice, model, profile)
-    parity = {**shipped.to_dict(), "batch_n": shipped.runs["batchN"].images, "provider": "CPUExecutionProvider"}
+    shipped = verify_file(shop, choice, choice.model, profile)
     n = min(REFERENCE_IMAGES, len(shop.images.parity))
     ref = shop.reference(choice.depth)
     reference = {"pixels": shop.images.parity[:n], "tokens": ref["tokens"][:n],
                  "embedding": ref["embedding"][:n], "labels": shop.images.labels[:n]}
+    model, exit_parity = None, {}
     if multi_exit:
-        model, parity["exits"] = multi_exit_model(shop, choice, profile)
-        for d in parity["exits"]:
+        model, exit_parity = multi_exit_model(shop, choice, profile)
+        for d in exit_parity:
             reference.update({f"{k}_{d}": v[:n] for k, v in shop.reference(int(d)).items()})
-    manifest = bundle_manifest(shop, profile, selection, choice, parity, multi_exit)
     points = [PlotPoint(t.depth, t.precision, None if t.latency is None else latency_value(t.latency, stat),
                         t.quality, rejected=_rejection(selection, t), chosen=t is choice,
                         source="" if t.latency is None else source_label(t.latency))
@@ -97,46 +96,17 @@ def export_profile(shop: Workshop, profile, out: Path, multi_exit: bool = False,
     chosen_row = next(r for r in selection.rows if r.status == "chosen")
     lat_ms = latency_value(choice.latency, stat)
     why = (f"Depth {choice.depth} in {choice.precision}: {chosen_row.reason}. Its latency is {lat_ms:.2f} ms {stat}"
-           f"{_error_text(choice.latency, stat)} ({manifest['latency']['source']})"
+           f"{_error_text(choice.latency, stat)} ({source_label(choice.latency)})"
            + (f" against a budget of {budget:g} ms" if budget else "")
            + f"; parity {choice.parity.brief()}. The rule: among candidates that pass parity and every budget, "
            "the best quality (the exit's kNN top-1); within half a point of it, the lowest latency.")
-    spec = BundleSpec(profile_name=profile.name, script=f"{profile.target_script}.py", model_path=model,
-                      reference=reference, manifest=manifest, table=selection.table(), points=points,
-                      budget_ms=budget or float("nan"), latency_stat=stat, why=why)
+    spec = BundleSpec(profile=profile, selection=selection, choice=choice, parity=shipped,
+                      checkpoint=shop.ckpt.config, metrics=shop.ckpt.metrics, data=shop.images.describe(),
+                      conversion=shop.conversions.get(choice.model, {"precision": "fp32", "method": "export"}),
+                      reference=reference, points=points, why=why, model_path=model, exit_parity=exit_parity)
     bundle = write_bundle(out, spec)
     return Outcome(profile.name, bundle, choice, table=selection.table(), stat=stat, budget_ms=budget,
-                   latency_source=manifest["latency"]["source"])
-
-
-def bundle_manifest(shop: Workshop, profile, selection, choice: Trial, parity: dict, multi_exit: bool) -> dict:
-    """The pipeline's part of manifest.json (bundle.py adds versions, exporter, files and hashes)."""
-    cfg, lat, stat = shop.ckpt.config, choice.latency, profile.budgets.latency_stat
-    size, mean, std = cfg["img_size"], list(cfg["mean"]), list(cfg["std"])
-    graph_exits = [d for d in cfg["exits"] if d <= choice.depth] if multi_exit else [choice.depth]
-    tolerances = profile.tolerance(choice.precision).model_dump()
-    return {
-        "profile": profile.name, "device_class": profile.device_class, "description": profile.description,
-        "execution_providers": list(profile.execution_providers), "batch": profile.batch,
-        "budgets": profile.budgets.model_dump(), "tolerances": tolerances,
-        "depth": choice.depth, "precision": choice.precision, "opset": profile.opset,
-        "multi_exit": multi_exit, "exits": graph_exits if multi_exit else list(cfg["exits"]),
-        "checkpoint": {"exits": list(cfg["exits"]), "step": cfg.get("step"), "arch": cfg.get("arch")},
-        "model": "model.onnx",
-        "input": {"name": "pixels", "shape": ["batch", 3, size, size], "img_size": size, "mean": mean, "std": std},
-        "preprocessing": {"img_size": size, "mean": mean, "std": std, "resize": "shorter_side_bicubic",
-                          "crop": "center"},
-        "parity": {**parity, "tolerances": tolerances},
-        "data": shop.images.describe(),
-        "latency": {**lat.to_dict(), "model": "model.onnx", "ms": latency_value(lat, stat), "stat": stat,
-                    "expected_error": lat.error(stat), "source": source_label(lat),
-                    "budget_ms": profile.budgets.latency_ms},
-        "conversion": shop.conversions.get(choice.model, {"precision": "fp32", "method": "export"}),
-        "memory_mb": choice.memory_mb, "size_mb": choice.size_mb,
-        "quality": {"metric": "knn_top1", "value": choice.quality,
-                    "dataset": shop.ckpt.metrics.get("exits", {}).get(str(choice.depth), {}).get("knn_dataset")},
-        "candidates": selection.to_dict(),
-    }
+                   latency_source=source_label(choice.latency))
 
 
 def verify_file(shop: Workshop, choice: Trial, model: Path, profile):
@@ -148,7 +118,7 @@ def verify_file(shop: Workshop, choice: Trial, model: Path, profile):
     return result
 
 
-def multi_exit_model(shop: Workshop, choice: Trial, profile) -> tuple[Path, dict]:
+def multi_exit_model(shop: Workshop, choice: Trial, profile) -> tuple[Path, dict[str, ParityResult]]:
     """The chosen precision as one graph with an output per exit up to the chosen depth, and its
     parity per exit (the single-exit graph passed; a failing exit here is an export bug)."""
     model = shop.model(choice.depth, choice.precision, profile, multi_exit=True)
@@ -158,7 +128,7 @@ def multi_exit_model(shop: Workshop, choice: Trial, profile) -> tuple[Path, dict
         if not result.passed and (d == choice.depth or choice.precision == "fp32"):
             raise ValidationError(f"multi-exit graph, exit {d} ({choice.precision}): parity failed "
                                   f"({result.brief()}); no bundle written")
-        per_exit[str(d)] = result.to_dict()
+        per_exit[str(d)] = result
     return model, per_exit
 
 
@@ -188,7 +158,6 @@ def run_export(target: str, checkpoint: Path | None = None, out: Path = Path("ex
     from tqdm import tqdm
 
     from ..atomic import check_destination, work_dir
-    from .bundle import bundle_kind
     from ..checkpoint import load_checkpoint
     from ..resources import default_checkpoint_dir
 
@@ -256,6 +225,4 @@ def summary_table(outcomes: list[Outcome]) -> str:
         rows.append((o.profile, str(c.depth), c.precision, f"{latency_value(c.latency, o.stat):.2f} ms {o.stat}",
                      o.latency_source, f"{o.budget_ms:g} ms" if o.budget_ms else "none",
                      f"{c.quality:.1%}" if c.quality is not None else "n/a", str(o.bundle)))
-    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
+    return format_table(head, rows, rule=True)

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 from ..errors import InputError, close_matches
 from ..resources import resource_dir
+from ..table import format_table
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -49,7 +50,7 @@ KNOWN_EXECUTION_PROVIDERS = (
     "AzureExecutionProvider",
 )
 
-Precision = Literal["fp32", "fp16", "int8"]
+Precision = Literal["fp32", "fp16", "int8"]  # the members of PRECISIONS
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -65,7 +66,7 @@ class PeakCompute(_Strict):
     int8: Optional[float] = Field(None, gt=0, description="peak int8 GOP/s (dense, no sparsity)")
 
 
-class Hardware(_Strict):
+class HardwareFigures(_Strict):
     """Figures the latency predictor uses; each has a source comment in the YAML file."""
 
     peak_gflops: PeakCompute = Field(description="peak compute per precision")
@@ -93,7 +94,7 @@ class ParityTolerance(_Strict):
                                        description="minimum fraction of kNN top-1 predictions that agree")
 
 
-class Parity(_Strict):
+class ParityTolerances(_Strict):
     """Parity tolerances per precision (defaults: cosine >= 0.995, neighbour agreement >= 0.99)."""
 
     fp32: ParityTolerance = Field(default_factory=ParityTolerance, description="fp32 tolerances")
@@ -111,7 +112,7 @@ class Profile(_Strict):
                     "mobile: phone SoC CPU; edge: single-board computer CPU")
     target_script: Literal["cpu", "jetson", "server_gpu", "mobile"] = Field(
         "cpu", description="inference script from targets/ that goes into the bundle")
-    hardware: Optional[Hardware] = Field(None, description="figures for latency prediction; "
+    hardware: Optional[HardwareFigures] = Field(None, description="figures for latency prediction; "
                                                            "may be left out only for a measured profile")
     execution_providers: list[str] = Field(min_length=1, description="ONNX Runtime EPs in fallback order")
     threads: Optional[int] = Field(None, gt=0, description="intra-op threads of the session (default: all cores)")
@@ -121,7 +122,7 @@ class Profile(_Strict):
         None, description="optimum quantization preset for int8 (none: onnxruntime.quantization defaults)")
     batch: int = Field(1, gt=0, description="input batch the latency budget applies to")
     budgets: Budgets = Field(default_factory=Budgets, description="latency, memory and size budgets")
-    parity: Parity = Field(default_factory=Parity, description="parity tolerances per precision")
+    parity: ParityTolerances = Field(default_factory=ParityTolerances, description="parity tolerances per precision")
     measured: bool = Field(False, description="latency measured on the machine running the command "
                                               "(host), not predicted")
 
@@ -365,24 +366,26 @@ def _describe(e: pydantic.ValidationError) -> str:
 
 def format_profile_list() -> str:
     """A table of the shipped profiles: name, aliases, class, EPs, precisions, budgets."""
-    rows = [("name", "aliases", "class", "execution providers", "precisions", "batch", "budgets")]
+    rows = []
     for name in list_profiles():
         p = load_profile(name)
         eps = ",".join(ep.removesuffix("ExecutionProvider") for ep in p.execution_providers)
         rows.append((name, ",".join(aliases_of(name)) or "-", p.device_class, eps, ",".join(p.precisions),
-                     str(p.batch), _budget_text(p.budgets) + (" (measured)" if p.measured else "")))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+                     p.batch, describe_budgets(p.budgets.model_dump(), short=True) + (" (measured)" if p.measured else "")))
+    return format_table(("name", "aliases", "class", "execution providers", "precisions", "batch", "budgets"), rows)
 
 
-def _budget_text(b: Budgets) -> str:
+def describe_budgets(budgets: dict[str, Any], short: bool = False) -> str:
+    """The budgets of a profile (``Budgets.model_dump()``) in a line: ``latency p90 <= 8 ms, peak
+    memory <= 1024 MB, model size <= 64 MB``, or with ``short`` ``p90 <= 8 ms, mem <= 1024 MB, size <= 64 MB``."""
+    names = ("", "mem", "size") if short else ("latency ", "peak memory", "model size")
     parts = []
-    if b.latency_ms is not None:
-        parts.append(f"{b.latency_stat} <= {b.latency_ms:g} ms")
-    if b.peak_memory_mb is not None:
-        parts.append(f"mem <= {b.peak_memory_mb:g} MB")
-    if b.model_size_mb is not None:
-        parts.append(f"size <= {b.model_size_mb:g} MB")
+    if budgets.get("latency_ms") is not None:
+        parts.append(f"{names[0]}{budgets.get('latency_stat', 'p90')} <= {budgets['latency_ms']:g} ms")
+    if budgets.get("peak_memory_mb") is not None:
+        parts.append(f"{names[1]} <= {budgets['peak_memory_mb']:g} MB")
+    if budgets.get("model_size_mb") is not None:
+        parts.append(f"{names[2]} <= {budgets['model_size_mb']:g} MB")
     return ", ".join(parts) or "none"
 
 

@@ -37,10 +37,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from .profiles import PRECISIONS
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "int8")
 INT8_METHODS = ("dynamic", "static")
 PRESETS = ("avx512_vnni", "avx512", "avx2", "arm64", "tensorrt")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
@@ -141,15 +141,14 @@ def _stamp_metadata(src: Path, dst: Path, info: QuantInfo) -> None:
     """Carries the source's metadata_props over (the quantizers drop some) and records the precision."""
     import onnx
 
-    props = {p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props}
+    from .export import read_metadata, set_metadata
+
     model = onnx.load(str(dst))
-    props.update({p.key: p.value for p in model.metadata_props})
-    props.update(precision=info.precision, precision_method=info.method, precision_tool=info.tool)
+    props = {**read_metadata(src), **read_metadata(model), "precision": info.precision,
+             "precision_method": info.method, "precision_tool": info.tool}
     if info.preset:
         props["quantization_preset"] = info.preset
-    del model.metadata_props[:]
-    for key, value in sorted(props.items()):
-        model.metadata_props.add(key=key, value=value)
+    set_metadata(model, props)
     onnx.save_model(model, str(dst))
 
 

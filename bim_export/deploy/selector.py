@@ -22,7 +22,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 from ..errors import NoCandidateError
+from ..table import format_table
 from .latency.stats import intervals_overlap
+from .profiles import describe_budgets
 
 QUALITY_WINDOW = 0.005  # half a point of kNN top-1: within it, latency decides
 _PRECISION_RANK = {"fp32": 0, "fp16": 1, "int8": 2}  # at equal quality and latency, keep more bits
@@ -82,7 +84,7 @@ class Selection:
 
     def table(self) -> str:
         """Every candidate as a plain-text table, deepest first, with the budgets underneath."""
-        return f"{format_table(self.rows, self.quality_metric)}\nbudgets of {self.profile}: {_budget_line(self.budgets)}"
+        return f"{candidate_table(self.rows, self.quality_metric)}\nbudgets of {self.profile}: {describe_budgets(self.budgets)}"
 
     def to_dict(self) -> dict[str, Any]:
         choice = self.choice
@@ -274,22 +276,11 @@ def _num(x: Optional[float]) -> str:
     return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
 
 
-def _budget_line(b: dict[str, Any]) -> str:
-    parts = []
-    if b.get("latency_ms") is not None:
-        parts.append(f"latency {b.get('latency_stat', 'p90')} <= {b['latency_ms']:g} ms")
-    if b.get("peak_memory_mb") is not None:
-        parts.append(f"peak memory <= {b['peak_memory_mb']:g} MB")
-    if b.get("model_size_mb") is not None:
-        parts.append(f"model size <= {b['model_size_mb']:g} MB")
-    return ", ".join(parts) or "none"
-
-
-def format_table(rows: list[Row], quality_metric: str = "knn_top1") -> str:
+def candidate_table(rows: list[Row], quality_metric: str = "knn_top1") -> str:
     """A plain-text table of candidate rows."""
     head = ("depth", "precision", "quality", "parity", "latency ms", "source", "memory MB", "size MB",
             "status", "reason")
-    lines = [head]
+    lines = []
     for r in rows:
         c = r.candidate
         quality = "-" if c.quality is None else f"{c.quality:.1%}"
@@ -300,8 +291,7 @@ def format_table(rows: list[Row], quality_metric: str = "knn_top1") -> str:
                 latency += f" ±{c.expected_error:.0%}"
         lines.append((str(c.depth), c.precision, quality, "ok" if c.parity_passed else "FAIL", latency,
                       c.latency_source, _num(c.memory_mb), _num(c.size_mb), r.status, r.reason))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    out = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
+    out = format_table(head, lines)
     if quality_metric == "depth":
-        out.append("quality: no kNN top-1 for every depth, so deeper is better")
-    return "\n".join(out)
+        out += "\nquality: no kNN top-1 for every depth, so deeper is better"
+    return out

@@ -17,6 +17,7 @@ import numpy as np
 from ..data import IMAGENET_MEAN, IMAGENET_STD, ImageList, load_image_array
 from ..errors import InputError
 from ..knn import KNN_K, knn_loo_top1, knn_top1
+from ..table import format_table
 from .probe import linear_probe_kfold_top1, linear_probe_top1
 from .splits import PROBE_FOLDS, EvalData, _subset, load_eval_data, make_eval_data
 
@@ -143,12 +144,13 @@ def evaluate_model(
 
 def format_metrics_table(metrics: dict, title: str = "") -> str:
     """A fixed-width table of per-exit metrics (one row per exit depth)."""
-    rows = [f"{'exit':>5}  {'kNN top-1':>9}  {'probe top-1':>11}  {'recon loss':>10}"]
-    for d in sorted(metrics, key=int):
-        m = metrics[d]
-        cell = lambda key, w: f"{m[key]:>{w}.4f}" if isinstance(m.get(key), (int, float)) else f"{'-':>{w}}"  # noqa: E731
-        rows.append(f"{d:>5}  {cell('knn_top1', 9)}  {cell('linear_probe_top1', 11)}  {cell('recon_loss', 10)}")
-    return "\n".join(([title] if title else []) + rows)
+    def cell(m: dict, key: str) -> str:
+        return f"{m[key]:.4f}" if isinstance(m.get(key), (int, float)) else "-"
+
+    rows = [(d, *(cell(metrics[d], k) for k in ("knn_top1", "linear_probe_top1", "recon_loss")))
+            for d in sorted(metrics, key=int)]
+    table = format_table(("exit", "kNN top-1", "probe top-1", "recon loss"), rows, align="rrrr")
+    return f"{title}\n{table}" if title else table
 
 
 def evaluate_checkpoint(path: str | Path, data_dir: str | Path, metrics_out: str | Path | None = None) -> str:

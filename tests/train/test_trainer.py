@@ -133,8 +133,12 @@ def test_e2e_mode_has_one_decoder_at_the_last_exit(tmp_path):
 
 
 def test_bf16_autocast_on_request(tmp_path):
-    res = train(tiny_train_config(tmp_path / "h", precision="bf16", steps=1))
-    assert all(v == v and v > 0 for v in res.losses.values())
+    bf16 = train(tiny_train_config(tmp_path / "h", precision="bf16", steps=1))
+    fp32 = train(tiny_train_config(tmp_path / "f", precision="fp32", steps=1))
+    assert all(v == v and v > 0 for v in bf16.losses.values())
+    for d in fp32.losses:  # the same step in bf16: close, but not the fp32 figures (autocast ran)
+        assert bf16.losses[d] != fp32.losses[d]
+        assert bf16.losses[d] == pytest.approx(fp32.losses[d], rel=0.05)
 
 
 _CHILD = textwrap.dedent("""

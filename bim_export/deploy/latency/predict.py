@@ -28,8 +28,10 @@ def model_precision(path: str | os.PathLike) -> str:
     import onnx
     from onnx import TensorProto
 
+    from ..export import read_metadata
+
     m = onnx.load(os.fspath(path), load_external_data=False)
-    meta = {p.key: p.value for p in m.metadata_props}
+    meta = read_metadata(m)
     if meta.get("precision") in ("fp32", "fp16", "int8"):
         return meta["precision"]
     types = {i.data_type for i in m.graph.initializer}

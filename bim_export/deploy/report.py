@@ -1,0 +1,212 @@
+"""What a person reads in a bundle: report.md (the choice and why) and pareto.png (latency vs quality)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCRIPT_NOTES = {
+    "cpu.py": "infer.py runs on onnxruntime's CPU execution provider; `--threads N` fixes the thread count.",
+    "jetson.py": ("infer.py tries TensorRT (fp16 on, engine cached in `trt_cache/` next to the model: the first "
+                  "run builds it, which takes minutes on an Orin Nano), then CUDA, then the CPU, and prints "
+                  "which one ran."),
+    "server_gpu.py": ("infer.py runs on the CUDA execution provider with IO binding (inputs copied to the GPU "
+                      "once, outputs fetched at the end), else on the CPU."),
+    "mobile.py": ("infer.py converts model.onnx to model.ort (onnxruntime's mobile format, for onnxruntime-android "
+                  "/ -ios apps) with `python -m onnxruntime.tools.convert_onnx_models_to_ort`, checks that the "
+                  ".ort model matches the .onnx one on the reference inputs, then embeds the images with it "
+                  "(XNNPACK / NNAPI where available, else CPU). Ship model.ort in the app."),
+}
+
+
+@dataclass
+class PlotPoint:
+    """One candidate on the Pareto plot.
+
+    Attributes:
+        depth: the exit depth.
+        precision: fp32, fp16 or int8.
+        latency_ms: the latency used for the budget check (None if never estimated).
+        quality: the exit's quality (kNN top-1 in [0, 1]), or None.
+        rejected: the reason it was rejected, or None if it met every budget.
+        chosen: whether this is the selected candidate.
+        source: ``measured`` / ``predicted`` / ...
+    """
+
+    depth: int
+    precision: str
+    latency_ms: float | None
+    quality: float | None
+    rejected: str | None = None
+    chosen: bool = False
+    source: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"d{self.depth} {self.precision}"
+
+
+# ------------------------------------------------------------------------------------------ plot
+
+
+def plot_pareto(points: list[PlotPoint], budget_ms: float, path: Path, title: str = "") -> None:
+    """Latency vs quality of every candidate.
+
+    One colour per precision, its depths joined in order and numbered; rejected candidates hollow
+    with a red x, the chosen one starred, the budget a dashed vertical line. Without kNN figures
+    the y axis is the exit depth (deeper is better).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    pts = [p for p in points if p.latency_ms is not None]
+    have_quality = bool(pts) and all(p.quality is not None for p in pts)
+
+    def y(p: PlotPoint) -> float:
+        return p.quality * 100 if have_quality else p.depth
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    colors = {"fp32": "tab:blue", "fp16": "tab:green", "int8": "tab:orange"}
+    for prec, c in colors.items():
+        line = sorted((p for p in pts if p.precision == prec), key=lambda p: p.depth)
+        if line:
+            ax.plot([p.latency_ms for p in line], [y(p) for p in line], color=c, alpha=0.35, linewidth=1, zorder=1)
+    rows: dict[float, list[PlotPoint]] = {}
+    for p in pts:
+        c = colors.get(p.precision, "tab:gray")
+        if p.rejected:
+            ax.scatter(p.latency_ms, y(p), s=55, facecolors="white", edgecolors=c, linewidths=1.4, zorder=2)
+            ax.scatter(p.latency_ms, y(p), s=22, marker="x", color="tab:red", linewidths=1, zorder=3)
+        else:
+            ax.scatter(p.latency_ms, y(p), s=55, color=c, zorder=2)
+        if p.chosen:
+            ax.scatter(p.latency_ms, y(p), s=360, marker="*", facecolors="gold", edgecolors="black", zorder=4)
+        rows.setdefault(y(p), []).append(p)
+    for row in rows.values():  # depth numbers, alternately above and below along a crowded row
+        for k, p in enumerate(sorted(row, key=lambda p: p.latency_ms)):
+            ax.annotate(str(p.depth), (p.latency_ms, y(p)), textcoords="offset points",
+                        xytext=(0, (13 if p.chosen else 8) if k % 2 == 0 else (-19 if p.chosen else -14)),
+                        ha="center", fontsize=8,
+                        color=colors.get(p.precision, "tab:gray"))
+    if budget_ms == budget_ms:  # not NaN: the profile has a latency budget
+        ax.axvline(budget_ms, color="tab:red", linestyle="--", linewidth=1.2)
+        ax.annotate(f"budget {budget_ms:g} ms", (budget_ms, 0.02), xycoords=("data", "axes fraction"),
+                    textcoords="offset points", xytext=(4, 0), color="tab:red", fontsize=8)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "235" else ""))
+    ax.margins(x=0.12, y=0.15)
+    ax.set_xlabel("latency (ms, log scale)")
+    ax.set_ylabel("kNN top-1 of the exit (%)" if have_quality else "exit depth")
+    if title:
+        ax.set_title(title, fontsize=10)
+    handles = [plt.Line2D([], [], marker="o", color=c, label=k) for k, c in colors.items()
+               if any(p.precision == k for p in pts)]
+    handles += [
+        plt.Line2D([], [], marker="o", linestyle="", markerfacecolor="white", markeredgecolor="gray", label="rejected"),
+        plt.Line2D([], [], marker="*", linestyle="", markersize=12, markerfacecolor="gold", markeredgecolor="black",
+                   label="chosen"),
+        plt.Line2D([], [], linestyle="--", color="tab:red", label="latency budget"),
+    ]
+    ax.legend(handles=handles, loc="best", fontsize=8, title="numbers: exit depth", title_fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+def render_report(manifest: dict[str, Any], table: str, why: str) -> str:
+    """report.md: choice and why (``why``), the candidate table (``table``), parity, latency with its
+    source, how to run it; everything else from the bundle's manifest."""
+    m = manifest
+    lat, par = m.get("latency", {}), m.get("parity", {})
+    stat, script = lat.get("stat", "p50"), m.get("infer_script", "")
+    budget = (m.get("budgets") or {}).get("latency_ms")
+    lines = [
+        f"# bim-export bundle: {m.get('profile')}",
+        "",
+        f"**Chosen:** depth {m.get('depth')} ({m.get('precision')}), opset {m.get('opset')}, "
+        f"{lat.get('ms', float('nan')):.2f} ms {stat} at batch {m.get('batch')} ({lat.get('source', '?')}).",
+        "",
+        why,
+        "",
+        "## Candidates",
+        "",
+        "```",
+        table.rstrip(),
+        "```",
+        "",
+        "![latency vs quality](pareto.png)",
+        "",
+        "## Parity (ONNX Runtime vs PyTorch on real images)",
+        "",
+    ]
+    lines += ["| run | images | cosine mean / min | neighbour agreement | max abs | mean abs | passed |",
+              "|---|---|---|---|---|---|---|"]
+    runs = [("batch 1", par.get("batch1")), (f"batch {par.get('batch_n', 'n')}", par.get("batchN"))]
+    runs += [(f"exit {d} (multi-exit graph)", r.get("batchN")) for d, r in (par.get("exits") or {}).items()]
+    lines += [_parity_row(name, r) for name, r in runs if isinstance(r, dict)]
+    tol = par.get("tolerances") or m.get("tolerances") or {}
+    lines += ["", f"Tolerances ({m.get('precision')}): cosine >= {tol.get('cosine')}, neighbour agreement >= "
+              f"{tol.get('neighbour_agreement')}. Run with ONNX Runtime's {par.get('provider', 'CPU')} here."]
+    data = m.get("data")
+    if isinstance(data, dict):
+        lines.append(f"Images: {data.get('parity_images')} for parity, {data.get('calibration_images')} for "
+                     f"calibration, drawn from {data.get('images')} in "
+                     + (f"`{data['folder']}` (--data)." if data.get("folder") else "the built-in sample set."))
+    if par.get("note"):
+        lines.append(f"Note: {par['note']}.")
+    lines += [
+        "",
+        "## Latency",
+        "",
+        f"- {lat.get('ms', float('nan')):.2f} ms ({stat}) at batch {m.get('batch')}, "
+        f"source: **{lat.get('source', '?')}**"
+        + (f", expected error ±{lat['expected_error'] * 100:.0f} %" if lat.get("expected_error") is not None else "")
+        + (f", machine: {lat['machine']}" if lat.get("machine") else ""),
+        f"- budget: {budget:g} ms ({stat})" if budget is not None else "- budget: none",
+    ]
+    if lat.get("note"):
+        lines.append(f"- note: {lat['note']}")
+    lines += [
+        "",
+        "Predicted figures come from the graph's cost model and the profile's hardware figures; run",
+        "`python validate.py .` on the device to measure them there (recorded in manifest.json).",
+        "",
+        "## Run it on the device",
+        "",
+        "```sh",
+        f"pip install {'onnxruntime-gpu' if script in ('jetson.py', 'server_gpu.py') else 'onnxruntime'} numpy pillow"
+        + ("   # on Jetson: the onnxruntime-gpu wheel for your JetPack" if script == "jetson.py" else ""),
+        "python infer.py path/to/images/            # embeddings, with timing",
+        "python infer.py query.jpg --gallery gallery/ --top-k 5",
+        "python validate.py .                        # parity vs reference.npz + latency, on this machine",
+        "```",
+        "",
+        SCRIPT_NOTES.get(script, ""),
+        "",
+        f"Preprocessing (done by infer.py): shorter side to {m.get('preprocessing', {}).get('img_size')} px bicubic, "
+        f"centre crop, normalize with mean {m.get('preprocessing', {}).get('mean')} and std {m.get('preprocessing', {}).get('std')}.",
+        "",
+        f"Made by bim-export {m.get('bim_export_version')} (torch {m['versions'].get('torch')}, "
+        f"onnx {m['versions'].get('onnx')}, onnxruntime {m['versions'].get('onnxruntime')}); exporter: {m.get('exporter')}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _parity_row(name: str, r: dict) -> str:
+    """One markdown table row of a ParityResult dict."""
+    agree = r.get("neighbour_agreement")
+    agree_text = "n/a" if agree is None else f"{agree:.1%} ({r.get('agreement_kind', '?')})"
+    nan = float("nan")
+    return (f"| {name} | {r.get('images', '?')} | {r.get('cosine', nan):.6f} / {r.get('cosine_min', nan):.6f} | "
+            f"{agree_text} | {r.get('max_abs', nan):.3g} | {r.get('mean_abs', nan):.3g} | "
+            f"{'yes' if r.get('passed') else 'NO'} |")
