@@ -159,13 +159,87 @@ class Runner:
         self.times_ms: list[float] = []
 
     def __call__(self, x: np.ndarray, batch: int) -> np.ndarray:
+        fixed = fixed_batch(self.session)
+        batch = fixed or batch
         out = []
         for i in range(0, len(x), batch):
             xb = np.ascontiguousarray(x[i:i + batch], dtype=np.float32)
+            short = batch - len(xb) if fixed else 0
+            if short:  # a model with a fixed batch takes only that many images: fill up, drop the extra
+                xb = np.concatenate([xb, np.repeat(xb[-1:], short, axis=0)])
             t0 = time.perf_counter()
-            out.append(np.asarray(self._run(xb), dtype=np.float32))
+            y = np.asarray(self._run(xb), dtype=np.float32)
             self.times_ms.append((time.perf_counter() - t0) * 1e3)
+            out.append(y[:len(y) - short])
         return np.concatenate(out)
+
+
+def fixed_batch(session) -> int | None:
+    """The batch the session's model is fixed to, or None when its batch axis is dynamic."""
+    first = session.get_inputs()[0].shape[0]
+    return first if isinstance(first, int) and first > 0 else None
+
+
+# ------------------------------------------------------------------------------------ .ort models
+
+
+def convert_to_ort(model: Path) -> Path:
+    """Writes ``<model>.ort`` next to ``model`` with onnxruntime's converter (bundles made before
+    bim-export shipped model.ort); returns its path."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    target = model.with_suffix(".ort")
+    if target.is_file() and target.stat().st_mtime >= model.stat().st_mtime:
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / model.name
+        shutil.copy2(model, src)
+        cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(src),
+               "--output_dir", tmp, "--optimization_style", "Fixed"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        produced = Path(tmp) / target.name
+        if done.returncode != 0 or not produced.is_file():
+            raise SystemExit(f"error: .ort conversion failed:\n{done.stdout}\n{done.stderr}")
+        shutil.copy2(produced, target)
+    return target
+
+
+def check_ort(onnx_model: Path, ort_model: Path, bundle: Path, manifest: dict) -> str:
+    """Runs both models on the bundle's reference inputs and compares their embeddings: the worst
+    image's cosine must meet the manifest's parity tolerance (int8 graphs may run fused int8 kernels
+    in one file and not in the other, so they are not held to float noise)."""
+    ref = bundle / "reference.npz"
+    if ref.is_file():
+        x = np.load(ref)["pixels"][:4].astype(np.float32)
+    else:
+        s = make_session(onnx_model, [CPU]).get_inputs()[0].shape[-1]
+        x = np.random.default_rng(0).standard_normal((2, 3, int(s), int(s))).astype(np.float32)
+    outs = []
+    for m in (onnx_model, ort_model):
+        sess = make_session(m, [CPU])
+        outs.append(Runner(sess, embedding_output(sess))(x, len(x)))
+    a, b = outs
+    cos = float(np.min(np.sum(a * b, 1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)))
+    err = float(np.abs(a - b).max())
+    wanted = float((manifest.get("tolerances") or {}).get("cosine", 0.9999))
+    if cos < wanted:
+        raise SystemExit(f"error: {ort_model.name} differs from {onnx_model.name}: worst cosine {cos:.6f} < {wanted} "
+                         f"(max abs error {err:.3g})")
+    return f"check: {ort_model.name} matches {onnx_model.name} (worst cosine {cos:.6f}, max abs error {err:.2e})"
+
+
+def phone_model(args: argparse.Namespace, bundle: Path, manifest: dict) -> tuple[Path, str]:
+    """The model a phone app loads: ``--model`` if given, else the bundle's ``model.ort`` (made
+    from model.onnx here when the bundle has none), checked against ``model.onnx``."""
+    onnx_model = Path(bundle) / manifest.get("model", "model.onnx")
+    if args.model is not None and args.model.suffix != ".onnx":
+        return args.model, ""
+    onnx_model = args.model or onnx_model
+    shipped = onnx_model.with_suffix(".ort")
+    ort_model = shipped if shipped.is_file() else convert_to_ort(onnx_model)
+    return ort_model, check_ort(onnx_model, ort_model, Path(bundle), manifest)
 
 
 def timing_line(times_ms: Sequence[float], batch: int, providers: Sequence[str]) -> str:

@@ -34,7 +34,12 @@ ALIASES: dict[str, str] = {
     "edge-cpu": "raspberry-pi-5",
     "server-gpu": "h100-sxm",
     "server-cpu": "xeon-sapphire-rapids",
+    "iphone": "iphone-15-pro",
 }
+
+# Execution providers that run a graph on an accelerator of their own (a phone's NPU or GPU), whose
+# reach ORT's mobile usability checker tells (bim_export.deploy.usability).
+ACCELERATOR_EPS = ("NnapiExecutionProvider", "CoreMLExecutionProvider")
 
 # ONNX Runtime execution provider names (onnxruntime.get_all_providers() of recent releases plus
 # those of builds that left the main list). Checked here, without importing onnxruntime.
@@ -110,7 +115,7 @@ class Profile(_Strict):
     device_class: Literal["cpu", "gpu", "mobile", "edge"] = Field(
         description="cpu: server/desktop CPU; gpu: CUDA GPU, datacenter or embedded (Jetson); "
                     "mobile: phone SoC CPU; edge: single-board computer CPU")
-    target_script: Literal["cpu", "jetson", "server_gpu", "mobile"] = Field(
+    target_script: Literal["cpu", "jetson", "server_gpu", "mobile", "ios"] = Field(
         "cpu", description="inference script from targets/ that goes into the bundle")
     hardware: Optional[HardwareFigures] = Field(None, description="figures for latency prediction; "
                                                            "may be left out only for a measured profile")
@@ -118,9 +123,22 @@ class Profile(_Strict):
     threads: Optional[int] = Field(None, gt=0, description="intra-op threads of the session (default: all cores)")
     opset: int = Field(17, ge=13, le=30, description="ONNX opset the device's runtime supports")
     precisions: list[Precision] = Field(min_length=1, description="precisions allowed on the device")
-    int8_preset: Optional[Literal["arm64", "avx2", "avx512", "avx512_vnni", "tensorrt"]] = Field(
-        None, description="optimum quantization preset for int8 (none: onnxruntime.quantization defaults)")
+    int8_preset: Optional[Literal["arm64", "avx2", "avx512", "avx512_vnni", "tensorrt", "nnapi"]] = Field(
+        None, description="quantization preset for int8: optimum's (arm64, avx2, avx512, avx512_vnni, tensorrt) or "
+                          "nnapi (static QDQ, per-tensor, uint8 activations: what NNAPI's quantized ops take); "
+                          "none: onnxruntime.quantization defaults")
     batch: int = Field(1, gt=0, description="input batch the latency budget applies to")
+    fixed_batch: Optional[bool] = Field(
+        None, description="fix the graph's batch axis to `batch` (NNAPI and CoreML take only fixed shapes); "
+                          "default: true for device_class mobile, false otherwise")
+    dynamic_batch_file: bool = Field(False, description="also ship model.dynamic.onnx: the same graph and precision "
+                                                        "with a dynamic batch axis (needs a fixed batch)")
+    provider_options: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="ONNX Runtime provider options per execution provider, as the device's "
+                                          "session sets them (e.g. CoreML's ModelFormat: MLProgram)")
+    accelerators: dict[str, HardwareFigures] = Field(
+        default_factory=dict, description="figures of the device an accelerator EP (NNAPI, CoreML) runs on; a "
+                                          "candidate the EP takes whole is predicted on them, any other on `hardware`")
     budgets: Budgets = Field(default_factory=Budgets, description="latency, memory and size budgets")
     parity: ParityTolerances = Field(default_factory=ParityTolerances, description="parity tolerances per precision")
     measured: bool = Field(False, description="latency measured on the machine running the command "
@@ -132,6 +150,11 @@ class Profile(_Strict):
     def path(self) -> Optional[Path]:
         """The YAML file this profile was loaded from."""
         return self._path
+
+    @property
+    def batch_is_fixed(self) -> bool:
+        """Whether the exported graph's batch axis is fixed to :attr:`batch`."""
+        return self.device_class == "mobile" if self.fixed_batch is None else self.fixed_batch
 
     @property
     def uses_gpu(self) -> bool:
@@ -156,6 +179,22 @@ class Profile(_Strict):
         if len(set(precisions)) != len(precisions):
             raise ValueError(f"lists a precision twice ({', '.join(precisions)})")
         return precisions
+
+    @model_validator(mode="after")
+    def _eps_named_exist(self) -> "Profile":
+        for field in ("provider_options", "accelerators"):
+            for ep in getattr(self, field):
+                if ep not in self.execution_providers:
+                    raise _FieldError((field, ep), f"names an execution provider the profile does not list "
+                                                   f"({', '.join(self.execution_providers)})", None)
+        for ep in self.accelerators:
+            if ep not in ACCELERATOR_EPS:
+                raise _FieldError(("accelerators", ep), f"must be one of {', '.join(ACCELERATOR_EPS)}: the EPs whose "
+                                                        "reach ONNX Runtime's usability checker tells", None)
+        if self.dynamic_batch_file and not self.batch_is_fixed:
+            raise _FieldError(("dynamic_batch_file",), "needs a fixed batch (fixed_batch: true): the model is "
+                                                       "already dynamic", None)
+        return self
 
     @model_validator(mode="after")
     def _hardware_covers_precisions(self) -> "Profile":

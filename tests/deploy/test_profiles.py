@@ -107,6 +107,23 @@ def test_import_is_light():
     assert out.strip() == "[]"
 
 
+def test_phone_profiles_fix_their_batch_and_name_their_accelerators(tmp_path):
+    android, iphone = load_profile("mobile"), load_profile("iphone")
+    assert iphone.name == "iphone-15-pro" and iphone.target_script == "ios"
+    assert android.batch_is_fixed and iphone.batch_is_fixed and not load_profile("jetson").batch_is_fixed
+    assert android.execution_providers[0] == "NnapiExecutionProvider" and android.int8_preset == "nnapi"
+    assert list(iphone.accelerators) == ["CoreMLExecutionProvider"]
+    assert iphone.provider_options["CoreMLExecutionProvider"]["ModelFormat"] == "MLProgram"
+    # the default follows the device class; a profile may say otherwise
+    data = _shipped("android-snapdragon-8-gen-2")
+    data.pop("fixed_batch")
+    assert load_profile(_write(tmp_path, data, "phone")).batch_is_fixed
+    data.update(fixed_batch=False)
+    assert not load_profile(_write(tmp_path, data, "phone")).batch_is_fixed
+    data.update(fixed_batch=True, dynamic_batch_file=True)
+    assert load_profile(_write(tmp_path, data, "phone")).dynamic_batch_file
+
+
 # -------------------------------------------------------------------------------- bad input
 
 
@@ -150,6 +167,17 @@ BAD = {
     "name mismatch": (lambda d: d.update(name="other"), "name must match the file name 'my-device' (got 'other')"),
     "two problems": (lambda d: (d.update(batch=0), d["budgets"].update(latency_ms=-1)),
                      "batch must be > 0 (got 0) (and 1 more)"),
+    "options for an unlisted EP": (lambda d: d.update(provider_options={"CoreMLExecutionProvider": {"a": "b"}}),
+                                   "provider_options.CoreMLExecutionProvider names an execution provider the profile "
+                                   "does not list"),
+    "figures for a non-accelerator": (lambda d: d.update(accelerators={"CUDAExecutionProvider": d["hardware"]}),
+                                      "accelerators.CUDAExecutionProvider must be one of NnapiExecutionProvider, "
+                                      "CoreMLExecutionProvider"),
+    "dynamic copy of a dynamic model": (lambda d: d.update(dynamic_batch_file=True),
+                                        "dynamic_batch_file needs a fixed batch (fixed_batch: true)"),
+    "unknown int8 preset": (lambda d: d.update(int8_preset="nnapi2"),
+                            "int8_preset must be one of 'arm64', 'avx2', 'avx512', 'avx512_vnni', 'tensorrt' or "
+                            "'nnapi' (got 'nnapi2')"),
 }
 
 

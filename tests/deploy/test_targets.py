@@ -102,6 +102,36 @@ def test_server_gpu_and_mobile_fallback(common):
                                                                                    "CPUExecutionProvider"]
     assert names(mobile.PREFERRED, ["NnapiExecutionProvider", "CPUExecutionProvider"]) == ["NnapiExecutionProvider",
                                                                                            "CPUExecutionProvider"]
+    # NNAPI before XNNPACK: the first provider picks its nodes first
+    assert names(mobile.PREFERRED, ["XnnpackExecutionProvider", "NnapiExecutionProvider", "CPUExecutionProvider"]) \
+        == ["NnapiExecutionProvider", "XnnpackExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_ios_takes_coreml_with_the_profiles_options(common):
+    import ios
+
+    manifest = {"provider_options": {"CoreMLExecutionProvider": {"ModelFormat": "MLProgram", "MLComputeUnits": "ALL"}}}
+    chosen = common.choose_providers(ios.preferred_providers(manifest), ["CoreMLExecutionProvider", "CPUExecutionProvider"])
+    assert chosen == [("CoreMLExecutionProvider", {"ModelFormat": "MLProgram", "MLComputeUnits": "ALL"}),
+                      "CPUExecutionProvider"]
+    assert common.choose_providers(ios.preferred_providers({}), ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+
+
+def test_runner_fills_up_the_batch_of_a_fixed_batch_model(common, tmp_path):
+    import onnx
+    from onnxruntime.tools.onnx_model_utils import make_dim_param_fixed
+
+    model = onnx.load(str(write_tiny_onnx(tmp_path / "dynamic.onnx")))
+    make_dim_param_fixed(model.graph, "batch", 2)
+    onnx.save(model, tmp_path / "fixed.onnx")
+    x = np.random.default_rng(4).standard_normal((5, 3, SIZE, SIZE)).astype(np.float32)
+    fixed = common.make_session(tmp_path / "fixed.onnx", ["CPUExecutionProvider"])
+    assert common.fixed_batch(fixed) == 2
+    runner = common.Runner(fixed, "embedding")
+    got = runner(x, 4)  # the model's batch wins; the fifth image rides with a copy of itself
+    want = common.make_session(tmp_path / "dynamic.onnx", ["CPUExecutionProvider"]).run(["embedding"], {"pixels": x})[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert len(runner.times_ms) == 3
 
 
 def test_cosine_topk(common):
@@ -130,6 +160,22 @@ def test_script_gallery_top_k(bundle, images):
     assert done.returncode == 0, done.stderr
     line = [ln for ln in done.stdout.splitlines() if ln.startswith(str(images / "sub" / "im1.png"))][0]
     assert line.split(": ", 1)[1].startswith("im1.png (1.000)")  # an image is its own nearest neighbour
+
+
+def test_mobile_uses_the_shipped_ort_model(bundle, images):
+    shutil.copy(TARGETS / "common.py", bundle / "common.py")
+    sys.path.insert(0, str(TARGETS))
+    try:
+        from common import convert_to_ort
+    finally:
+        sys.path.remove(str(TARGETS))
+    shipped = convert_to_ort(bundle / "model.onnx")  # as the export ships it
+    before = shipped.stat().st_mtime_ns
+    (bundle / "model.onnx").touch()  # newer than the .ort: a converting script would redo it
+    done = _run_script(bundle, "mobile.py", images)
+    assert done.returncode == 0, done.stderr
+    assert "check: model.ort matches model.onnx" in done.stdout and "model: " in done.stdout
+    assert shipped.stat().st_mtime_ns == before and "model.ort (" in done.stdout
 
 
 def test_mobile_converts_to_ort_and_checks(bundle, images):
