@@ -18,7 +18,8 @@ int16 sums: see :func:`reduce_range_for` for the measurements. (optimum's own de
 every MatMul, the attention's included; on ViT-S that cost nothing measurable in cosine, but they are
 ~10 % of the FLOPs at 224 px and hold the softmax's range, so they stay float here.)
 
-Presets: with ``preset`` (avx512_vnni, avx512, avx2, arm64, tensorrt) and optimum installed
+Presets: ``nnapi`` (static QDQ, per-tensor, uint8 activations: Android NNAPI's quantized form) is
+made with onnxruntime.quantization. With the others (avx512_vnni, avx512, avx2, arm64, tensorrt) and optimum installed
 (``pip install 'bim-export[optimum]'``), the quantization config is optimum's
 ``AutoQuantizationConfig.<preset>`` applied through ``ORTQuantizer``, restricted to the same ViT-safe
 nodes; without optimum the same settings are made with onnxruntime.quantization directly.
@@ -42,7 +43,13 @@ from .profiles import PRECISIONS
 log = logging.getLogger(__name__)
 
 INT8_METHODS = ("dynamic", "static")
-PRESETS = ("avx512_vnni", "avx512", "avx2", "arm64", "tensorrt")
+OPTIMUM_PRESETS = ("avx512_vnni", "avx512", "avx2", "arm64", "tensorrt")
+# nnapi: what Android's NNAPI runs quantized (ORT's NNAPI EP builds quantized FULLY_CONNECTED / CONV_2D
+# from QDQ groups with uint8 activations, uint8 or int8 weights, per-tensor scales for all but Conv
+# weights): static QDQ, per tensor, uint8 activations, int8 weights. Made with onnxruntime.quantization.
+PRESETS = (*OPTIMUM_PRESETS, "nnapi")
+STATIC_PRESETS = ("tensorrt", "nnapi")  # presets whose int8 is static QDQ by default
+PER_TENSOR_PRESETS = ("nnapi",)
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 DEFAULT_INT8_METHOD = "dynamic"
 
@@ -124,7 +131,8 @@ def convert_precision(
     elif precision == "fp16":
         info = _to_fp16(fp32_path, out_path)
     else:
-        method = method or ("static" if preset == "tensorrt" else DEFAULT_INT8_METHOD)
+        method = method or ("static" if preset in STATIC_PRESETS else DEFAULT_INT8_METHOD)
+        per_channel = per_channel and preset not in PER_TENSOR_PRESETS
         if method not in INT8_METHODS:
             raise InputError(f"int8 method '{method}' unknown; valid: {', '.join(INT8_METHODS)}")
         if calibration_method not in CALIBRATION_METHODS:
@@ -181,11 +189,15 @@ def weight_gemm_nodes(model) -> list[str]:
 
 
 class _ArrayReader:
-    """onnxruntime.quantization CalibrationDataReader over an array, a few images per call."""
+    """onnxruntime.quantization CalibrationDataReader over an array, a few images per call (or the
+    model's fixed batch; a short last batch is filled up with the first images)."""
 
-    def __init__(self, input_name: str, x: np.ndarray, batch: int = 8):
-        # equal batches: onnxruntime's histogram calibrators cannot stack a short last batch
-        batch = max(b for b in range(1, batch + 1) if len(x) % b == 0)
+    def __init__(self, input_name: str, x: np.ndarray, batch: int = 8, fixed: int | None = None):
+        if fixed:
+            batch = fixed
+            x = np.concatenate([x, x[:(-len(x)) % fixed]])
+        else:  # equal batches: onnxruntime's histogram calibrators cannot stack a short last batch
+            batch = max(b for b in range(1, batch + 1) if len(x) % b == 0)
         self._batches = iter([x[i:i + batch] for i in range(0, len(x), batch)])
         self._name = input_name
 
@@ -221,11 +233,11 @@ def _to_int8(src: Path, dst: Path, method: str, calib_x, preset, per_channel, ca
         if method == "static":
             x = _calibration_images(model, calib_x)
             calibration = {"images": int(len(x)), "method": calibration_method}
-        if preset is not None and _optimum_available():
+        if preset in OPTIMUM_PRESETS and _optimum_available():
             tool = _quantize_optimum(prepared, dst, tmp, method, preset, per_channel, nodes,
                                      x if method == "static" else None, calibration_method)
         else:
-            if preset is not None:
+            if preset in OPTIMUM_PRESETS:
                 log.info("optimum is not installed: preset %s applied with onnxruntime.quantization", preset)
             tool = _quantize_ort(prepared, dst, tmp, method, preset, per_channel, nodes,
                                  x if method == "static" else None, calibration_method)
@@ -234,10 +246,16 @@ def _to_int8(src: Path, dst: Path, method: str, calib_x, preset, per_channel, ca
 
 
 def _pre_process(src: Path, dst: Path) -> None:
-    """ONNX Runtime's recommended pre-quantization pass (shape inference, constant folding)."""
+    """ONNX Runtime's recommended pre-quantization pass (shape inference, constant folding).
+
+    A graph with a fixed batch skips its ORT optimization step: the graph was folded when its batch
+    was fixed, and with static shapes ORT's MatMulAddFusion turns each weight MatMul + bias Add into
+    Reshape -> Gemm -> Reshape, which dynamic int8 does not quantize (ORT has no dynamic Gemm) and
+    whose new node names the ViT-safe node list no longer matches.
+    """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+    quant_pre_process(str(src), str(dst), skip_symbolic_shape=True, skip_optimization=_fixed_batch(src) is not None)
 
 
 def _ort_calibration_method(name: str):
@@ -288,7 +306,7 @@ def _quantize_ort(src, dst, tmp, method, preset, per_channel, nodes, x, calibrat
                          extra_options={"MatMulConstBOnly": True})
     else:
         quantize_static(
-            str(src), str(dst), _ArrayReader(_input_name(src), x), quant_format=QuantFormat.QDQ,
+            str(src), str(dst), _ArrayReader(_input_name(src), x, fixed=_fixed_batch(src)), quant_format=QuantFormat.QDQ,
             per_channel=per_channel, reduce_range=reduce_range, activation_type=act_type,
             weight_type=QuantType.QInt8,
             nodes_to_quantize=nodes, op_types_to_quantize=["MatMul", "Gemm", "Conv"],
@@ -297,6 +315,14 @@ def _quantize_ort(src, dst, tmp, method, preset, per_channel, nodes, x, calibrat
                            "CalibTensorRangeSymmetric": preset == "tensorrt"},
         )
     return f"onnxruntime.quantization {onnxruntime.__version__}"
+
+
+def _fixed_batch(path: Path) -> int | None:
+    """The model's fixed input batch, or None when its batch axis is dynamic."""
+    import onnx
+
+    first = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0]
+    return first.dim_value if first.HasField("dim_value") else None
 
 
 def _input_name(path: Path) -> str:
@@ -349,5 +375,5 @@ def _calibration_ranges(src: Path, tmp: Path, x: np.ndarray, calibration_method:
     calibrator = create_calibrator(str(src), ["MatMul", "Gemm", "Conv"],
                                    augmented_model_path=str(tmp / "augmented.onnx"),
                                    calibrate_method=_ort_calibration_method(calibration_method))
-    calibrator.collect_data(_ArrayReader(_input_name(src), x))
+    calibrator.collect_data(_ArrayReader(_input_name(src), x, fixed=_fixed_batch(src)))
     return calibrator.compute_data()

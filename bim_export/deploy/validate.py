@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 
 try:
-    from bim_export.deploy.parity import (DEFAULT_TOLERANCES, OUTPUT_KEYS, compare_outputs, merge_results, run_onnx,
-                                          session, session_emulation_note)
+    from bim_export.deploy.parity import (DEFAULT_TOLERANCES, OUTPUT_KEYS, compare_outputs, fixed_batch, merge_results,
+                                          run_onnx, session, session_emulation_note)
     from bim_export.machine import machine_description, sha256_file
 except ImportError:  # pragma: no cover - a bundle on a device: the copies beside this file
     from machine import machine_description, sha256_file
-    from parity import (DEFAULT_TOLERANCES, OUTPUT_KEYS, compare_outputs, merge_results, run_onnx, session,
-                        session_emulation_note)
+    from parity import (DEFAULT_TOLERANCES, OUTPUT_KEYS, compare_outputs, fixed_batch, merge_results, run_onnx,
+                        session, session_emulation_note)
 
 MANIFEST, REFERENCE, MODEL = "manifest.json", "reference.npz", "model.onnx"
 
@@ -166,13 +166,22 @@ def validate_bundle(bundle_dir, check_latency: bool | None = None, providers=Non
         labels = None
     tolerances = manifest.get("tolerances") or (manifest.get("parity") or {}).get("tolerances") or DEFAULT_TOLERANCES
     providers = providers or manifest.get("execution_providers") or ["CPUExecutionProvider"]
-    sess = session(model, providers)
-    outputs = [o.name for o in sess.get_outputs()]
-    expected = _reference_outputs(ref, outputs, manifest.get("depth"))
-    note = session_emulation_note(sess, manifest.get("precision"))
-    parity = merge_results([compare_outputs(expected, run_onnx(sess, x, b), tolerances, labels,
-                                            label=f"batch {b}", note=note)
-                            for b in sorted({1, len(x)})], label=str(manifest.get("precision", "")))
+    options = manifest.get("provider_options") or {}
+    # the app's file too where the bundle ships one (ORT Mobile profiles): latency is measured on it
+    app_model = root / ((manifest.get("mobile") or {}).get("ort") or {}).get("model", "model.ort")
+    runs = []
+    for path in [model] + ([app_model] if app_model.is_file() and app_model != model else []):
+        sess = session(path, providers, options)
+        outputs = [o.name for o in sess.get_outputs()]
+        expected = _reference_outputs(ref, outputs, manifest.get("depth"))
+        note = session_emulation_note(sess, manifest.get("precision"))
+        fixed = fixed_batch(sess)
+        name = "" if path == model else f"{path.name} "
+        runs += [compare_outputs(expected, run_onnx(sess, x, b), tolerances, labels,
+                                 label=f"{name}batch {b}" + (" (fixed)" if fixed else ""), note=note)
+                 for b in ([fixed] if fixed else sorted({1, len(x)}))]
+    model = path
+    parity = merge_results(runs, label=str(manifest.get("precision", "")))
     failures += parity.failures
 
     budgets = manifest.get("budgets") or {}
@@ -180,7 +189,7 @@ def validate_bundle(bundle_dir, check_latency: bool | None = None, providers=Non
     budget = budgets.get("latency_ms")
     batch = int(manifest.get("batch") or (manifest.get("latency") or {}).get("batch") or 1)
     latency = (timer or time_in_process)(model, batch, sess.get_providers(), x.shape[1:])
-    latency.update(batch=batch, source="measured")
+    latency.update(batch=batch, source="measured", model=model.name)
     latency["stat"], latency["budget_ms"] = stat, budget
     # A measurement that could not get a quiet machine is biased high: its budget check takes the low
     # end of its stated error, as the export's selection does.
