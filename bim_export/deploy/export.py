@@ -125,7 +125,7 @@ def export_onnx(
         raise BimExportError(f"the ONNX exporter produced opset {_onnx_opset(proto)}, not the requested {opset}")
     set_metadata(proto, meta)
     proto.producer_name = "bim-export"
-    _save_checked(proto, path)
+    save_checked(proto, path)
     return path
 
 
@@ -232,7 +232,7 @@ def set_metadata(proto, meta: Mapping[str, object]) -> None:
         proto.metadata_props.add(key=str(key), value=value if isinstance(value, str) else json.dumps(value))
 
 
-def _save_checked(proto, path: Path) -> None:
+def save_checked(proto, path: Path) -> None:
     """Full-checks the model and writes it atomically; weights > 2 GB go to ``<name>.data``."""
     import onnx
 
