@@ -29,12 +29,16 @@ train (BIM pretraining)
 deploy (per-device export)
     deploy.profiles         device profiles: schema, loading, budgets
     deploy.export           backbone -> ONNX at the profile's opset, metadata, graph surgery
+    deploy.usability        ONNX Runtime's mobile usability checker: what NNAPI / CoreML take of a graph
+    deploy.rewrite          graph forms: the batch fixed, ops an accelerator lacks in ops it has
     deploy.quantize         fp16 / int8 conversion
     deploy.latency          costmodel -> stats -> measure (+ worker) -> roofline -> calibration -> predict
+    deploy.placement        a phone candidate's device (its accelerator or the CPU cores) and latency there
     deploy.selector         the choice of depth x precision (pure Python)
     deploy.parity           ONNX Runtime vs PyTorch: ParityResult (ships in bundles)
     deploy.validate         re-checking a finished bundle (ships in bundles)
     deploy.candidates       every depth x precision built once, parity-checked, timed
+    deploy.ortformat        model.ort and required_operators.config for apps, checked against model.onnx
     deploy.report           report.md and pareto.png
     deploy.bundle           the bundle folder and its manifest
     deploy.pipeline         bim-export --target: checkpoint -> bundles

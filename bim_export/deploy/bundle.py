@@ -3,7 +3,10 @@
 Layout (written atomically: built in a temporary sibling, renamed over the destination at the end,
 so an interrupted export leaves only what was there before)::
 
-    model.onnx      the chosen depth x precision
+    model.onnx      the chosen depth x precision (its batch fixed where the profile fixes it)
+    model.ort       ORT Mobile profiles: the same model in ONNX Runtime's format, for apps
+    required_operators.config   its operators, for ORT's reduced-size builds
+    model.dynamic.onnx          where the profile asks: the same model with a dynamic batch axis
     manifest.json   what, how, how well: profile, depth, precision, opset, exporter, versions, sha256
                     of every other file, parity and latency with their source, every candidate
     reference.npz   a few real preprocessed inputs and the PyTorch outputs for them
@@ -34,11 +37,13 @@ from ..atomic import OutputKind, atomic_dir
 from ..machine import sha256_file
 from ..resources import resource_dir
 from .candidates import ONNX_PROVIDER, Trial, latency_value, source_label
+from .ortformat import OPS_CONFIG, ORT_MODEL, make_ort
 from .parity import ParityResult
 from .report import PlotPoint, plot_pareto, render_report
 
 FORMAT_VERSION = 1
 MODEL, MANIFEST, REFERENCE, REPORT, PARETO = "model.onnx", "manifest.json", "reference.npz", "report.md", "pareto.png"
+DYNAMIC_MODEL = "model.dynamic.onnx"
 INFER, COMMON = "infer.py", "common.py"
 # The standalone validator and the modules it imports, copied beside it (see validator_files).
 VALIDATOR = ("validate.py", "parity.py", "knn.py", "machine.py")
@@ -46,8 +51,8 @@ VALIDATOR = ("validate.py", "parity.py", "knn.py", "machine.py")
 # add beside them on the device (mobile.py's model.ort, jetson.py's TensorRT engine cache, the
 # bytecode of common.py).
 BUNDLE = OutputKind("bundle", keys=("format_version", "bim_export_version", "profile", "files"), marker=MANIFEST,
-                    names=frozenset({MODEL, f"{MODEL}.data", MANIFEST, REFERENCE, REPORT, PARETO, INFER, COMMON,
-                                     *VALIDATOR, "model.ort", "trt_cache", "__pycache__"}))
+                    names=frozenset({MODEL, f"{MODEL}.data", DYNAMIC_MODEL, MANIFEST, REFERENCE, REPORT, PARETO, INFER,
+                                     COMMON, *VALIDATOR, ORT_MODEL, OPS_CONFIG, "trt_cache", "__pycache__"}))
 
 
 @dataclass
@@ -67,6 +72,11 @@ class BundleSpec:
         why: one or two sentences on the choice.
         model_path: the ONNX file to ship (default: the choice's; a multi-exit graph replaces it).
         exit_parity: with a multi-exit graph, parity per exit depth.
+        extra_files: more files to copy in, by name.
+        mobile: for an ORT Mobile profile: the graph form, ORT's usability check per EP and where
+            each candidate is predicted (``pipeline.mobile_record``); ``model.ort`` and
+            ``required_operators.config`` are then made and checked here.
+        dynamic_model: the profile's second, dynamic-batch file, and ``dynamic_parity`` its parity.
     """
 
     profile: Any
@@ -83,6 +93,9 @@ class BundleSpec:
     model_path: Path | None = None
     exit_parity: dict[str, ParityResult] = field(default_factory=dict)
     extra_files: dict[str, Path] = field(default_factory=dict)
+    mobile: dict | None = None
+    dynamic_model: Path | None = None
+    dynamic_parity: ParityResult | None = None
 
     @property
     def model(self) -> Path:
@@ -111,8 +124,14 @@ def write_bundle(out_dir: str | Path, spec: BundleSpec) -> Path:
     dest = Path(out_dir) / profile.name
     stat = profile.budgets.latency_stat
     with atomic_dir(dest, bundle_kind(spec)) as tmp:
-        write_model(spec.model, tmp / MODEL, {"profile": profile.name, "precision": spec.choice.precision})
+        stamp = {"profile": profile.name, "precision": spec.choice.precision}
+        write_model(spec.model, tmp / MODEL, stamp)
+        if spec.dynamic_model is not None:
+            write_model(spec.dynamic_model, tmp / DYNAMIC_MODEL, stamp)
         np.savez(tmp / REFERENCE, **spec.reference)
+        ort_format = None
+        if spec.mobile is not None:  # the file an app loads, made and checked against model.onnx here
+            ort_format = make_ort(tmp / MODEL, tmp, spec.reference, spec.choice.precision, profile)
         targets = resource_dir("targets")
         shutil.copyfile(targets / f"{profile.target_script}.py", tmp / INFER)
         shutil.copyfile(targets / COMMON, tmp / COMMON)
@@ -122,6 +141,8 @@ def write_bundle(out_dir: str | Path, spec: BundleSpec) -> Path:
         plot_pareto(spec.points, budget if budget is not None else float("nan"), tmp / PARETO,
                     title=f"{profile.name}: latency ({stat}) vs quality")
         manifest = build_manifest(spec, tmp / MODEL)
+        if ort_format is not None:
+            manifest["mobile"]["ort"] = ort_format.to_dict()
         (tmp / REPORT).write_text(render_report(manifest, spec.selection.table(), spec.why), encoding="utf-8")
         manifest["files"] = file_hashes(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n", encoding="utf-8")
@@ -167,20 +188,21 @@ def build_manifest(spec: BundleSpec, model: Path) -> dict[str, Any]:
               "tolerances": tolerances}
     if spec.multi_exit:
         parity["exits"] = {d: r.to_dict() for d, r in spec.exit_parity.items()}
-    return {
+    manifest = {
         "format_version": FORMAT_VERSION, "bim_export_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "exporter": meta.pop("exporter", "unknown"), "versions": package_versions(),
         "infer_script": f"{profile.target_script}.py",
         "profile": profile.name, "device_class": profile.device_class, "description": profile.description,
-        "execution_providers": list(profile.execution_providers), "batch": profile.batch,
+        "execution_providers": list(profile.execution_providers), "provider_options": profile.provider_options,
+        "threads": profile.threads, "batch": profile.batch, "fixed_batch": profile.batch_is_fixed,
         "budgets": profile.budgets.model_dump(), "tolerances": tolerances,
         "depth": choice.depth, "precision": choice.precision, "opset": profile.opset,
         "multi_exit": spec.multi_exit,
         "exits": [int(d) for d in spec.exit_parity] if spec.multi_exit else list(cfg["exits"]),
         "checkpoint": {"exits": list(cfg["exits"]), "step": cfg.get("step"), "arch": cfg.get("arch")},
         "model": MODEL,
-        "input": {"name": io["input"], "shape": ["batch", 3, size, size], "img_size": size, "mean": mean, "std": std},
+        "input": {"name": io["input"], "shape": io["input_shape"], "img_size": size, "mean": mean, "std": std},
         "preprocessing": {"img_size": size, "mean": mean, "std": std, "resize": "shorter_side_bicubic",
                           "crop": "center"},
         "io": {"input": io["input"], "outputs": [o["name"] for o in io["outputs"]]},
@@ -198,6 +220,12 @@ def build_manifest(spec: BundleSpec, model: Path) -> dict[str, Any]:
         "onnx_metadata": meta,
         "device_validations": [],
     }
+    if spec.mobile is not None:
+        manifest["mobile"] = dict(spec.mobile)
+    if spec.dynamic_model is not None:
+        manifest["dynamic_model"] = {"model": DYNAMIC_MODEL, "input_shape": onnx_io(spec.dynamic_model)["input_shape"],
+                                     "parity": spec.dynamic_parity.to_dict() if spec.dynamic_parity else None}
+    return manifest
 
 
 def package_versions() -> dict[str, str]:
@@ -220,7 +248,8 @@ def onnx_io(path: Path) -> dict[str, Any]:
     def shape(vi) -> list:
         return [d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in vi.type.tensor_type.shape.dim]
 
-    return {"input": graph.input[0].name, "outputs": [{"name": o.name, "shape": shape(o)} for o in graph.output]}
+    return {"input": graph.input[0].name, "input_shape": shape(graph.input[0]),
+            "outputs": [{"name": o.name, "shape": shape(o)} for o in graph.output]}
 
 
 def file_hashes(root: Path) -> dict[str, str]:

@@ -1,12 +1,15 @@
 """Candidates for a device: every exit depth x precision, built, pruned, parity-checked and timed.
 
-One :class:`Workshop` per run exports every exit in ONE multi-exit graph, converts that graph once
-per precision (and int8 preset), and cuts each depth's graph out of it; it also computes the
+One :class:`Workshop` per run exports every exit in ONE multi-exit graph, rewrites it once per graph
+form a profile asks for (fixed batch, ops its accelerator lacks: :mod:`~bim_export.deploy.rewrite`),
+converts that once per precision (and int8 preset), and cuts each depth's graph out of it; it also computes the
 PyTorch reference outputs once per depth and the ONNX Runtime outputs once per graph. Every profile
 of the run reuses them. For one profile, :func:`evaluate_candidates` then:
 
-1. predicts each candidate's latency from its graph and rejects those far over the budget, before
-   anything is run or timed;
+1. for a phone profile (NNAPI, CoreML, XNNPACK), runs ORT's usability checker on each candidate's
+   graph (:mod:`~bim_export.deploy.usability`); predicts each candidate's latency from its graph where
+   it runs (the accelerator that takes it, else the CPU cores: :mod:`~bim_export.deploy.placement`)
+   and rejects those far over the budget, before anything is run or timed;
 2. checks parity against PyTorch on real images at batch 1 and batch n with the profile's
    tolerances (a failed precision rejects that candidate; a failed fp32 is an export bug);
 3. gets the latency the budget is checked against: measured for host / calibrated profiles,
@@ -18,7 +21,7 @@ of the run reuses them. For one profile, :func:`evaluate_candidates` then:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,8 @@ import numpy as np
 from ..data import Images
 from ..errors import ValidationError
 from .export import cut_exits
-from .parity import ParityResult, compare_outputs, emulation_note, merge_results
+from .parity import ParityResult, compare_outputs, emulation_note, fixed_batch, merge_results, run_onnx
+from .rewrite import GraphForm, apply_form, form_for
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,7 @@ class Workshop:
         self._refs: dict[int, dict[str, np.ndarray]] = {}
         self._models: dict[tuple, Path] = {}
         self._outputs: dict[Path, dict[str, dict[str, np.ndarray]]] = {}
+        self.fixed_batches: dict[Path, int | None] = {}  # each run graph's fixed batch (None: dynamic)
         self.conversions: dict[Path, dict] = {}  # QuantInfo of each converted file, for the manifest
 
     def backbone(self, depth: int):
@@ -96,54 +101,66 @@ class Workshop:
                 "mean": list(cfg["mean"]), "std": list(cfg["std"])}
 
     @staticmethod
-    def _graph(precision: str, profile) -> tuple[str, int, str | None]:
-        """(precision, opset, int8 preset or None): what a profile asks of a graph at ``precision``."""
-        return precision, profile.opset, profile.int8_preset if precision == "int8" else None
+    def _graph(precision: str, profile, dynamic: bool = False) -> tuple[str, int, str | None, GraphForm]:
+        """(precision, opset, int8 preset or None, graph form): what a profile asks of a graph at
+        ``precision`` (with ``dynamic``, of its second, dynamic-batch file)."""
+        return precision, profile.opset, profile.int8_preset if precision == "int8" else None, form_for(profile, dynamic)
 
-    def full_graph(self, precision: str, profile) -> Path:
-        """The multi-exit graph of every exit at ``precision`` for ``profile``: exported (fp32) or
-        converted once (and shared with every profile asking for the same opset and preset).
+    def full_graph(self, precision: str, profile, dynamic: bool = False) -> Path:
+        """The multi-exit graph of every exit at ``precision`` in ``profile``'s form: exported (fp32),
+        rewritten (:mod:`~bim_export.deploy.rewrite`) or converted once, and shared with every profile
+        asking for the same opset, preset and form.
 
         Converting the whole graph once and cutting exits out of it gives the same per-exit graphs
         as converting each depth's graph (weight quantization is per node, and calibration ranges
         of a tensor do not depend on the blocks after it), at a fraction of the cost.
         """
-        precision, opset, preset = self._graph(precision, profile)
-        key = ("full", precision, opset, preset)
+        return self._full(*self._graph(precision, profile, dynamic))
+
+    def _full(self, precision: str, opset: int, preset: str | None, form: GraphForm) -> Path:
+        key = ("full", precision, opset, preset, form)
         if key in self._models:
             return self._models[key]
-        path = self.work / ("all-exits-" + "-".join(str(k) for k in key[1:] if k is not None) + ".onnx")
-        if precision == "fp32":
+        path = self.work / ("all-exits-" + "-".join(str(k) for k in (precision, opset, preset, form.key) if k) + ".onnx")
+        if precision == "fp32" and form.plain:
             from .export import export_onnx
 
             exits = self.ckpt.config["exits"]
             log.info("exporting exits %s in one graph (opset %d)", exits, opset)
             export_onnx(self.backbone(max(exits)), path, opset=opset, img_size=self.ckpt.config["img_size"],
                         metadata=self.metadata("fp32"), multi_exit=True, exits={d: self.backbone(d) for d in exits})
+        elif precision == "fp32":
+            log.info("rewriting the exits' graph: %s", form.describe())
+            apply_form(self._full("fp32", opset, None, GraphForm()), path, form)
         else:
             from .quantize import convert_precision
 
-            log.info("converting the exits to %s%s", precision, f" ({preset})" if key[3] else "")
+            log.info("converting the exits to %s%s", precision, f" ({preset})" if preset else "")
             calib = self.images.calib if precision == "int8" else None
-            info = convert_precision(self.full_graph("fp32", profile), path, precision, calib_x=calib, preset=preset)
+            info = convert_precision(self._full("fp32", opset, None, form), path, precision, calib_x=calib,
+                                     preset=preset)
             self.conversions[path] = info.to_dict()
         self._models[key] = path
         return path
 
-    def model(self, depth: int, precision: str, profile, multi_exit: bool = False) -> Path:
+    def model(self, depth: int, precision: str, profile, multi_exit: bool = False, dynamic: bool = False) -> Path:
         """The ONNX file of exit ``depth`` at ``precision`` for ``profile`` (with ``multi_exit``: every
-        exit up to ``depth`` in one graph), cut out of :meth:`full_graph` on first use."""
-        precision, opset, preset = self._graph(precision, profile)
-        key = (depth, precision, opset, preset, multi_exit)
+        exit up to ``depth`` in one graph; with ``dynamic``: the profile's dynamic-batch form), cut out
+        of :meth:`full_graph` on first use."""
+        return self._model(depth, *self._graph(precision, profile, dynamic), multi_exit)
+
+    def _model(self, depth: int, precision: str, opset: int, preset: str | None, form: GraphForm,
+               multi_exit: bool) -> Path:
+        key = (depth, precision, opset, preset, form, multi_exit)
         if key in self._models:
             return self._models[key]
-        path = self.work / ("-".join(str(k) for k in (f"d{depth}", *key[1:4]) if k is not None)
+        path = self.work / ("-".join(str(k) for k in (f"d{depth}", precision, opset, preset, form.key) if k)
                             + ("-multi" if multi_exit else "") + ".onnx")
         depths = [d for d in self.ckpt.config["exits"] if d <= depth] if multi_exit else [depth]
         if self.too_big_to_cut:
-            self._export_depth(depth, depths, precision, profile, multi_exit, path)
+            self._export_depth(depth, depths, precision, opset, preset, form, multi_exit, path)
         else:
-            full = self.full_graph(precision, profile)
+            full = self._full(precision, opset, preset, form)
             cut_exits(full, path, depths, single=not multi_exit)
             if full in self.conversions:
                 self.conversions[path] = {**self.conversions[full],
@@ -164,35 +181,35 @@ class Workshop:
             return self.model(depth, precision, profile), False
         return self.full_graph(precision, profile), True
 
-    def _export_depth(self, depth, depths, precision, profile, multi_exit, path) -> None:
-        precision, opset, preset = self._graph(precision, profile)
-        if precision == "fp32":
+    def _export_depth(self, depth, depths, precision, opset, preset, form, multi_exit, path) -> None:
+        if precision == "fp32" and form.plain:
             from .export import export_onnx
 
             exits = {d: self.backbone(d) for d in depths} if multi_exit else None
             export_onnx(self.backbone(depth), path, opset=opset, img_size=self.ckpt.config["img_size"],
                         metadata={**self.metadata("fp32"), "depth": depth}, multi_exit=multi_exit, exits=exits)
+        elif precision == "fp32":
+            apply_form(self._model(depth, "fp32", opset, None, GraphForm(), multi_exit), path, form)
         else:
             from .quantize import convert_precision
 
-            src = self.model(depth, "fp32", profile, multi_exit=multi_exit)
+            src = self._model(depth, "fp32", opset, None, form, multi_exit)
             calib = self.images.calib if precision == "int8" else None
             self.conversions[path] = convert_precision(src, path, precision, calib_x=calib, preset=preset).to_dict()
 
     def onnx_outputs(self, model: Path) -> dict[str, dict[str, np.ndarray]]:
-        """ONNX Runtime (CPU EP) outputs on the parity images at batch 1 and batch n."""
+        """ONNX Runtime (CPU EP) outputs on the parity images at batch 1 and batch n (a model with a
+        fixed batch: at that batch, ``batch1`` its first images)."""
         if model not in self._outputs:
             import onnxruntime as ort
 
             sess = ort.InferenceSession(str(model), providers=[ONNX_PROVIDER])
-            names = [o.name for o in sess.get_outputs()]
             x = self.images.parity
-            ones = [sess.run(names, {"pixels": x[i:i + 1]}) for i in range(min(PARITY_BATCH1, len(x)))]
-            full = sess.run(names, {"pixels": x})
-            self._outputs[model] = {
-                "batch1": {n: np.concatenate([o[j] for o in ones]) for j, n in enumerate(names)},
-                "batchN": dict(zip(names, full)),
-            }
+            n1 = min(PARITY_BATCH1, len(x))
+            full = run_onnx(sess, x, len(x))
+            self.fixed_batches[model] = fixed_batch(sess)
+            ones = {k: v[:n1] for k, v in full.items()} if self.fixed_batches[model] else run_onnx(sess, x[:n1], 1)
+            self._outputs[model] = {"batch1": ones, "batchN": full}
         return self._outputs[model]
 
 
@@ -215,10 +232,12 @@ def check_parity(shop: Workshop, depth: int, precision: str, model: Path, profil
     labels = shop.images.labels if (shop.images.labels >= 0).all() else None
     n1 = len(got["batch1"]["embedding"])
     note = emulation_note(precision, profile.int8_preset if precision == "int8" else None, ONNX_PROVIDER)
+    fixed = shop.fixed_batches.get(model)
+    one, many = ((f"batch {fixed} (fixed)", f"{len(ref['embedding'])} images at fixed batch {fixed}") if fixed
+                 else ("batch 1", f"batch {len(ref['embedding'])}"))
     b1 = compare_outputs({k: v[:n1] for k, v in ref.items()}, got["batch1"], tolerance,
-                         labels=None if labels is None else labels[:n1], label=f"{precision} batch 1", note=note)
-    bn = compare_outputs(ref, got["batchN"], tolerance, labels=labels, label=f"{precision} batch {len(ref['embedding'])}",
-                         note=note)
+                         labels=None if labels is None else labels[:n1], label=f"{precision} {one}", note=note)
+    bn = compare_outputs(ref, got["batchN"], tolerance, labels=labels, label=f"{precision} {many}", note=note)
     return merge_results({"batch1": b1, "batchN": bn}, label=precision)
 
 
@@ -239,6 +258,8 @@ class Trial:
     parity: ParityResult | None = None
     latency: Any = None  # LatencyResult used for the budget check
     memory_mb: float | None = None
+    usability: dict = field(default_factory=dict)  # {ep: EpCoverage} from ORT's checker (mobile profiles)
+    runs_on: str = ""  # the EP whose device figures predict it: an accelerator that takes it, else the CPU
 
     @property
     def label(self) -> str:
@@ -265,7 +286,8 @@ def source_label(result) -> str:
 def evaluate_candidates(shop: Workshop, profile, progress=None) -> list[Trial]:
     """Builds, prunes, checks parity of and times every depth x precision for ``profile``."""
     from .latency.costmodel import predict_memory
-    from .latency.predict import predict_latency
+    from .placement import predict_on_device
+    from .usability import check_model, is_mobile
 
     budget = profile.budgets.latency_ms
     stat = profile.budgets.latency_stat
@@ -280,10 +302,14 @@ def evaluate_candidates(shop: Workshop, profile, progress=None) -> list[Trial]:
     # Predict from the graph (cheap) and prune before anything is run or timed. For a profile that is
     # not measured here the prediction is also the latency figure (what latency_for_profile returns
     # for it, labelled predicted or calibrated); host has no hardware figures and is only measured.
+    if is_mobile(profile):  # what the phone's accelerator takes of each graph decides where it is predicted
+        for t in trials:
+            t.usability = check_model(t.model, profile)
     for t in trials:
         if profile.hardware is None:
             continue
-        t.predicted = t.latency = predict_latency(t.model, profile, profile.batch)
+        t.predicted = t.latency = predict_on_device(t.model, t.usability, profile)
+        t.runs_on = t.predicted.settings["runs_on"]
         t.memory_mb = t.predicted.peak_memory_mb
         pred = latency_value(t.predicted, stat)
         if budget is not None and pred > PRUNE_FACTOR * budget:

@@ -84,6 +84,10 @@ def export_profile(shop: Workshop, profile, out: Path, multi_exit: bool = False,
     ref = shop.reference(choice.depth)
     reference = {"pixels": shop.images.parity[:n], "tokens": ref["tokens"][:n],
                  "embedding": ref["embedding"][:n], "labels": shop.images.labels[:n]}
+    dynamic, dynamic_parity = None, None
+    if profile.dynamic_batch_file:  # the second file the profile asks for: same graph, batch axis dynamic
+        dynamic = shop.model(choice.depth, choice.precision, profile, dynamic=True)
+        dynamic_parity = verify_file(shop, choice, dynamic, profile)
     model, exit_parity = None, {}
     if multi_exit:
         model, exit_parity = multi_exit_model(shop, choice, profile)
@@ -103,10 +107,26 @@ def export_profile(shop: Workshop, profile, out: Path, multi_exit: bool = False,
     spec = BundleSpec(profile=profile, selection=selection, choice=choice, parity=shipped,
                       checkpoint=shop.ckpt.config, metrics=shop.ckpt.metrics, data=shop.images.describe(),
                       conversion=shop.conversions.get(choice.model, {"precision": "fp32", "method": "export"}),
-                      reference=reference, points=points, why=why, model_path=model, exit_parity=exit_parity)
+                      reference=reference, points=points, why=why, model_path=model, exit_parity=exit_parity,
+                      mobile=mobile_record(trials, choice, profile), dynamic_model=dynamic,
+                      dynamic_parity=dynamic_parity)
     bundle = write_bundle(out, spec)
     return Outcome(profile.name, bundle, choice, table=selection.table(), stat=stat, budget_ms=budget,
                    latency_source=source_label(choice.latency))
+
+
+def mobile_record(trials: list[Trial], choice: Trial, profile) -> dict | None:
+    """For a profile with NNAPI, CoreML or XNNPACK: the graph form, ORT's usability check of the
+    chosen file per EP, where it is predicted, and every candidate's check in a line."""
+    from .rewrite import form_for
+    from .usability import is_mobile
+
+    if not is_mobile(profile):
+        return None
+    return {"graph_form": form_for(profile).to_dict(), "runs_on": choice.runs_on,
+            "usability": {ep: c.to_dict() for ep, c in choice.usability.items()},
+            "candidates": {t.label: {ep: c.brief() for ep, c in t.usability.items()} | {"runs_on": t.runs_on}
+                           for t in trials}}
 
 
 def verify_file(shop: Workshop, choice: Trial, model: Path, profile):

@@ -13,10 +13,12 @@ SCRIPT_NOTES = {
                   "which one ran."),
     "server_gpu.py": ("infer.py runs on the CUDA execution provider with IO binding (inputs copied to the GPU "
                       "once, outputs fetched at the end), else on the CPU."),
-    "mobile.py": ("infer.py converts model.onnx to model.ort (onnxruntime's mobile format, for onnxruntime-android "
-                  "/ -ios apps) with `python -m onnxruntime.tools.convert_onnx_models_to_ort`, checks that the "
-                  ".ort model matches the .onnx one on the reference inputs, then embeds the images with it "
-                  "(XNNPACK / NNAPI where available, else CPU). Ship model.ort in the app."),
+    "mobile.py": ("infer.py runs the bundle's model.ort (what onnxruntime-android loads) after checking it against "
+                  "model.onnx on the reference inputs, through NNAPI, then XNNPACK, where this onnxruntime build has "
+                  "them (on the phone under Termux), else the CPU."),
+    "ios.py": ("infer.py runs the bundle's model.ort (what onnxruntime-objc loads) after checking it against "
+               "model.onnx on the reference inputs, through the CoreML provider with the profile's options where "
+               "this onnxruntime build has it (a Mac), else the CPU."),
 }
 
 
@@ -180,6 +182,7 @@ def render_report(manifest: dict[str, Any], table: str, why: str) -> str:
         "Predicted figures come from the graph's cost model and the profile's hardware figures; run",
         "`python validate.py .` on the device to measure them there (recorded in manifest.json).",
         "",
+        *mobile_lines(m),
         "## Run it on the device",
         "",
         "```sh",
@@ -210,3 +213,104 @@ def _parity_row(name: str, r: dict) -> str:
     return (f"| {name} | {r.get('images', '?')} | {r.get('cosine', nan):.6f} / {r.get('cosine_min', nan):.6f} | "
             f"{agree_text} | {r.get('max_abs', nan):.3g} | {r.get('mean_abs', nan):.3g} | "
             f"{'yes' if r.get('passed') else 'NO'} |")
+
+
+# ------------------------------------------------------------------------------- ORT Mobile
+
+
+def mobile_lines(m: dict[str, Any]) -> list[str]:
+    """report.md's sections for an ORT Mobile bundle: the graph form, ORT's usability check per EP,
+    the .ort round trip, what is verified here and what needs the phone, and how an app loads it."""
+    mob = m.get("mobile")
+    if not isinstance(mob, dict):
+        return []
+    form, ort = mob.get("graph_form") or {}, mob.get("ort") or {}
+    lines = ["## On the phone (ONNX Runtime Mobile)", "",
+             f"Graph: {form.get('description', 'as exported')}. The parity above is this graph's.", ""]
+    usability = mob.get("usability") or {}
+    if usability:
+        lines += ["ONNX Runtime's usability checker (the logic of `python -m onnxruntime.tools."
+                  "check_onnx_model_mobile_usability`) on model.onnx:", "",
+                  "| EP | ORT's list | nodes taken | partitions | unsupported ops | dynamic-shape nodes | "
+                  "should perform well as is |", "|---|---|---|---|---|---|---|"]
+        for ep, c in usability.items():
+            ops = ", ".join(op.split(":")[-1] for op in c.get("unsupported_ops", [])) or "none"
+            lines.append(f"| {ep} | {c.get('checker')} | {c.get('supported')} / {c.get('nodes')} "
+                         f"({c.get('coverage', 0):.1%}) | {c.get('partitions')} | {ops} | "
+                         f"{c.get('dynamic_shape_nodes')} | {c.get('verdict')} |")
+        caveats = sorted({cv for c in usability.values() for cv in c.get("caveats", [])})
+        if caveats:
+            lines += ["", "Caveats ORT's checker lists but does not verify (the device run does): "
+                      + "; ".join(f"`{cv}`" for cv in caveats) + "."]
+        lines.append("")
+    runs = mob.get("runs_on")
+    if runs:
+        lines += [f"Latency predicted on: {runs} ({(m.get('latency') or {}).get('note') or 'its figures'}).", ""]
+    cands = mob.get("candidates") or {}
+    if cands:
+        lines += ["Every candidate (ORT's checker; where it is predicted):", ""]
+        lines += [f"- {label}: " + "; ".join(v for k, v in row.items() if k != "runs_on")
+                  + f" -> {row.get('runs_on')}" for label, row in cands.items()]
+        lines.append("")
+    if ort:
+        par = ort.get("parity") or {}
+        lines += [f"`{ort.get('model')}` (ONNX Runtime {ort.get('onnxruntime')} or newer, optimization style "
+                  f"{ort.get('optimization_style')}) was made at export and checked on reference.npz: largest "
+                  f"difference from model.onnx {ort.get('max_abs_vs_onnx', float('nan')):.3g}, against PyTorch "
+                  f"cosine {par.get('cosine', float('nan')):.6f} (worst image {par.get('cosine_min', float('nan')):.6f}). "
+                  f"`{ort.get('config')}` lists its operators for a reduced-size ONNX Runtime build "
+                  "(`build.sh --minimal_build --include_ops_by_config required_operators.config`).", ""]
+    lines += ["Verified here: the graph's coverage by ORT's checker, its parity on real images (fixed shapes, "
+              "rewritten ops, precision), the .ort round trip. Needs the phone: latency and whether the EP's driver "
+              "runs every node it was given (`bim-export calibrate --profile NAME` there for the CPU path, "
+              "`python validate.py .` for this bundle).", ""]
+    return lines + app_usage_lines(m)
+
+
+def app_usage_lines(m: dict[str, Any]) -> list[str]:
+    """How an Android (Kotlin) or iOS (Swift) app loads model.ort, with this bundle's names and shape."""
+    eps = m.get("execution_providers") or []
+    pre = m.get("preprocessing") or {}
+    shape = (m.get("input") or {}).get("shape") or []
+    name = (m.get("input") or {}).get("name", "pixels")
+    outputs = (m.get("io") or {}).get("outputs") or ["embedding"]
+    out = "embedding" if "embedding" in outputs else [o for o in outputs if o.startswith("embedding")][-1]
+    dims = ", ".join(str(d) for d in shape)
+    prep = (f"RGB, shorter side to {pre.get('img_size')} px (bicubic), centre crop, planes in CHW order, "
+            f"(value / 255 - mean) / std with mean {pre.get('mean')} and std {pre.get('std')}")
+    threads = m.get("threads") or 4
+    lines = ["## Use it in an app", "", f"Input `{name}`: float32 [{dims}], {prep}. Output `{out}`: the embedding.", ""]
+    if "NnapiExecutionProvider" in eps or "XnnpackExecutionProvider" in eps:
+        lines += ["Android (Kotlin, `com.microsoft.onnxruntime:onnxruntime-android`):", "", "```kotlin",
+                  "val env = OrtEnvironment.getEnvironment()",
+                  "val options = OrtSession.SessionOptions().apply {",
+                  "    // NNAPI first: it takes the whole graph; CPU_DISABLED keeps NNAPI off its slow reference CPU",
+                  "    addNnapi(EnumSet.of(NNAPIFlags.CPU_DISABLED))",
+                  f"    addXnnpack(mapOf(\"intra_op_num_threads\" to \"{threads}\"))  // what NNAPI leaves",
+                  "}",
+                  "val session = env.createSession(assets.open(\"model.ort\").readBytes(), options)",
+                  f"val input = OnnxTensor.createTensor(env, FloatBuffer.wrap(pixels), longArrayOf({dims}))",
+                  f"session.run(mapOf(\"{name}\" to input)).use {{ result ->",
+                  f"    val embedding = (result.get(\"{out}\").get() as OnnxTensor).floatBuffer",
+                  "}", "```", "",
+                  "`NNAPIFlags.USE_FP16` lets NNAPI compute an fp32 graph in fp16: faster on some NPUs, not checked "
+                  "here; run `python validate.py .` on the phone before shipping it.", ""]
+    if "CoreMLExecutionProvider" in eps:
+        opts = (m.get("provider_options") or {}).get("CoreMLExecutionProvider") or {"ModelFormat": "MLProgram"}
+        pairs = ", ".join(f"\"{k}\": \"{v}\"" for k, v in opts.items())
+        lines += ["iOS (Swift, CocoaPods `onnxruntime-objc`):", "", "```swift",
+                  "import onnxruntime_objc", "",
+                  "let env = try ORTEnv(loggingLevel: .warning)",
+                  "let options = try ORTSessionOptions()",
+                  f"try options.appendCoreMLExecutionProvider(withOptionsV2: [{pairs}])",
+                  "let path = Bundle.main.path(forResource: \"model\", ofType: \"ort\")!",
+                  "let session = try ORTSession(env: env, modelPath: path, sessionOptions: options)",
+                  "let data = NSMutableData(bytes: pixels, length: pixels.count * MemoryLayout<Float>.size)",
+                  f"let input = try ORTValue(tensorData: data, elementType: .float, shape: [{dims}])",
+                  f"let outputs = try session.run(withInputs: [\"{name}\": input], outputNames: [\"{out}\"], "
+                  "runOptions: nil)",
+                  f"let embedding = try outputs[\"{out}\"]!.tensorData()  // float32",
+                  "```", "",
+                  "On the Neural Engine CoreML computes an fp32 MLProgram in fp16; the parity above is fp32 on the "
+                  "CPU EP, so check the app's embeddings against reference.npz once on the phone.", ""]
+    return lines
