@@ -256,14 +256,19 @@ def mobile_lines(m: dict[str, Any]) -> list[str]:
         par = ort.get("parity") or {}
         lines += [f"`{ort.get('model')}` (ONNX Runtime {ort.get('onnxruntime')} or newer, optimization style "
                   f"{ort.get('optimization_style')}) was made at export and checked on reference.npz: largest "
-                  f"difference from model.onnx {ort.get('max_abs_vs_onnx', float('nan')):.3g}, against PyTorch "
+                  f"difference from model.onnx {ort.get('max_abs_vs_onnx', float('nan')):.3g}"
+                  + (" (ORT runs the Q/DQ pairs of one file as int8 kernels and not the other's, so the two are held "
+                     "to the parity tolerances, not to float noise)" if m.get("precision") != "fp32" else "")
+                  + ", against PyTorch "
                   f"cosine {par.get('cosine', float('nan')):.6f} (worst image {par.get('cosine_min', float('nan')):.6f}). "
                   f"`{ort.get('config')}` lists its operators for a reduced-size ONNX Runtime build "
                   "(`build.sh --minimal_build --include_ops_by_config required_operators.config`).", ""]
     lines += ["Verified here: the graph's coverage by ORT's checker, its parity on real images (fixed shapes, "
-              "rewritten ops, precision), the .ort round trip. Needs the phone: latency and whether the EP's driver "
-              "runs every node it was given (`bim-export calibrate --profile NAME` there for the CPU path, "
-              "`python validate.py .` for this bundle).", ""]
+              "rewritten ops, precision), the .ort round trip. Needs the phone: latency, and whether the EP's driver "
+              "runs every node it was given. There, `bim-export calibrate --profile NAME` fits the CPU path and "
+              "`python validate.py .` re-checks this bundle with the onnxruntime it has (a pip wheel has no NNAPI "
+              "or CoreML provider: it measures the CPU path); the accelerator's own latency comes from the app or "
+              "ORT's `onnxruntime_perf_test` built for the phone.", ""]
     return lines + app_usage_lines(m)
 
 
@@ -279,7 +284,8 @@ def app_usage_lines(m: dict[str, Any]) -> list[str]:
     prep = (f"RGB, shorter side to {pre.get('img_size')} px (bicubic), centre crop, planes in CHW order, "
             f"(value / 255 - mean) / std with mean {pre.get('mean')} and std {pre.get('std')}")
     threads = m.get("threads") or 4
-    lines = ["## Use it in an app", "", f"Input `{name}`: float32 [{dims}], {prep}. Output `{out}`: the embedding.", ""]
+    lines = ["## Use it in an app", "", f"Input `{name}`: float32 [{dims}], {prep}. Output `{out}`: float32 "
+             "[batch, D], the embedding (cosine similarity compares two).", ""]
     if "NnapiExecutionProvider" in eps or "XnnpackExecutionProvider" in eps:
         lines += ["Android (Kotlin, `com.microsoft.onnxruntime:onnxruntime-android`):", "", "```kotlin",
                   "val env = OrtEnvironment.getEnvironment()",

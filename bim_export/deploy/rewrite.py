@@ -157,7 +157,8 @@ def _fix_batch(model, batch: int):
 
 
 class _Rewriter:
-    """Node-local rewrites of one graph: each replaces a node by nodes computing the same output."""
+    """Rewrites of one graph: each replaces a node (``qkv4d``: a Transpose and the Slices that unbind it)
+    by nodes computing the same outputs, under the same names."""
 
     def __init__(self, model):
         self.model, self.graph = model, model.graph

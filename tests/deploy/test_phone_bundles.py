@@ -152,3 +152,13 @@ def test_default_mobile_export_of_the_shipped_checkpoint(tmp_path):
     assert nnapi["taken"] >= 0.99 * nnapi["nodes"] and nnapi["partitions"] <= 2
     m = json.loads((bundle / "manifest.json").read_text())
     assert m["parity"]["passed"] and m["mobile"]["ort"]["parity"]["passed"]
+
+
+@pytest.mark.slow
+def test_target_all_writes_every_shipped_profile(tiny_checkpoint, tmp_path):
+    from bim_export.deploy.profiles import list_profiles
+
+    summary = run_export("all", tiny_checkpoint, tmp_path)
+    for name in list_profiles():
+        assert (tmp_path / name / "manifest.json").is_file() and name in summary
+    assert (tmp_path / "iphone-15-pro" / "model.ort").is_file() and not (tmp_path / "host" / "model.ort").exists()
