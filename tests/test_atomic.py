@@ -138,12 +138,12 @@ def test_onnx_file_calibration_file_and_work_folder_follow_the_umask(umask, tmp_
     from tiny_onnx import write_tiny_onnx
 
     from bim_export.deploy.latency.calibration import CALIBRATION
-    from bim_export.deploy.export import _save_checked
+    from bim_export.deploy.export import save_checked
 
     out = tmp_path / "out"
     out.mkdir(mode=0o777 & ~umask)
     proto = onnx.load(str(write_tiny_onnx(tmp_path / "src.onnx")))
-    _save_checked(proto, out / "model.onnx")
+    save_checked(proto, out / "model.onnx")
     atomic_write_bytes(out / "host.json", b'{"kind": "k", "profile": "host", "factors": {}}', CALIBRATION)
     atomic_write_bytes(out / "host.json", b'{"kind": "k", "profile": "host", "factors": {"a": 1}}', CALIBRATION)
     work_dir(out)

@@ -2,8 +2,8 @@
 
 One :class:`Workshop` per run exports every exit in ONE multi-exit graph, rewrites it once per graph
 form a profile asks for (fixed batch, ops its accelerator lacks: :mod:`~bim_export.deploy.rewrite`),
-converts that once per precision (and int8 preset), and cuts each depth's graph out of it; it also computes the
-PyTorch reference outputs once per depth and the ONNX Runtime outputs once per graph. Every profile
+converts that once per precision (and int8 preset), and cuts each depth's graph out of it; it also
+computes the PyTorch reference outputs once per depth and the ONNX Runtime outputs once per graph. Every profile
 of the run reuses them. For one profile, :func:`evaluate_candidates` then:
 
 1. for a phone profile (NNAPI, CoreML, XNNPACK), runs ORT's usability checker on each candidate's
@@ -104,7 +104,8 @@ class Workshop:
     def _graph(precision: str, profile, dynamic: bool = False) -> tuple[str, int, str | None, GraphForm]:
         """(precision, opset, int8 preset or None, graph form): what a profile asks of a graph at
         ``precision`` (with ``dynamic``, of its second, dynamic-batch file)."""
-        return precision, profile.opset, profile.int8_preset if precision == "int8" else None, form_for(profile, dynamic)
+        preset = profile.int8_preset if precision == "int8" else None
+        return precision, profile.opset, preset, form_for(profile, dynamic)
 
     def full_graph(self, precision: str, profile, dynamic: bool = False) -> Path:
         """The multi-exit graph of every exit at ``precision`` in ``profile``'s form: exported (fp32),
@@ -121,7 +122,8 @@ class Workshop:
         key = ("full", precision, opset, preset, form)
         if key in self._models:
             return self._models[key]
-        path = self.work / ("all-exits-" + "-".join(str(k) for k in (precision, opset, preset, form.key) if k) + ".onnx")
+        name = "-".join(str(k) for k in (precision, opset, preset, form.key) if k)
+        path = self.work / f"all-exits-{name}.onnx"
         if precision == "fp32" and form.plain:
             from .export import export_onnx
 

@@ -255,7 +255,8 @@ def _pre_process(src: Path, dst: Path) -> None:
     """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    quant_pre_process(str(src), str(dst), skip_symbolic_shape=True, skip_optimization=_fixed_batch(src) is not None)
+    quant_pre_process(str(src), str(dst), skip_symbolic_shape=True,
+                      skip_optimization=_fixed_batch(src) is not None)
 
 
 def _ort_calibration_method(name: str):
@@ -306,7 +307,8 @@ def _quantize_ort(src, dst, tmp, method, preset, per_channel, nodes, x, calibrat
                          extra_options={"MatMulConstBOnly": True})
     else:
         quantize_static(
-            str(src), str(dst), _ArrayReader(_input_name(src), x, fixed=_fixed_batch(src)), quant_format=QuantFormat.QDQ,
+            str(src), str(dst), _ArrayReader(_input_name(src), x, fixed=_fixed_batch(src)),
+            quant_format=QuantFormat.QDQ,
             per_channel=per_channel, reduce_range=reduce_range, activation_type=act_type,
             weight_type=QuantType.QInt8,
             nodes_to_quantize=nodes, op_types_to_quantize=["MatMul", "Gemm", "Conv"],

@@ -260,7 +260,8 @@ def mobile_lines(m: dict[str, Any]) -> list[str]:
                   + (" (ORT runs the Q/DQ pairs of one file as int8 kernels and not the other's, so the two are held "
                      "to the parity tolerances, not to float noise)" if m.get("precision") != "fp32" else "")
                   + ", against PyTorch "
-                  f"cosine {par.get('cosine', float('nan')):.6f} (worst image {par.get('cosine_min', float('nan')):.6f}). "
+                  f"cosine {par.get('cosine', float('nan')):.6f} "
+                  f"(worst image {par.get('cosine_min', float('nan')):.6f}). "
                   f"`{ort.get('config')}` lists its operators for a reduced-size ONNX Runtime build "
                   "(`build.sh --minimal_build --include_ops_by_config required_operators.config`).", ""]
     lines += ["Verified here: the graph's coverage by ORT's checker, its parity on real images (fixed shapes, "

@@ -297,8 +297,8 @@ class _Rewriter:
         axis, k = attrs.get("axis", 0), int(index)
         base = node.name or node.output[0]
         end = k + 1 if k != -1 else INT64_MAX
-        sliced = self._node("Slice", [node.input[0], self._const(base, [k], np.int64), self._const(base, [end], np.int64),
-                                      self._const(base, [axis], np.int64)], base)
+        bounds = [self._const(base, [v], np.int64) for v in (k, end, axis)]
+        sliced = self._node("Slice", [node.input[0], *bounds], base)
         squeeze = self._node("Squeeze", [sliced.output[0], self._const(base, [axis], np.int64)], base,
                              output=node.output[0])
         return [sliced, squeeze]

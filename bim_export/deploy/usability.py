@@ -122,6 +122,7 @@ def supported_ops(checker: str) -> frozenset[str]:
     """``domain:op`` names that ORT's list for ``checker`` (``NNAPI``, ``CoreML MLProgram``) holds."""
     from onnxruntime.tools.mobile_helpers.usability_checker import _SupportedOpsChecker
 
+    # ORT's own reader of its list (its table of op -> caveat), so both sides read the file alike
     return frozenset(_SupportedOpsChecker(str(_op_list_path(checker)))._ops)
 
 
@@ -152,7 +153,8 @@ def check_model(path: str | Path, profile) -> dict[str, EpCoverage]:
         out[ep] = EpCoverage(
             ep=ep, checker=checker, nodes=info.num_nodes, supported=info.num_supported_nodes,
             partitions=info.num_partitions, partition_sizes=[len(g) for g in info.supported_groups],
-            unsupported_ops=sorted(info.unsupported_ops), dynamic_shape_nodes=info.nodes_unsupported_due_to_dynamic_input,
+            unsupported_ops=sorted(info.unsupported_ops),
+            dynamic_shape_nodes=info.nodes_unsupported_due_to_dynamic_input,
             rank_nodes=info.num_unsupported_nodes_due_to_rank, verdict=info.suitability().name,
             caveats=ops.get_caveats())
     return out

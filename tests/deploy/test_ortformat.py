@@ -34,7 +34,8 @@ def test_ort_model_and_operator_config_round_trip(tmp_path, reference):
     assert any(line.startswith("ai.onnx;") for line in made.operators)
     # the .ort file is ONNX Runtime's format, and computes what the .onnx file computes
     assert (out / ORT_MODEL).read_bytes()[4:8] == b"ORTM"
-    got = ort.InferenceSession(str(out / ORT_MODEL), providers=["CPUExecutionProvider"]).run(None, {"pixels": ref["pixels"]})
+    sess = ort.InferenceSession(str(out / ORT_MODEL), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"pixels": ref["pixels"]})
     np.testing.assert_allclose(got[1], ref["embedding"], atol=1e-6)
 
 

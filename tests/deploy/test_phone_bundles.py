@@ -92,7 +92,8 @@ def test_android_bundle_is_what_nnapi_takes(android):
         assert m["conversion"]["method"] == "static-qdq" and m["conversion"]["per_channel"] is False
     assert m["parity"]["passed"] and m["mobile"]["ort"]["parity"]["passed"]
     report = (android / "report.md").read_text()
-    assert "## On the phone (ONNX Runtime Mobile)" in report and "addNnapi(EnumSet.of(NNAPIFlags.CPU_DISABLED))" in report
+    assert "## On the phone (ONNX Runtime Mobile)" in report
+    assert "addNnapi(EnumSet.of(NNAPIFlags.CPU_DISABLED))" in report
     assert "longArrayOf(1, 3, 32, 32)" in report and "| NnapiExecutionProvider | NNAPI |" in report
 
 
@@ -122,8 +123,9 @@ def test_iphone_bundle_is_one_coreml_mlprogram(iphone, tmp_path):
                for label, c in m["mobile"]["candidates"].items())
     report = (iphone / "report.md").read_text()
     assert 'appendCoreMLExecutionProvider(withOptionsV2: ["ModelFormat": "MLProgram"' in report
-    done = subprocess.run([sys.executable, str(iphone / "infer.py"), str(sorted(sample_images_dir().rglob("*.jpg"))[0])],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    image = sorted(sample_images_dir().rglob("*.jpg"))[0]
+    done = subprocess.run([sys.executable, str(iphone / "infer.py"), str(image)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "check: model.ort matches model.onnx" in done.stdout
 
