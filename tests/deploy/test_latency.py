@@ -128,6 +128,30 @@ def test_vit_cost_scales_with_depth_and_batch(vits):
     assert c[4].unknown_shapes <= 4  # the class-token concat is the only gap of shape inference
 
 
+def test_nodes_out_of_order_are_costed_in_running_order(vits, tmp_path):
+    """ONNX allows nodes in any order (onnxruntime's fp16 converter appends its input Casts at the
+    end): the cost must not depend on it."""
+    from bim_export.deploy.quantize import convert_precision
+
+    m = onnx.load(str(vits[2]))
+    nodes = list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes[len(nodes) // 2:] + nodes[:len(nodes) // 2])
+    onnx.save(m, tmp_path / "rotated.onnx")
+    base, rotated = graph_cost(vits[2], 2), graph_cost(tmp_path / "rotated.onnx", 2)
+    assert (rotated.flops, rotated.bytes, rotated.unknown_shapes) == (base.flops, base.bytes, base.unknown_shapes)
+    assert sorted(n.name for n in rotated.nodes) == sorted(n.name for n in base.nodes)
+    convert_precision(vits[2], tmp_path / "fp16.onnx", "fp16")
+    half = graph_cost(tmp_path / "fp16.onnx", 2)
+    assert half.unknown_shapes == base.unknown_shapes and half.flops == pytest.approx(base.flops, rel=1e-2)  # + its Casts
+    assert half.bytes < 0.6 * base.bytes and sum(n.fp32_bytes for n in half.nodes) < 0.1 * half.bytes
+    cyclic = onnx.load(str(vits[1]))
+    cyclic.graph.node[0].input.append(cyclic.graph.node[-1].output[0])
+    onnx.save(cyclic, tmp_path / "cyclic.onnx")
+    with pytest.raises(InputError, match="cycle"):
+        graph_cost(tmp_path / "cyclic.onnx", 1)
+
+
 def test_predict_memory_counts_weights_and_activations(vits):
     cost = graph_cost(vits[2], batch=1)
     inits = onnx.load(str(vits[2])).graph.initializer
