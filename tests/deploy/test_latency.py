@@ -277,7 +277,9 @@ def test_host_profile_is_measured_and_fp16_is_labelled_emulated(tmp_path, vits):
 def test_gpu_profile_prediction_is_labelled_predicted(vits):
     p1 = latency.predict_latency(vits[4], "server-gpu", batch=1)
     assert p1.source == "predicted" and p1.profile == "h100-sxm"
-    assert p1.expected_error == latency.UNCALIBRATED_ERROR and "predicted" in p1.label
+    assert p1.expected_error == latency.uncalibrated_error("gpu", "fp32").error > 0
+    assert f"predicted ±{p1.expected_error * 100:.0f} %" in p1.label
+    assert "H100" in p1.error_basis and "held-out" in p1.error_basis
     assert p1.p50 > 0 and p1.peak_memory_mb > 0
     r = latency.latency_for_profile(vits[4], "server-gpu", 1)
     assert r.source == "predicted" and r.p50 == pytest.approx(p1.p50)
@@ -285,7 +287,7 @@ def test_gpu_profile_prediction_is_labelled_predicted(vits):
     hw = Hardware(peak_gflops={"fp32": 66900}, mem_bandwidth_gbs=3350, launch_overhead_us=8)
     feats = roofline_features(graph_cost(vits[4], 1), hw)
     assert feats["nodes"] * 8e-3 > 0.5 * p1.p50
-    assert latency.predict_latency(vits[4], "server-gpu", batch=256).p50 > p1.p50
+    assert latency.predict_latency(vits[4], "server-gpu", batch=4096).p50 > p1.p50
 
 
 def test_tensorrt_profile_fuses_qdq_so_int8_beats_fp32(vits, tmp_path):
@@ -320,7 +322,8 @@ def test_calibration_round_trip(calibration_dir, vits):
     assert data["factors"]["node_overhead_us"] >= 0 and data["machine"]["cpu"]
     r = latency.latency_for_profile(vits[2], "raspberry-pi-5", 1)
     assert r.source == "calibrated" and "calibrated" in r.note
-    assert r.expected_error >= 0.1
+    assert r.expected_error >= 0.1 and r.expected_error >= data["fit_error"]["max"]
+    assert r.error_basis.startswith("calibrated: worst residual of the fit on 2 measurements")
     # another profile is still predicted from defaults
     assert latency.latency_for_profile(vits[2], "jetson", 1).source == "predicted"
 
@@ -348,6 +351,8 @@ def test_bad_calibration_files(calibration_dir, vits):
         ({"factors": {"efficiency": {"gemm": -1}, "node_overhead_us": 1, "fixed_overhead_us": 1}},
          "factors.efficiency.gemm' must be > 0"),
         ({"format_version": 99}, "format_version' must be 1"),
+        ({"factors": {"efficiency": {"gemm": 0.7}, "node_overhead_us": 1, "fixed_overhead_us": 1, "overlap": "x"}},
+         "field factors.overlap must be one of sum, queue"),
     ]
     for change, pattern in cases:
         _write_calibration(calibration_dir, **change)
