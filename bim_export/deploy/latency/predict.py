@@ -95,9 +95,10 @@ def predict_latency(path: str | os.PathLike, profile, batch: int | None = None, 
             expected = uncalibrated_error(profile.device_class, precision)
             error, basis = expected.error, expected.basis
     cost = graph_cost(path, batch)
-    # TensorRT builds int8 engines from QDQ graphs by fusing each Q/DQ pair into its neighbours.
+    # TensorRT builds int8 engines from QDQ graphs by fusing each Q/DQ pair into its neighbours, with
+    # fp16 enabled for the layers left in float (targets/jetson.py enables it for every precision).
     tensorrt = profile.execution_providers[0] == "TensorrtExecutionProvider"
-    times = node_times(cost, hw, fuse_qdq=tensorrt)
+    times = node_times(cost, hw, fuse_qdq=tensorrt, float16=tensorrt and precision == "int8")
     ms = predict_seconds(times, factors) * 1e3
     return LatencyResult(mean=ms, p50=ms, p90=ms, p99=ms, source=source, batch=batch, model=os.fspath(path),
                          profile=profile.name, providers=list(profile.execution_providers),

@@ -211,12 +211,15 @@ class NodeTimes:
         return out
 
 
-def node_times(cost: GraphCost, hw: Hardware, *, fuse_qdq: bool = False) -> NodeTimes:
+def node_times(cost: GraphCost, hw: Hardware, *, fuse_qdq: bool = False, float16: bool = False) -> NodeTimes:
     """Each node's roofline seconds at efficiency 1 and its launch weight, in graph order.
 
     Args:
         fuse_qdq: the runtime folds QuantizeLinear / DequantizeLinear into its int8 kernels
             (TensorRT does), so they cost neither time nor a launch.
+        float16: the runtime runs float32 in fp16 (TensorRT's int8 engines are built with fp16
+            enabled: the float layers of a QDQ graph run at the fp16 rate, and every float32 tensor,
+            an int8 kernel's output too, moves half its bytes).
     """
     times = NodeTimes([], [], [])
     for n in cost.nodes:
@@ -226,6 +229,11 @@ def node_times(cost: GraphCost, hw: Hardware, *, fuse_qdq: bool = False) -> Node
             cls, sec, launch = "view", 0.0, VIEW_OVERHEAD_WEIGHT
         else:
             cls, precision, nbytes = n.cls, n.precision, n.bytes
+            if float16:
+                nbytes -= n.fp32_bytes / 2
+                if precision == "fp32":
+                    precision = "fp16"
+                    cls = f"{cls}_fp16" if cls in ("gemm", "matmul") else cls
             spills = hw.cache_mb is not None and nbytes > hw.cache_mb * 1e6
             cls = f"{cls}_dram" if spills else cls
             sec = max(n.flops / (hw.peak(precision) * 1e9), nbytes / (hw.mem_bandwidth_gbs * 1e9))
