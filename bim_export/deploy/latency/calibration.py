@@ -26,7 +26,8 @@ from ...errors import InputError
 from ..profiles import load_profile
 from .costmodel import graph_cost
 from .measure import available_providers, measure_many
-from .roofline import CostFactors, Hardware, default_factors, fit_factors, roofline_features, roofline_seconds
+from .roofline import (MAX_EFFICIENCY, CostFactors, Hardware, default_factors, fit_factors, node_times,
+                       predict_seconds)
 
 # What a calibration file records of the timing protocol (not one measurement's diagnostics).
 PROTOCOL_SETTINGS = ("threads", "warmup", "repeats", "rounds", "max_rounds", "clock", "statistic")
@@ -55,6 +56,15 @@ class Calibration:
     factors: CostFactors
     machine: dict
     expected_error: float  # worst relative error of the fit on its own measurements (at least 10 %)
+    fit_error: dict  # the file's fit_error: median and worst residual of the fit
+
+    @property
+    def error_basis(self) -> str:
+        """Where a calibrated prediction's error comes from, in a line."""
+        n = self.fit_error.get("n")
+        on = f" on {n} measurements" if isinstance(n, int) else ""
+        return (f"calibrated: worst residual of the fit{on} on {self.machine.get('cpu', 'the device')} "
+                f"(at least 10 %; {self.path.name})")
 
 
 def calibration_dir() -> Path:
@@ -121,6 +131,8 @@ def load_calibration(profile, path: str | os.PathLike | None = None) -> Calibrat
         fac = CostFactors.from_dict(factors)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise InputError(f"{path}: field 'factors' is malformed ({type(e).__name__}: {e})") from None
+    except InputError as e:  # a value the factors reject (an unknown overlap)
+        raise InputError(f"{path}: field {e}") from None
     for cls, eff in fac.efficiency.items():
         if not eff > 0:
             raise InputError(f"{path}: field 'factors.efficiency.{cls}' must be > 0 (got {eff})")
@@ -132,7 +144,7 @@ def load_calibration(profile, path: str | os.PathLike | None = None) -> Calibrat
     if not isinstance(err, (int, float)) or err < 0:
         raise InputError(f"{path}: field 'fit_error.max' must be a number >= 0 (got {err!r})")
     return Calibration(path=path, profile=profile.name, factors=fac, machine=need("machine", dict),
-                       expected_error=max(0.1, float(err)))
+                       expected_error=max(0.1, float(err)), fit_error=dict(fit))
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -191,17 +203,18 @@ def calibrate(profile, out: str | os.PathLike | None = None, *, specs=None, batc
         results = measure_many(jobs, providers=list(profile.execution_providers), threads=threads or profile.threads,
                                warmup=warmup, repeats=repeats, rounds=rounds)
         used = sorted({p for r in results for p in r.providers})
-        feats = [roofline_features(graph_cost(p, b), hw) for p, b in jobs]
-    samples = [(f, r.p50 / 1e3) for f, r in zip(feats, results)]
-    factors = fit_factors(samples, default_factors(profile.device_class, hw), label=f"calibrate {profile.name}")
-    preds = [roofline_seconds(f, factors) * 1e3 for f in feats]
+        times = [node_times(graph_cost(p, b), hw) for p, b in jobs]  # fp32 graphs: no Q/DQ to fuse
+    samples = [(t, r.p50 / 1e3) for t, r in zip(times, results)]
+    factors = fit_factors(samples, default_factors(profile.device_class, hw), label=f"calibrate {profile.name}",
+                          max_efficiency=MAX_EFFICIENCY.get(profile.device_class))
+    preds = [predict_seconds(t, factors) * 1e3 for t in times]
     errors = [abs(p - r.p50) / r.p50 for p, r in zip(preds, results)]
     record = {
         "kind": KIND, "format_version": FORMAT_VERSION, "profile": profile.name, "bim_export_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": results[0].machine, "providers": used,
         "settings": {k: v for k, v in results[0].settings.items() if k in PROTOCOL_SETTINGS},
         "hardware": hw.signature(), "factors": factors.to_dict(),
-        "fit_error": {"median": statistics.median(errors), "max": max(errors)},
+        "fit_error": {"median": statistics.median(errors), "max": max(errors), "n": len(errors)},
         "measurements": [{"model": model_signature(specs[i // len(batches)]), "batch": b, "measured_ms": r.p50,
                           "fitted_ms": p} for i, ((_, b), r, p) in enumerate(zip(jobs, results, preds))],
     }

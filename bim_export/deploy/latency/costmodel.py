@@ -46,6 +46,7 @@ class NodeCost:
     precision: str
     flops: float
     bytes: float
+    fp32_bytes: float = 0.0  # of ``bytes``, those of float32 tensors (halved by a runtime that runs them in fp16)
 
 
 @dataclass
@@ -123,7 +124,41 @@ def _bind_batch(model, batch: int):
             if d.HasField("dim_param") and d.dim_param in symbols:
                 d.Clear()
                 d.dim_value = batch
+    _sort_nodes(m.graph)
     return m
+
+
+def _sort_nodes(g) -> None:
+    """Puts the nodes in an order that runs (each after its inputs' producers), keeping the file's
+    order where it already does. ONNX allows any order and runtimes sort at load; shape inference
+    and the costing walk the list as it is (onnxruntime's fp16 converter appends its input Casts at
+    the end, which left every shape after them unknown)."""
+    import heapq
+
+    nodes = list(g.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    waits_on = [{producer[t] for t in n.input if t in producer and producer[t] != i} for i, n in enumerate(nodes)]
+    if all(all(j < i for j in w) for i, w in enumerate(waits_on)):
+        return
+    users: dict[int, list[int]] = {}
+    for i, w in enumerate(waits_on):
+        for j in w:
+            users.setdefault(j, []).append(i)
+    left = [len(w) for w in waits_on]
+    ready = [i for i, n in enumerate(left) if n == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users.get(i, []):
+            left[u] -= 1
+            if left[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) < len(nodes):
+        raise InputError("the graph has a cycle: its nodes cannot be ordered to run")
+    del g.node[:]
+    g.node.extend(nodes[i] for i in order)
 
 
 def _shapes(model) -> tuple[dict[str, tuple[int, ...] | None], dict[str, int]]:
@@ -249,6 +284,8 @@ def graph_cost(path_or_model, batch: int = 1) -> GraphCost:
     Raises:
         InputError: the file is missing or unreadable, or the graph has a fixed other batch.
     """
+    from onnx import TensorProto
+
     if batch < 1:
         raise InputError(f"batch must be >= 1 (got {batch})")
     model = _bind_batch(_load(path_or_model), batch)
@@ -278,16 +315,19 @@ def graph_cost(path_or_model, batch: int = 1) -> GraphCost:
         elif node.op_type in _GEMM_OPS and node.input[:2] and all(i in dequantized for i in node.input[:2]):
             prec = "int8"  # QDQ: the runtime fuses DequantizeLinear -> MatMul into an int8 kernel
         out_shape = shapes.get(node.output[0]) if node.output else None
-        if cls in ("view", "free"):
-            flops, nbytes = 0.0, 0.0
-        else:
+        flops = nbytes = fp32_bytes = 0.0
+        if cls not in ("view", "free"):
             flops = _flops(node, shapes, out_shape)
-            tensors = [t for t in (*node.input, *node.output) if t]
-            nbytes = float(sum(_numel(shapes.get(t)) * (1 if t in dequantized and prec == "int8" else
-                                                         _itemsize(dtypes.get(t, 1))) for t in tensors))
+            for t in (*node.input, *node.output):
+                if not t:
+                    continue
+                int8_read = t in dequantized and prec == "int8"  # the fused kernel reads the int8 tensor
+                size = _numel(shapes.get(t)) * (1 if int8_read else _itemsize(dtypes.get(t, 1)))
+                nbytes += size
+                fp32_bytes += size if not int8_read and dtypes.get(t, 1) == TensorProto.FLOAT else 0.0
         if cls in ("gemm", "matmul") and prec != "fp32":
             cls = f"{cls}_{prec}"
-        nodes.append(NodeCost(node.name or node.op_type, node.op_type, cls, prec, flops, nbytes))
+        nodes.append(NodeCost(node.name or node.op_type, node.op_type, cls, prec, flops, nbytes, fp32_bytes))
     peak = _peak_activations(g, shapes, dtypes, consts)
     return GraphCost(batch=batch, nodes=nodes, weights_bytes=weights_bytes, peak_activation_bytes=peak,
                      unknown_shapes=unknown)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ...errors import InputError
 from ...machine import machine_description
-from .stats import QUIET, percentile, summarize
+from .stats import MIN_ERROR, QUIET, percentile, summarize
 
 
 @dataclass
@@ -37,6 +37,9 @@ class LatencyResult:
         errors: relative error per statistic (p50, p90, p99, mean), measured results only.
         disturbed: empty, or what disturbed a measurement that could not get quiet rounds (its
             figures are then biased high and its errors reach down to a quiet-machine floor).
+        error_basis: where ``expected_error`` comes from, in a line for reports: the spread of a
+            measurement's rounds, a calibration fit's residual, or the held-out error measured for
+            uncalibrated predictions of the device class (``predict.UNCALIBRATED_ERRORS``).
         note: e.g. ``host-emulated fp16`` when an fp16 model was timed on a CPU execution provider,
             ``busy machine`` for a disturbed measurement.
     """
@@ -57,6 +60,7 @@ class LatencyResult:
     errors: dict = field(default_factory=dict)
     disturbed: str = ""
     note: str = ""
+    error_basis: str = ""
 
     def stat(self, name: str) -> float:
         """The value of statistic ``name`` (p50, p90, p99 or mean) in ms."""
@@ -155,7 +159,10 @@ def measure_many(jobs: list[tuple[str | os.PathLike, int]], providers: list[str]
                                  providers=r["providers"], settings={**settings, **record},
                                  peak_memory_mb=r["peak_memory_mb"], machine=machine,
                                  expected_error=s.expected_error, errors=s.errors, disturbed=s.disturbed,
-                                 note="busy machine" if s.disturbed else ""))
+                                 note="busy machine" if s.disturbed else "",
+                                 error_basis=("measured on a busy machine: the error reaches down to the quiet "
+                                              "floor" if s.disturbed else f"measured: spread of {len(s.used)} "
+                                              f"quiet rounds (at least {MIN_ERROR:.0%})")))
     return out
 
 

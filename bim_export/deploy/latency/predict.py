@@ -11,16 +11,49 @@ result says which it is.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from ..profiles import load_profile
 from .calibration import load_calibration
 from .costmodel import graph_cost
 from .measure import LatencyResult, measure_many
-from .roofline import Hardware, default_factors, roofline_features, roofline_seconds
+from .roofline import Hardware, default_factors, node_times, predict_seconds
 
-# Relative error a prediction for an uncalibrated device is expected to stay within: the factors
-# were fitted on another machine, so only the roofline's shape carries over.
-UNCALIBRATED_ERROR = 0.5
+
+@dataclass(frozen=True)
+class ExpectedError:
+    """How far uncalibrated predictions were measured to be off, and the measurement it came from."""
+
+    error: float  # the relative error a prediction is labelled with (0.5 = +-50 %)
+    basis: str  # the measurement, its machine and what was held out, in a line
+
+
+_GPU = ("uncalibrated gpu defaults, worst held-out error: published H200 torch-eager timings predicted {h200} "
+        "from the H100 fit (that host launches kernels faster); each (width, batch) group of the H100 run "
+        "(NVIDIA H100 80GB HBM3, torch 2.11 eager) predicted from the others: median 8 %, worst 21 % "
+        "(bench/results/latency_model_cuda_h100.md){extra}")
+_CPU = ("uncalibrated cpu defaults, worst held-out error: each (width, batch) group of a run on a 2-core AMD "
+        "EPYC (AVX2, FMA; ONNX Runtime 1.32) predicted from the others: median 18 %, worst 28 % "
+        "(bench/results/latency_model_quiet.md); the defaults were fitted on that machine and no other CPU "
+        "was measured{extra}")
+_UNTIMED = "; {p} was not timed, the fp32 figure stands in"
+# The error an uncalibrated prediction (a device class's default factors on its profile's data-sheet
+# figures) is labelled with, per device class and precision: the worst error of the held-out checks
+# bench/latency_model.py ran on the class's defaults (README, "Latency prediction"). mobile and edge
+# devices use the cpu factors.
+UNCALIBRATED_ERRORS: dict[tuple[str, str], ExpectedError] = {
+    ("gpu", "fp32"): ExpectedError(0.59, _GPU.format(h200="+43 % and +59 %", extra="")),
+    ("gpu", "fp16"): ExpectedError(0.59, _GPU.format(h200="+43 % and +59 %", extra=_UNTIMED.format(p="fp16"))),
+    ("gpu", "int8"): ExpectedError(0.59, _GPU.format(h200="+43 % and +59 %", extra=_UNTIMED.format(p="int8"))),
+    ("cpu", "fp32"): ExpectedError(0.28, _CPU.format(extra="")),
+    ("cpu", "fp16"): ExpectedError(0.28, _CPU.format(extra=_UNTIMED.format(p="fp16"))),
+    ("cpu", "int8"): ExpectedError(0.28, _CPU.format(extra=_UNTIMED.format(p="int8"))),
+}
+
+
+def uncalibrated_error(device_class: str, precision: str) -> ExpectedError:
+    """The measured error of an uncalibrated prediction for a device class and precision."""
+    return UNCALIBRATED_ERRORS[("gpu" if device_class == "gpu" else "cpu", precision)]
 
 
 def model_precision(path: str | os.PathLike) -> str:
@@ -44,33 +77,37 @@ def predict_latency(path: str | os.PathLike, profile, batch: int | None = None, 
                     hardware: Hardware | None = None) -> LatencyResult:
     """Predicts the latency of an ONNX model on a profile's device from its graph.
 
-    Uses the profile's calibration file when there is one (``source="calibrated"``), otherwise the
-    default factors of its device class (``source="predicted"``). ``factors`` / ``hardware``
-    override both (the benchmark fits its own).
+    Uses the profile's calibration file when there is one (``source="calibrated"``, its fit's
+    residual as the error), otherwise the default factors of its device class (``source="predicted"``,
+    the error measured for them: :data:`UNCALIBRATED_ERRORS`). ``factors`` / ``hardware`` override
+    both (the benchmark fits its own; the result then has no expected error).
     """
     profile = load_profile(profile)
     batch = int(batch or profile.batch)
     hw = hardware or Hardware.from_profile(profile)
-    source, error, note = "predicted", UNCALIBRATED_ERROR, ""
+    precision = model_precision(path)
+    source, error, note, basis = "predicted", None, "", ""
     if factors is None:
         cal = load_calibration(profile)
         if cal is not None:
-            factors, source, error = cal.factors, "calibrated", cal.expected_error
+            factors, source, error, basis = cal.factors, "calibrated", cal.expected_error, cal.error_basis
             note = f"calibrated on {cal.machine.get('cpu', 'the device')}"
         else:
             factors = default_factors(profile.device_class, hw)
-    else:
-        error = None
+            expected = uncalibrated_error(profile.device_class, precision)
+            error, basis = expected.error, expected.basis
     cost = graph_cost(path, batch)
-    # TensorRT builds int8 engines from QDQ graphs by fusing each Q/DQ pair into its neighbours.
-    fuse_qdq = bool(profile.execution_providers) and profile.execution_providers[0] == "TensorrtExecutionProvider"
-    ms = roofline_seconds(roofline_features(cost, hw, fuse_qdq=fuse_qdq), factors) * 1e3
+    # TensorRT builds int8 engines from QDQ graphs by fusing each Q/DQ pair into its neighbours, with
+    # fp16 enabled for the layers left in float (targets/jetson.py enables it for every precision).
+    tensorrt = profile.execution_providers[0] == "TensorrtExecutionProvider"
+    times = node_times(cost, hw, fuse_qdq=tensorrt, float16=tensorrt and precision == "int8")
+    ms = predict_seconds(times, factors) * 1e3
     return LatencyResult(mean=ms, p50=ms, p90=ms, p99=ms, source=source, batch=batch, model=os.fspath(path),
                          profile=profile.name, providers=list(profile.execution_providers),
                          settings={"factors": factors.to_dict(), "hardware": hw.signature(),
                                    "gflop": cost.flops / 1e9},
                          peak_memory_mb=(cost.weights_bytes + cost.peak_activation_bytes) / 1e6,
-                         expected_error=error, note=note)
+                         expected_error=error, note=note, error_basis=basis)
 
 
 def latency_for_profile(path: str | os.PathLike, profile, batch: int | None = None, *, threads: int | None = None,
