@@ -50,9 +50,22 @@ class TrainConfig(BaseModel):
                                 "position embeddings, tokens)")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this (off by default)")
+    grad_clip_mode: Literal["global", "stage"] = Field(
+        "global", description="global: clip by the norm over all parameters (needs every stage's gradients "
+        "first, so the run uses update: step); stage: clip each stage by its own norm (works with update: stage)")
+    update: Literal["stage", "step"] = Field(
+        "stage", description="when parameters are stepped. stage: each stage's AdamW step as soon as its "
+        "gradients are final (its backward of the step's last micro-batch), and its gradients freed; the "
+        "same result as step with one stage's gradients alive at a time. step: every stage after the whole "
+        "backward. stage falls back to step where it would differ (mode e2e; grad_clip with grad_clip_mode "
+        "global) and the run's start line says so")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="autocast: auto = bf16 on CUDA, "
                                                        "fp32 on CPU")
-    grad_checkpointing: bool = Field(False, description="recompute encoder blocks in backward (saves memory)")
+    grad_checkpointing: bool = Field(False, description="recompute every encoder block (inside each stage) and "
+                                     "every decoder block in backward, keeping only block inputs: less "
+                                     "activation memory for about a fifth more compute; same result")
+    compile: bool = Field(False, description="torch.compile every encoder and decoder block: faster steps after "
+                          "a compile of a minute or so at the start; same result within rounding")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to train")
     seed: int = Field(0, description="seed of initialization, data order, augmentation and masks")
     num_workers: int = Field(2, ge=0, description="data-loading worker processes per training process")

@@ -258,3 +258,12 @@ def test_train_cli(tmp_path, capsys):
     assert rc == 2 and "exits must lie in 1..4" in capsys.readouterr().err
     rc = main(["train", "--config", str(cfg), "--out", str(tmp_path / "z"), "--set", "batch_size=0"])
     assert rc == 2 and "batch_size: Input should be greater than or equal to 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_to_the_same_weights(tmp_path):
+    # a minute on 2 cores: inductor compiles the encoder and decoder blocks (then cached on disk)
+    train(tiny_train_config(tmp_path / "eager", steps=2))
+    train(tiny_train_config(tmp_path / "compiled", steps=2, compile=True, grad_checkpointing=True))
+    assert_same_weights(tmp_path / "eager", tmp_path / "compiled", atol=1e-5)
+    assert set(_weights(tmp_path / "eager")) == set(_weights(tmp_path / "compiled"))  # names unchanged
