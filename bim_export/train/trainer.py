@@ -172,7 +172,7 @@ def _train(cfg: TrainConfig, resume: bool | str, dataset, device: torch.device, 
     update, update_line = resolve_update(cfg)
     stepper = Stepper(optimizer, info, update, cfg.grad_clip, cfg.grad_clip_mode)
     if info.is_main:
-        _announce(cfg, f"{_start_line(out, resumed)}; {update_line}")
+        _announce(cfg, f"{_start_line(out, resumed)}{_settings_note(cfg, resumed)}; {update_line}")
     broadcast_parameters(model, info)
     if cfg.compile:
         model.compile_blocks()
@@ -265,6 +265,15 @@ def _start_line(out: Path, resumed: int | None) -> str:
     return f"{out}: " + (f"resumed from step {resumed}" if resumed is not None else "started from scratch")
 
 
+def _settings_note(cfg: TrainConfig, resumed: int | None) -> str:
+    """For the start line of a resumed run: whose training settings it runs with."""
+    if resumed is None or cfg._stored_from is None:
+        return ""
+    given = cfg.given_over_stored()
+    return (f" with the training settings stored in {cfg._stored_from}"
+            + (f", changed: {', '.join(given)}" if given else ""))
+
+
 def _announce(cfg: TrainConfig, line: str) -> None:
     """A line for the run's log: through the progress bar's channel when there is one."""
     log.info(line)
@@ -317,8 +326,9 @@ def _evaluate(model: BimModel, cfg: TrainConfig, eval_set, out: Path) -> dict:
 
 def train_from_cli(config_file=None, data=None, model=None, exits=None, out=None, eval_data=None,
                    overrides=None, resume: bool | Literal["auto"] = False) -> str:
-    """``bim-export train``: settings from the YAML file, flags and ``--set``; returns a short summary."""
-    cfg = load_train_config(config_file, overrides, data=data, model=model, exits=exits, out=out,
-                            eval_data=eval_data)
+    """``bim-export train``: settings from the YAML file, flags and ``--set`` (on top of the checkpoint's
+    stored settings when resuming); returns a short summary."""
+    cfg = load_train_config(config_file, overrides, resume=bool(resume), data=data, model=model, exits=exits,
+                            out=out, eval_data=eval_data)
     result = train(cfg, resume=resume)
     return result.summary() if result.is_main else ""
