@@ -336,6 +336,7 @@ class BimModel(nn.Module):
                 losses[end] = loss
         total = sum(losses[d] * w for d, w in zip(self.decoded_exits, self.config.loss_weights))
         (total * loss_scale).backward()
-        for i in range(self.num_stages if on_stage_end is not None else 0):
-            on_stage_end(i)
+        if on_stage_end is not None:
+            for i in range(self.num_stages):
+                on_stage_end(i)
         return StepLosses({d: v.detach() for d, v in losses.items()})
