@@ -65,37 +65,38 @@ class StageOptimizer:
         cfg: lr (set per step from the schedule), betas and weight decay.
         fused: ``True``: torch's fused AdamW kernel (CUDA); ``False``: the multi-tensor (foreach)
             one; None: fused on CUDA, foreach elsewhere.
+        stages: the stages this process steps (default: all); a process that holds some stages
+            of a stage-parallel layout saves and loads the state of those only.
     """
 
-    def __init__(self, model: BimModel, cfg: TrainConfig, fused: bool | None = None):
+    def __init__(self, model: BimModel, cfg: TrainConfig, fused: bool | None = None,
+                 stages: Iterable[int] | None = None):
         params = list(model.parameters())
         if fused is None:
             fused = bool(params) and params[0].device.type == "cuda"
         impl = {"fused": True} if fused else {"foreach": True}
-        self.names: list[list[str]] = []  # per stage, in the order of its optimizer's groups
-        self.optimizers: list[torch.optim.AdamW] = []
+        self.stages = list(range(model.num_stages) if stages is None else stages)
+        self.names: dict[int, list[str]] = {}  # per stage, in the order of its optimizer's groups
+        self.optimizers: dict[int, torch.optim.AdamW] = {}
+        self._model_names = {n for n, _ in model.named_parameters()}
         # the parameter order of the single AdamW older checkpoints saved (param_groups' order)
         legacy = _decays(model, model.named_parameters())
         self._legacy_order = [n for group in legacy for n, _ in group]
         self._legacy_sizes = [len(group) for group in legacy]
-        for i in range(model.num_stages):
+        for i in self.stages:
             decay, no_decay = _decays(model, model.stage_parameters(i))
-            self.names.append([n for n, _ in decay + no_decay])
+            self.names[i] = [n for n, _ in decay + no_decay]
             groups = [{"params": [p for _, p in decay], "weight_decay": cfg.weight_decay},
                       {"params": [p for _, p in no_decay], "weight_decay": 0.0}]
-            self.optimizers.append(torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=cfg.betas, **impl))
-
-    @property
-    def num_stages(self) -> int:
-        return len(self.optimizers)
+            self.optimizers[i] = torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=cfg.betas, **impl)
 
     def params(self, stage: int | None = None) -> list[nn.Parameter]:
-        """The parameters of one stage, or of all stages (``None``)."""
-        opts = self.optimizers if stage is None else [self.optimizers[stage]]
+        """The parameters of one stage, or of all this optimizer's stages (``None``)."""
+        opts = self.optimizers.values() if stage is None else [self.optimizers[stage]]
         return [p for opt in opts for g in opt.param_groups for p in g["params"]]
 
     def set_lr(self, lr: float) -> None:
-        for opt in self.optimizers:
+        for opt in self.optimizers.values():
             for g in opt.param_groups:
                 g["lr"] = lr
 
@@ -109,7 +110,7 @@ class StageOptimizer:
         self.optimizers[stage].zero_grad(set_to_none=True)
 
     def step(self) -> None:
-        for i in range(self.num_stages):
+        for i in self.stages:
             self.step_stage(i)
 
     # ---------------------------------------------------------------- saved state
@@ -117,9 +118,9 @@ class StageOptimizer:
     def state_dict(self) -> dict:
         """``{"format": STATE_FORMAT, "state": {parameter name: {"step", "exp_avg", "exp_avg_sq"}}}``."""
         state = {}
-        for names, opt in zip(self.names, self.optimizers):
-            per_index = opt.state_dict()["state"]
-            state.update({names[i]: s for i, s in per_index.items()})
+        for stage, opt in self.optimizers.items():
+            names = self.names[stage]
+            state.update({names[i]: s for i, s in opt.state_dict()["state"].items()})
         return {"format": STATE_FORMAT, "state": state}
 
     def load_state_dict(self, saved: dict, source: str | Path = "train_state.pt") -> None:
@@ -127,17 +128,19 @@ class StageOptimizer:
         (positions mapped to names by the model's parameter order, as that optimizer listed them).
 
         Hyper-parameters (betas, weight decay) stay this run's: they come from the training settings.
+        The state of stages this optimizer does not hold is left out.
 
         Raises:
             InputError: state of parameters this model does not have, or an older state whose
                 parameter count does not match (the message names ``source``).
         """
         by_name = self._by_name(saved, source)
-        unknown = sorted(set(by_name) - {n for names in self.names for n in names})
+        unknown = sorted(set(by_name) - self._model_names)
         if unknown:
             raise InputError(f"{source}: optimizer state of parameters this model does not have "
                              f"({', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''})")
-        for names, opt in zip(self.names, self.optimizers):
+        for stage, opt in self.optimizers.items():
+            names = self.names[stage]
             # torch's own format for this stage's optimizer: its current groups, state by position
             current = opt.state_dict()
             opt.load_state_dict({"param_groups": current["param_groups"],

@@ -83,13 +83,13 @@ class Stepper:
             while self._final:
                 self._apply(self._final.pop(0))
             return
-        if sorted(self._final) != list(range(self.optimizer.num_stages)):
+        if sorted(self._final) != sorted(self.optimizer.stages):
             raise RuntimeError(f"stages {self._final} reported done; every stage must be, once per step")
         for stage in self._final:
             self.reducer.wait(stage)
         if self.grad_clip is not None and self.grad_clip_mode == "global":
             torch.nn.utils.clip_grad_norm_(self.optimizer.params(), self.grad_clip)
-        for stage in range(self.optimizer.num_stages):
+        for stage in self.optimizer.stages:
             self._clip_and_step(stage)
         self._final = []
 

@@ -116,6 +116,22 @@ def test_optimizer_state_is_keyed_by_name_and_reads_the_older_positional_format(
         assert all(torch.equal(again[n]["exp_avg_sq"], saved["state"][n]["exp_avg_sq"]) for n in again)
 
 
+def test_optimizers_of_some_stages_save_and_load_their_share_of_the_state():
+    m = tiny_model()
+    full = StageOptimizer(m, tiny_train_config("x"))
+    m.forward_backward(torch.randn(2, 3, 32, 32), torch.rand(2, 16))
+    full.step()
+    saved = full.state_dict()["state"]
+    parts = [StageOptimizer(m, tiny_train_config("x"), stages=s) for s in ([0], [1, 2])]
+    for part in parts:  # as a process holding those stages of a stage-parallel layout would
+        part.load_state_dict(full.state_dict())
+    states = [part.state_dict()["state"] for part in parts]
+    assert set(states[0]) == {n for n, _ in m.stage_parameters(0)} and not set(states[0]) & set(states[1])
+    merged = {**states[0], **states[1]}
+    assert merged.keys() == saved.keys()
+    assert all(torch.equal(merged[n]["exp_avg"], saved[n]["exp_avg"]) for n in saved)
+
+
 def test_optimizer_state_of_another_model_is_refused():
     m = tiny_model()
     opt = StageOptimizer(m, tiny_train_config("x"))
