@@ -104,6 +104,11 @@ class TrainConfig(BaseModel):
         ``--exits``, ``--set model_args.depth``, or ``training settings: steps`` (not given)."""
         return _where(self._origins, self._default_origin, key)
 
+    @property
+    def stored_from(self) -> Path | None:
+        """The checkpoint config.json whose stored settings this (resumed) run's start from, if any."""
+        return self._stored_from
+
     def given_over_stored(self) -> list[str]:
         """Settings given on top of a checkpoint's stored ones (``steps (--set)``), ``out`` left out."""
         if self._stored_from is None:

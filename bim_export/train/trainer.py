@@ -267,10 +267,10 @@ def _start_line(out: Path, resumed: int | None) -> str:
 
 def _settings_note(cfg: TrainConfig, resumed: int | None) -> str:
     """For the start line of a resumed run: whose training settings it runs with."""
-    if resumed is None or cfg._stored_from is None:
+    if resumed is None or cfg.stored_from is None:
         return ""
     given = cfg.given_over_stored()
-    return (f" with the training settings stored in {cfg._stored_from}"
+    return (f" with the training settings stored in {cfg.stored_from}"
             + (f", changed: {', '.join(given)}" if given else ""))
 
 
