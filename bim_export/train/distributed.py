@@ -4,10 +4,11 @@ Why no ``DistributedDataParallel``: its reducer all-reduces gradients during a b
 each forward to be followed by one backward that reaches every parameter. BIM runs one backward per
 stage, each reaching only that stage's blocks and decoder, and several per optimizer step with
 gradient accumulation; wrapping the stages in ``no_sync`` and syncing on a last backward would still
-leave the earlier stages out of it. So each rank accumulates gradients locally over every
-stage and micro-batch, and the gradients are averaged across ranks once per optimizer step, right
-before ``optimizer.step()``: one flattened all-reduce per dtype, the same traffic as DDP, and exactly
-the gradient of the global batch since every rank's loss is a mean over an equal share of it.
+leave the earlier stages out of it. So each rank accumulates gradients locally, and
+:class:`GradientReducer` averages each stage's gradients across ranks as soon as that stage's last
+backward of the step ends: one flattened all-reduce per stage and dtype, started without waiting,
+so the communication of stage k runs while stage k + 1 computes. The traffic is DDP's, and the result
+exactly the gradient of the global batch, since every rank's loss is a mean over an equal share of it.
 """
 
 from __future__ import annotations
@@ -57,28 +58,48 @@ def broadcast_parameters(module: torch.nn.Module, info: DistInfo) -> None:
         dist.broadcast(t.data, src=0)
 
 
-def average_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
-    """Averages ``.grad`` across ranks in place (one flattened all-reduce per dtype).
+class GradientReducer:
+    """Averages ``.grad`` across ranks, a group of parameters (a stage) at a time, asynchronously.
 
-    Every rank must pass the same parameters; one whose ``.grad`` is None on a rank contributes
-    zeros there, so ranks never disagree on the bucket layout.
+    :meth:`launch` copies the group's gradients into one flat bucket per dtype and starts an
+    all-reduce on it (``async_op=True``); :meth:`wait` waits for it and writes the mean back. Every
+    rank must launch the same groups in the same order; a parameter whose ``.grad`` is None on a
+    rank contributes zeros there, so ranks never disagree on the bucket layout. In a single process
+    both are no-ops.
     """
-    if not info.enabled:
-        return
-    by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        by_dtype.setdefault(p.grad.dtype, []).append(p)
-    for group in by_dtype.values():
-        flat = torch.cat([p.grad.reshape(-1) for p in group])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat /= info.world_size
-        offset = 0
-        for p in group:
-            n = p.grad.numel()
-            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-            offset += n
+
+    def __init__(self, info: DistInfo):
+        self.info = info
+        self._pending: dict = {}
+
+    def launch(self, key, params: list[torch.nn.Parameter]) -> None:
+        if not self.info.enabled:
+            return
+        by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            by_dtype.setdefault(p.grad.dtype, []).append(p)
+        buckets = []
+        for group in by_dtype.values():
+            flat = torch.cat([p.grad.reshape(-1) for p in group])
+            buckets.append((group, flat, dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True)))
+        self._pending[key] = buckets
+
+    def wait(self, key) -> None:
+        """Waits for ``key``'s all-reduce (if one was launched) and stores the mean in ``.grad``."""
+        for group, flat, work in self._pending.pop(key, []):
+            work.wait()
+            flat /= self.info.world_size
+            offset = 0
+            for p in group:
+                n = p.grad.numel()
+                p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+                offset += n
+
+    def pending(self) -> list:
+        """Keys launched and not yet waited for, in launch order."""
+        return list(self._pending)
 
 
 def average_tensor(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -15,79 +15,34 @@ registers) first.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..architecture import BimConfig, create_vit, describe_encoder, exit_tokens
 from ..errors import InputError
-
-
-# ------------------------------------------------------------------------------ decoder
-
-
-def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position embedding as in MAE. Returns [grid_h * grid_w, dim]."""
-    if dim % 4:
-        raise ValueError(f"a sine-cosine embedding needs a width divisible by 4 (got {dim})")
-    ys, xs = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
-                            torch.arange(grid_w, dtype=torch.float64), indexing="ij")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-
-    def emb(pos):  # pos: [L] -> [L, dim / 2]
-        out = pos.reshape(-1, 1) * omega.reshape(1, -1)
-        return torch.cat([out.sin(), out.cos()], dim=1)
-
-    return torch.cat([emb(ys), emb(xs)], dim=1).float()
-
-
-class MaeDecoder(nn.Module):
-    """MAE's light decoder: embed to its width, fill in mask tokens, add position, blocks, predict pixels."""
-
-    def __init__(self, embed_dim: int, num_prefix_tokens: int, grid: tuple[int, int], patch_dim: int,
-                 depth: int, width: int, heads: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        from timm.models.vision_transformer import Block
-
-        self.num_prefix_tokens = num_prefix_tokens
-        self.embed = nn.Linear(embed_dim, width)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(width, *grid)[None], persistent=False)
-        self.blocks = nn.Sequential(*[Block(width, heads, mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm)
-                                      for _ in range(depth)])
-        self.norm = nn.LayerNorm(width)
-        self.pred = nn.Linear(width, patch_dim)
-        self.grad_checkpointing = False
-        nn.init.normal_(self.mask_token, std=0.02)
-        self.apply(_init_linear)
-
-    def forward(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        # x: [B, P + n_keep, D], ids_restore: [B, N] -> pixel predictions [B, N, patch_dim]
-        P = self.num_prefix_tokens
-        x = self.embed(x)
-        prefix, vis = x[:, :P], x[:, P:]
-        B, N = ids_restore.shape
-        masked = self.mask_token.expand(B, N - vis.shape[1], -1)
-        patches = torch.cat([vis, masked], dim=1)  # [B, N, W] in shuffled order
-        patches = torch.gather(patches, 1, ids_restore[..., None].expand(-1, -1, patches.shape[2]))
-        x = torch.cat([prefix, patches + self.pos_embed], dim=1)  # prefix tokens carry no position
-        recompute = self.grad_checkpointing and torch.is_grad_enabled()
-        for blk in self.blocks:
-            x = checkpoint(blk, x, use_reentrant=False) if recompute else blk(x)
-        return self.pred(self.norm(x)[:, P:])
-
-
-def _init_linear(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):  # MAE: xavier_uniform, zero bias
-        nn.init.xavier_uniform_(m.weight)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
+from .decoder import MaeDecoder
 
 
 # ------------------------------------------------------------------------------ BIM model
+
+
+@dataclass
+class MaskedBatch:
+    """One micro-batch as every stage sees it: the images and what their shared mask makes of them.
+
+    Shapes: ``imgs`` [B, 3, H, W]; ``target`` [B, N, patch_dim] float32; ``mask`` [B, N] (1 = masked);
+    ``ids_keep`` [B, n_keep] (the visible patches, in the encoder's token order); ``ids_restore`` [B, N].
+    """
+
+    imgs: torch.Tensor
+    target: torch.Tensor
+    mask: torch.Tensor
+    ids_keep: torch.Tensor
+    ids_restore: torch.Tensor
 
 
 @dataclass
@@ -100,8 +55,18 @@ class StepLosses:
         return {d: float(v) for d, v in self.losses.items()}
 
 
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 class BimModel(nn.Module):
     """A timm ViT encoder with an exit norm per stage exit and MAE decoders (one per exit, or one at the end).
+
+    Stage ``i`` runs the blocks between exits ``i - 1`` and ``i``. It owns those blocks, its exit norm
+    and its decoder; the first stage also owns the patch and position embeddings and the prefix
+    tokens. The stage API (:meth:`stage_parameters`, :meth:`forward_stage`, :meth:`backward_stage`)
+    is what a trainer needs to step, reduce or place each stage on its own; :meth:`forward_backward`
+    runs them all in one process.
 
     Args:
         config: the architecture (arch + model_args, exits, mode, decoder, mask ratio, loss); defaults
@@ -168,10 +133,24 @@ class BimModel(nn.Module):
         return model.eval()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute every encoder and decoder block in backward (trades compute for activation memory)."""
+        """Recompute every encoder and decoder block in backward (trades compute for activation memory).
+
+        Each block keeps only its input for backward, so a stage holds its block inputs plus one
+        block's activations at a time; it composes with stage-by-stage backward and updates.
+        """
         self.grad_checkpointing = enable
         for dec in self.decoders:
             dec.grad_checkpointing = enable
+
+    def compile_blocks(self, **options) -> None:
+        """``torch.compile`` every encoder and decoder block in place (``options`` go to torch.compile).
+
+        Per block, as large-model trainers do: every block has the same code, so one compiled graph
+        serves them all, and activation checkpointing wraps compiled blocks unchanged. Parameter
+        names and the state dict stay as they are.
+        """
+        for blk in [*self.encoder.blocks, *(b for dec in self.decoders for b in dec.blocks)]:
+            blk.compile(**options)
 
     # ---------------------------------------------------------------- pieces
 
@@ -194,26 +173,39 @@ class BimModel(nn.Module):
         """Uniform noise [batch, N] whose argsort defines the masks (drawn on CPU, reproducible)."""
         return torch.rand(batch, self.num_patches, generator=generator)
 
-    def random_masking(self, x: torch.Tensor, noise: torch.Tensor):
-        # x: [B, N, D] patch tokens, noise: [B, N]
-        # -> visible x [B, n_keep, D], mask [B, N] (1 = masked), ids_restore [B, N]
-        B, N, D = x.shape
+    def masking(self, noise: torch.Tensor):
+        # noise: [B, N] -> ids_keep [B, n_keep], mask [B, N] (1 = masked), ids_restore [B, N]
+        B, N = noise.shape
         n_keep = int(N * (1 - self.config.mask_ratio))
         ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
         ids_restore = torch.argsort(ids_shuffle, dim=1)
-        ids_keep = ids_shuffle[:, :n_keep]
-        x = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, D))
-        mask = torch.ones(B, N, device=x.device)
+        mask = torch.ones(B, N, device=noise.device)
         mask[:, :n_keep] = 0
-        return x, torch.gather(mask, 1, ids_restore), ids_restore
+        return ids_shuffle[:, :n_keep], torch.gather(mask, 1, ids_restore), ids_restore
 
-    def embed_masked(self, imgs: torch.Tensor, noise: torch.Tensor):
-        # imgs: [B, 3, H, W], noise: [B, N] -> tokens [B, P + n_keep, D], mask [B, N], ids_restore [B, N]
+    def random_masking(self, x: torch.Tensor, noise: torch.Tensor):
+        # x: [B, N, D] patch tokens, noise: [B, N]
+        # -> visible x [B, n_keep, D], mask [B, N] (1 = masked), ids_restore [B, N]
+        ids_keep, mask, ids_restore = self.masking(noise.to(x.device))
+        return torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, x.shape[2])), mask, ids_restore
+
+    def masked_batch(self, imgs: torch.Tensor, noise: torch.Tensor) -> MaskedBatch:
+        """The target and the mask of a micro-batch, shared by every stage."""
+        ids_keep, mask, ids_restore = self.masking(noise.to(imgs.device))
+        return MaskedBatch(imgs, self.target(imgs), mask, ids_keep, ids_restore)
+
+    def embed(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        # imgs: [B, 3, H, W], ids_keep: [B, n_keep] -> tokens [B, P + n_keep, D] of the visible patches
         enc = self.encoder
         x = enc._pos_embed(enc.patch_embed(imgs))  # patch_drop is left out: the mask is the dropout here
         P = enc.num_prefix_tokens
-        vis, mask, ids_restore = self.random_masking(x[:, P:], noise.to(x.device))
-        return enc.norm_pre(torch.cat([x[:, :P], vis], dim=1)), mask, ids_restore
+        vis = torch.gather(x[:, P:], 1, ids_keep[..., None].expand(-1, -1, x.shape[2]))
+        return enc.norm_pre(torch.cat([x[:, :P], vis], dim=1))
+
+    def embed_masked(self, imgs: torch.Tensor, noise: torch.Tensor):
+        # imgs: [B, 3, H, W], noise: [B, N] -> tokens [B, P + n_keep, D], mask [B, N], ids_restore [B, N]
+        ids_keep, mask, ids_restore = self.masking(noise.to(imgs.device))
+        return self.embed(imgs, ids_keep), mask, ids_restore
 
     def stage_bounds(self) -> list[tuple[int, int]]:
         """(first block, end block) of each stage."""
@@ -233,7 +225,7 @@ class BimModel(nn.Module):
         per_patch = ((pred.float() - target) ** 2).mean(dim=-1)
         return (per_patch * mask).sum() / mask.sum()
 
-    # ---------------------------------------------------------------- forward passes
+    # ---------------------------------------------------------------- evaluation
 
     def forward_intermediates(self, imgs: torch.Tensor) -> list[torch.Tensor]:
         """Normed tokens at every exit, no masking. Returns one [B, P + N, D] tensor per exit."""
@@ -243,8 +235,74 @@ class BimModel(nn.Module):
         # tokens: [B, P + N, D] normed exit tokens -> [B, D], pooled as the backbone's forward_head does
         return self.encoder.pool(tokens)
 
+    # ---------------------------------------------------------------- stages
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.config.exits)
+
+    def stage_of(self, name: str) -> int:
+        """The stage that owns parameter ``name`` (a name of :meth:`named_parameters`)."""
+        parts = name.split(".")
+        if parts[0] == "encoder":  # blocks by position; the stem (embeddings, prefix tokens) is stage 0's
+            if parts[1] == "blocks":
+                block = int(parts[2])
+                return next(i for i, (_, end) in enumerate(self.stage_bounds()) if block < end)
+            return 0
+        if parts[0] == "exit_norms":
+            return int(parts[1])
+        if parts[0] == "decoders":
+            return self.exits.index(self.decoded_exits[int(parts[1])])
+        raise ValueError(f"parameter {name!r} belongs to no stage")
+
+    def stage_parameters(self, i: int) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of everything stage ``i`` owns, in :meth:`named_parameters` order."""
+        return [(n, p) for n, p in self.named_parameters() if self.stage_of(n) == i]
+
+    def forward_stage(self, i: int, x: torch.Tensor | None, batch: MaskedBatch,
+                      amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Stage ``i``'s forward.
+
+        Args:
+            i: the stage.
+            x: the previous stage's output tokens [B, P + n_keep, D] (None for stage 0, which embeds
+                ``batch.imgs``).
+            batch: the micro-batch's target and mask (:meth:`masked_batch`).
+            amp_dtype: autocast dtype (None: full precision).
+
+        Returns:
+            this stage's output tokens [B, P + n_keep, D] (before the exit norm), and its exit's
+            reconstruction loss (None where the exit has no decoder).
+        """
+        with _autocast(batch.imgs.device, amp_dtype):
+            if i == 0:
+                x = self.embed(batch.imgs, batch.ids_keep)
+            start, end = self.stage_bounds()[i]
+            x = self.run_blocks(x, start, end)
+            if end not in self.decoded_exits:
+                return x, None
+            pred = self.decoders[self.decoded_exits.index(end)](self.exit_norms[i](x), batch.ids_restore)
+            return x, self.recon_loss(pred, batch.target, batch.mask)
+
+    def backward_stage(self, i: int, x: torch.Tensor | None, batch: MaskedBatch, loss_scale: float = 1.0,
+                       amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """BIM's step of one stage: its forward and the backward of its weighted loss.
+
+        The backward frees the stage's graph and adds this micro-batch's share to the gradients of
+        the stage's parameters, and of nothing else: stages are cut apart by detaching.
+
+        Returns:
+            the output tokens, detached (the next stage's input), and the unweighted loss, detached.
+        """
+        if self.config.mode != "bim":
+            raise ValueError("backward_stage needs mode bim: in e2e the loss reaches every stage")
+        x, loss = self.forward_stage(i, x, batch, amp_dtype)
+        (loss * (self.config.loss_weights[i] * loss_scale)).backward()
+        return x.detach(), loss.detach()
+
     def forward_backward(self, imgs: torch.Tensor, noise: torch.Tensor, loss_scale: float = 1.0,
-                         amp_dtype: torch.dtype | None = None) -> StepLosses:
+                         amp_dtype: torch.dtype | None = None,
+                         on_stage_end: Callable[[int], None] | None = None) -> StepLosses:
         """One training forward with the backward passes; gradients accumulate in ``.grad``.
 
         ``bim``: every stage's weighted loss is back-propagated as soon as it is computed, which frees
@@ -256,32 +314,29 @@ class BimModel(nn.Module):
             noise: [B, N] masking noise (see :meth:`mask_noise`).
             loss_scale: multiplies every loss before backward (1 / accumulation steps).
             amp_dtype: autocast dtype for the forward passes (None: full precision).
+            on_stage_end: called with ``i`` once stage ``i``'s gradients of this micro-batch are all
+                in (``bim``: right after its backward, before the next stage runs; ``e2e``: after
+                the one backward, for every stage in order).
 
         Returns:
             the unweighted per-stage losses, detached.
         """
-        amp = (torch.autocast(imgs.device.type, dtype=amp_dtype) if amp_dtype is not None
-               else contextlib.nullcontext())
-        target = self.target(imgs)
+        batch = self.masked_batch(imgs, noise)
         losses: dict[int, torch.Tensor] = {}
-        with amp:
-            x, mask, ids_restore = self.embed_masked(imgs, noise)
-        for i, (start, end) in enumerate(self.stage_bounds()):
-            with amp:
-                x = self.run_blocks(x, start, end)
-                if end not in self.decoded_exits:
-                    continue
-                k = self.decoded_exits.index(end)
-                pred = self.decoders[k](self.exit_norms[i](x), ids_restore)
-                loss = self.recon_loss(pred, target, mask)
-            if self.config.mode == "bim":
-                (loss * (self.config.loss_weights[k] * loss_scale)).backward()  # frees this stage's graph
-                x = x.detach()
-                losses[end] = loss.detach()
-            else:
+        x = None
+        if self.config.mode == "bim":
+            for i, end in enumerate(self.exits):
+                x, losses[end] = self.backward_stage(i, x, batch, loss_scale, amp_dtype)
+                if on_stage_end is not None:
+                    on_stage_end(i)
+            return StepLosses(losses)
+        for i, end in enumerate(self.exits):
+            x, loss = self.forward_stage(i, x, batch, amp_dtype)
+            if loss is not None:
                 losses[end] = loss
-        if self.config.mode == "e2e":
-            total = sum(losses[d] * w for d, w in zip(self.decoded_exits, self.config.loss_weights))
-            (total * loss_scale).backward()
-            losses = {d: v.detach() for d, v in losses.items()}
-        return StepLosses(losses)
+        total = sum(losses[d] * w for d, w in zip(self.decoded_exits, self.config.loss_weights))
+        (total * loss_scale).backward()
+        if on_stage_end is not None:
+            for i in range(self.num_stages):
+                on_stage_end(i)
+        return StepLosses({d: v.detach() for d, v in losses.items()})

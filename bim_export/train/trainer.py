@@ -1,4 +1,5 @@
-"""The BIM training loop: AdamW with MAE's recipe, block-wise backward, resume, torchrun data parallel.
+"""The BIM training loop: AdamW with MAE's recipe, block-wise backward and per-stage updates, resume,
+torchrun data parallel.
 
 A run is a function of its settings and ``seed`` (see :mod:`bim_export.train.loader`), so a resumed
 run continues exactly as an uninterrupted one would, and a run on W processes sees the same global
@@ -23,11 +24,11 @@ from .. import checkpoint as ckpt_io
 from ..atomic import check_destination
 from ..errors import InputError, TrainingError
 from .config import TrainConfig, load_train_config
-from .distributed import (DistInfo, average_gradients, average_tensor, barrier, broadcast_parameters,
-                          init_distributed, shutdown)
+from .distributed import DistInfo, average_tensor, barrier, broadcast_parameters, init_distributed, shutdown
 from .loader import SeededDataset, StepSampler, image_dataset, mask_noise
 from .model import BimModel
-from .optim import lr_at, param_groups
+from .optim import StageOptimizer, lr_at
+from .update import Stepper, resolve_update
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,9 @@ def _config_json(model: BimModel, cfg: TrainConfig, step: int) -> dict:
             "train": cfg.model_dump(mode="json")}
 
 
-def _resume(model: BimModel, cfg: TrainConfig, optimizer) -> tuple[int, list[str]]:
-    """Loads model, optimizer, step and RNG from ``cfg.out``; returns (step, log lines)."""
+def _resume(model: BimModel, cfg: TrainConfig) -> tuple[int, list[str], dict]:
+    """Loads the model's weights, the step and the RNG from ``cfg.out``; returns (step, log lines,
+    the optimizer's saved state)."""
     ck = ckpt_io.load_checkpoint(cfg.out)
     new = model.arch_config()
     diff = [k for k in ARCH_KEYS if json.dumps(ck.config.get(k), sort_keys=True) != json.dumps(new[k], sort_keys=True)]
@@ -107,10 +109,9 @@ def _resume(model: BimModel, cfg: TrainConfig, optimizer) -> tuple[int, list[str
                             f"is {new[k]} (another architecture; pick a new --out)")
     model.load_state_dict(ck.state_dict)
     state = ck.load_train_state()
-    optimizer.load_state_dict(state["optimizer"])
     _set_rng_state(state["rng"])
     lines = (cfg.out / ckpt_io.LOG).read_text().splitlines() if (cfg.out / ckpt_io.LOG).exists() else []
-    return int(state["step"]), lines
+    return int(state["step"]), lines, state["optimizer"]
 
 
 def train(cfg: TrainConfig, resume: bool | Literal["auto"] = False, dataset=None) -> TrainResult:
@@ -160,22 +161,26 @@ def _train(cfg: TrainConfig, resume: bool | str, dataset, device: torch.device, 
     if dataset is None:
         dataset = image_dataset(cfg.data, img_size, cfg.mean, cfg.std)
     eval_set = _eval_set(cfg) if info.is_main else None  # bad eval data fails before training, not after
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.peak_lr, betas=cfg.betas)
-    step, log_lines = 0, []
+    step, log_lines, saved_optimizer = 0, [], None
     if resume and has_ckpt:
-        step, log_lines = _resume(model, cfg, optimizer)
+        step, log_lines, saved_optimizer = _resume(model, cfg)
     resumed = step if resume and has_ckpt else None
-    if info.is_main:
-        _announce(cfg, _start_line(out, resumed))
     model.to(device).train()
-    _optimizer_to(optimizer, device)
+    optimizer = StageOptimizer(model, cfg)  # on the device: fused AdamW on CUDA
+    if saved_optimizer is not None:
+        optimizer.load_state_dict(saved_optimizer, out / ckpt_io.TRAIN_STATE)
+    update, update_line = resolve_update(cfg)
+    stepper = Stepper(optimizer, info, update, cfg.grad_clip, cfg.grad_clip_mode)
+    if info.is_main:
+        _announce(cfg, f"{_start_line(out, resumed)}{_settings_note(cfg, resumed)}; {update_line}")
     broadcast_parameters(model, info)
+    if cfg.compile:
+        model.compile_blocks()
     amp = torch.bfloat16 if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda") else None
     sampler = StepSampler(len(dataset), cfg.batch_size, cfg.accum_steps, info, cfg.seed, step, cfg.steps)
     loader = torch.utils.data.DataLoader(
         SeededDataset(dataset, cfg.seed), batch_size=sampler.local, sampler=sampler,
         num_workers=cfg.num_workers, pin_memory=device.type == "cuda", persistent_workers=False)
-    params = [p for p in model.parameters() if p.requires_grad]
     decoded = model.decoded_exits
     recent: dict[int, list[float]] = {d: [] for d in decoded}
     bar = _progress(cfg, info, step)
@@ -183,8 +188,9 @@ def _train(cfg: TrainConfig, resume: bool | str, dataset, device: torch.device, 
     batches = iter(loader)
     while step < cfg.steps:
         lr = lr_at(step, cfg)
-        values = _accumulate_gradients(model, batches, cfg, step, info, amp, device)
-        average_gradients(params, info)
+        stepper.begin(lr)
+        values = _accumulate_gradients(model, batches, cfg, step, info, amp, device, stepper.stage_done)
+        stepper.finish()  # a non-finite loss below ends the run: what this step did is never saved
         values = average_tensor(values, info).tolist()
         if not all(math.isfinite(v) for v in values):
             saved = _saved_step(out)
@@ -193,12 +199,6 @@ def _train(cfg: TrainConfig, resume: bool | str, dataset, device: torch.device, 
                 f"lower the learning rate (now {lr:.3g}) or train in fp32; "
                 + (f"last good checkpoint kept: {out} (step {saved})" if saved is not None
                    else "no checkpoint was saved yet"))
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         step += 1
         imgs_done += cfg.batch_size
         for d, v in zip(decoded, values):
@@ -238,22 +238,20 @@ def _build_model(cfg: TrainConfig) -> BimModel:
 
 
 def _accumulate_gradients(model: BimModel, batches, cfg: TrainConfig, step: int, info: DistInfo, amp,
-                          device: torch.device) -> torch.Tensor:
-    """Forward + backward of this rank's micro-batches of one step; returns the mean loss per decoder."""
+                          device: torch.device, stage_done) -> torch.Tensor:
+    """Forward + backward of this rank's micro-batches of one step; returns the mean loss per decoder.
+
+    ``stage_done(i)`` runs once stage ``i``'s gradients of the step are complete: after its backward
+    of the last micro-batch (the earlier micro-batches only add to the gradients).
+    """
     totals = torch.zeros(len(model.decoded_exits), device=device)
     for a in range(cfg.accum_steps):
         imgs = next(batches).to(device, non_blocking=True)
         noise = mask_noise(model, cfg.seed, step, a, cfg.accum_steps, cfg.batch_size, info)
-        losses = model.forward_backward(imgs, noise, 1.0 / cfg.accum_steps, amp)
+        last = a == cfg.accum_steps - 1
+        losses = model.forward_backward(imgs, noise, 1.0 / cfg.accum_steps, amp, stage_done if last else None)
         totals += torch.stack([losses.losses[d] for d in model.decoded_exits]) / cfg.accum_steps
     return totals
-
-
-def _optimizer_to(optimizer, device: torch.device) -> None:
-    for state in optimizer.state.values():
-        for k, v in state.items():
-            if torch.is_tensor(v) and k != "step":
-                state[k] = v.to(device)
 
 
 def _saved_step(out: Path) -> int | None:
@@ -265,6 +263,15 @@ def _saved_step(out: Path) -> int | None:
 
 def _start_line(out: Path, resumed: int | None) -> str:
     return f"{out}: " + (f"resumed from step {resumed}" if resumed is not None else "started from scratch")
+
+
+def _settings_note(cfg: TrainConfig, resumed: int | None) -> str:
+    """For the start line of a resumed run: whose training settings it runs with."""
+    if resumed is None or cfg.stored_from is None:
+        return ""
+    given = cfg.given_over_stored()
+    return (f" with the training settings stored in {cfg.stored_from}"
+            + (f", changed: {', '.join(given)}" if given else ""))
 
 
 def _announce(cfg: TrainConfig, line: str) -> None:
@@ -287,7 +294,7 @@ def _progress(cfg: TrainConfig, info: DistInfo, step: int):
                 dynamic_ncols=True)
 
 
-def _save(model: BimModel, cfg: TrainConfig, optimizer, step: int, recent: dict[int, list[float]],
+def _save(model: BimModel, cfg: TrainConfig, optimizer: StageOptimizer, step: int, recent: dict[int, list[float]],
           log_lines: list[str], final: bool) -> None:
     metrics = {"step": step, "exits": {str(d): {"recon_loss": float(np.mean(v))} for d, v in recent.items() if v}}
     train_state = None
@@ -319,8 +326,9 @@ def _evaluate(model: BimModel, cfg: TrainConfig, eval_set, out: Path) -> dict:
 
 def train_from_cli(config_file=None, data=None, model=None, exits=None, out=None, eval_data=None,
                    overrides=None, resume: bool | Literal["auto"] = False) -> str:
-    """``bim-export train``: settings from the YAML file, flags and ``--set``; returns a short summary."""
-    cfg = load_train_config(config_file, overrides, data=data, model=model, exits=exits, out=out,
-                            eval_data=eval_data)
+    """``bim-export train``: settings from the YAML file, flags and ``--set`` (on top of the checkpoint's
+    stored settings when resuming); returns a short summary."""
+    cfg = load_train_config(config_file, overrides, resume=bool(resume), data=data, model=model, exits=exits,
+                            out=out, eval_data=eval_data)
     result = train(cfg, resume=resume)
     return result.summary() if result.is_main else ""

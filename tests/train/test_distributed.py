@@ -1,4 +1,5 @@
-"""Two gloo processes train exactly as one process with the same global batch."""
+"""Two gloo processes train exactly as one process with the same global batch: stages stepped as
+their all-reduce (started when their backward ends) completes equal one step after the backward."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    res = train(tiny_train_config(out, steps=STEPS, batch_size=BATCH, save_every=STEPS), dataset=_images())
+    res = train(tiny_train_config(out, steps=STEPS, batch_size=BATCH, save_every=STEPS, update="stage", accum_steps=2),
+                dataset=_images())
     torch.save(res.model.state_dict(), f"{out}.rank{rank}.pt")
 
 
@@ -38,7 +40,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_gloo_ranks_match_one_process(tmp_path):
     single = tmp_path / "single"
-    train(tiny_train_config(single, steps=STEPS, batch_size=BATCH, save_every=STEPS), dataset=_images())
+    train(tiny_train_config(single, steps=STEPS, batch_size=BATCH, save_every=STEPS, update="step"), dataset=_images())
     double = tmp_path / "double"
     mp.spawn(_rank_main, args=(2, _free_port(), str(double)), nprocs=2, join=True)
 

@@ -262,3 +262,48 @@ def test_train_cli(tmp_path, capsys):
     assert rc == 2 and "exits must lie in 1..4" in capsys.readouterr().err
     rc = main(["train", "--config", str(cfg), "--out", str(tmp_path / "z"), "--set", "batch_size=0"])
     assert rc == 2 and "batch_size: Input should be greater than or equal to 1" in capsys.readouterr().err
+
+
+def test_resume_starts_from_the_checkpoints_stored_settings(tmp_path, capsys, caplog):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(textwrap.dedent("""
+        model_args: {img_size: 32, patch_size: 8, depth: 4, embed_dim: 32, num_heads: 2}
+        exits: [2, 4]
+        decoder_width: 32
+        decoder_heads: 2
+        steps: 2
+        batch_size: 4
+        lr: 1.0e-3
+        num_workers: 0
+        progress: false
+    """))
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--out", str(out)]) == 0
+    # no --config: the architecture, batch and schedule come from the checkpoint; --set changes steps only
+    with caplog.at_level("INFO", logger="bim_export.train.trainer"):
+        assert main(["train", "--out", str(out), "--resume", "--set", "steps=3"]) == 0
+    assert f"{out}: resumed from step 2 with the training settings stored in {out / 'config.json'}, " \
+           f"changed: steps (--set)" in caplog.text
+    ck = load_checkpoint(out, weights=False)
+    assert ck.config["step"] == 3 and ck.config["train"]["batch_size"] == 4 and ck.config["exits"] == [2, 4]
+    stored = load_train_config(resume=True, out=out, model="vit_small_patch16_224")
+    assert stored.bim.model_args["embed_dim"] == 32 and stored.bim.arch == "vit_small_patch16_224"
+    assert stored.where("steps") == f"{out / 'config.json'} (train): steps"
+    assert load_train_config(out=out).bim.model_args == {}  # without resume: defaults and flags only
+    capsys.readouterr()
+    # a bad stored value is named by its file
+    raw = json.loads((out / "config.json").read_text())
+    raw["train"]["steps"] = 0
+    (out / "config.json").write_text(json.dumps(raw))
+    assert main(["train", "--out", str(out), "--resume"]) == 2
+    assert f"error: {out / 'config.json'} (train): steps: Input should be greater than or equal to 1" \
+        in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_to_the_same_weights(tmp_path):
+    # a minute on 2 cores: inductor compiles the encoder and decoder blocks (then cached on disk)
+    train(tiny_train_config(tmp_path / "eager", steps=2))
+    train(tiny_train_config(tmp_path / "compiled", steps=2, compile=True, grad_checkpointing=True))
+    assert_same_weights(tmp_path / "eager", tmp_path / "compiled", atol=1e-5)
+    assert set(_weights(tmp_path / "eager")) == set(_weights(tmp_path / "compiled"))  # names unchanged
