@@ -76,7 +76,7 @@ def _add_train(sub) -> None:
                    help="checkpoint directory, e.g. runs/NAME: new, empty, or a checkpoint to --resume")
     p.add_argument("--eval-data", type=Path, default=None, help="labelled image folder for kNN / linear probe per exit")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any training setting (TrainConfig in bim_export/train_config.py; "
+                   help="override any training setting (TrainConfig in bim_export/train/config.py; "
                         "dots for nested keys), e.g. --set steps=200 --set model_args.img_size=64")
     p.add_argument("--resume", nargs="?", const=True, default=False, type=_resume_mode, metavar="auto",
                    help="continue from the checkpoint in --out (an error if there is none); '--resume auto': "

@@ -29,6 +29,10 @@ class TrainConfig(BaseModel):
                                                 "null: the built-in sample images")
     out: Path = Field(..., description="checkpoint directory written (atomically) during and after training")
     eval_data: Path | None = Field(None, description="labelled image folder: kNN / linear probe per exit at the end")
+    data_pipeline: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="where images are decoded and augmented: gpu = JPEGs decoded (nvJPEG), cropped, "
+                            "resized and flipped on the GPU in batches, other files by PIL in the loader workers; "
+                            "cpu = all by PIL in the workers; auto = gpu when training on CUDA")
     # -- model: given as the flat settings of architecture.SETTINGS (model, model_args, exits, mode,
     # decoder_depth / _width / _heads, mask_ratio, loss_weights, norm_pix_loss)
     bim: BimConfig = Field(default_factory=BimConfig, description="the model: timm ViT, exits, decoder, mask "
