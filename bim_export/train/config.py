@@ -13,7 +13,8 @@ from .. import architecture
 from ..architecture import BimConfig, check_model_name
 from ..errors import InputError
 
-FLAGS = {"data": "--data", "model": "--model", "exits": "--exits", "out": "--out", "eval_data": "--eval-data"}
+FLAGS = {"data": "--data", "model": "--model", "exits": "--exits", "out": "--out", "eval_data": "--eval-data",
+         "init": "--init"}
 
 
 class TrainConfig(BaseModel):
@@ -39,6 +40,9 @@ class TrainConfig(BaseModel):
                            "and loss (stored in config.json); set through the flat settings model, model_args, "
                            "exits, mode, decoder_depth, decoder_width, decoder_heads, mask_ratio, loss_weights, "
                            "norm_pix_loss")
+    init: str | None = Field(None, description="pretrained weights for the encoder (and the last exit norm): a "
+                             "safetensors or .pth file, a bim-export checkpoint or backbone folder, or a timm model "
+                             "name with pretrained weights, e.g. vit_base_patch16_224.mae; not re-applied on resume")
     mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="input normalization mean")
     std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="input normalization std")
     # -- optimization (MAE's recipe)

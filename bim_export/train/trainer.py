@@ -30,6 +30,7 @@ from .images import resolve_pipeline, training_images
 from .loader import TrainStream, mask_noise
 from .model import BimModel
 from .optim import lr_at, param_groups
+from .pretrained import InitReport, init_encoder
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +74,12 @@ class TrainResult:
     model: BimModel | None = field(default=None, repr=False)  # the trained model (on every rank)
     is_main: bool = True  # rank 0 (or a single process): the one that wrote the checkpoint
     resumed_from: int | None = None  # the step a resumed run continued from; None: started from scratch
+    init: InitReport | None = None  # the pretrained weights the encoder started from (--init)
     bad_images: str | None = None  # the unreadable images met, one line (None: all were readable)
 
     def summary(self) -> str:
         loss = ", ".join(f"exit {d}: {v:.4f}" for d, v in self.losses.items())
-        lines = [_start_line(self.path, self.resumed_from),
+        lines = [_start_line(self.path, self.resumed_from, self.init),
                  f"{self.path}: step {self.step}, {self.seconds:.0f} s, {self.images_per_s:.1f} img/s; "
                  f"recon loss {loss}"]
         if self.bad_images:
@@ -131,7 +133,7 @@ def train(cfg: TrainConfig, resume: bool | Literal["auto"] = False, dataset=None
             augmented).
 
     Raises:
-        InputError: bad settings or data; ``cfg.out`` holds something other than
+        InputError: bad settings, data or ``--init`` weights; ``cfg.out`` holds something other than
             a checkpoint or cannot be written (all checked before training); a checkpoint in
             ``cfg.out`` without ``resume``, or none with ``resume=True``; no readable image in a
             whole batch's worth of the stream. TrainingError: non-finite loss (the last saved
@@ -162,6 +164,9 @@ def _train(cfg: TrainConfig, resume: bool | str, dataset, device: torch.device, 
                          f"or pass '--resume auto' to start when there is none")
     torch.manual_seed(cfg.seed)
     model = _build_model(cfg)
+    resuming = bool(resume) and has_ckpt
+    # a resumed run's weights come from its checkpoint: --init is not read again
+    init = init_encoder(model, cfg.init, cfg.where("init")) if cfg.init is not None and not resuming else None
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     img_size = model.encoder.patch_embed.img_size[0]
     if dataset is None:
@@ -173,7 +178,7 @@ def _train(cfg: TrainConfig, resume: bool | str, dataset, device: torch.device, 
         step, log_lines = _resume(model, cfg, optimizer)
     resumed = step if resume and has_ckpt else None
     if info.is_main:
-        _announce(cfg, _start_line(out, resumed))
+        _announce(cfg, _start_line(out, resumed, init))
     model.to(device).train()
     _optimizer_to(optimizer, device)
     broadcast_parameters(model, info)
@@ -237,7 +242,7 @@ def _train(cfg: TrainConfig, resume: bool | str, dataset, device: torch.device, 
             metrics = _evaluate(model, cfg, eval_set, out)
     means = {d: float(np.mean(v)) for d, v in recent.items() if v}
     return TrainResult(out, step, means, seconds, imgs_done / max(seconds, 1e-9), metrics, model.eval(),
-                       info.is_main, resumed, bad_images=bad.summary())
+                       info.is_main, resumed, init, bad.summary())
 
 
 def _training_images(cfg: TrainConfig, img_size: int, device: torch.device):
@@ -295,8 +300,10 @@ def _saved_step(out: Path) -> int | None:
         return None
 
 
-def _start_line(out: Path, resumed: int | None) -> str:
-    return f"{out}: " + (f"resumed from step {resumed}" if resumed is not None else "started from scratch")
+def _start_line(out: Path, resumed: int | None, init: InitReport | None = None) -> str:
+    if resumed is not None:
+        return f"{out}: resumed from step {resumed}"
+    return f"{out}: " + (f"started from pretrained weights {init.describe()}" if init else "started from scratch")
 
 
 def _announce(cfg: TrainConfig, line: str, level: int = logging.INFO) -> None:
@@ -354,10 +361,10 @@ def _evaluate(model: BimModel, cfg: TrainConfig, eval_set, out: Path) -> dict:
     return ckpt_io.update_exit_metrics(out, results)
 
 
-def train_from_cli(config_file=None, data=None, model=None, exits=None, out=None, eval_data=None,
+def train_from_cli(config_file=None, data=None, model=None, exits=None, out=None, eval_data=None, init=None,
                    overrides=None, resume: bool | Literal["auto"] = False) -> str:
     """``bim-export train``: settings from the YAML file, flags and ``--set``; returns a short summary."""
     cfg = load_train_config(config_file, overrides, data=data, model=model, exits=exits, out=out,
-                            eval_data=eval_data)
+                            eval_data=eval_data, init=init)
     result = train(cfg, resume=resume)
     return result.summary() if result.is_main else ""
