@@ -102,16 +102,31 @@ def crop_pil(img: Image.Image, crop: Crop, size: int) -> torch.Tensor:
 def crop_tensor(img: torch.Tensor, crop: Crop, size: int) -> torch.Tensor:
     """The same on a decoded image tensor (uint8 [3, H, W], any device): float [3, size, size]
     holding whole numbers in 0..255, as PIL's 8-bit result does."""
-    x = img[:, crop.top:crop.top + crop.height, crop.left:crop.left + crop.width]
-    x = F.interpolate(x[None].float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]
-    x = x.round_().clamp_(0, 255)
-    return x.flip(-1) if crop.flip else x
+    out = torch.empty(1, 3, size, size, device=img.device)
+    crop_tensors([img], [crop], size, out, [0])
+    return out[0]
+
+
+def crop_tensors(imgs: list[torch.Tensor], crops: list[Crop], size: int, out: torch.Tensor, rows: list[int]) -> None:
+    """:func:`crop_tensor` of each image into ``out[row]`` (float [B, 3, size, size]); rounding,
+    clamping and flipping run once for the batch (fewer kernel launches per image on a GPU)."""
+    for img, crop, row in zip(imgs, crops, rows):
+        x = img[None, :, crop.top:crop.top + crop.height, crop.left:crop.left + crop.width].float()
+        out[row] = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]
+    if not rows:
+        return
+    idx = torch.tensor(rows, device=out.device)
+    out[idx] = out[idx].round_().clamp_(0, 255)
+    flipped = [row for row, crop in zip(rows, crops) if crop.flip]
+    if flipped:
+        idx = torch.tensor(flipped, device=out.device)
+        out[idx] = out[idx].flip(-1)
 
 
 def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
     """Pixels in 0..255 (uint8 or float) [B, 3, H, W] -> float32 ``(x / 255 - mean) / std``."""
-    m = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    m = torch.as_tensor(mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
     return (pixels.float() / 255 - m) / s
 
 

@@ -24,7 +24,7 @@ import torch
 from ..errors import InputError
 from .bad_images import BadImages
 from .distributed import DistInfo
-from .images import Crop, EncodedJpeg, UnreadableImage, crop_tensor, decode_jpegs, decode_pil, normalize
+from .images import Crop, EncodedJpeg, UnreadableImage, crop_tensors, decode_jpegs, decode_pil, normalize
 from .model import BimModel
 
 PREFETCH = 2  # batches finished on the device ahead of the step that uses them
@@ -152,7 +152,7 @@ class Collate:
         positions = [p for p, *_ in items]
         unfilled = [p for p, _, s, _ in items if s is None]
         dense = [s for s in samples if isinstance(s, torch.Tensor)]
-        if dense and len(dense) == len(samples) and dense[0].is_floating_point():
+        if len(dense) == len(samples):  # all decoded already (or a dataset's own tensors)
             return Batch(torch.stack(dense), positions, skipped=skipped)
         size = self.size or (dense[0].shape[-1] if dense else 1)
         pixels = torch.zeros(len(samples), 3, size, size, dtype=torch.uint8)
@@ -188,7 +188,8 @@ class TrainStream:
         self.sampler = StepSampler(len(source), batch_size, accum_steps, info, seed, start_step, steps)
         self.dataset = SeededDataset(source, seed, self.sampler.index, tries=batch_size)
         self.size = getattr(source, "size", None)
-        self.device, self.mean, self.std, self.bad = device, mean, std, bad
+        self.device, self.bad = device, bad
+        self.mean, self.std = torch.tensor(mean), torch.tensor(std)  # moved to the device once
         self.batch_size = batch_size
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=self.sampler.local, sampler=self.sampler, num_workers=num_workers,
@@ -201,11 +202,12 @@ class TrainStream:
             return x
         x = x.float()
         datas = list(torch.split(batch.jpeg, batch.jpeg_sizes)) if batch.encoded else []
+        decoded = []  # (image, crop, row) decoded on the device
         for row, img, data, crop, i in zip(batch.encoded, decode_jpegs(datas, self.device), datas, batch.crops,
                                            batch.jpeg_index):
             crop = Crop.from_list(crop)
             if img is not None:
-                x[row] = crop_tensor(img, crop, self.size)
+                decoded.append((img, crop, row))
                 continue
             pixels = decode_pil(data, crop, self.size)  # what the cpu pipeline would have made of it
             if pixels is None:  # unreadable after all: the next of the stream, decoded here
@@ -216,13 +218,20 @@ class TrainStream:
                     batch.unfilled.append(batch.positions[row])
                     continue
             x[row] = pixels.to(self.device)
+        imgs, crops, rows = (list(v) for v in zip(*decoded)) if decoded else ([], [], [])
+        crop_tensors(imgs, crops, self.size, x, rows)
+        if self.mean.device != x.device:
+            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
         return normalize(x, self.mean, self.std)
 
     def __iter__(self):
         batches = iter(self.loader)  # forks the workers here, in the training thread
         q: queue.Queue = queue.Queue(maxsize=PREFETCH)
         stop = threading.Event()
-        thread = threading.Thread(target=self._work, args=(batches, q, stop), daemon=True, name="bim-batches")
+        # CUDA's current device is per thread: the training thread's (its local rank under torchrun)
+        gpu = (self.device.index if self.device.index is not None else torch.cuda.current_device()
+               if self.device.type == "cuda" else None)
+        thread = threading.Thread(target=self._work, args=(batches, q, stop, gpu), daemon=True, name="bim-batches")
         thread.start()
         try:
             while True:
@@ -247,12 +256,12 @@ class TrainStream:
                     q.get_nowait()  # unblock a waiting put
             thread.join(timeout=30)
 
-    def _work(self, batches, q: queue.Queue, stop: threading.Event) -> None:
-        cuda = self.device.type == "cuda"
+    def _work(self, batches, q: queue.Queue, stop: threading.Event, gpu: int | None) -> None:
+        cuda = gpu is not None
         try:
             if cuda:
-                torch.cuda.set_device(self.device)
-            side = torch.cuda.Stream(self.device) if cuda else None
+                torch.cuda.set_device(gpu)
+            side = torch.cuda.Stream(gpu) if cuda else None
             with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
                 for batch in batches:
                     x = self.finish(batch)
