@@ -14,7 +14,6 @@ check; a crop shifted by 3 pixels differs by several levels on average.
 
 from __future__ import annotations
 
-import io
 import math
 import random
 
