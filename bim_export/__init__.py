@@ -19,8 +19,11 @@ bridge (used by both halves)
 train (BIM pretraining)
     train.config            TrainConfig (nests BimConfig), from YAML, flags and --set
     train.distributed       torchrun process groups, gradient averaging
+    train.images            training image files: listing, decoding (CPU or GPU), crops
+    train.bad_images        unreadable images met in training: replaced, counted, reported
     train.decoder           the light MAE decoder of an exit (activation checkpointing optional)
     train.model             BimModel: masking, stages, decoders, the stage API, block-wise backward
+    train.pretrained        --init: a timm ViT's pretrained weights into the encoder
     train.loader            the seeded data stream: batches, augmentation, masks
     train.optim             AdamW groups, warm-up + cosine schedule, a stage's optimizer
     train.update            when parameters step: per stage (exact) or per step, and the fallback rules

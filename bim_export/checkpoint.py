@@ -212,18 +212,31 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 def _torch_load(path: Path) -> dict:
     if not path.exists():
         raise InputError(f"{path}: missing from the checkpoint (it holds no training state to resume from)")
+    return torch_load_safely(path, "training state",
+                             "bim-export writes only tensors and plain values there")
+
+
+def torch_load_safely(path: Path, what: str, remedy: str) -> Any:
+    """``torch.load(weights_only=True)`` with one-line errors naming the file.
+
+    Args:
+        what: what the file holds, for the message ("training state", "weights file").
+        remedy: what to do about a file refused as unsafe.
+
+    Raises:
+        InputError: the file is refused (it would run code when loaded), corrupt or unreadable.
+    """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, AttributeError) as e:
         # torch's message for a refused file suggests weights_only=False, i.e. running the file's
-        # code: not advice to pass on for a file bim-export only ever fills with tensors and numbers.
-        # Only the unpickler's own finding is kept.
+        # code: not advice to pass on. Only the unpickler's own finding is kept.
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
         found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
         detail = (found.group(1) if found else text).strip().splitlines()[0] if text.strip() else type(e).__name__
+        detail = detail.split(". ")[0]  # the finding, not torch's advice after it
         named = re.search(r"Unsupported global: GLOBAL ([\w.]+)", detail)
         if named:
-            raise InputError(f"{path}: unsafe training state, refused: it holds objects that would run code "
-                             f"when loaded ({named.group(1)}); bim-export writes only tensors and plain values "
-                             f"there") from None
-        raise InputError(f"{path}: corrupt or unreadable training state ({type(e).__name__}: {detail})") from None
+            raise InputError(f"{path}: unsafe {what}, refused: it holds objects that would run code when loaded "
+                             f"({named.group(1)}); {remedy}") from None
+        raise InputError(f"{path}: corrupt or unreadable {what} ({type(e).__name__}: {detail})") from None

@@ -75,6 +75,10 @@ def _add_train(sub) -> None:
     p.add_argument("--out", type=Path, default=None,
                    help="checkpoint directory, e.g. runs/NAME: new, empty, or a checkpoint to --resume")
     p.add_argument("--eval-data", type=Path, default=None, help="labelled image folder for kNN / linear probe per exit")
+    p.add_argument("--init", default=None, metavar="SOURCE",
+                   help="start the encoder from pretrained weights: a .safetensors or .pth file, a bim-export "
+                        "checkpoint or backbone folder, or a timm name such as vit_base_patch16_224.mae "
+                        "(the decoders start fresh; a resumed run keeps its checkpoint's weights)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any training setting (TrainConfig in bim_export/train/config.py; "
                         "dots for nested keys), e.g. --set steps=200 --set model_args.img_size=64")
@@ -91,7 +95,8 @@ def _cmd_train(args) -> int:
     from .train.trainer import train_from_cli
 
     print(train_from_cli(config_file=args.config, data=args.data, model=args.model, exits=args.exits,
-                         out=args.out, eval_data=args.eval_data, overrides=args.overrides, resume=args.resume))
+                         out=args.out, eval_data=args.eval_data, init=args.init, overrides=args.overrides,
+                         resume=args.resume))
     return 0
 
 

@@ -9,6 +9,7 @@ no label (``-1``). Preprocessing for evaluation, calibration and parity is one f
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,40 +56,92 @@ class ImageList:
         return len(self.paths)
 
 
-def scan_image_folder(root: str | Path, verify: bool = True) -> ImageList:
-    """Lists the images under ``root`` (recursively), checking each can be opened.
+def list_image_files(root: str | Path) -> list[str]:
+    """The image files under ``root`` by extension, recursively, without opening them.
 
-    Unreadable files are counted, logged and left out; a folder with none readable is an error.
+    One ``os.scandir`` pass per folder and no ``stat`` per file (the entry's type comes with the
+    listing), so a folder of a million images lists in seconds. Entries whose name starts with a
+    dot are left out (``.DS_Store``, macOS ``._photo.jpg`` resource forks, ``.ipynb_checkpoints``).
+    Symbolic links to folders outside ``root`` are followed (each target once); links into ``root``
+    itself are not (they would list its images twice, or loop).
+
+    Returns:
+        Paths relative to ``root`` with ``/`` separators, in the order of their parts (``a/b.jpg``
+        before ``a.b/c.jpg``, as sorting ``Path`` objects gives).
 
     Raises:
-        InputError: the folder is missing, holds no image files, or none of them is readable.
+        InputError: ``root`` is missing, not a folder, unreadable, or holds no image files.
     """
     root = Path(root)
     if not root.exists():
         raise InputError(f"{root}: data folder does not exist")
     if not root.is_dir():
         raise InputError(f"{root}: data path is not a folder")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
+    names: list[str] = []
+    inside = os.path.join(os.path.realpath(root), "")
+    seen: set[str] = set()  # link targets outside root already listed
+    stack = [(os.fspath(root), "")]
+    while stack:
+        folder, rel = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as e:
+            if not rel:
+                raise InputError(f"{root}: cannot list the data folder ({e.strerror or e})") from e
+            log.warning("%s: sub-folder %s skipped, cannot list it (%s)", root, rel, e.strerror or e)
+            continue
+        for entry in entries:
+            name = entry.name
+            if name.startswith("."):
+                continue
+            try:
+                if name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
+                    names.append(rel + name)
+                elif entry.is_dir():
+                    if entry.is_symlink():
+                        target = os.path.join(os.path.realpath(entry.path), "")
+                        if target.startswith(inside) or target in seen:
+                            continue
+                        seen.add(target)
+                    stack.append((entry.path, rel + name + "/"))
+            except OSError:  # a dangling link, or an entry removed while listing
+                continue
+    if not names:
         raise InputError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively)")
-    classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+    names.sort(key=lambda n: n.replace("/", "\0"))  # part by part, like sorted(Path)
+    return names
+
+
+def scan_image_folder(root: str | Path, verify: bool = True) -> ImageList:
+    """Lists the images under ``root`` (see :func:`list_image_files`), checking each can be decoded.
+
+    Unreadable files are counted, logged and left out; a folder with none readable is an error.
+    ``verify=False`` only lists (training checks a sample at start-up and replaces a file that
+    fails later, see :mod:`bim_export.train.loader`).
+
+    Raises:
+        InputError: the folder is missing, holds no image files, or none of them is readable.
+    """
+    root = Path(root)
+    names = list_image_files(root)
+    classes = sorted({n.split("/", 1)[0] for n in names if "/" in n})
     index = {c: i for i, c in enumerate(classes)}
     paths, labels, bad = [], [], []
-    for p in files:
+    for n in names:
+        p = root / n
         why = unreadable_reason(p) if verify else None
         if why:
             bad.append((p, why))
             continue
-        parts = p.relative_to(root).parts
         paths.append(p)
-        labels.append(index[parts[0]] if len(parts) > 1 else -1)
+        labels.append(index[n.split("/", 1)[0]] if "/" in n else -1)
     if bad:
         named = "; ".join(f"{p.relative_to(root)} ({why})" for p, why in bad[:SKIPPED_NAMED])
         more = f"; +{len(bad) - SKIPPED_NAMED} more" if len(bad) > SKIPPED_NAMED else ""
-        log.warning("%s: %d of %d images unreadable and skipped: %s%s", root, len(bad), len(files), named, more)
+        log.warning("%s: %d of %d images unreadable and skipped: %s%s", root, len(bad), len(names), named, more)
     if not paths:
         p, why = bad[0]
-        raise InputError(f"{root}: none of the {len(files)} image files is readable (first: {p.name}: {why})")
+        raise InputError(f"{root}: none of the {len(names)} image files is readable (first: {p.name}: {why})")
     used = sorted(set(labels) - {-1})
     if used and len(used) < len(classes):  # drop classes whose every image was unreadable
         remap = {old: new for new, old in enumerate(used)}
@@ -97,18 +150,23 @@ def scan_image_folder(root: str | Path, verify: bool = True) -> ImageList:
     return ImageList(root, paths, labels, classes, [p for p, _ in bad])
 
 
-def unreadable_reason(path: Path) -> str | None:
+def unreadable_reason(path: str | Path) -> str | None:
     """Why an image file cannot be used (one short phrase), or None when it decodes."""
     try:
         with Image.open(path) as im:
             im.load()  # decode fully: verify() alone misses truncated files
         return None
-    except Image.DecompressionBombError:
-        return f"decompression bomb: over Pillow's limit of {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels"
-    except Image.UnidentifiedImageError:
-        return "not an image Pillow can read"
     except UNREADABLE_IMAGE as e:
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
+        return describe_unreadable(e)
+
+
+def describe_unreadable(e: BaseException) -> str:
+    """One short phrase for an exception of :data:`UNREADABLE_IMAGE` raised while opening or decoding."""
+    if isinstance(e, Image.DecompressionBombError):
+        return f"decompression bomb: over Pillow's limit of {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels"
+    if isinstance(e, Image.UnidentifiedImageError):
+        return "not an image Pillow can read"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def load_rgb(path: str | Path) -> Image.Image:

@@ -519,3 +519,145 @@ def test_bad_input_is_one_error_line_and_touches_nothing(build, tmp_path, tiny_c
         assert not path.exists(), f"{path} was written"
     for path, content in before.items():
         assert path.read_bytes() == content, f"{path} was changed"
+
+
+# ========================================================================= training data and --init
+# What `train` reads besides its settings: the image folder (listed at start-up, a sample decoded,
+# unreadable images met later replaced, a batch that cannot be filled an error) and the --init
+# weights (a file, a folder or a timm name; checked against the model before any training). Same
+# rule as the inputs block: exit 2, one `error:` line naming the file and what is wrong, nothing
+# written. The Hugging Face endpoint is one that never resolves, so the timm-name cases fail the same
+# way with or without a network.
+
+
+def _tiny_vit_weights(path: Path, **model_args) -> Path:
+    import timm
+    from safetensors.torch import save_file
+
+    args = {"img_size": 32, "patch_size": 8, "depth": 4, "embed_dim": 32, "num_heads": 2, **model_args}
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **args)
+    if path.suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
+    else:
+        torch.save({"model": vit.state_dict()}, path)
+    return path
+
+
+def _init_train(tmp: Path, source: str, *extra: str) -> list[str]:
+    return _train_cmd(tmp, tmp / "run", "--init", source, *extra)
+
+
+def _init_missing_file(tmp: Path, ckpt: Path) -> InputCase:
+    return InputCase(_init_train(tmp, str(tmp / "weights" / "vit.pth")),
+                     [f"--init: {tmp / 'weights' / 'vit.pth'}: no such file or folder"], absent=[tmp / "run"])
+
+
+def _init_corrupt_pth(tmp: Path, ckpt: Path) -> InputCase:
+    (tmp / "vit.pth").write_bytes(b"PK\x03\x04 not really a torch zip")
+    return InputCase(_init_train(tmp, str(tmp / "vit.pth")),
+                     [f"--init: {tmp / 'vit.pth'}: corrupt or unreadable weights file"], absent=[tmp / "run"])
+
+
+def _init_corrupt_safetensors(tmp: Path, ckpt: Path) -> InputCase:
+    good = _tiny_vit_weights(tmp / "good.safetensors").read_bytes()
+    (tmp / "vit.safetensors").write_bytes(good[: len(good) // 2])
+    return InputCase(_init_train(tmp, str(tmp / "vit.safetensors")),
+                     [f"--init: {tmp / 'vit.safetensors'}: not a readable safetensors file"], absent=[tmp / "run"])
+
+
+def _init_unsafe_pickle(tmp: Path, ckpt: Path) -> InputCase:
+    torch.save({"model": {}, "args": shutil.rmtree}, tmp / "vit.pth")  # would call a function on load
+    return InputCase(_init_train(tmp, str(tmp / "vit.pth")),
+                     [f"--init: {tmp / 'vit.pth'}: unsafe weights file, refused", "(shutil.rmtree)"],
+                     absent=[tmp / "run"], unchanged=[tmp / "vit.pth"])
+
+
+def _init_other_width(tmp: Path, ckpt: Path) -> InputCase:
+    src = _tiny_vit_weights(tmp / "vit_s.safetensors", embed_dim=48)
+    return InputCase(_init_train(tmp, str(src)),
+                     [f"--init: {src}: key cls_token: [1, 1, 48] in the source, [1, 1, 32] in the model"],
+                     absent=[tmp / "run"])
+
+
+def _init_other_depth(tmp: Path, ckpt: Path) -> InputCase:
+    src = _tiny_vit_weights(tmp / "deeper.pth", depth=6)
+    return InputCase(_init_train(tmp, str(src)),
+                     [f"--init: {src}: key blocks.4.norm1.weight: [32] in the source, absent in the model: the "
+                      f"source has 6 blocks, the model 4 (model_args.depth)"], absent=[tmp / "run"])
+
+
+def _init_other_patch_size_in_yaml(tmp: Path, ckpt: Path) -> InputCase:
+    src = _tiny_vit_weights(tmp / "p4.safetensors", patch_size=4)
+    cfg = tmp / "tiny.yaml"
+    cfg.write_text(TINY_TRAIN_YAML + f"init: {src}\n")
+    return InputCase(["train", "--config", str(cfg), "--out", str(tmp / "run")],
+                     [f"{cfg}: init: {src}: key patch_embed.proj.weight: [32, 3, 4, 4] in the source, "
+                      f"[32, 3, 8, 8] in the model"], absent=[tmp / "run"])
+
+
+def _init_timm_name_offline(tmp: Path, ckpt: Path) -> InputCase:
+    return InputCase(_init_train(tmp, "vit_tiny_patch16_224.augreg_in21k"),
+                     ["--init: vit_tiny_patch16_224.augreg_in21k: pretrained weights not in the local cache, and "
+                      "hub.invalid cannot be reached"], absent=[tmp / "run"])
+
+
+def _init_unknown_timm_name(tmp: Path, ckpt: Path) -> InputCase:
+    return InputCase(_init_train(tmp, "vit_tiny_patch16_224.mea"),
+                     ["--init: vit_tiny_patch16_224.mea: Invalid pretrained tag (mea)"], absent=[tmp / "run"])
+
+
+def _data_all_unreadable_sampled(tmp: Path, ckpt: Path) -> InputCase:
+    data = tmp / "photos"
+    data.mkdir()
+    for i in range(50):
+        (data / f"img{i:02d}.jpg").write_bytes(b"\xff\xd8 not a real jpeg")
+    return InputCase(_train_cmd(tmp, tmp / "run", "--data", str(data)),
+                     [f"{data}: none of 32 image files sampled (of 50) is readable (first: img"],
+                     absent=[tmp / "run"])
+
+
+def _data_batch_cannot_be_filled(tmp: Path, ckpt: Path) -> InputCase:
+    data = tmp / "photos"
+    data.mkdir()
+    (data / "good.jpg").write_bytes(sorted(sample_images_dir().rglob("*.jpg"))[0].read_bytes())
+    for i in range(30):
+        (data / f"bad{i:02d}.jpg").write_text("not an image")
+    return InputCase(_train_cmd(tmp, tmp / "run", "--data", str(data), "--set", "steps=20"),
+                     [f"{data}: none of 4 images in a row of the training stream is readable"], absent=[tmp / "run"])
+
+
+def _data_pipeline_gpu_without_cuda(tmp: Path, ckpt: Path) -> InputCase:
+    return InputCase(_train_cmd(tmp, tmp / "run", "--set", "data_pipeline=gpu", "--set", "device=cpu"),
+                     ["--set data_pipeline: gpu needs training on CUDA (device is cpu)"], absent=[tmp / "run"])
+
+
+TRAIN_INPUT_CASES = [
+    pytest.param(_init_missing_file, id="train-init-file-missing"),
+    pytest.param(_init_corrupt_pth, id="train-init-pth-corrupt"),
+    pytest.param(_init_corrupt_safetensors, id="train-init-safetensors-truncated"),
+    pytest.param(_init_unsafe_pickle, id="train-init-pth-unsafe-pickle"),
+    pytest.param(_init_other_width, id="train-init-other-width-names-key-and-shapes"),
+    pytest.param(_init_other_depth, id="train-init-other-depth-names-key-and-shapes"),
+    pytest.param(_init_other_patch_size_in_yaml, id="train-init-in-yaml-other-patch-size"),
+    pytest.param(_init_timm_name_offline, id="train-init-timm-name-no-network-no-cache"),
+    pytest.param(_init_unknown_timm_name, id="train-init-timm-tag-unknown"),
+    pytest.param(_data_all_unreadable_sampled, id="train-data-50-unreadable-images-sampled"),
+    pytest.param(_data_batch_cannot_be_filled, id="train-data-a-batch-cannot-be-filled"),
+    pytest.param(_data_pipeline_gpu_without_cuda, id="train-data-pipeline-gpu-without-cuda"),
+]
+
+
+@pytest.mark.parametrize("build", TRAIN_INPUT_CASES)
+def test_bad_training_input_is_one_error_line_and_touches_nothing(build, tmp_path, tiny_checkpoint, capsys,
+                                                                  monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")  # never resolves (RFC 2606)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    test_bad_input_is_one_error_line_and_touches_nothing(build, tmp_path, tiny_checkpoint, capsys)
+
+
+# ===================================================================== end training data and --init

@@ -13,7 +13,8 @@ from .. import architecture
 from ..architecture import BimConfig, check_model_name
 from ..errors import InputError
 
-FLAGS = {"data": "--data", "model": "--model", "exits": "--exits", "out": "--out", "eval_data": "--eval-data"}
+FLAGS = {"data": "--data", "model": "--model", "exits": "--exits", "out": "--out", "eval_data": "--eval-data",
+         "init": "--init"}
 
 
 class TrainConfig(BaseModel):
@@ -31,12 +32,19 @@ class TrainConfig(BaseModel):
                                                 "null: the built-in sample images")
     out: Path = Field(..., description="checkpoint directory written (atomically) during and after training")
     eval_data: Path | None = Field(None, description="labelled image folder: kNN / linear probe per exit at the end")
+    data_pipeline: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="where images are decoded and augmented: gpu = JPEGs decoded (nvJPEG), cropped, "
+                            "resized and flipped on the GPU in batches, other files by PIL in the loader workers; "
+                            "cpu = all by PIL in the workers; auto = gpu when training on CUDA")
     # -- model: given as the flat settings of architecture.SETTINGS (model, model_args, exits, mode,
     # decoder_depth / _width / _heads, mask_ratio, loss_weights, norm_pix_loss)
     bim: BimConfig = Field(default_factory=BimConfig, description="the model: timm ViT, exits, decoder, mask "
                            "and loss (stored in config.json); set through the flat settings model, model_args, "
                            "exits, mode, decoder_depth, decoder_width, decoder_heads, mask_ratio, loss_weights, "
                            "norm_pix_loss")
+    init: str | None = Field(None, description="pretrained weights for the encoder (and the last exit norm): a "
+                             "safetensors or .pth file, a bim-export checkpoint or backbone folder, or a timm model "
+                             "name with pretrained weights, e.g. vit_base_patch16_224.mae; not re-applied on resume")
     mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="input normalization mean")
     std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="input normalization std")
     # -- optimization (MAE's recipe)

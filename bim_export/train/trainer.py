@@ -25,9 +25,12 @@ from ..atomic import check_destination
 from ..errors import InputError, TrainingError
 from .config import TrainConfig, load_train_config
 from .distributed import DistInfo, average_tensor, barrier, broadcast_parameters, init_distributed, shutdown
-from .loader import SeededDataset, StepSampler, image_dataset, mask_noise
+from .bad_images import BadImages
+from .images import resolve_pipeline, training_images
+from .loader import TrainStream, mask_noise
 from .model import BimModel
 from .optim import StageOptimizer, lr_at
+from .pretrained import InitReport, init_encoder
 from .update import Stepper, resolve_update
 
 log = logging.getLogger(__name__)
@@ -72,12 +75,16 @@ class TrainResult:
     model: BimModel | None = field(default=None, repr=False)  # the trained model (on every rank)
     is_main: bool = True  # rank 0 (or a single process): the one that wrote the checkpoint
     resumed_from: int | None = None  # the step a resumed run continued from; None: started from scratch
+    init: InitReport | None = None  # the pretrained weights the encoder started from (--init)
+    bad_images: str | None = None  # the unreadable images met, one line (None: all were readable)
 
     def summary(self) -> str:
         loss = ", ".join(f"exit {d}: {v:.4f}" for d, v in self.losses.items())
-        lines = [_start_line(self.path, self.resumed_from),
+        lines = [_start_line(self.path, self.resumed_from, self.init),
                  f"{self.path}: step {self.step}, {self.seconds:.0f} s, {self.images_per_s:.1f} img/s; "
                  f"recon loss {loss}"]
+        if self.bad_images:
+            lines.append(self.bad_images)
         for d, m in self.metrics.get("exits", {}).items():
             if "knn_top1" in m:
                 lines.append(f"  exit {d}: kNN top-1 {m['knn_top1']:.3f}"
@@ -123,13 +130,15 @@ def train(cfg: TrainConfig, resume: bool | Literal["auto"] = False, dataset=None
             must exist; ``"auto"``: continue if it exists, else start (requeued jobs); False: start,
             and ``cfg.out`` must hold no checkpoint.
         dataset: images to train on instead of ``cfg.data`` (``ds[i]`` -> tensor [3, H, W] or
-            (tensor, label); used as is, without augmentation).
+            (tensor, label); float tensors are used as is, uint8 ones scaled and normalized, neither
+            augmented).
 
     Raises:
-        InputError: bad settings or data; ``cfg.out`` holds something other than a checkpoint or
-            cannot be written (checked before training); a checkpoint in ``cfg.out`` without ``resume``,
-            or none with ``resume=True``. TrainingError: non-finite loss (the last saved checkpoint is
-            kept), resume from another architecture.
+        InputError: bad settings, data or ``--init`` weights; ``cfg.out`` holds something other than
+            a checkpoint or cannot be written (all checked before training); a checkpoint in
+            ``cfg.out`` without ``resume``, or none with ``resume=True``; no readable image in a
+            whole batch's worth of the stream. TrainingError: non-finite loss (the last saved
+            checkpoint is kept), resume from another architecture.
     """
     if resume not in (True, False, "auto"):
         raise InputError(f"resume must be True, False or 'auto' (got {resume!r})")
@@ -156,10 +165,13 @@ def _train(cfg: TrainConfig, resume: bool | str, dataset, device: torch.device, 
                          f"or pass '--resume auto' to start when there is none")
     torch.manual_seed(cfg.seed)
     model = _build_model(cfg)
+    resuming = bool(resume) and has_ckpt
+    # a resumed run's weights come from its checkpoint: --init is not read again
+    init = init_encoder(model, cfg.init, cfg.where("init")) if cfg.init is not None and not resuming else None
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     img_size = model.encoder.patch_embed.img_size[0]
     if dataset is None:
-        dataset = image_dataset(cfg.data, img_size, cfg.mean, cfg.std)
+        dataset = _training_images(cfg, img_size, device)
     eval_set = _eval_set(cfg) if info.is_main else None  # bad eval data fails before training, not after
     step, log_lines, saved_optimizer = 0, [], None
     if resume and has_ckpt:
@@ -172,20 +184,21 @@ def _train(cfg: TrainConfig, resume: bool | str, dataset, device: torch.device, 
     update, update_line = resolve_update(cfg)
     stepper = Stepper(optimizer, info, update, cfg.grad_clip, cfg.grad_clip_mode)
     if info.is_main:
-        _announce(cfg, f"{_start_line(out, resumed)}{_settings_note(cfg, resumed)}; {update_line}")
+        _announce(cfg, f"{_start_line(out, resumed, init)}{_settings_note(cfg, resumed)}; {update_line}")
     broadcast_parameters(model, info)
     if cfg.compile:
         model.compile_blocks()
     amp = torch.bfloat16 if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda") else None
-    sampler = StepSampler(len(dataset), cfg.batch_size, cfg.accum_steps, info, cfg.seed, step, cfg.steps)
-    loader = torch.utils.data.DataLoader(
-        SeededDataset(dataset, cfg.seed), batch_size=sampler.local, sampler=sampler,
-        num_workers=cfg.num_workers, pin_memory=device.type == "cuda", persistent_workers=False)
+    bad = BadImages(getattr(dataset, "root", "data"), _bad_images_record(out, resumed),
+                    (lambda line: _announce(cfg, line, logging.WARNING)) if info.is_main else None)
+    stream = TrainStream(dataset, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps, seed=cfg.seed,
+                         steps=cfg.steps, start_step=step, num_workers=cfg.num_workers, info=info, device=device,
+                         mean=cfg.mean, std=cfg.std, bad=bad)
     decoded = model.decoded_exits
     recent: dict[int, list[float]] = {d: [] for d in decoded}
     bar = _progress(cfg, info, step)
     t0, imgs_done = time.perf_counter(), 0
-    batches = iter(loader)
+    batches = iter(stream)
     while step < cfg.steps:
         lr = lr_at(step, cfg)
         stepper.begin(lr)
@@ -207,12 +220,17 @@ def _train(cfg: TrainConfig, resume: bool | str, dataset, device: torch.device, 
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(" ".join(f"L{d}={v:.3f}" for d, v in zip(decoded, values)) + f" {rate:.1f}img/s")
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        at_log = step % cfg.log_every == 0 or step == cfg.steps
+        at_save = step % cfg.save_every == 0 or step == cfg.steps
+        data = bad.pool(info) if at_log or at_save else {}  # a step meeting a new bad image is logged
+        if at_log or "bad_images_new" in data:
             log_lines.append(json.dumps({"step": step, "lr": lr, "img_per_s": round(rate, 2),
-                                         "loss": {str(d): round(v, 6) for d, v in zip(decoded, values)}}))
-        if step % cfg.save_every == 0 or step == cfg.steps:
+                                         "elapsed_s": round(time.perf_counter() - t0, 3),
+                                         "loss": {str(d): round(v, 6) for d, v in zip(decoded, values)}, **data}))
+        if at_save:
             if info.is_main:
-                _save(model, cfg, optimizer, step, recent, log_lines, final=step == cfg.steps)
+                _save(model, cfg, optimizer, step, recent, log_lines, final=step == cfg.steps,
+                      bad_images=bad.record())
             barrier(info)
     if bar is not None:
         bar.close()
@@ -224,7 +242,26 @@ def _train(cfg: TrainConfig, resume: bool | str, dataset, device: torch.device, 
             metrics = _evaluate(model, cfg, eval_set, out)
     means = {d: float(np.mean(v)) for d, v in recent.items() if v}
     return TrainResult(out, step, means, seconds, imgs_done / max(seconds, 1e-9), metrics, model.eval(),
-                       info.is_main, resumed)
+                       info.is_main, resumed, init, bad.summary())
+
+
+def _training_images(cfg: TrainConfig, img_size: int, device: torch.device):
+    """The images of ``cfg.data`` (else the built-in sample set), listed, a sample decoded; JPEGs left
+    to the GPU on the gpu pipeline."""
+    from ..resources import sample_images_dir
+
+    pipeline = resolve_pipeline(cfg.data_pipeline, device, cfg.where("data_pipeline"))
+    data = cfg.data if cfg.data is not None else sample_images_dir()
+    images = training_images(data, img_size, decode_on_device=pipeline == "gpu", seed=cfg.seed)
+    log.info("%s: %d images, %s pipeline", data, len(images), pipeline)
+    return images
+
+
+def _bad_images_record(out: Path, resumed: int | None) -> dict | None:
+    """The unreadable images a resumed run's checkpoint had met (metrics.json), so none is named twice."""
+    if resumed is None:
+        return None
+    return ckpt_io.load_checkpoint(out, weights=False).metrics.get("bad_images")
 
 
 def _build_model(cfg: TrainConfig) -> BimModel:
@@ -261,8 +298,10 @@ def _saved_step(out: Path) -> int | None:
         return None
 
 
-def _start_line(out: Path, resumed: int | None) -> str:
-    return f"{out}: " + (f"resumed from step {resumed}" if resumed is not None else "started from scratch")
+def _start_line(out: Path, resumed: int | None, init: InitReport | None = None) -> str:
+    if resumed is not None:
+        return f"{out}: resumed from step {resumed}"
+    return f"{out}: " + (f"started from pretrained weights {init.describe()}" if init else "started from scratch")
 
 
 def _settings_note(cfg: TrainConfig, resumed: int | None) -> str:
@@ -274,15 +313,18 @@ def _settings_note(cfg: TrainConfig, resumed: int | None) -> str:
             + (f", changed: {', '.join(given)}" if given else ""))
 
 
-def _announce(cfg: TrainConfig, line: str) -> None:
-    """A line for the run's log: through the progress bar's channel when there is one."""
+def _announce(cfg: TrainConfig, line: str, level: int = logging.INFO) -> None:
+    """A line for the run's log: through the progress bar's channel when there is one, else logged
+    at ``level``."""
+    if not cfg.progress:
+        log.log(level, line)
+        return
+    import sys
+
+    from tqdm import tqdm
+
     log.info(line)
-    if cfg.progress:
-        import sys
-
-        from tqdm import tqdm
-
-        tqdm.write(line, file=sys.stderr)
+    tqdm.write(line, file=sys.stderr)
 
 
 def _progress(cfg: TrainConfig, info: DistInfo, step: int):
@@ -294,9 +336,11 @@ def _progress(cfg: TrainConfig, info: DistInfo, step: int):
                 dynamic_ncols=True)
 
 
-def _save(model: BimModel, cfg: TrainConfig, optimizer: StageOptimizer, step: int, recent: dict[int, list[float]],
-          log_lines: list[str], final: bool) -> None:
+def _save(model: BimModel, cfg: TrainConfig, optimizer, step: int, recent: dict[int, list[float]],
+          log_lines: list[str], final: bool, bad_images: dict | None = None) -> None:
     metrics = {"step": step, "exits": {str(d): {"recon_loss": float(np.mean(v))} for d, v in recent.items() if v}}
+    if bad_images:
+        metrics["bad_images"] = bad_images
     train_state = None
     if cfg.save_train_state:
         train_state = {"optimizer": optimizer.state_dict(), "step": step, "rng": _rng_state(),
@@ -324,11 +368,11 @@ def _evaluate(model: BimModel, cfg: TrainConfig, eval_set, out: Path) -> dict:
     return ckpt_io.update_exit_metrics(out, results)
 
 
-def train_from_cli(config_file=None, data=None, model=None, exits=None, out=None, eval_data=None,
+def train_from_cli(config_file=None, data=None, model=None, exits=None, out=None, eval_data=None, init=None,
                    overrides=None, resume: bool | Literal["auto"] = False) -> str:
     """``bim-export train``: settings from the YAML file, flags and ``--set`` (on top of the checkpoint's
     stored settings when resuming); returns a short summary."""
     cfg = load_train_config(config_file, overrides, resume=bool(resume), data=data, model=model, exits=exits,
-                            out=out, eval_data=eval_data)
+                            out=out, eval_data=eval_data, init=init)
     result = train(cfg, resume=resume)
     return result.summary() if result.is_main else ""

@@ -122,7 +122,9 @@ def test_run_writes_checkpoint_and_log(tiny_checkpoint):
 def test_accumulation_matches_one_big_batch(tmp_path):
     train(tiny_train_config(tmp_path / "a", steps=2))
     train(tiny_train_config(tmp_path / "b", steps=2, accum_steps=2))
-    assert_same_weights(tmp_path / "a", tmp_path / "b", atol=1e-6)
+    # AdamW's first step is lr x g / (|g| + eps): an entry whose gradient is near eps (1e-8) turns
+    # the summation order's rounding into a step difference of ~1e-6 (one decoder query weight here)
+    assert_same_weights(tmp_path / "a", tmp_path / "b", atol=1e-5)
 
 
 def test_e2e_mode_has_one_decoder_at_the_last_exit(tmp_path):

@@ -1,0 +1,69 @@
+"""Image folders: listing without decoding, and the checked scan built on it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bim_export.data import list_image_files, scan_image_folder
+from bim_export.errors import InputError
+from bim_export.resources import sample_images_dir
+
+
+def _touch(root: Path, *names: str) -> None:
+    for n in names:
+        (root / n).parent.mkdir(parents=True, exist_ok=True)
+        (root / n).write_bytes(b"")
+
+
+def test_listing_is_relative_sorted_by_parts_and_matches_rglob():
+    root = sample_images_dir()
+    names = list_image_files(root)
+    assert len(names) == 60 and names[0] == "astronaut/astronaut_00.jpg"
+    assert [root / n for n in names] == sorted(p for p in root.rglob("*.jpg"))
+
+
+def test_listing_order_is_path_order_not_string_order(tmp_path):
+    _touch(tmp_path, "a.b/c.jpg", "a/b.jpg", "a-b/c.JPG", "z.jpeg", "a/x/y.png", "notes.txt", "a/readme.md")
+    names = list_image_files(tmp_path)
+    assert names == ["a/b.jpg", "a/x/y.png", "a-b/c.JPG", "a.b/c.jpg", "z.jpeg"]
+    assert [tmp_path / n for n in names] == sorted(tmp_path / n for n in names)
+
+
+def test_hidden_entries_are_left_out(tmp_path):
+    _touch(tmp_path, "cat/1.jpg", "cat/._1.jpg", ".cache/2.jpg", "cat/.ipynb_checkpoints/3.jpg")
+    assert list_image_files(tmp_path) == ["cat/1.jpg"]
+
+
+def test_links_outside_are_followed_links_inside_are_not(tmp_path):
+    data, other = tmp_path / "data", tmp_path / "other"
+    _touch(data, "a/1.jpg")
+    _touch(other, "2.jpg")
+    os.symlink(data / "a", data / "a" / "loop")  # a cycle
+    os.symlink(data / "a", data / "alias")  # the same images under a second name
+    os.symlink(other, data / "ext")
+    os.symlink(other, other / "self")
+    os.symlink(tmp_path / "missing", data / "dangling")
+    assert list_image_files(data) == ["a/1.jpg", "ext/2.jpg"]
+
+
+def test_listing_errors_name_the_folder(tmp_path):
+    with pytest.raises(InputError, match=r"missing: data folder does not exist"):
+        list_image_files(tmp_path / "missing")
+    _touch(tmp_path, "f.jpg", "empty/notes.txt")
+    with pytest.raises(InputError, match=r"f\.jpg: data path is not a folder"):
+        list_image_files(tmp_path / "f.jpg")
+    with pytest.raises(InputError, match=r"empty: no images found"):
+        list_image_files(tmp_path / "empty")
+
+
+def test_scan_labels_come_from_the_first_folder(tmp_path):
+    _touch(tmp_path, "dog/a/1.jpg", "cat/2.jpg", "3.jpg")
+    images = scan_image_folder(tmp_path, verify=False)
+    assert images.classes == ["cat", "dog"]
+    assert [(p.relative_to(tmp_path).as_posix(), lbl) for p, lbl in zip(images.paths, images.labels)] == [
+        ("3.jpg", -1), ("cat/2.jpg", 0), ("dog/a/1.jpg", 1)]
+    with pytest.raises(InputError, match=r"none of the 3 image files is readable"):
+        scan_image_folder(tmp_path)  # empty files do not decode
