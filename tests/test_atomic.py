@@ -122,12 +122,12 @@ def test_backbone_follows_the_umask(umask, tiny_checkpoint, tmp_path):
 
 
 def test_bundle_and_its_revalidated_manifest_follow_the_umask(umask, tmp_path):
-    from test_bundle import _spec
+    from bundle_spec import bundle_spec
 
     from bim_export.deploy.bundle import write_bundle
     from bim_export.deploy.validate import _write_json_atomic
 
-    dest = write_bundle(tmp_path / "exports", _spec(tmp_path))
+    dest = write_bundle(tmp_path / "exports", bundle_spec(tmp_path))
     manifest = json.loads((dest / "manifest.json").read_text())
     _write_json_atomic(dest / "manifest.json", {**manifest, "device_validations": [{"passed": True}]})
     _assert_modes(tmp_path / "exports", umask)

@@ -172,6 +172,7 @@ def render_report(manifest: dict[str, Any], table: str, why: str) -> str:
         f"- {lat.get('ms', float('nan')):.2f} ms ({stat}) at batch {m.get('batch')}, "
         f"source: **{lat.get('source', '?')}**"
         + (f", expected error ±{lat['expected_error'] * 100:.0f} %" if lat.get("expected_error") is not None else "")
+        + (f" ({lat['error_basis']})" if lat.get("error_basis") else "")
         + (f", machine: {lat['machine']}" if lat.get("machine") else ""),
         f"- budget: {budget:g} ms ({stat})" if budget is not None else "- budget: none",
     ]

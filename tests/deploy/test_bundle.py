@@ -8,61 +8,19 @@ import os
 import numpy as np
 import onnx
 import pytest
-from tiny_onnx import SIZE, write_tiny_onnx
+from bundle_spec import bundle_spec
 
 from bim_export.deploy import bundle as bundle_mod
-from bim_export.deploy.bundle import BundleSpec, file_hashes, write_bundle
-from bim_export.deploy.candidates import Trial
-from bim_export.deploy.latency.measure import LatencyResult
-from bim_export.deploy.parity import ParityResult, merge_results
-from bim_export.deploy.profiles import load_profile
-from bim_export.deploy.report import PlotPoint
-from bim_export.deploy.selector import Candidate, select
+from bim_export.deploy.bundle import file_hashes, write_bundle
 from bim_export.machine import sha256_file
 
 EXPECTED = {"model.onnx", "manifest.json", "reference.npz", "report.md", "pareto.png", "infer.py", "common.py", "validate.py",
             "parity.py", "knn.py", "machine.py"}
 
 
-def _parity(images, cosine, cosine_min, max_abs, mean_abs, agreement, kind="nearest_neighbour") -> ParityResult:
-    return ParityResult(passed=True, max_abs=max_abs, mean_abs=mean_abs, cosine=cosine, cosine_min=cosine_min,
-                        neighbour_agreement=agreement, agreement_kind=kind, images=images, tolerances={})
-
-
-def _spec(tmp_path, profile="jetson-orin-nano") -> BundleSpec:
-    """A bundle of a tiny hand-built graph as the pipeline would describe its choice."""
-    model = write_tiny_onnx(tmp_path / "cached.onnx", {"exporter": "torch.onnx (test)", "depth": "4"})
-    prof = load_profile(profile)
-    stat = prof.budgets.latency_stat
-    rng = np.random.default_rng(0)
-    points = [
-        PlotPoint(4, "fp32", 12.0, 0.61, rejected="latency p90 12 ms > 8 ms"),
-        PlotPoint(4, "int8", 5.0, 0.60, chosen=True, source="predicted"),
-        PlotPoint(2, "fp32", 6.5, 0.48),
-        PlotPoint(2, "int8", 3.1, 0.30, rejected="parity failed: cosine 0.97 < 0.995"),
-        PlotPoint(1, "int8", None, 0.2, rejected="pruned"),
-    ]
-    shipped = merge_results({"batch1": _parity(4, 0.999, 0.998, 0.01, 0.001, None),
-                             "batchN": _parity(8, 0.998, 0.997, 0.02, 0.002, 1.0, "knn_top1")}, label="int8")
-    latency = LatencyResult(mean=5.0, p50=5.0, p90=5.0, p99=5.0, source="predicted", batch=prof.batch,
-                            model=str(model), expected_error=0.2)
-    choice = Trial(4, "int8", model, quality=0.60, size_mb=model.stat().st_size / 1e6, parity=shipped,
-                   latency=latency, memory_mb=8.0)
-    selection = select([Candidate(4, "int8", quality=0.60, latency_ms=5.0, latency_stat=stat, expected_error=0.2,
-                                  memory_mb=8.0, size_mb=choice.size_mb)], prof)
-    reference = {"pixels": rng.standard_normal((2, 3, SIZE, SIZE)).astype(np.float32),
-                 "embedding": rng.standard_normal((2, 16)).astype(np.float32), "labels": np.array([0, 1])}
-    checkpoint = {"img_size": SIZE, "mean": [0.5] * 3, "std": [0.25] * 3, "exits": [2, 4], "step": 10,
-                  "arch": "vit_tiny_patch16_224"}
-    return BundleSpec(profile=prof, selection=selection, choice=choice, parity=shipped, checkpoint=checkpoint,
-                      metrics={}, data={"source": "built-in sample images"},
-                      conversion={"precision": "int8", "method": "dynamic"}, reference=reference, points=points,
-                      why="Depth 4 int8 is the best within budget.")
-
-
 @pytest.fixture
 def spec(tmp_path):
-    return _spec(tmp_path)
+    return bundle_spec(tmp_path)
 
 
 def test_bundle_has_every_file_and_hashes(tmp_path, spec):
@@ -91,6 +49,10 @@ def test_bundle_has_every_file_and_hashes(tmp_path, spec):
 def test_report_states_choice_sources_and_how_to_run(tmp_path, spec):
     report = (write_bundle(tmp_path, spec) / "report.md").read_text()
     assert "depth 4 (int8)" in report and "source: **predicted**" in report
+    # the expected error says what it rests on: the device class's measured uncalibrated error
+    lat = json.loads((tmp_path / "jetson-orin-nano" / "manifest.json").read_text())["latency"]
+    assert f"expected error ±{lat['expected_error'] * 100:.0f} % ({lat['error_basis']})" in report
+    assert lat["error_basis"].startswith("uncalibrated gpu defaults")
     assert spec.selection.table() in report and "chosen" in spec.selection.table()
     assert "| batch 8 | 8 | 0.998000 / 0.997000 | 100.0% (knn_top1) | 0.02 | 0.002 | yes |" in report
     assert "python infer.py" in report and "python validate.py ." in report
@@ -133,7 +95,7 @@ def test_bundle_runs_standalone(tmp_path):
 
     from PIL import Image
 
-    dest = write_bundle(tmp_path / "exports", _spec(tmp_path, profile="raspberry-pi-5"))
+    dest = write_bundle(tmp_path / "exports", bundle_spec(tmp_path, profile="raspberry-pi-5"))
     img = tmp_path / "x.png"
     Image.fromarray(np.full((40, 50, 3), 128, np.uint8)).save(img)
     done = subprocess.run([sys.executable, "-s", "-E", str(dest / "infer.py"), str(img)], capture_output=True, text=True,
