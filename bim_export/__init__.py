@@ -32,6 +32,7 @@ train (BIM pretraining)
     train.evaluate          kNN / linear probe of every exit
     train.trainer           the training loop, resume, checkpoints
 deploy (per-device export)
+    deploy.schema_errors    one line for a profile file's schema errors (field, problem, value)
     deploy.profiles         device profiles: schema, loading, budgets
     deploy.export           backbone -> ONNX at the profile's opset, metadata, graph surgery
     deploy.usability        ONNX Runtime's mobile usability checker: what NNAPI / CoreML take of a graph

@@ -15,7 +15,7 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args, get_origin
+from typing import Any, Literal, Optional, Union
 
 import pydantic
 import yaml
@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 from ..errors import InputError, close_matches
 from ..resources import resource_dir
 from ..table import format_table
+from .schema_errors import FieldError, describe_validation_error, short_value
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -167,7 +168,7 @@ class Profile(_Strict):
         for i, ep in enumerate(eps):
             if ep not in KNOWN_EXECUTION_PROVIDERS:
                 hint = _ep_hint(ep)
-                raise _FieldError(("execution_providers", i),
+                raise FieldError(("execution_providers", i),
                                   f"is not an ONNX Runtime execution provider (got {ep!r}); {hint}", None)
         if len(set(eps)) != len(eps):
             raise ValueError(f"lists an execution provider twice ({', '.join(eps)})")
@@ -185,14 +186,14 @@ class Profile(_Strict):
         for field in ("provider_options", "accelerators"):
             for ep in getattr(self, field):
                 if ep not in self.execution_providers:
-                    raise _FieldError((field, ep), f"names an execution provider the profile does not list "
+                    raise FieldError((field, ep), f"names an execution provider the profile does not list "
                                                    f"({', '.join(self.execution_providers)})", None)
         for ep in self.accelerators:
             if ep not in ACCELERATOR_EPS:
-                raise _FieldError(("accelerators", ep), f"must be one of {', '.join(ACCELERATOR_EPS)}: the EPs whose "
+                raise FieldError(("accelerators", ep), f"must be one of {', '.join(ACCELERATOR_EPS)}: the EPs whose "
                                                         "reach ONNX Runtime's usability checker tells", None)
         if self.dynamic_batch_file and not self.batch_is_fixed:
-            raise _FieldError(("dynamic_batch_file",), "needs a fixed batch (fixed_batch: true): the model is "
+            raise FieldError(("dynamic_batch_file",), "needs a fixed batch (fixed_batch: true): the model is "
                                                        "already dynamic", None)
         return self
 
@@ -200,11 +201,11 @@ class Profile(_Strict):
     def _hardware_covers_precisions(self) -> "Profile":
         if self.hardware is None:
             if not self.measured:
-                raise _FieldError(("hardware",), "is required unless measured is true", None)
+                raise FieldError(("hardware",), "is required unless measured is true", None)
             return self
         for p in self.precisions:
             if getattr(self.hardware.peak_gflops, p) is None:
-                raise _FieldError(("hardware", "peak_gflops", p),
+                raise FieldError(("hardware", "peak_gflops", p),
                                   f"is required because precisions lists {p}", None)
         return self
 
@@ -223,14 +224,6 @@ def _ep_hint(ep: str) -> str:
     if close:
         return f"did you mean {', '.join(close)}?"
     return f"valid: {', '.join(sorted(KNOWN_EXECUTION_PROVIDERS))}"
-
-
-class _FieldError(ValueError):
-    """A cross-field check that knows which field it is about."""
-
-    def __init__(self, loc: tuple, message: str, value: Any):
-        super().__init__(message)
-        self.loc, self.message, self.value = loc, message, value
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -291,17 +284,17 @@ def load_profile_file(path: Union[str, os.PathLike]) -> Profile:
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{shown}: cannot read ({e})") from None
     if not isinstance(data, dict):
-        raise InputError(f"{shown}: a profile must be a mapping of fields (got {_short(data)})")
+        raise InputError(f"{shown}: a profile must be a mapping of fields (got {short_value(data)})")
     if not _NAME.fullmatch(path.stem):
         raise InputError(f"{shown}: the file name is the profile name and names its export folder: "
                          f"use letters, digits, '.', '_' and '-' only (got {path.stem!r})")
     if "name" in data and data["name"] != path.stem:
-        raise InputError(f"{shown}: name must match the file name '{path.stem}' (got {_short(data['name'])})")
+        raise InputError(f"{shown}: name must match the file name '{path.stem}' (got {short_value(data['name'])})")
     data = {**data, "name": path.stem}
     try:
         profile = Profile.model_validate(data)
     except pydantic.ValidationError as e:
-        raise InputError(f"{shown}: {_describe(e)}") from None
+        raise InputError(f"{shown}: {describe_validation_error(e, Profile)}") from None
     profile._path = path
     return profile
 
@@ -311,93 +304,6 @@ def _display(path: Path) -> str:
     if path.resolve().parent == profiles_dir().resolve():
         return f"profiles/{path.name}"
     return str(path)
-
-
-# ---------------------------------------------------------------------------- error messages
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value) if isinstance(value, str) else str(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _dotted(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "profile"
-
-
-def _model_at(loc: tuple) -> Optional[type[BaseModel]]:
-    """The pydantic model class that holds the fields at ``loc`` (for 'did you mean')."""
-    model: Any = Profile
-    for part in loc:
-        if isinstance(part, int) or model is None:
-            return None
-        field = model.model_fields.get(part)
-        if field is None:
-            return None
-        model = _unwrap_model(field.annotation)
-    return model
-
-
-def _unwrap_model(annotation: Any) -> Optional[type[BaseModel]]:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if get_origin(annotation) is Union:
-        for arg in get_args(annotation):
-            found = _unwrap_model(arg)
-            if found is not None:
-                return found
-    return None
-
-
-def _explain(err: dict) -> tuple[tuple, str, Any, bool]:
-    """(loc, message, value, show_value) for one pydantic error dict."""
-    kind, loc, ctx, value = err["type"], tuple(err["loc"]), err.get("ctx") or {}, err.get("input")
-    if kind == "value_error" and isinstance(ctx.get("error"), _FieldError):
-        fe = ctx["error"]
-        return fe.loc, fe.message, fe.value, fe.value is not None
-    if kind == "extra_forbidden":
-        model = _model_at(loc[:-1])
-        valid = [f for f in model.model_fields if f != "name"] if model else []
-        hint = f"; {close_matches(str(loc[-1]), valid)}" if valid else ""
-        return loc, f"is not a known field{hint}", value, False
-    simple = {
-        "missing": "is required",
-        "greater_than": "must be > {gt}",
-        "greater_than_equal": "must be >= {ge}",
-        "less_than": "must be < {lt}",
-        "less_than_equal": "must be <= {le}",
-        "too_short": "must have at least {min_length} item(s)",
-        "literal_error": "must be one of {expected}",
-        "int_type": "must be an integer", "int_parsing": "must be an integer",
-        "int_from_float": "must be an integer",
-        "float_type": "must be a number", "float_parsing": "must be a number",
-        "bool_type": "must be true or false", "bool_parsing": "must be true or false",
-        "string_type": "must be a string",
-        "list_type": "must be a list", "model_type": "must be a mapping of fields",
-        "model_attributes_type": "must be a mapping of fields", "dict_type": "must be a mapping",
-    }
-    if kind in simple:
-        shown = {k: f"{v:g}" if isinstance(v, float) else v for k, v in ctx.items()}
-        return loc, simple[kind].format(**shown), value, kind != "missing"
-    if kind == "value_error":
-        return loc, str(ctx.get("error", err["msg"])), value, False
-    return loc, err["msg"][:1].lower() + err["msg"][1:], value, True
-
-
-def _describe(e: pydantic.ValidationError) -> str:
-    """One line for a pydantic ValidationError: the first problem, and how many more there are."""
-    # A misspelt key also shows up as the missing field it was meant to be: name the typo first.
-    errors = sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")
-    loc, message, value, show_value = _explain(errors[0])
-    line = f"{_dotted(loc)} {message}"
-    if show_value:
-        line += f" (got {_short(value)})"
-    if len(errors) > 1:
-        line += f" (and {len(errors) - 1} more)"
-    return line
 
 
 # ---------------------------------------------------------------------------------- text forms
