@@ -36,7 +36,7 @@ from .. import __version__
 from ..atomic import OutputKind, atomic_dir
 from ..machine import sha256_file
 from ..resources import resource_dir
-from .candidates import ONNX_PROVIDER, Trial, latency_value, source_label
+from .candidates import ONNX_PROVIDER, Trial, source_label
 from .ortformat import OPS_CONFIG, ORT_MODEL, make_ort
 from .parity import ParityResult
 from .report import PlotPoint, plot_pareto, render_report
@@ -209,7 +209,7 @@ def build_manifest(spec: BundleSpec, model: Path) -> dict[str, Any]:
         "outputs": io["outputs"],
         "parity": parity,
         "data": spec.data,
-        "latency": {**lat.to_dict(), "model": MODEL, "ms": latency_value(lat, stat), "stat": stat,
+        "latency": {**lat.to_dict(), "model": MODEL, "ms": lat.stat(stat), "stat": stat,
                     "expected_error": lat.error(stat), "source": source_label(lat),
                     "budget_ms": profile.budgets.latency_ms},
         "conversion": spec.conversion,

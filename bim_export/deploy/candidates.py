@@ -275,11 +275,6 @@ def exit_quality(metrics: dict, depth: int) -> float | None:
     return float(q) if q is not None else None
 
 
-def latency_value(result, stat: str) -> float:
-    """The statistic the budget applies to (p50/p90/p99) of a LatencyResult, in ms."""
-    return result.stat(stat)
-
-
 def source_label(result) -> str:
     """``measured``, ``predicted``, ``calibrated``, with a note such as ``host-emulated fp16``."""
     return f"{result.source} ({result.note})" if result.note else result.source
@@ -313,7 +308,7 @@ def evaluate_candidates(shop: Workshop, profile, progress=None) -> list[Trial]:
         t.predicted = t.latency = predict_on_device(t.model, t.usability, profile)
         t.runs_on = t.predicted.settings["runs_on"]
         t.memory_mb = t.predicted.peak_memory_mb
-        pred = latency_value(t.predicted, stat)
+        pred = t.predicted.stat(stat)
         if budget is not None and pred > PRUNE_FACTOR * budget:
             t.pruned = f"predicted {pred:.3g} ms is over {PRUNE_FACTOR:g}x the {budget:g} ms budget"
     for t in trials:
@@ -397,7 +392,7 @@ def to_candidates(trials: list[Trial], profile) -> list:
             passed, note = t.parity.passed, t.parity.brief()
         out.append(Candidate(
             depth=t.depth, precision=t.precision, quality=t.quality, parity_passed=passed, parity_note=note,
-            latency_ms=latency_value(t.latency, stat) if t.latency is not None else None,
+            latency_ms=t.latency.stat(stat) if t.latency is not None else None,
             latency_stat=stat,
             latency_source=("none" if t.latency is None else source_label(t.latency))
             + (" (pruned: not run)" if t.pruned else ""),

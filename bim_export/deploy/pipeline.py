@@ -24,7 +24,7 @@ from pathlib import Path
 from ..errors import NoCandidateError, ValidationError
 from ..table import format_table
 from .bundle import BundleSpec, bundle_kind, write_bundle
-from .candidates import (Trial, Workshop, check_parity, evaluate_candidates, latency_value, load_images, source_label,
+from .candidates import (Trial, Workshop, check_parity, evaluate_candidates, load_images, source_label,
                          to_candidates)
 from .parity import ParityResult
 from .profiles import list_profiles, load_profile
@@ -93,12 +93,12 @@ def export_profile(shop: Workshop, profile, out: Path, multi_exit: bool = False,
         model, exit_parity = multi_exit_model(shop, choice, profile)
         for d in exit_parity:
             reference.update({f"{k}_{d}": v[:n] for k, v in shop.reference(int(d)).items()})
-    points = [PlotPoint(t.depth, t.precision, None if t.latency is None else latency_value(t.latency, stat),
+    points = [PlotPoint(t.depth, t.precision, None if t.latency is None else t.latency.stat(stat),
                         t.quality, rejected=_rejection(selection, t), chosen=t is choice,
                         source="" if t.latency is None else source_label(t.latency))
               for t in trials]
     chosen_row = next(r for r in selection.rows if r.status == "chosen")
-    lat_ms = latency_value(choice.latency, stat)
+    lat_ms = choice.latency.stat(stat)
     why = (f"Depth {choice.depth} in {choice.precision}: {chosen_row.reason}. Its latency is {lat_ms:.2f} ms {stat}"
            f"{_error_text(choice.latency, stat)} ({source_label(choice.latency)})"
            + (f" against a budget of {budget:g} ms" if budget else "")
@@ -218,7 +218,7 @@ def run_export(target: str, checkpoint: Path | None = None, out: Path = Path("ex
 
 def describe(o: Outcome) -> str:
     c = o.choice
-    lat = latency_value(c.latency, o.stat)
+    lat = c.latency.stat(o.stat)
     return "\n".join([
         o.table.rstrip(), "",
         f"{o.profile}: depth {c.depth} {c.precision}, {lat:.2f} ms {o.stat}{_error_text(c.latency, o.stat)} "
@@ -242,7 +242,7 @@ def summary_table(outcomes: list[Outcome]) -> str:
             rows.append((o.profile, "-", "-", "-", "-", f"{o.budget_ms or '-'}", "-", f"no candidate: {o.error}"))
             continue
         c = o.choice
-        rows.append((o.profile, str(c.depth), c.precision, f"{latency_value(c.latency, o.stat):.2f} ms {o.stat}",
+        rows.append((o.profile, str(c.depth), c.precision, f"{c.latency.stat(o.stat):.2f} ms {o.stat}",
                      o.latency_source, f"{o.budget_ms:g} ms" if o.budget_ms else "none",
                      f"{c.quality:.1%}" if c.quality is not None else "n/a", str(o.bundle)))
     return format_table(head, rows, rule=True)
