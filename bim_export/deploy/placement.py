@@ -25,7 +25,7 @@ def predict_on_device(model: Path, usability: dict, profile):
         The LatencyResult; ``settings["runs_on"]`` names the EP whose device it was predicted on
         (``CPUExecutionProvider`` for the CPU cores) and ``note`` why.
     """
-    from .latency.predict import UNCALIBRATED_ERROR, predict_latency
+    from .latency.predict import model_precision, predict_latency, uncalibrated_error
     from .latency.roofline import Hardware, default_factors
     from .usability import runs_on
 
@@ -46,7 +46,11 @@ def predict_on_device(model: Path, usability: dict, profile):
         factors = default_factors(profile.device_class, hw)
         factors.node_overhead_us = figures.launch_overhead_us  # inside one compiled program, not ORT's dispatch
         result = predict_latency(model, profile, profile.batch, factors=factors, hardware=hw)
-        result.expected_error = UNCALIBRATED_ERROR  # no calibration file exists for an accelerator
+        # no calibration file exists for an accelerator, and none was timed: the device class's
+        # measured uncalibrated error stands in, and its basis says so
+        expected = uncalibrated_error(profile.device_class, model_precision(model))
+        result.expected_error = expected.error
+        result.error_basis = f"{expected.basis}; no {short[ep]} accelerator was timed, that figure stands in"
         where, why = ep, f"on {short[ep]}"
     result.settings["runs_on"] = where
     result.note = ", ".join(filter(None, [result.note, why]))
