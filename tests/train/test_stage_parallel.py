@@ -1,0 +1,159 @@
+"""Stage-parallel BIM: the stages over groups of gloo ranks train exactly as one process does, the
+checkpoint is the single process's, and a rank that dies stops the run with one line naming it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+import traceback
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import tiny_train_config
+from test_trainer import assert_same_weights
+
+from bim_export.checkpoint import load_checkpoint
+from bim_export.errors import BimExportError, InputError
+from bim_export.train.config import load_train_config
+from bim_export.train.model import BimModel
+from bim_export.train.stage_parallel import plan_layout, split_stages
+from bim_export.train.trainer import train
+
+STEPS, BATCH = 3, 8
+THREE_STAGES = dict(model_args={"img_size": 32, "patch_size": 8, "depth": 4, "embed_dim": 32, "num_heads": 2},
+                    exits=[1, 2, 4])
+
+
+def _images(n: int = 12) -> torch.utils.data.TensorDataset:
+    return torch.utils.data.TensorDataset(torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+
+
+class SlowImages(torch.utils.data.Dataset):
+    """The images of :func:`_images`, each taking ``delay`` seconds (a run long enough to kill)."""
+
+    def __init__(self, delay: float):
+        self.images, self.delay = _images(), delay
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        time.sleep(self.delay)
+        return self.images[i]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _join(rank: int, world: int, port: int) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+
+
+def _rank_main(rank: int, world: int, port: int, out: str, settings: dict) -> None:
+    _join(rank, world, port)
+    res = train(tiny_train_config(out, **settings), dataset=_images())
+    torch.save({k: v for k, v in res.model.state_dict().items() if v.numel()}, f"{out}.rank{rank}.pt")
+
+
+def _spawn(world: int, out, **settings) -> None:
+    mp.spawn(_rank_main, args=(world, _free_port(), str(out), settings), nprocs=world, join=True)
+
+
+# ------------------------------------------------------------------------------ layout
+
+
+def test_split_keeps_neighbours_together_and_balances():
+    assert split_stages([1, 1, 1, 1], 2) == [[0, 1], [2, 3]]
+    assert split_stages([3, 1, 1, 1], 2) == [[0], [1, 2, 3]]
+    assert split_stages([1, 1, 1, 1, 1, 1], 3) == [[0, 1], [2, 3], [4, 5]]
+    assert split_stages([5, 1], 2) == [[0], [1]]
+
+
+def test_layout_ranks_and_names():
+    model = BimModel(tiny_train_config("x", **THREE_STAGES).bim)
+    lay = plan_layout(model, 2, 4, 3, "--set stage_parallel")
+    assert lay.data == 2 and lay.group == 1 and lay.data_rank == 1
+    assert sorted(s for g in lay.groups for s in g) == [0, 1, 2]
+    assert lay.peer(0) == 1 and lay.peer(2) is None
+    assert lay.describe(3) == "rank 3 (stage 3 of 3: blocks 3-4)"
+    with pytest.raises(InputError, match="3 stage groups do not divide the 4 processes"):
+        plan_layout(model, 3, 4, 0, "--set stage_parallel")
+    with pytest.raises(InputError, match="4 stage groups for 3 stages"):
+        plan_layout(model, 4, 4, 0, "--set stage_parallel")
+
+
+def test_settings_it_cannot_run_are_refused(tmp_path):
+    with pytest.raises(InputError, match="--set stage_parallel: stage_parallel 2 needs mode bim"):
+        load_train_config(overrides=["stage_parallel=2", "mode=e2e"], out=tmp_path / "o")
+    with pytest.raises(InputError, match="global gradient norm.*grad_clip_mode: stage"):
+        load_train_config(overrides=["stage_parallel=2", "grad_clip=1.0"], out=tmp_path / "o")
+    load_train_config(overrides=["stage_parallel=2", "grad_clip=1.0", "grad_clip_mode=stage"], out=tmp_path / "o")
+
+
+def test_one_process_cannot_hold_two_groups(tmp_path):
+    with pytest.raises(InputError, match="2 stage groups do not divide the 1 processes"):
+        train(tiny_train_config(tmp_path / "o", stage_parallel=2), dataset=_images())
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------ same results
+
+
+@pytest.mark.slow
+def test_two_stage_ranks_match_one_process(tmp_path):
+    # a constant learning rate (min_lr = lr), so that a run of more steps starts as this one does
+    settings = dict(steps=STEPS, batch_size=BATCH, save_every=2, accum_steps=2, min_lr=1e-3)
+    single = tmp_path / "single"
+    train(tiny_train_config(single, **settings), dataset=_images())
+    sp = tmp_path / "sp"
+    _spawn(2, sp, stage_parallel=2, **settings)
+
+    r0, r1 = (torch.load(f"{sp}.rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert any(k.startswith("decoders.1") for k in r1) and not any(k.startswith("encoder.patch_embed") for k in r1)
+    ck = load_checkpoint(sp)
+    assert ck.config["step"] == STEPS and ck.config["train"]["stage_parallel"] == 2
+    assert ck.state_dict.keys() == load_checkpoint(single).state_dict.keys()
+    assert all(torch.equal(ck.state_dict[k], r0[k]) for k in r0)  # rank 0 returns the whole model
+    assert all(torch.equal(ck.state_dict[k], r1[k]) for k in r1)  # rank 1's stage, gathered to rank 0
+    # one rank per stage: the same operations in the same order as one process, to the bit
+    assert_same_weights(single, sp)
+    # the log has every exit's loss at every logged step, as one process writes it
+    a, b = ((single / "log.jsonl").read_text().splitlines(), (sp / "log.jsonl").read_text().splitlines())
+    import json
+
+    la, lb = ([json.loads(x)["loss"] for x in lines] for lines in (a, b))
+    assert len(la) == len(lb) == STEPS and all(x.keys() == y.keys() for x, y in zip(la, lb))
+    assert all(abs(x[k] - y[k]) < 1e-5 for x, y in zip(la, lb) for k in x)
+    # the optimizer state of both stages is in train_state.pt: resuming in one process goes on exactly
+    longer = dict(settings, steps=STEPS + 2)
+    train(load_train_config(overrides=[f"steps={STEPS + 2}", "stage_parallel=1"], out=sp, resume=True), resume=True, dataset=_images())
+    straight = tmp_path / "straight"
+    train(tiny_train_config(straight, **longer), dataset=_images())
+    assert_same_weights(straight, sp, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_by_two_ranks_match_one_process(tmp_path):
+    # lr 1e-4: the data-parallel halves of the batch sum in another order than one process does,
+    # and AdamW turns that rounding into steps of up to about 1e-3 x lr (as in plain data parallel)
+    settings = dict(steps=STEPS, batch_size=BATCH, save_every=STEPS, update="stage", lr=1e-4, **THREE_STAGES)
+    single = tmp_path / "single"
+    train(tiny_train_config(single, **settings), dataset=_images())
+    sp = tmp_path / "sp"
+    _spawn(4, sp, stage_parallel=2, **settings)
+    r0, r1 = (torch.load(f"{sp}.rank{r}.pt", weights_only=True) for r in (2, 3))
+    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)  # data ranks agree
+    assert_same_weights(single, sp, atol=1e-6)
+    # sanity: another global batch (seed) is far outside that tolerance
+    other = tmp_path / "other"
+    train(tiny_train_config(other, **dict(settings, seed=1)), dataset=_images())
+    with pytest.raises(AssertionError):
+        assert_same_weights(single, other, atol=1e-6)
