@@ -157,3 +157,59 @@ def test_two_by_two_ranks_match_one_process(tmp_path):
     train(tiny_train_config(other, **dict(settings, seed=1)), dataset=_images())
     with pytest.raises(AssertionError):
         assert_same_weights(single, other, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ faults
+
+
+def _fault_rank(rank: int, world: int, port: int, out: str, settings: dict, delay: float, note: str) -> None:
+    _join(rank, world, port)
+    try:
+        train(tiny_train_config(out, **settings), dataset=SlowImages(delay))
+    except BimExportError as e:  # what the CLI prints after "error: "
+        with open(note, "w") as f:
+            f.write(str(e))
+        raise SystemExit(e.exit_code) from None
+    except BaseException:
+        with open(note, "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+@pytest.mark.slow
+def test_killed_rank_stops_the_run_with_one_line_and_resume_completes(tmp_path):
+    steps, timeout = 8, 30.0
+    settings = dict(steps=steps, batch_size=BATCH, save_every=2, stage_parallel=2, comm_timeout=timeout)
+    out, port = tmp_path / "sp", _free_port()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_fault_rank, args=(r, 2, port, str(out), settings, 0.04, f"{out}.note{r}"))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "config.json").exists():  # the first checkpoint (step 2) is written
+            assert time.monotonic() < deadline and procs[0].is_alive(), "no checkpoint was written"
+            time.sleep(0.02)
+        os.kill(procs[1].pid, signal.SIGKILL)
+        killed = time.monotonic()
+        procs[0].join(timeout=timeout + 30)
+        assert procs[0].exitcode == 2  # not a hang, not a traceback
+        assert time.monotonic() - killed < timeout + 10
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    line = open(f"{out}.note0").read()
+    assert "\n" not in line
+    assert line.startswith("stage-parallel training stopped: rank 1 (stage 2 of 2: blocks 3-4) stopped "
+                           "(its process is gone); seen by rank 0 (stage 1 of 2: blocks 1-2) while "), line
+    saved = load_checkpoint(out)  # the last checkpoint is whole, and the line names it
+    assert 2 <= saved.config["step"] < steps
+    assert f"the last checkpoint {out} (step {saved.config['step']}) is intact" in line
+
+    # --resume (here in one process) completes, equal to an uninterrupted run
+    train(load_train_config(overrides=["stage_parallel=1"], out=out, resume=True), resume=True, dataset=_images())
+    straight = tmp_path / "straight"
+    train(tiny_train_config(straight, **dict(settings, stage_parallel=1)), dataset=_images())
+    assert_same_weights(straight, out)
