@@ -44,12 +44,16 @@ H100 = RESULTS / "train_memory_cuda.json"  # bench/train_memory.py --device cuda
 # a small ViT at 4 stages: ViT-S/16 at 128 px (64 patches), the default BIM decoder (1 x 256)
 SMALL = dict(model="vit_small_patch16_224", model_args={"img_size": 128}, exits=[3, 6, 9, 12])
 SIZES = {
-    "full": dict(small=SMALL, batch=16, short=6, long=22, images=64,
+    # memory where the model and its optimizer state dominate, as in the runs stage-parallel is for:
+    # ViT-B/16 at 64 px (16 patches), a few steps (not timed)
+    "full": dict(small=SMALL, batch=8, short=6, long=30, images=16, memory_steps=3,
+                 memory_model=dict(model="vit_base_patch16_224", model_args={"img_size": 64}, exits=[3, 6, 9, 12]),
                  project=[("vit_base_patch16_224", 8), ("vit_large_patch16_224", 4)], repeats=3),
     "quick": dict(small=dict(model="vit_tiny_patch16_224", exits=[1, 2, 3, 4],
                              model_args={"img_size": 32, "patch_size": 8, "depth": 4, "embed_dim": 32,
                                          "num_heads": 2}),
-                  batch=8, short=2, long=5, images=16,
+                  batch=8, short=2, long=5, images=16, memory_steps=2,
+                  memory_model=dict(model="vit_tiny_patch16_224", model_args={"img_size": 64}, exits=[3, 6, 9, 12]),
                   project=[("vit_tiny_patch16_224", 2)], repeats=1),
 }
 BATCH = 256  # the batch of the projection
@@ -67,7 +71,7 @@ def _images(n: int, size: int):
 def _settings(size: dict, out: str, steps: int, stage_parallel: int) -> dict:
     return dict(out=out, **size["small"], decoder_width=256, decoder_heads=8, steps=steps,
                 batch_size=size["batch"], lr=1e-4, warmup_steps=1, num_workers=0, save_every=10_000,
-                log_every=10_000, progress=False, save_train_state=False, stage_parallel=stage_parallel)
+                log_every=10_000, progress=False, stage_parallel=stage_parallel)
 
 
 def _worker(rank: int, world: int, port: int, size: dict, out: str, steps: int, result: str) -> None:
@@ -85,11 +89,22 @@ def _worker(rank: int, world: int, port: int, size: dict, out: str, steps: int, 
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                           LOCAL_RANK=str(rank))
 
+    # the peak of the training steps: read as the run's only save (its last step) begins, before rank 0
+    # gathers the whole checkpoint in host memory
+    from bim_export.train import trainer
+
+    steps_kib, checkpoint = [], trainer._checkpoint
+
+    def timed_checkpoint(*args, **kwargs):
+        steps_kib.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        return checkpoint(*args, **kwargs)
+
+    trainer._checkpoint = timed_checkpoint
     cfg = TrainConfig(**_settings(size, out, steps, world))
     res = train(cfg, dataset=_images(size["images"], cfg.bim.model_args.get("img_size", 224)))
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    Path(f"{result}.{rank}").write_text(json.dumps({"seconds": res.seconds, "peak_mib": peak_kib / 1024,
-                                                    "base_mib": base_kib / 1024}))
+    Path(f"{result}.{rank}").write_text(json.dumps({"seconds": res.seconds, "steps_peak_mib": steps_kib[0] / 1024,
+                                                    "peak_mib": peak_kib / 1024, "base_mib": base_kib / 1024}))
 
 
 def _free_port() -> int:
@@ -108,6 +123,18 @@ def _run(size: dict, world: int, steps: int) -> list[dict]:
         return [json.loads(Path(f"{result}.{r}").read_text()) for r in range(world)]
 
 
+def memory(size: dict) -> dict:
+    """Per-process peak memory of 1 process and of 2 stage ranks training ``memory_model``."""
+    big = {**size, "small": size["memory_model"]}
+    one, two = (_run(big, world, size["memory_steps"]) for world in (1, 2))
+    above = lambda r: r["steps_peak_mib"] - r["base_mib"]  # noqa: E731
+    return {"model": size["memory_model"], "batch": size["batch"], "steps": size["memory_steps"],
+            "single": one, "stage_parallel_2": two,
+            "steps_peak_x": [r["steps_peak_mib"] / one[0]["steps_peak_mib"] for r in two],
+            "steps_peak_above_imports_x": [above(r) / above(one[0]) for r in two],
+            "peak_with_save_x": [r["peak_mib"] / one[0]["peak_mib"] for r in two]}
+
+
 def throughput(size: dict) -> dict:
     """img/s and per-process memory of 1 process and of 2 stage ranks, ``repeats`` times interleaved;
     the best img/s of each (the least disturbed by other load)."""
@@ -117,17 +144,18 @@ def throughput(size: dict) -> dict:
             short, long = _run(size, world, size["short"]), _run(size, world, size["long"])
             rate = (size["long"] - size["short"]) * size["batch"] / (long[0]["seconds"] - short[0]["seconds"])
             runs[world].append({"img_per_s": rate, "ranks": long})
-            print(f"  {world} process(es): {rate:.2f} img/s; peak RSS "
-                  + ", ".join(f"{r['peak_mib']:.0f} MiB" for r in long), flush=True)
+            print(f"  {world} process(es): {rate:.2f} img/s; peak RSS of the steps "
+                  + ", ".join(f"{r['steps_peak_mib']:.0f} MiB" for r in long), flush=True)
     best = {w: max(r, key=lambda x: x["img_per_s"]) for w, r in runs.items()}
     one, two = best[1], best[2]
-    above = lambda r: r["peak_mib"] - r["base_mib"]  # noqa: E731
+    above = lambda r: r["steps_peak_mib"] - r["base_mib"]  # noqa: E731
     return {
         "model": size["small"], "batch": size["batch"], "steps": [size["short"], size["long"]],
         "single": one, "stage_parallel_2": two, "all_runs": runs,
         "speedup": two["img_per_s"] / one["img_per_s"],
-        "peak_rss_x": [r["peak_mib"] / one["ranks"][0]["peak_mib"] for r in two["ranks"]],
-        "peak_above_imports_x": [above(r) / above(one["ranks"][0]) for r in two["ranks"]],
+        "steps_peak_x": [r["steps_peak_mib"] / one["ranks"][0]["steps_peak_mib"] for r in two["ranks"]],
+        "steps_peak_above_imports_x": [above(r) / above(one["ranks"][0]) for r in two["ranks"]],
+        "peak_with_save_x": [r["peak_mib"] / one["ranks"][0]["peak_mib"] for r in two["ranks"]],
     }
 
 
@@ -234,16 +262,28 @@ def report(res: dict) -> str:
                   f"Model: {tp['model']['model']} {tp['model'].get('model_args', {})}, exits {tp['model']['exits']}, "
                   f"batch {tp['batch']}; img/s over steps {tp['steps'][0]}..{tp['steps'][1]}, best of "
                   f"{len(tp['all_runs'][1])} interleaved runs.", "",
-                  "| layout | img/s | peak RSS per process (MiB) | above imports (MiB) |", "|---|---|---|---|",
-                  f"| 1 process | {one['img_per_s']:.2f} | {one['ranks'][0]['peak_mib']:.0f} | "
-                  f"{one['ranks'][0]['peak_mib'] - one['ranks'][0]['base_mib']:.0f} |",
-                  f"| 2 stage ranks | {two['img_per_s']:.2f} | "
-                  + " / ".join(f"{r['peak_mib']:.0f}" for r in two["ranks"]) + " | "
-                  + " / ".join(f"{r['peak_mib'] - r['base_mib']:.0f}" for r in two["ranks"]) + " |", "",
-                  f"Speed-up {tp['speedup']:.2f}x (target >= 1.7x). Peak per rank "
-                  + " / ".join(f"{x:.2f}x" for x in tp["peak_rss_x"]) + " of the single process (RSS), "
-                  + " / ".join(f"{x:.2f}x" for x in tp["peak_above_imports_x"])
-                  + " above the imports (target <= 0.6x).", ""]
+                  "| layout | img/s | peak RSS of the steps (MiB) | the same above imports (MiB) | peak RSS "
+                  "with the final save (MiB) |", "|---|---|---|---|---|",
+                  _row("1 process", one), _row("2 stage ranks", two), "",
+                  f"Speed-up {tp['speedup']:.2f}x (target >= 1.7x). Peak of the training steps per rank "
+                  + " / ".join(f"{x:.2f}x" for x in tp["steps_peak_x"]) + " of the single process's (RSS), "
+                  + " / ".join(f"{x:.2f}x" for x in tp["steps_peak_above_imports_x"])
+                  + " above the imports (target <= 0.6x); with the final save "
+                  + " / ".join(f"{x:.2f}x" for x in tp["peak_with_save_x"])
+                  + " (rank 0 gathers the whole checkpoint in host memory to write it).", ""]
+    mem = res.get("memory")
+    if mem:
+        lines += [f"## Memory where the weights and optimizer state dominate: {mem['model']['model']} "
+                  f"{mem['model']['model_args']}, batch {mem['batch']}, {mem['steps']} steps", "",
+                  "| layout | peak RSS of the steps (MiB) | the same above imports (MiB) | peak RSS with the final "
+                  "save (MiB) |", "|---|---|---|---|",
+                  _row("1 process", {"ranks": mem["single"]}),
+                  _row("2 stage ranks", {"ranks": mem["stage_parallel_2"]}), "",
+                  "Peak of the training steps per rank "
+                  + " / ".join(f"{x:.2f}x" for x in mem["steps_peak_x"]) + " of the single process's (RSS), "
+                  + " / ".join(f"{x:.2f}x" for x in mem["steps_peak_above_imports_x"])
+                  + " above the imports; with the final save "
+                  + " / ".join(f"{x:.2f}x" for x in mem["peak_with_save_x"]) + ".", ""]
     lines += ["## Projection: 4 GPUs, one stage each, batch 256", "",
               "| model | params (M) | per-stage ms at 256 (" + res["stage_device"] + ", measured at small batch, "
               "scaled) | H100 1 GPU ms | H100 per-stage ms | H100 4-GPU step ms | speed-up | bytes sent per step "
@@ -266,6 +306,15 @@ def report(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _row(name: str, run: dict) -> str:
+    """A table row: img/s where measured, then the memory figures of each rank."""
+    ranks = run["ranks"]
+    cell = lambda f: " / ".join(f"{f(r):.0f}" for r in ranks)  # noqa: E731
+    rate = f" {run['img_per_s']:.2f} |" if "img_per_s" in run else ""
+    return (f"| {name} |{rate} {cell(lambda r: r['steps_peak_mib'])} | "
+            f"{cell(lambda r: r['steps_peak_mib'] - r['base_mib'])} | {cell(lambda r: r['peak_mib'])} |")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a check of the script, not figures")
@@ -280,6 +329,8 @@ def main(argv=None) -> None:
     if not args.skip_throughput and args.device == "cpu":
         print("throughput and memory", flush=True)
         res["throughput"] = throughput(size)
+        print("memory", flush=True)
+        res["memory"] = memory(size)
     record = _h100_record()
     res["stage_device"] = args.device
     res["projection"], measured = [], {}

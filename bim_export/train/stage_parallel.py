@@ -252,12 +252,12 @@ class StageParallel:
         if self.next is None:
             return
         tokens = tokens.contiguous()
+        self._doing = f"sending step {step + 1}'s tokens to {self.layout.describe(self.next)}"
         if self._dtype is None:  # once: the receiver allocates its buffers in this dtype
             self._dtype = tokens.dtype
             header = torch.tensor([DTYPES.index(tokens.dtype)], dtype=torch.int64, device=tokens.device)
             self._sends.append((dist.isend(header, self.next), header))
         self._sends.append((dist.isend(tokens, self.next), tokens))
-        self._doing = f"sending step {step + 1}'s tokens to {self.layout.describe(self.next)}"
         while len(self._sends) > IN_FLIGHT:
             self._sends.popleft()[0].wait(self.timeout)
 
@@ -291,20 +291,39 @@ class StageParallel:
     # -------------------------------------------------------------- the checkpoint
 
     def gather(self, share: dict, step: int) -> list[dict] | None:
-        """Every group's ``share`` of step ``step`` (its weights, optimizer state, losses) on rank 0,
-        in group order; None on the other ranks. Each group's first data rank sends its share."""
+        """Every group's ``share`` of step ``step`` (its weights, optimizer state, losses: a tree of
+        dicts) on rank 0's CPU, in group order; None on the other ranks. Each group's first data rank
+        sends its share: the tree without its tensors first, then the tensors one by one, so that
+        neither side holds a pickled copy, and a GPU holds one received tensor at a time."""
         self._doing = f"gathering step {step}'s checkpoint"
         lay = self.layout
+        comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
         if self.info.rank == 0:
-            shares = [share]
+            shares = [_cpu(share)]
             for g in range(1, len(lay.groups)):
                 got = [None]
                 dist.recv_object_list(got, src=g * lay.data)
-                shares.append(got[0])
+                tree, specs = got[0]
+                tensors = []
+                for shape, dtype in specs:
+                    buf = torch.empty(shape, dtype=dtype, device=comm or "cpu")
+                    dist.recv(buf, src=g * lay.data)
+                    tensors.append(buf.cpu())
+                shares.append(_fill(tree, iter(tensors)))
             return shares
         if lay.data_rank == 0:
-            dist.send_object_list([share], dst=0)
+            tensors: list[torch.Tensor] = []
+            tree = _strip(share, tensors)
+            dist.send_object_list([(tree, [(t.shape, t.dtype) for t in tensors])], dst=0)
+            for t in tensors:
+                dist.send(t.detach().to(comm or "cpu").contiguous(), dst=0)
         return None
+
+    def saved(self, step: int) -> None:
+        """Waits until rank 0 has written step ``step``'s checkpoint (the one a fault line names)."""
+        self._doing = f"waiting for step {step}'s checkpoint to be written"
+        dist.barrier()
+        self.saved_step = step
 
     # -------------------------------------------------------------- faults
 
@@ -342,3 +361,34 @@ class StageParallel:
 
     def close(self) -> None:
         self.heartbeat.close()
+
+
+# ------------------------------------------------------------------------------ trees of tensors
+
+
+class _Slot:
+    """Where a tensor stood in a share sent without its tensors."""
+
+
+def _strip(tree, tensors: list[torch.Tensor]):
+    """``tree`` with each tensor replaced by a slot, the tensors appended to ``tensors`` in order."""
+    if isinstance(tree, dict):
+        return {k: _strip(v, tensors) for k, v in tree.items()}
+    if isinstance(tree, torch.Tensor):
+        tensors.append(tree)
+        return _Slot()
+    return tree
+
+
+def _fill(tree, tensors):
+    """The inverse of :func:`_strip`: the slots filled from the iterator ``tensors``."""
+    if isinstance(tree, dict):
+        return {k: _fill(v, tensors) for k, v in tree.items()}
+    return next(tensors) if isinstance(tree, _Slot) else tree
+
+
+def _cpu(tree):
+    """``tree`` with its tensors on the CPU."""
+    if isinstance(tree, dict):
+        return {k: _cpu(v) for k, v in tree.items()}
+    return tree.detach().cpu() if isinstance(tree, torch.Tensor) else tree

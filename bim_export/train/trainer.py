@@ -206,9 +206,10 @@ def _run(cfg: TrainConfig, resume: bool | str, dataset, device: torch.device, in
         if at_save:
             _checkpoint(model, cfg, optimizer, step, recent, window, pending, log_lines, bad, info, sp)
             pending, window = [], {}
-            barrier(info)
             if sp is not None:
-                sp.saved_step = step
+                sp.saved(step)
+            else:
+                barrier(info)
     if sp is not None:
         sp.flush()
     if bar is not None:
@@ -230,13 +231,14 @@ def _checkpoint(model: BimModel, cfg: TrainConfig, optimizer: StageOptimizer, st
     """Saves step ``step`` from rank 0; a stage-parallel run first gathers every group's weights,
     optimizer state and losses there (the checkpoint is the single process's)."""
     state = {k: v for k, v in model.state_dict().items() if v.numel()}  # released stages are empty
-    opt_state = optimizer.state_dict()
+    opt_state = optimizer.state_dict() if cfg.save_train_state else {"state": {}}
     if sp is not None:
         own = set(sp.decoded(model))
-        shares = sp.gather(_cpu({"state": state, "optimizer": opt_state["state"], "losses": window,
-                                 "recent": {d: v for d, v in recent.items() if d in own}}), step)
+        shares = sp.gather({"state": state, "optimizer": opt_state["state"], "losses": window,
+                            "recent": {d: v for d, v in recent.items() if d in own}}, step)
         if shares is None:
             return
+        state, opt_state["state"] = shares[0]["state"], shares[0]["optimizer"]
         for share in shares[1:]:
             state.update(share["state"])
             opt_state["state"].update(share["optimizer"])
@@ -252,13 +254,6 @@ def _checkpoint(model: BimModel, cfg: TrainConfig, optimizer: StageOptimizer, st
     save(cfg, config_json(model, cfg, step), state, opt_state, step, recent, log_lines, final, bad.record())
     if sp is not None and final:
         restore_stages(model, state)  # rank 0 returns (and evaluates) the whole trained model
-
-
-def _cpu(tree):
-    """``tree`` with its tensors on the CPU (a share pickled from rank to rank)."""
-    if isinstance(tree, dict):
-        return {k: _cpu(v) for k, v in tree.items()}
-    return tree.detach().cpu() if isinstance(tree, torch.Tensor) else tree
 
 
 def _training_images(cfg: TrainConfig, img_size: int, device: torch.device):

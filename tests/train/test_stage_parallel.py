@@ -203,7 +203,8 @@ def test_killed_rank_stops_the_run_with_one_line_and_resume_completes(tmp_path):
     line = open(f"{out}.note0").read()
     assert "\n" not in line
     assert line.startswith("stage-parallel training stopped: rank 1 (stage 2 of 2: blocks 3-4) stopped "
-                           "(its process is gone); seen by rank 0 (stage 1 of 2: blocks 1-2) while "), line
+                           "(its heartbeat stopped: the process is gone or frozen); seen by rank 0 (stage 1 of 2: blocks "
+                           "1-2) while "), line
     saved = load_checkpoint(out)  # the last checkpoint is whole, and the line names it
     assert 2 <= saved.config["step"] < steps
     assert f"the last checkpoint {out} (step {saved.config['step']}) is intact" in line
