@@ -336,10 +336,13 @@ class StageParallel:
             self.heartbeat.note_failure(str(e))
             raise
         except RuntimeError as e:
-            self.heartbeat.note_failure(f"lost contact while {self._doing}")
+            comm = isinstance(e, dist.DistError)
+            first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            # first the note, so that the ranks looking for the one that stopped do not count this one
+            self.heartbeat.note_failure(f"lost contact while {self._doing}" if comm else first)
             found = self.heartbeat.stopped()
-            if found is None and not isinstance(e, dist.DistError):
-                raise
+            if not comm and found is not None and not any(found):
+                raise  # not a call to another rank, and every rank is there: a bug, kept with its traceback
             raise TrainingError(self._fault_line(found, e)) from e
 
     def _fault_line(self, found, error: Exception) -> str:

@@ -51,7 +51,8 @@ class TrainResult:
     seconds: float
     images_per_s: float
     metrics: dict = field(default_factory=dict)
-    model: BimModel | None = field(default=None, repr=False)  # the trained model (on every rank)
+    # the trained model (on every rank; under stage_parallel, whole on rank 0, the others' stages elsewhere)
+    model: BimModel | None = field(default=None, repr=False)
     is_main: bool = True  # rank 0 (or a single process): the one that wrote the checkpoint
     resumed_from: int | None = None  # the step a resumed run continued from; None: started from scratch
     init: InitReport | None = None  # the pretrained weights the encoder started from (--init)

@@ -57,14 +57,14 @@ def _join(rank: int, world: int, port: int) -> None:
                       LOCAL_RANK=str(rank))
 
 
-def _rank_main(rank: int, world: int, port: int, out: str, settings: dict) -> None:
+def _rank_main(rank: int, world: int, port: int, out: str, settings: dict, resume: bool) -> None:
     _join(rank, world, port)
-    res = train(tiny_train_config(out, **settings), dataset=_images())
+    res = train(tiny_train_config(out, **settings), dataset=_images(), resume=resume)
     torch.save({k: v for k, v in res.model.state_dict().items() if v.numel()}, f"{out}.rank{rank}.pt")
 
 
-def _spawn(world: int, out, **settings) -> None:
-    mp.spawn(_rank_main, args=(world, _free_port(), str(out), settings), nprocs=world, join=True)
+def _spawn(world: int, out, resume: bool = False, **settings) -> None:
+    mp.spawn(_rank_main, args=(world, _free_port(), str(out), settings, resume), nprocs=world, join=True)
 
 
 # ------------------------------------------------------------------------------ layout
@@ -132,12 +132,16 @@ def test_two_stage_ranks_match_one_process(tmp_path):
     la, lb = ([json.loads(x)["loss"] for x in lines] for lines in (a, b))
     assert len(la) == len(lb) == STEPS and all(x.keys() == y.keys() for x, y in zip(la, lb))
     assert all(abs(x[k] - y[k]) < 1e-5 for x, y in zip(la, lb) for k in x)
-    # the optimizer state of both stages is in train_state.pt: resuming in one process goes on exactly
-    longer = dict(settings, steps=STEPS + 2)
-    train(load_train_config(overrides=[f"steps={STEPS + 2}", "stage_parallel=1"], out=sp, resume=True), resume=True, dataset=_images())
+    # the optimizer state of both stages is in train_state.pt: resuming in one process goes on exactly,
+    # and so does resuming that one's checkpoint on 2 stage ranks again
+    overrides = [f"steps={STEPS + 2}", "stage_parallel=1"]
+    train(load_train_config(overrides=overrides, out=sp, resume=True), resume=True, dataset=_images())
+    assert load_checkpoint(sp).config["train"]["stage_parallel"] == 1
+    _spawn(2, sp, resume=True, **dict(settings, steps=STEPS + 4, stage_parallel=2))
     straight = tmp_path / "straight"
-    train(tiny_train_config(straight, **longer), dataset=_images())
-    assert_same_weights(straight, sp, atol=1e-6)
+    train(tiny_train_config(straight, **dict(settings, steps=STEPS + 4)), dataset=_images())
+    assert load_checkpoint(sp).config["step"] == STEPS + 4
+    assert_same_weights(straight, sp)
 
 
 @pytest.mark.slow
