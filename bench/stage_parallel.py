@@ -7,8 +7,8 @@ projection for 4 GPUs with the bytes each step sends.
   rank's last step), so neither warm-up nor the pipeline's fill counts.
 * memory: each process's peak resident set (``ru_maxrss``), and the same above the process's
   resident set after its imports (the interpreter, torch and timm: the same in every process).
-* projection: each stage's step time (its forward and backward, the AdamW step of its
-  parameters) measured here at a small batch, scaled to batch 256 (time linear in the batch); on 4
+* projection: each stage's step time (its forward and backward, scaled from the small batch measured
+  here to batch 256, linear in the batch; the AdamW step of its parameters, as measured); on 4
   GPUs, one stage each, a step takes the slowest stage once the pipeline is full, while the tokens
   of the other stages are in flight. The H100 step times are the recorded whole-model times of
   ``results/train_memory_cuda.json`` (ViT-B/16, batch 256, bf16, on an H100: measured) split by the per-stage
@@ -182,28 +182,33 @@ def stage_times(arch: str, batch: int, device: str, repeats: int = 3) -> dict:
     imgs = torch.randn(batch, 3, size, size, device=device)
     batch_ = model.masked_batch(imgs, model.mask_noise(batch).to(device))
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    times = {i: [] for i in range(model.num_stages)}
+    times = {i: [] for i in range(model.num_stages)}  # (forward + backward, AdamW step) per repeat
     for rep in range(repeats + 1):
         x = None
         for i in range(model.num_stages):
             sync()
-            t = time.perf_counter()
+            t0 = time.perf_counter()
             x, _ = model.backward_stage(i, x, batch_, 1.0, amp)
+            sync()
+            t1 = time.perf_counter()
             opt.step_stage(i)
             sync()
             if rep:  # the first pass warms up
-                times[i].append(time.perf_counter() - t)
+                times[i].append((t1 - t0, time.perf_counter() - t1))
     shape = model.token_shape(BATCH)
+    med = lambda i, k: statistics.median(t[k] for t in times[i])  # noqa: E731
     return {"arch": arch, "exits": model.exits, "measured_batch": batch, "device": device,
-            "stage_s": [statistics.median(times[i]) for i in range(model.num_stages)],
+            "stage_s": [med(i, 0) + med(i, 1) for i in range(model.num_stages)],
+            "compute_s": [med(i, 0) for i in range(model.num_stages)],
+            "adamw_s": [med(i, 1) for i in range(model.num_stages)],
             "params": sum(p.numel() for p in model.parameters()),
             "tokens_per_image": shape[1], "embed_dim": shape[2]}
 
 
 def projection(measured: dict, h100: dict | None) -> dict:
     """The 4-GPU projection of one model from its measured per-stage times."""
-    scale = BATCH / measured["measured_batch"]
-    stage_256 = [t * scale for t in measured["stage_s"]]
+    scale = BATCH / measured["measured_batch"]  # the forward and backward scale with the batch, AdamW not
+    stage_256 = [c * scale + a for c, a in zip(measured["compute_s"], measured["adamw_s"])]
     total = sum(stage_256)
     shares = [t / total for t in stage_256]
     # the residual stream that crosses stays fp32 under bf16 autocast (x + block(x) promotes)
@@ -344,7 +349,8 @@ def main(argv=None) -> None:
             if arch == "vit_base_patch16_224":
                 h100 = {"ms": record["ms"], "source": f"recorded on {record['gpu']}"}
             else:  # no H100 record of this model: the ViT-B record times the ratio measured here
-                ratio = sum(m["stage_s"]) / m["measured_batch"] / (sum(base["stage_s"]) / base["measured_batch"])
+                at = lambda r: sum(r["compute_s"]) / r["measured_batch"]  # noqa: E731 - per image
+                ratio = at(m) / at(base)
                 h100 = {"ms": record["ms"], "ratio": ratio,
                         "source": f"ViT-B record x {ratio:.2f} ({args.device}-measured ratio)"}
         res["projection"].append({**projection(m, h100), "measured": m})
