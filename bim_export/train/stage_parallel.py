@@ -37,6 +37,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -44,6 +45,7 @@ import torch.distributed as dist
 from ..errors import BimExportError, InputError, TrainingError
 from .distributed import DistInfo
 from .model import BimModel
+from .run_state import saved_step
 
 IN_FLIGHT = 4  # sends a group may have outstanding: it runs at most this many micro-batches ahead
 BEAT_S = 0.5  # heartbeat period; a rank whose counter stands still for 3 periods is gone
@@ -322,6 +324,8 @@ class StageParallel:
     def saved(self, step: int) -> None:
         """Waits until rank 0 has written step ``step``'s checkpoint (the one a fault line names)."""
         self._doing = f"waiting for step {step}'s checkpoint to be written"
+        if self.info.rank == 0:  # it has written it
+            self.saved_step = step
         dist.barrier()
         self.saved_step = step
 
@@ -347,8 +351,10 @@ class StageParallel:
 
     def _fault_line(self, found, error: Exception) -> str:
         me = self.layout.describe(self.info.rank)
-        kept = (f"the last checkpoint {self.out} (step {self.saved_step}) is intact: rerun with --resume to "
-                f"continue from it" if self.saved_step is not None else "no checkpoint was saved yet")
+        on_disk = saved_step(Path(self.out))  # where rank 0 wrote it before this rank heard back
+        step = on_disk if on_disk is not None else self.saved_step
+        kept = (f"the last checkpoint {self.out} (step {step}) is intact: rerun with --resume to continue "
+                f"from it" if step is not None else "no checkpoint was saved yet")
         if found is None:
             what = "rank 0 (and the rendezvous store with it) is gone"
         else:
