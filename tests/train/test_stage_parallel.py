@@ -197,9 +197,12 @@ def test_killed_rank_stops_the_run_with_one_line_and_resume_completes(tmp_path):
             time.sleep(0.02)
         os.kill(procs[1].pid, signal.SIGKILL)
         killed = time.monotonic()
-        procs[0].join(timeout=timeout + 30)
-        assert procs[0].exitcode == 2  # not a hang, not a traceback
-        assert time.monotonic() - killed < timeout + 10
+        procs[0].join(timeout=timeout + 60)
+        took = time.monotonic() - killed
+        note = open(f"{out}.note0").read() if os.path.exists(f"{out}.note0") else "(no line)"
+        assert procs[0].exitcode == 2, (procs[0].exitcode, took, note)  # not a hang, not a traceback
+        # within the timeout, plus the heartbeat lookup and the exit (slack for a loaded 2-core host)
+        assert took < timeout + 20, (took, note)
     finally:
         for p in procs:
             if p.is_alive():
