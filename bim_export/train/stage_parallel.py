@@ -360,7 +360,8 @@ class StageParallel:
         else:
             gone, notes = found
             if gone:
-                what = f"{', '.join(self.layout.describe(r) for r in gone)} stopped (its heartbeat stopped: the process is gone or frozen)"
+                what = (f"{', '.join(self.layout.describe(r) for r in gone)} stopped (its heartbeat stopped: "
+                        f"the process is gone or frozen)")
             elif notes:
                 r, note = next(iter(sorted(notes.items())))
                 what = f"{self.layout.describe(r)} stopped: {note}"

@@ -3,6 +3,7 @@ checkpoint is the single process's, and a rank that dies stops the run with one 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -127,8 +128,6 @@ def test_two_stage_ranks_match_one_process(tmp_path):
     assert_same_weights(single, sp)
     # the log has every exit's loss at every logged step, as one process writes it
     a, b = ((single / "log.jsonl").read_text().splitlines(), (sp / "log.jsonl").read_text().splitlines())
-    import json
-
     la, lb = ([json.loads(x)["loss"] for x in lines] for lines in (a, b))
     assert len(la) == len(lb) == STEPS and all(x.keys() == y.keys() for x, y in zip(la, lb))
     assert all(abs(x[k] - y[k]) < 1e-5 for x, y in zip(la, lb) for k in x)
@@ -209,9 +208,9 @@ def test_killed_rank_stops_the_run_with_one_line_and_resume_completes(tmp_path):
                 p.kill()
     line = open(f"{out}.note0").read()
     assert "\n" not in line
-    assert line.startswith("stage-parallel training stopped: rank 1 (stage 2 of 2: blocks 3-4) stopped "
-                           "(its heartbeat stopped: the process is gone or frozen); seen by rank 0 (stage 1 of 2: blocks "
-                           "1-2) while "), line
+    assert line.startswith("stage-parallel training stopped: rank 1 (stage 2 of 2: blocks 3-4) stopped (its "
+                           "heartbeat stopped: the process is gone or frozen); seen by rank 0 (stage 1 of 2: "
+                           "blocks 1-2) while "), line
     saved = load_checkpoint(out)  # the last checkpoint is whole, and the line names it
     assert 2 <= saved.config["step"] < steps
     assert f"the last checkpoint {out} (step {saved.config['step']}) is intact" in line
