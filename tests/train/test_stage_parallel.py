@@ -99,6 +99,16 @@ def test_settings_it_cannot_run_are_refused(tmp_path):
     load_train_config(overrides=["stage_parallel=2", "grad_clip=1.0", "grad_clip_mode=stage"], out=tmp_path / "o")
 
 
+def test_cli_refusal_is_one_error_line(tmp_path, capsys):
+    from bim_export.cli import main
+
+    out = tmp_path / "o"
+    assert main(["train", "--out", str(out), "--set", "stage_parallel=2", "--set", "mode=e2e"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --set stage_parallel: stage_parallel 2 needs mode bim") and "\n" not in err
+    assert not out.exists()
+
+
 def test_one_process_cannot_hold_two_groups(tmp_path):
     with pytest.raises(InputError, match="2 stage groups do not divide the 1 processes"):
         train(tiny_train_config(tmp_path / "o", stage_parallel=2), dataset=_images())
