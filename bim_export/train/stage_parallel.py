@@ -11,17 +11,15 @@ own weights at step ``t``, so group ``g`` goes on to step ``t + 1`` while group 
 step ``t``: after a short fill every group computes at once, the weights are never stale, and the
 result is the single process's (up to the order of the data-parallel sums).
 
-What crosses between groups: the tokens only. Masks and target pixels are recomputed by every
-group from the seeded ``(seed, step)`` stream (:mod:`bim_export.train.loader`), since that moves
-fewer bytes. Per image of ViT-B/16 at 224 px and mask ratio 0.75: the tokens are (1 + 49) x 768
-values (153.6 kB in fp32); sending the target too would add 196 x 768 fp32 values (602 kB; 150 kB
-as uint8 pixels) and the mask indices 2 x 196 int64 (3.1 kB), 4 to 5 times the traffic. Recomputing
-costs each group the decoding of its images, which the loader workers do beside the step.
+Only the tokens cross: masks and target pixels are recomputed by every group from the seeded
+``(seed, step)`` stream (:mod:`bim_export.train.loader`), which moves fewer bytes. Per image of
+ViT-B/16 at 224 px, mask ratio 0.75: the tokens are (1 + 49) x 768 fp32 values (153.6 kB); the
+target would add 196 x 768 fp32 values (602 kB; 150 kB as uint8 pixels) and the mask indices
+2 x 196 int64 (3.1 kB), 4 to 5 times the traffic. Recomputing costs each group the decoding of its
+images, which the loader workers do beside the step.
 
 Each rank keeps only its stages' weights, optimizer state and gradients (the patch embedding is the
-first stage's); the other stages' tensors are released (size 0) after the common initialisation.
-At a save the groups' leaders send their share to rank 0, which writes the same checkpoint a
-single process writes; any layout resumes it.
+first stage's). At a save rank 0 gathers the groups' shares and writes the single process's checkpoint.
 
 Faults: every point-to-point and collective call has a timeout (``comm_timeout``), and each rank
 bumps a counter in the rendezvous store twice a second. A failed call looks up which rank stopped
@@ -376,8 +374,8 @@ class StageParallel:
 # ------------------------------------------------------------------------------ trees of tensors
 
 
-class _Slot:
-    """Where a tensor stood in a share sent without its tensors."""
+class _Slot:  # where a tensor stood in a share sent without its tensors
+    pass
 
 
 def _strip(tree, tensors: list[torch.Tensor]):
@@ -397,8 +395,7 @@ def _fill(tree, tensors):
     return next(tensors) if isinstance(tree, _Slot) else tree
 
 
-def _cpu(tree):
-    """``tree`` with its tensors on the CPU."""
+def _cpu(tree):  # ``tree`` with its tensors on the CPU
     if isinstance(tree, dict):
         return {k: _cpu(v) for k, v in tree.items()}
     return tree.detach().cpu() if isinstance(tree, torch.Tensor) else tree
