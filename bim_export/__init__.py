@@ -27,6 +27,8 @@ train (BIM pretraining)
     train.loader            the seeded data stream: batches, augmentation, masks
     train.optim             AdamW groups, warm-up + cosine schedule, a stage's optimizer
     train.update            when parameters step: per stage (exact) or per step, and the fallback rules
+    train.run_state         a step's checkpoint and the state a resumed run continues with
+    train.stage_parallel    stages over groups of ranks: the cut, forward tokens between groups, faults
     train.splits            the evaluation protocol (reference / query split)
     train.probe             linear probe
     train.evaluate          kNN / linear probe of every exit

@@ -53,7 +53,7 @@ class BadImages:
             import torch.distributed as dist
 
             parts = [None] * info.world_size
-            dist.all_gather_object(parts, self._met)
+            dist.all_gather_object(parts, self._met, group=info.group)
         self._met = []
         for met in parts:
             self.replaced += len(met)

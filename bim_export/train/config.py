@@ -77,6 +77,13 @@ class TrainConfig(BaseModel):
     compile: bool = Field(False, description="torch.compile every encoder and decoder block: faster steps after "
                           "a compile of a minute or so at the start; same result within rounding")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to train")
+    stage_parallel: int = Field(1, ge=1, description="under torchrun: the stages over this many groups of ranks "
+                                "(neighbouring stages together; N / stage_parallel ranks per group are data "
+                                "parallel); only forward tokens cross between groups, and the result is the "
+                                "single process's. mode bim only")
+    comm_timeout: float = Field(600.0, gt=0, description="seconds a process waits on another (a collective or "
+                                "point-to-point call) before the run stops, naming the rank that stopped; "
+                                "rank 0's checkpoint saves must fit in it")
     seed: int = Field(0, description="seed of initialization, data order, augmentation and masks")
     num_workers: int = Field(2, ge=0, description="data-loading worker processes per training process")
     # -- bookkeeping
@@ -243,8 +250,24 @@ def _check_combinations(cfg: TrainConfig) -> None:
         check_model_name(bim.arch)
     except InputError as e:
         raise InputError(f"{cfg.where('model')}: {e}") from None
+    _check_stage_parallel(cfg)
     if bim.loss_weights is not None and bim.exits is not None:
         if len(bim.loss_weights) != len(bim.decoded_exits):
             raise InputError(
                 f"{cfg.where('loss_weights')}: {len(bim.loss_weights)} weights for {len(bim.decoded_exits)} decoders "
                 f"(mode {bim.mode}, exits {bim.exits} from {cfg.where('exits')}); give one weight per decoder")
+
+
+def _check_stage_parallel(cfg: TrainConfig) -> None:
+    """What stage-parallel training cannot do: every setting that makes a stage's step need another
+    stage's gradients belongs here (e.g. a loss that reaches back into the stage before)."""
+    if cfg.stage_parallel == 1:
+        return
+    where = cfg.where("stage_parallel")
+    if cfg.bim.mode != "bim":
+        raise InputError(f"{where}: stage_parallel {cfg.stage_parallel} needs mode bim ({cfg.where('mode')} is "
+                         f"{cfg.bim.mode}: its one backward runs through every stage)")
+    if cfg.grad_clip is not None and cfg.grad_clip_mode == "global":
+        raise InputError(f"{where}: stage_parallel {cfg.stage_parallel} cannot clip by the global gradient norm "
+                         f"(every group would wait for the last stage's gradients each step); set "
+                         f"grad_clip_mode: stage")

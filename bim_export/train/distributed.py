@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,11 +24,17 @@ import torch.distributed as dist
 
 @dataclass
 class DistInfo:
-    """This process's place in the run: ``rank`` of ``world_size``; ``local_rank`` picks its GPU."""
+    """This process's place in the run: ``rank`` of ``world_size``; ``local_rank`` picks its GPU.
+
+    ``group`` is the process group collectives run over (None: every process). A stage-parallel run
+    gives each stage group's data-parallel ranks their own info: ``rank`` and ``world_size`` then count
+    within that group.
+    """
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    group: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -37,13 +45,19 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device_type: str) -> DistInfo:
-    """Joins the process group when launched by torchrun (``WORLD_SIZE`` > 1): nccl on GPU, gloo on CPU."""
+def init_distributed(device_type: str, timeout_s: float | None = None) -> DistInfo:
+    """Joins the process group when launched by torchrun (``WORLD_SIZE`` > 1): nccl on GPU, gloo on CPU.
+
+    Args:
+        timeout_s: how long a collective or point-to-point call waits for the other ranks before it
+            fails (None: torch's default).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", **timeout)
     info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)
@@ -55,7 +69,8 @@ def broadcast_parameters(module: torch.nn.Module, info: DistInfo) -> None:
     if not info.enabled:
         return
     for t in [*module.parameters(), *module.buffers()]:
-        dist.broadcast(t.data, src=0)
+        dist.broadcast(t.data, src=dist.get_global_rank(info.group, 0) if info.group is not None else 0,
+                       group=info.group)
 
 
 class GradientReducer:
@@ -83,7 +98,8 @@ class GradientReducer:
         buckets = []
         for group in by_dtype.values():
             flat = torch.cat([p.grad.reshape(-1) for p in group])
-            buckets.append((group, flat, dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True)))
+            buckets.append((group, flat, dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.info.group,
+                                                          async_op=True)))
         self._pending[key] = buckets
 
     def wait(self, key) -> None:
@@ -106,14 +122,14 @@ def average_tensor(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """The mean of ``t`` over ranks (for logging and the shared non-finite check)."""
     if info.enabled:
         t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=info.group)
         t /= info.world_size
     return t
 
 
 def barrier(info: DistInfo) -> None:
     if info.enabled:
-        dist.barrier()
+        dist.barrier(group=info.group)
 
 
 def shutdown(info: DistInfo) -> None:

@@ -15,7 +15,7 @@ registers) first.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,9 +47,11 @@ class MaskedBatch:
 
 @dataclass
 class StepLosses:
-    """Per-stage reconstruction losses of one forward (detached), keyed by exit depth."""
+    """Per-stage reconstruction losses of one forward (detached), keyed by exit depth, and the last
+    stage's output tokens, detached (the next stage's input where the stages run apart)."""
 
     losses: dict[int, torch.Tensor]
+    tokens: torch.Tensor | None = None
 
     def floats(self) -> dict[int, float]:
         return {d: float(v) for d, v in self.losses.items()}
@@ -207,6 +209,11 @@ class BimModel(nn.Module):
         ids_keep, mask, ids_restore = self.masking(noise.to(imgs.device))
         return self.embed(imgs, ids_keep), mask, ids_restore
 
+    def token_shape(self, batch: int) -> tuple[int, int, int]:
+        """The shape of a stage's output tokens for ``batch`` images: [B, P + n_keep, D]."""
+        n_keep = int(self.num_patches * (1 - self.config.mask_ratio))
+        return batch, self.encoder.num_prefix_tokens + n_keep, self.encoder.embed_dim
+
     def stage_bounds(self) -> list[tuple[int, int]]:
         """(first block, end block) of each stage."""
         return self.config.stage_bounds()
@@ -302,7 +309,8 @@ class BimModel(nn.Module):
 
     def forward_backward(self, imgs: torch.Tensor, noise: torch.Tensor, loss_scale: float = 1.0,
                          amp_dtype: torch.dtype | None = None,
-                         on_stage_end: Callable[[int], None] | None = None) -> StepLosses:
+                         on_stage_end: Callable[[int], None] | None = None, stages: Sequence[int] | None = None,
+                         x: torch.Tensor | None = None) -> StepLosses:
         """One training forward with the backward passes; gradients accumulate in ``.grad``.
 
         ``bim``: every stage's weighted loss is back-propagated as soon as it is computed, which frees
@@ -317,19 +325,23 @@ class BimModel(nn.Module):
             on_stage_end: called with ``i`` once stage ``i``'s gradients of this micro-batch are all
                 in (``bim``: right after its backward, before the next stage runs; ``e2e``: after
                 the one backward, for every stage in order).
+            stages: ``bim`` only: run these consecutive stages (default: all), as a process of a
+                stage-parallel layout does.
+            x: the output tokens of the stage before ``stages[0]`` (None when it is stage 0).
 
         Returns:
-            the unweighted per-stage losses, detached.
+            the unweighted per-stage losses and the last stage's output, detached.
         """
         batch = self.masked_batch(imgs, noise)
         losses: dict[int, torch.Tensor] = {}
-        x = None
         if self.config.mode == "bim":
-            for i, end in enumerate(self.exits):
-                x, losses[end] = self.backward_stage(i, x, batch, loss_scale, amp_dtype)
+            for i in range(self.num_stages) if stages is None else stages:
+                x, losses[self.exits[i]] = self.backward_stage(i, x, batch, loss_scale, amp_dtype)
                 if on_stage_end is not None:
                     on_stage_end(i)
-            return StepLosses(losses)
+            return StepLosses(losses, x)
+        if stages is not None or x is not None:
+            raise ValueError("mode e2e runs every stage in one backward: stages and x need mode bim")
         for i, end in enumerate(self.exits):
             x, loss = self.forward_stage(i, x, batch, amp_dtype)
             if loss is not None:
@@ -339,4 +351,4 @@ class BimModel(nn.Module):
         if on_stage_end is not None:
             for i in range(self.num_stages):
                 on_stage_end(i)
-        return StepLosses({d: v.detach() for d, v in losses.items()})
+        return StepLosses({d: v.detach() for d, v in losses.items()}, x.detach())

@@ -8,10 +8,10 @@ batch and masks as a run on one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,32 +31,11 @@ from .loader import TrainStream, mask_noise
 from .model import BimModel
 from .optim import StageOptimizer, lr_at
 from .pretrained import InitReport, init_encoder
+from .run_state import config_json, resume_state, save, saved_step
+from .stage_parallel import StageParallel, plan_layout, release_other_stages, restore_stages
 from .update import Stepper, resolve_update
 
 log = logging.getLogger(__name__)
-
-ARCH_KEYS = ("arch", "model_args", "exits", "mode", "decoder")  # must match to resume
-
-
-# ------------------------------------------------------------------------------ resume state
-
-
-def _rng_state() -> dict:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ------------------------------------------------------------------------------ the run
@@ -72,7 +51,8 @@ class TrainResult:
     seconds: float
     images_per_s: float
     metrics: dict = field(default_factory=dict)
-    model: BimModel | None = field(default=None, repr=False)  # the trained model (on every rank)
+    # the trained model (on every rank; under stage_parallel, whole on rank 0, the others' stages elsewhere)
+    model: BimModel | None = field(default=None, repr=False)
     is_main: bool = True  # rank 0 (or a single process): the one that wrote the checkpoint
     resumed_from: int | None = None  # the step a resumed run continued from; None: started from scratch
     init: InitReport | None = None  # the pretrained weights the encoder started from (--init)
@@ -99,28 +79,6 @@ def _device(cfg: TrainConfig) -> torch.device:
                         else "cpu")
 
 
-def _config_json(model: BimModel, cfg: TrainConfig, step: int) -> dict:
-    return {**model.arch_config(), "mean": list(cfg.mean), "std": list(cfg.std), "step": step,
-            "train": cfg.model_dump(mode="json")}
-
-
-def _resume(model: BimModel, cfg: TrainConfig) -> tuple[int, list[str], dict]:
-    """Loads the model's weights, the step and the RNG from ``cfg.out``; returns (step, log lines,
-    the optimizer's saved state)."""
-    ck = ckpt_io.load_checkpoint(cfg.out)
-    new = model.arch_config()
-    diff = [k for k in ARCH_KEYS if json.dumps(ck.config.get(k), sort_keys=True) != json.dumps(new[k], sort_keys=True)]
-    if diff:
-        k = diff[0]
-        raise TrainingError(f"{cfg.out}: cannot resume, the checkpoint's {k} is {ck.config.get(k)} but this run's "
-                            f"is {new[k]} (another architecture; pick a new --out)")
-    model.load_state_dict(ck.state_dict)
-    state = ck.load_train_state()
-    _set_rng_state(state["rng"])
-    lines = (cfg.out / ckpt_io.LOG).read_text().splitlines() if (cfg.out / ckpt_io.LOG).exists() else []
-    return int(state["step"]), lines, state["optimizer"]
-
-
 def train(cfg: TrainConfig, resume: bool | Literal["auto"] = False, dataset=None) -> TrainResult:
     """Pretrains a BIM (or end-to-end MAE) model and writes its checkpoint to ``cfg.out``.
 
@@ -143,7 +101,7 @@ def train(cfg: TrainConfig, resume: bool | Literal["auto"] = False, dataset=None
     if resume not in (True, False, "auto"):
         raise InputError(f"resume must be True, False or 'auto' (got {resume!r})")
     device = _device(cfg)
-    info = init_distributed(device.type)
+    info = init_distributed(device.type, cfg.comm_timeout)
     try:
         return _train(cfg, resume, dataset, device, info)
     finally:
@@ -151,9 +109,6 @@ def train(cfg: TrainConfig, resume: bool | Literal["auto"] = False, dataset=None
 
 
 def _train(cfg: TrainConfig, resume: bool | str, dataset, device: torch.device, info: DistInfo) -> TrainResult:
-    if cfg.batch_size % (cfg.accum_steps * info.world_size):
-        raise InputError(f"batch_size {cfg.batch_size} must be divisible by accum_steps x processes "
-                         f"({cfg.accum_steps} x {info.world_size})")
     # before any work: --out must be empty, missing or a checkpoint, and writable (else the first
     # save, minutes in, would fail or replace the user's files)
     out = check_destination(cfg.out, ckpt_io.CHECKPOINT)
@@ -164,7 +119,23 @@ def _train(cfg: TrainConfig, resume: bool | str, dataset, device: torch.device, 
         raise InputError(f"{out}: no checkpoint to resume from (no {ckpt_io.CONFIG} there); check --out, "
                          f"or pass '--resume auto' to start when there is none")
     torch.manual_seed(cfg.seed)
-    model = _build_model(cfg)
+    model = _build_model(cfg)  # whole, on the CPU: every layout starts from the same weights
+    layout = (plan_layout(model, cfg.stage_parallel, info.world_size, info.rank, cfg.where("stage_parallel"))
+              if cfg.stage_parallel > 1 else None)
+    data_ranks = layout.data if layout else info.world_size
+    if cfg.batch_size % (cfg.accum_steps * data_ranks):
+        raise InputError(f"batch_size {cfg.batch_size} must be divisible by accum_steps x data-parallel processes "
+                         f"({cfg.accum_steps} x {data_ranks})")
+    sp = StageParallel(layout, info, cfg.comm_timeout, out) if layout else None
+    with contextlib.ExitStack() as stack:
+        if sp is not None:
+            stack.callback(sp.close)
+            stack.enter_context(sp.guard())
+        return _run(cfg, resume, dataset, device, info, model, out, has_ckpt, sp)
+
+
+def _run(cfg: TrainConfig, resume: bool | str, dataset, device: torch.device, info: DistInfo, model: BimModel,
+         out: Path, has_ckpt: bool, sp: StageParallel | None) -> TrainResult:
     resuming = bool(resume) and has_ckpt
     # a resumed run's weights come from its checkpoint: --init is not read again
     init = init_encoder(model, cfg.init, cfg.where("init")) if cfg.init is not None and not resuming else None
@@ -173,40 +144,46 @@ def _train(cfg: TrainConfig, resume: bool | str, dataset, device: torch.device, 
     if dataset is None:
         dataset = _training_images(cfg, img_size, device)
     eval_set = _eval_set(cfg) if info.is_main else None  # bad eval data fails before training, not after
-    step, log_lines, saved_optimizer = 0, [], None
-    if resume and has_ckpt:
-        step, log_lines, saved_optimizer = _resume(model, cfg)
-    resumed = step if resume and has_ckpt else None
+    step, log_lines, saved_optimizer = resume_state(model, cfg) if resuming else (0, [], None)
+    resumed = step if resuming else None
+    data_info = sp.data_info if sp else info  # the ranks this one shares its stages' gradients with
+    if sp is not None:
+        release_other_stages(model, sp.stages)
+        sp.saved_step = resumed
     model.to(device).train()
-    optimizer = StageOptimizer(model, cfg)  # on the device: fused AdamW on CUDA
+    optimizer = StageOptimizer(model, cfg, stages=sp.stages if sp else None)  # on the device: fused on CUDA
     if saved_optimizer is not None:
         optimizer.load_state_dict(saved_optimizer, out / ckpt_io.TRAIN_STATE)
     update, update_line = resolve_update(cfg)
-    stepper = Stepper(optimizer, info, update, cfg.grad_clip, cfg.grad_clip_mode)
+    stepper = Stepper(optimizer, data_info, update, cfg.grad_clip, cfg.grad_clip_mode)
     if info.is_main:
-        _announce(cfg, f"{_start_line(out, resumed, init)}{_settings_note(cfg, resumed)}; {update_line}")
-    broadcast_parameters(model, info)
+        layout_line = f"; {sp.describe()}" if sp else ""
+        _announce(cfg, f"{_start_line(out, resumed, init)}{_settings_note(cfg, resumed)}; {update_line}{layout_line}")
+    broadcast_parameters(model, data_info)
     if cfg.compile:
         model.compile_blocks()
     amp = torch.bfloat16 if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda") else None
     bad = BadImages(getattr(dataset, "root", "data"), _bad_images_record(out, resumed),
                     (lambda line: _announce(cfg, line, logging.WARNING)) if info.is_main else None)
     stream = TrainStream(dataset, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps, seed=cfg.seed,
-                         steps=cfg.steps, start_step=step, num_workers=cfg.num_workers, info=info, device=device,
-                         mean=cfg.mean, std=cfg.std, bad=bad)
-    decoded = model.decoded_exits
-    recent: dict[int, list[float]] = {d: [] for d in decoded}
+                         steps=cfg.steps, start_step=step, num_workers=cfg.num_workers, info=data_info,
+                         device=device, mean=cfg.mean, std=cfg.std, bad=bad)
+    decoded = sp.decoded(model) if sp else model.decoded_exits  # the losses this rank computes
+    recent: dict[int, list[float]] = {d: [] for d in model.decoded_exits}
+    pending: list[dict] = []  # log entries since the last save (their losses filled in at the save)
+    window: dict[int, dict[int, float]] = {}  # this rank's losses of each step since the last save
     bar = _progress(cfg, info, step)
     t0, imgs_done = time.perf_counter(), 0
     batches = iter(stream)
     while step < cfg.steps:
         lr = lr_at(step, cfg)
         stepper.begin(lr)
-        values = _accumulate_gradients(model, batches, cfg, step, info, amp, device, stepper.stage_done)
+        values = _accumulate_gradients(model, batches, cfg, step, data_info, amp, device, stepper.stage_done, sp,
+                                       decoded)
         stepper.finish()  # a non-finite loss below ends the run: what this step did is never saved
-        values = average_tensor(values, info).tolist()
+        values = average_tensor(values, data_info).tolist()
         if not all(math.isfinite(v) for v in values):
-            saved = _saved_step(out)
+            saved = saved_step(out)
             raise TrainingError(
                 f"non-finite loss at step {step + 1} ({', '.join(f'exit {d}: {v}' for d, v in zip(decoded, values))}); "
                 f"lower the learning rate (now {lr:.3g}) or train in fp32; "
@@ -214,6 +191,7 @@ def _train(cfg: TrainConfig, resume: bool | str, dataset, device: torch.device, 
                    else "no checkpoint was saved yet"))
         step += 1
         imgs_done += cfg.batch_size
+        window[step] = dict(zip(decoded, values))
         for d, v in zip(decoded, values):
             recent[d] = (recent[d] + [v])[-cfg.log_every:]
         rate = imgs_done / (time.perf_counter() - t0)
@@ -222,16 +200,19 @@ def _train(cfg: TrainConfig, resume: bool | str, dataset, device: torch.device, 
             bar.set_postfix_str(" ".join(f"L{d}={v:.3f}" for d, v in zip(decoded, values)) + f" {rate:.1f}img/s")
         at_log = step % cfg.log_every == 0 or step == cfg.steps
         at_save = step % cfg.save_every == 0 or step == cfg.steps
-        data = bad.pool(info) if at_log or at_save else {}  # a step meeting a new bad image is logged
+        data = bad.pool(data_info) if at_log or at_save else {}  # a step meeting a new bad image is logged
         if at_log or "bad_images_new" in data:
-            log_lines.append(json.dumps({"step": step, "lr": lr, "img_per_s": round(rate, 2),
-                                         "elapsed_s": round(time.perf_counter() - t0, 3),
-                                         "loss": {str(d): round(v, 6) for d, v in zip(decoded, values)}, **data}))
+            pending.append({"step": step, "lr": lr, "img_per_s": round(rate, 2),
+                            "elapsed_s": round(time.perf_counter() - t0, 3), "loss": None, **data})
         if at_save:
-            if info.is_main:
-                _save(model, cfg, optimizer, step, recent, log_lines, final=step == cfg.steps,
-                      bad_images=bad.record())
-            barrier(info)
+            _checkpoint(model, cfg, optimizer, step, recent, window, pending, log_lines, bad, info, sp)
+            pending, window = [], {}
+            if sp is not None:
+                sp.saved(step)
+            else:
+                barrier(info)
+    if sp is not None:
+        sp.flush()
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t0
@@ -243,6 +224,37 @@ def _train(cfg: TrainConfig, resume: bool | str, dataset, device: torch.device, 
     means = {d: float(np.mean(v)) for d, v in recent.items() if v}
     return TrainResult(out, step, means, seconds, imgs_done / max(seconds, 1e-9), metrics, model.eval(),
                        info.is_main, resumed, init, bad.summary())
+
+
+def _checkpoint(model: BimModel, cfg: TrainConfig, optimizer: StageOptimizer, step: int,
+                recent: dict[int, list[float]], window: dict[int, dict[int, float]], pending: list[dict],
+                log_lines: list[str], bad: BadImages, info: DistInfo, sp: StageParallel | None) -> None:
+    """Saves step ``step`` from rank 0; a stage-parallel run first gathers every group's weights,
+    optimizer state and losses there (the checkpoint is the single process's)."""
+    state = {k: v for k, v in model.state_dict().items() if v.numel()}  # released stages are empty
+    opt_state = optimizer.state_dict() if cfg.save_train_state else {"state": {}}
+    if sp is not None:
+        own = set(sp.decoded(model))
+        shares = sp.gather({"state": state, "optimizer": opt_state["state"], "losses": window,
+                            "recent": {d: v for d, v in recent.items() if d in own}}, step)
+        if shares is None:
+            return
+        state, opt_state["state"] = shares[0]["state"], shares[0]["optimizer"]
+        for share in shares[1:]:
+            state.update(share["state"])
+            opt_state["state"].update(share["optimizer"])
+            recent.update(share["recent"])
+            for s, losses in share["losses"].items():
+                window[s].update(losses)
+    if not info.is_main:
+        return
+    for entry in pending:
+        entry["loss"] = {str(d): round(window[entry["step"]][d], 6) for d in model.decoded_exits}
+    log_lines += [json.dumps(entry) for entry in pending]
+    final = step == cfg.steps
+    save(cfg, config_json(model, cfg, step), state, opt_state, step, recent, log_lines, final, bad.record())
+    if sp is not None and final:
+        restore_stages(model, state)  # rank 0 returns (and evaluates) the whole trained model
 
 
 def _training_images(cfg: TrainConfig, img_size: int, device: torch.device):
@@ -275,27 +287,31 @@ def _build_model(cfg: TrainConfig) -> BimModel:
 
 
 def _accumulate_gradients(model: BimModel, batches, cfg: TrainConfig, step: int, info: DistInfo, amp,
-                          device: torch.device, stage_done) -> torch.Tensor:
-    """Forward + backward of this rank's micro-batches of one step; returns the mean loss per decoder.
+                          device: torch.device, stage_done, sp: StageParallel | None = None,
+                          decoded: list[int] | None = None) -> torch.Tensor:
+    """Forward + backward of this rank's micro-batches of one step; returns the mean loss per decoder
+    of ``decoded`` (default: all).
 
     ``stage_done(i)`` runs once stage ``i``'s gradients of the step are complete: after its backward
-    of the last micro-batch (the earlier micro-batches only add to the gradients).
+    of the last micro-batch (the earlier micro-batches only add to the gradients). Under
+    stage-parallel, the rank's stages start from the previous group's tokens, and their output goes
+    on to the next group.
     """
-    totals = torch.zeros(len(model.decoded_exits), device=device)
+    decoded = model.decoded_exits if decoded is None else decoded
+    totals = torch.zeros(len(decoded), device=device)
     for a in range(cfg.accum_steps):
         imgs = next(batches).to(device, non_blocking=True)
         noise = mask_noise(model, cfg.seed, step, a, cfg.accum_steps, cfg.batch_size, info)
         last = a == cfg.accum_steps - 1
-        losses = model.forward_backward(imgs, noise, 1.0 / cfg.accum_steps, amp, stage_done if last else None)
-        totals += torch.stack([losses.losses[d] for d in model.decoded_exits]) / cfg.accum_steps
+        x = None
+        if sp is not None and sp.prev is not None:
+            x = sp.recv(model.token_shape(imgs.shape[0]), device, step, more=step < cfg.steps - 1 or not last)
+        losses = model.forward_backward(imgs, noise, 1.0 / cfg.accum_steps, amp, stage_done if last else None,
+                                        stages=sp.stages if sp else None, x=x)
+        if sp is not None:
+            sp.send(losses.tokens, step)
+        totals += torch.stack([losses.losses[d] for d in decoded]) / cfg.accum_steps
     return totals
-
-
-def _saved_step(out: Path) -> int | None:
-    try:
-        return json.loads((out / ckpt_io.CONFIG).read_text()).get("step")
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def _start_line(out: Path, resumed: int | None, init: InitReport | None = None) -> str:
@@ -334,20 +350,6 @@ def _progress(cfg: TrainConfig, info: DistInfo, step: int):
 
     return tqdm(total=cfg.steps, initial=step, desc="bim" if cfg.bim.mode == "bim" else "mae", unit="step",
                 dynamic_ncols=True)
-
-
-def _save(model: BimModel, cfg: TrainConfig, optimizer, step: int, recent: dict[int, list[float]],
-          log_lines: list[str], final: bool, bad_images: dict | None = None) -> None:
-    metrics = {"step": step, "exits": {str(d): {"recon_loss": float(np.mean(v))} for d, v in recent.items() if v}}
-    if bad_images:
-        metrics["bad_images"] = bad_images
-    train_state = None
-    if cfg.save_train_state:
-        train_state = {"optimizer": optimizer.state_dict(), "step": step, "rng": _rng_state(),
-                       "schedule": {"name": "cosine", "warmup_steps": cfg.warmup, "steps": cfg.steps,
-                                    "peak_lr": cfg.peak_lr, "min_lr": cfg.min_lr}}
-    ckpt_io.save_checkpoint(cfg.out, model.state_dict(), _config_json(model, cfg, step), metrics, train_state,
-                            log_lines, cfg.weights_dtype if final else "fp32")
 
 
 def _eval_set(cfg: TrainConfig):

@@ -1,0 +1,98 @@
+"""What a run saves and resumes from: the checkpoint of a step (weights, config, metrics, log) and
+the state a resumed run continues with (optimizer, step, RNG).
+
+The state is passed as plain dictionaries, not as the model and optimizer themselves, so that a
+stage-parallel run can save what its ranks gathered: the checkpoint is the same whatever layout
+made it, and any layout resumes it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import checkpoint as ckpt_io
+from ..errors import TrainingError
+from .config import TrainConfig
+from .model import BimModel
+
+ARCH_KEYS = ("arch", "model_args", "exits", "mode", "decoder")  # must match to resume
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def config_json(model: BimModel, cfg: TrainConfig, step: int) -> dict:
+    return {**model.arch_config(), "mean": list(cfg.mean), "std": list(cfg.std), "step": step,
+            "train": cfg.model_dump(mode="json")}
+
+
+def resume_state(model: BimModel, cfg: TrainConfig) -> tuple[int, list[str], dict]:
+    """Loads the model's weights, the step and the RNG from ``cfg.out``; returns (step, log lines,
+    the optimizer's saved state).
+
+    Raises:
+        TrainingError: the checkpoint is of another architecture.
+    """
+    ck = ckpt_io.load_checkpoint(cfg.out)
+    new = model.arch_config()
+    diff = [k for k in ARCH_KEYS if json.dumps(ck.config.get(k), sort_keys=True) != json.dumps(new[k], sort_keys=True)]
+    if diff:
+        k = diff[0]
+        raise TrainingError(f"{cfg.out}: cannot resume, the checkpoint's {k} is {ck.config.get(k)} but this run's "
+                            f"is {new[k]} (another architecture; pick a new --out)")
+    model.load_state_dict(ck.state_dict)
+    state = ck.load_train_state()
+    set_rng_state(state["rng"])
+    lines = (cfg.out / ckpt_io.LOG).read_text().splitlines() if (cfg.out / ckpt_io.LOG).exists() else []
+    return int(state["step"]), lines, state["optimizer"]
+
+
+def saved_step(out: Path) -> int | None:
+    """The step of the checkpoint in ``out`` (None: none there, or unreadable)."""
+    try:
+        return json.loads((out / ckpt_io.CONFIG).read_text()).get("step")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def save(cfg: TrainConfig, config: dict, state_dict: dict[str, torch.Tensor], optimizer_state: dict, step: int,
+         recent: dict[int, list[float]], log_lines: list[str], final: bool, bad_images: dict | None = None) -> None:
+    """Writes the checkpoint of step ``step`` to ``cfg.out`` (atomically).
+
+    Args:
+        config: config.json's content (:func:`config_json`).
+        state_dict: the whole model's weights.
+        optimizer_state: :meth:`~bim_export.train.optim.StageOptimizer.state_dict` of every stage.
+        recent: the last logged losses per decoded exit (their mean goes to metrics.json).
+        final: the run's last save (stored in ``cfg.weights_dtype``; the others stay fp32).
+    """
+    metrics = {"step": step, "exits": {str(d): {"recon_loss": float(np.mean(v))} for d, v in recent.items() if v}}
+    if bad_images:
+        metrics["bad_images"] = bad_images
+    train_state = None
+    if cfg.save_train_state:
+        train_state = {"optimizer": optimizer_state, "step": step, "rng": rng_state(),
+                       "schedule": {"name": "cosine", "warmup_steps": cfg.warmup, "steps": cfg.steps,
+                                    "peak_lr": cfg.peak_lr, "min_lr": cfg.min_lr}}
+    ckpt_io.save_checkpoint(cfg.out, state_dict, config, metrics, train_state, log_lines,
+                            cfg.weights_dtype if final else "fp32")
