@@ -20,6 +20,7 @@ of the run reuses them. For one profile, :func:`evaluate_candidates` then:
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -273,6 +274,19 @@ def exit_quality(metrics: dict, depth: int) -> float | None:
     entry = metrics.get("exits", {}).get(str(depth), {})
     q = entry.get("knn_top1")
     return float(q) if q is not None else None
+
+
+def quality_source(metrics: dict) -> str | None:
+    """Which set scored the exits' kNN top-1 in metrics.json, and how: ``heldout_images (90 images;
+    leave-one-out kNN ...)``; None when no exit names one."""
+    sets = {json.dumps(e["knn_dataset"], sort_keys=True) for e in metrics.get("exits", {}).values()
+            if isinstance(e, dict) and isinstance(e.get("knn_dataset"), dict)}
+    if not sets:
+        return None
+    names = []
+    for ds in map(json.loads, sorted(sets)):
+        names.append(f"{ds.get('name', '?')} ({ds.get('size', '?')} images; {ds.get('protocol', 'protocol not given')})")
+    return "; ".join(names)
 
 
 def latency_value(result, stat: str) -> float:

@@ -24,8 +24,8 @@ from pathlib import Path
 from ..errors import NoCandidateError, ValidationError
 from ..table import format_table
 from .bundle import BundleSpec, bundle_kind, write_bundle
-from .candidates import (Trial, Workshop, check_parity, evaluate_candidates, latency_value, load_images, source_label,
-                         to_candidates)
+from .candidates import (Trial, Workshop, check_parity, evaluate_candidates, latency_value, load_images,
+                         quality_source, source_label, to_candidates)
 from .parity import ParityResult
 from .profiles import list_profiles, load_profile
 from .report import PlotPoint
@@ -75,7 +75,7 @@ def export_profile(shop: Workshop, profile, out: Path, multi_exit: bool = False,
         ValidationError: fp32 parity failed (an export bug); nothing is written.
     """
     trials = evaluate_candidates(shop, profile, progress)
-    selection = select(to_candidates(trials, profile), profile)
+    selection = select(to_candidates(trials, profile), profile, quality_source(shop.ckpt.metrics))
     choice = next(t for t in trials if (t.depth, t.precision) == (selection.choice.depth, selection.choice.precision))
     stat, budget = profile.budgets.latency_stat, profile.budgets.latency_ms
 
