@@ -58,8 +58,8 @@ LABELS = {"bim": "BIM", "overlap1": "BIM overlap 1", "overlap2": "BIM overlap 2"
 CONFIGS = {
     # 1 x 64 decoders: the decoders, not the 4 small blocks, are most of a step's compute at 16 tokens
     "cpu": dict(SMALL, decoder=(1, 64, 4), device="cpu", steps=500, batch_size=128, lr=2e-3, warmup_steps=40,
-                seeds=[0, 1, 2], sets={"mnist": list(VARIANTS), "digits": ["bim", "overlap1"]}, workers=2,
-                threads=1),
+                seeds=[0, 1, 2], sets={"mnist": list(VARIANTS), "digits": ["bim", "overlap1"]},
+                equal_time=["mnist"], workers=2, threads=1),
     "gpu": dict(SMALL, model_args={**SMALL["model_args"], "embed_dim": 192, "depth": 8, "num_heads": 3},
                 exits=[2, 4, 6, 8], decoder=(1, 256, 8), device="cuda", steps=3000, batch_size=256, lr=1.5e-3,
                 warmup_steps=150, seeds=[0, 1, 2, 3, 4], sets={"mnist": list(VARIANTS), "digits": list(VARIANTS)},
@@ -208,6 +208,36 @@ def activation_peak(cfg: dict, mode: str, depth: int, variant: dict) -> float:
     return peak / 2**20
 
 
+# ------------------------------------------------------------------------------ real photos
+
+
+def _loss_ends(log: list[dict]) -> tuple[dict, dict]:
+    """Mean loss per stage over the first and the last tenth of a run's logged steps."""
+    n = max(1, len(log) // 10)
+    mean = lambda part: {d: sum(r["loss"][d] for r in part) / len(part) for d in part[0]["loss"]}  # noqa: E731
+    return mean(log[:n]), mean(log[-n:])
+
+
+def real_image_losses(device: str, size: dict, exits: list[int], steps: int) -> dict:
+    """A short BIM training of the benchmark model on the built-in real photos (with MAE's
+    augmentation): every stage's loss over the first and the last tenth of the steps."""
+    from bim_export.train.config import TrainConfig
+    from bim_export.train.trainer import train
+
+    with tempfile.TemporaryDirectory(prefix="bench-real-") as tmp:
+        out = Path(tmp) / "run"
+        cfg = TrainConfig(out=out, model=size["arch"], model_args=size["model_args"], exits=exits, steps=steps,
+                          batch_size=size["batch"], base_lr=1.5e-4, warmup_steps=max(1, steps // 10),
+                          precision="bf16" if size["amp"] == "bf16" else "fp32", device=device,
+                          num_workers=min(8, os.cpu_count() or 1), progress=False, save_every=steps,
+                          log_every=1, save_train_state=False)
+        res = train(cfg)
+        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    first, last = _loss_ends(log)
+    return {"steps": steps, "images": "built-in sample photos (real crops)", "first": first, "last": last,
+            "seconds": res.seconds}
+
+
 # ------------------------------------------------------------------------------ the bench
 
 
@@ -230,36 +260,119 @@ def _run_all(jobs: list[dict], workers: int, log: Path | None = None) -> list[di
         return [done(r) for r in pool.map(run_job, jobs)]
 
 
-def bench(cfg: dict, folders: dict[str, str], log: Path | None = None) -> dict:
-    """Every run of the configuration; equal-time MAE budgets come from the equal-step runs' step times."""
+def bench(cfg: dict, folders: dict[str, str], log: Path | None = None, done: list[dict] | None = None) -> dict:
+    """Every run of the configuration, seed by seed (an interrupted bench has whole seeds).
+
+    The first seed's equal-step runs come first: their step times set the equal wall-clock MAE budgets.
+    Runs in ``done`` (a resumed bench's log) are not run again.
+    """
     depth = cfg["model_args"]["depth"]
     variants = {**VARIANTS, **cfg.get("variants", {})}
-    jobs = []
-    for name, names in cfg["sets"].items():
-        base = dict(set=name, folder=folders[name], cfg=cfg)
-        for seed in cfg["seeds"]:
-            jobs.append(dict(base, row="untrained", mode="bim", depth=depth, variant={}, seed=seed, steps=0))
-            jobs += [dict(base, row=v, mode="bim", depth=depth, variant=variants[v], seed=seed, steps=cfg["steps"])
+    done = list(done or [])
+
+    def key(j: dict) -> tuple:
+        return j["set"], j["row"], j["seed"], j["steps"]
+
+    def run(jobs: list[dict]) -> None:
+        have = {key(r) for r in done}
+        done.extend(_run_all([j for j in jobs if key(j) not in have], cfg["workers"], log))
+
+    def equal_steps(seed: int) -> list[dict]:
+        jobs = []
+        for name, names in cfg["sets"].items():
+            base = dict(set=name, folder=folders[name], cfg=cfg, seed=seed)
+            jobs.append(dict(base, row="untrained", mode="bim", depth=depth, variant={}, steps=0))
+            jobs += [dict(base, row=v, mode="bim", depth=depth, variant=variants[v], steps=cfg["steps"])
                      for v in names]
-            jobs += [dict(base, row=f"mae{d}", mode="e2e", depth=d, variant={}, seed=seed, steps=cfg["steps"])
+            jobs += [dict(base, row=f"mae{d}", mode="e2e", depth=d, variant={}, steps=cfg["steps"])
                      for d in cfg["exits"]]
-    runs = _run_all(jobs, cfg["workers"], log)
-    # equal wall-clock: the MAE run of depth d gets steps x (BIM step time / its own step time)
+        return jobs
+
+    first, *rest = cfg["seeds"]
+    run(equal_steps(first))
+    # equal wall-clock: the MAE run of depth d gets steps x (BIM step time / its own step time), from
+    # the first seed's runs
     budgets = {}
     for name in cfg["sets"]:
-        bim_ms = statistics.median(r["step_ms"] for r in runs if r["set"] == name and r["row"] == "bim")
+        ms = {r["row"]: r["step_ms"] for r in done if r["set"] == name and r["seed"] == first}
         for d in cfg["exits"]:
-            mae_ms = statistics.median(r["step_ms"] for r in runs if r["set"] == name and r["row"] == f"mae{d}")
-            budgets[f"{name}/{d}"] = max(1, round(cfg["steps"] * bim_ms / mae_ms))
-    jobs = [dict(set=name, folder=folders[name], cfg=cfg, row=f"mae{d}_time", mode="e2e", depth=d, variant={},
-                 seed=seed, steps=budgets[f"{name}/{d}"]) for name in cfg["sets"] for seed in cfg["seeds"]
-            for d in cfg["exits"]]
-    runs += _run_all(jobs, cfg["workers"], log)
+            budgets[f"{name}/{d}"] = max(1, round(cfg["steps"] * ms["bim"] / ms[f"mae{d}"]))
+
+    def equal_time(seed: int) -> list[dict]:
+        return [dict(set=name, folder=folders[name], cfg=cfg, row=f"mae{d}_time", mode="e2e", depth=d, variant={},
+                     seed=seed, steps=budgets[f"{name}/{d}"]) for name in cfg.get("equal_time", cfg["sets"])
+                for d in cfg["exits"]]
+
+    run(equal_time(first) + [j for seed in rest for j in (*equal_steps(seed), *equal_time(seed))])
     memory = {v: activation_peak(cfg, "bim", depth, variants[v]) for v in dict.fromkeys(
         v for names in cfg["sets"].values() for v in names)}
     memory.update({f"mae{d}": activation_peak(cfg, "e2e", d, {}) for d in cfg["exits"]})
-    return {"runs": runs, "equal_time_steps": budgets, "activation_mib": memory,
+    return {"runs": done, "equal_time_steps": budgets, "activation_mib": memory,
             "variants": {v: variants[v] for v in memory if v in variants}}
+
+
+def step_times(cfg: dict, rows: dict[str, tuple[str, int, dict]], steps: int = 10, repeats: int = 3) -> dict:
+    """ms per training step (forward, every backward, AdamW) of each row's model in this process,
+    the rows interleaved and the lowest of ``repeats`` means kept: on a shared machine the training
+    runs' own step times move with the load, these compare the settings under the same load."""
+    import time as _time
+
+    import torch
+
+    from bim_export.architecture import BimConfig
+    from bim_export.train.model import BimModel
+
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
+    device = cfg["device"]
+    models = {}
+    for name, (mode, depth, variant) in rows.items():
+        torch.manual_seed(0)
+        m = BimModel(BimConfig.from_settings(**model_settings(cfg, mode, depth, variant))).to(device)
+        models[name] = (m, torch.optim.AdamW(m.parameters(), lr=1e-4))
+    size, batch = cfg["model_args"]["img_size"], cfg["batch_size"]
+    x = torch.randn(batch, 3, size, size, device=device)
+    best = dict.fromkeys(models, float("inf"))
+
+    def step(m, opt):
+        m.forward_backward(x, torch.rand(batch, m.num_patches))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(repeats):
+        for name, (m, opt) in models.items():
+            step(m, opt)  # warm-up
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = _time.perf_counter()
+            for _ in range(steps):
+                step(m, opt)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best[name] = min(best[name], 1000 * (_time.perf_counter() - t0) / steps)
+    return best
+
+
+def timed_rows(cfg: dict) -> dict[str, tuple[str, int, dict]]:
+    variants = {**VARIANTS, **cfg.get("variants", {})}
+    rows = {v: ("bim", cfg["model_args"]["depth"], variants[v])
+            for v in dict.fromkeys(v for names in cfg["sets"].values() for v in names)}
+    rows.update({f"mae{d}": ("e2e", d, {}) for d in cfg["exits"]})
+    return rows
+
+
+SCALE = dict(model="vit_base_patch16_224", model_args={"img_size": 224}, exits=[3, 6, 9, 12], decoder=(1, 128, 4),
+             mask_ratio=0.75, batch_size=4)
+
+
+def scale_activations() -> dict:
+    """Peak saved activations of ViT-B/16 (224 px, exits 3/6/9/12, batch 4) per overlap, against
+    end-to-end MAE with the light decoder and with MAE's 8 x 512 decoder: what overlap costs where
+    activations, not weights, fill the memory."""
+    out = {f"bim_overlap{o}": activation_peak(SCALE, "bim", 12, {"overlap": o}) for o in (0, 1, 2, 3)}
+    out["mae_1x128"] = activation_peak(SCALE, "e2e", 12, {})
+    out["mae_8x512"] = activation_peak(dict(SCALE, decoder=(8, 512, 16)), "e2e", 12, {})
+    return out
 
 
 # ------------------------------------------------------------------------------ summary
@@ -332,14 +445,16 @@ def markdown(report: dict) -> str:
         exits = sorted(t["untrained"], key=int)
         variants = list(g)
         steps_t = ", ".join(f"depth {d}: {report['result']['equal_time_steps'][f'{name}/{d}']}" for d in exits)
+        timed = ("MAE at equal wall-clock time: " + steps_t + " steps, from the first seed's median step times."
+                 if "mae_time" in t else "MAE at equal wall-clock time: not run on this set (the time of the bench).")
         lines += [f"## {name} ({s['data']['images']} images: {s['data']['reference']} reference, "
-                  f"{s['data']['query']} query)", "",
-                  f"Equal wall-clock MAE steps ({steps_t}) from the median step times.", ""]
+                  f"{s['data']['query']} query)", "", timed, ""]
         for score, title in (("knn", "kNN top-1 (k = 20)"), ("probe", "linear-probe top-1")):
             head = ["exit", "untrained", "MAE, equal steps", "MAE, equal time"] + [LABELS.get(v, v) for v in variants]
             lines += [f"{title}:", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
             for d in exits:
-                cells = [d, _pm(t["untrained"][d][score]), _pm(t["mae"][d][score]), _pm(t["mae_time"][d][score])]
+                timed = t.get("mae_time", {}).get(d)
+                cells = [d, _pm(t["untrained"][d][score]), _pm(t["mae"][d][score]), _pm(timed[score]) if timed else "-"]
                 for v in variants:
                     gap = 100 * (t[v][d][score]["mean"] - t["mae"][d][score]["mean"])
                     cells.append(f"{_pm(t[v][d][score])} ({gap:+.1f})")
@@ -348,19 +463,34 @@ def markdown(report: dict) -> str:
         lines += ["Settings against the goals (each exit within 1 point of MAE at equal steps, kNN; the deepest "
                   "exit the best of its run):", "",
                   "| setting | worst exit vs MAE (kNN points) | within 1 point | deepest best (kNN / probe) | "
-                  "peak saved activations MiB | step ms | train s |", "|---|---|---|---|---|---|---|"]
+                  "peak saved activations MiB | step ms (interleaved) | step ms in its runs | train s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        sm = report.get("step_ms", {})
+        fmt = lambda v: f"{v:.0f}" if v is not None else "-"  # noqa: E731
         for v in variants:
             gv = g[v]
             lines.append(f"| {LABELS.get(v, v)} | {gv['worst_knn_gap']:+.1f} | "
                          f"{'yes' if gv['within_1_point_knn'] else 'no'} | "
                          f"{'yes' if gv['deepest_best_knn'] else 'no'} / {'yes' if gv['deepest_best_probe'] else 'no'} "
-                         f"| {mem[v]:.1f} | {tm[v]['step_ms']:.0f} | {tm[v]['train_s']:.0f} |")
+                         f"| {mem[v]:.1f} | {fmt(sm.get(v))} | {tm[v]['step_ms']:.0f} | {tm[v]['train_s']:.0f} |")
         for d in exits:
             if f"mae{d}" in tm:
-                lines.append(f"| MAE depth {d} (equal steps) | | | | {mem[f'mae{d}']:.1f} | "
+                lines.append(f"| MAE depth {d} (equal steps) | | | | {mem[f'mae{d}']:.1f} | {fmt(sm.get(f'mae{d}'))} | "
                              f"{tm[f'mae{d}']['step_ms']:.0f} | {tm[f'mae{d}']['train_s']:.0f} |")
         lines.append("")
-    lines += ["Step times are medians of the logged steps with the other run sharing the machine; peak saved "
+    sa = report.get("scale_activations")
+    if sa:
+        std = sa["mae_8x512"]
+        lines += [f"At scale (ViT-B/16, 224 px, exits 3/6/9/12, 1 x 128 decoders, batch {SCALE['batch_size']}), peak "
+                  "saved activations per step, MiB (x standard MAE with its 8 x 512 decoder):", "",
+                  "| overlap 0 | overlap 1 | overlap 2 | overlap 3 (whole stage) | MAE, 1 x 128 decoder | MAE, 8 x 512 |",
+                  "|---|---|---|---|---|---|",
+                  "| " + " | ".join(f"{sa[k]:.0f} ({sa[k] / std:.2f}x)" for k in (
+                      "bim_overlap0", "bim_overlap1", "bim_overlap2", "bim_overlap3", "mae_1x128", "mae_8x512")) + " |",
+                  ""]
+    lines += ["Step ms (interleaved): every setting's model timed in one process, in turns, lowest of 3 means of "
+              "10 steps (forward, backward, AdamW). Step ms in its runs: the median logged step of the training "
+              "runs, with another run and other work sharing the machine. Peak saved "
               f"activations are what autograd keeps for backward in one step at batch {cfg['batch_size']} (weights, "
               "gradients and optimizer state not included).", ""]
     return "\n".join(lines)
@@ -383,7 +513,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="the configuration's jobs at tiny budgets on the CPU")
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the configuration's)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--resume", action="store_true", help="keep the runs an interrupted bench logged")
+    ap.add_argument("--render", type=Path, default=None, help="rewrite the .md of an existing report .json")
     args = ap.parse_args(argv)
+    if args.render is not None:
+        report = json.loads(args.render.read_text())
+        report.setdefault("scale_activations", scale_activations())
+        if "step_ms" not in report:
+            report["step_ms"] = step_times(report["config"], timed_rows(report["config"]))
+        args.render.write_text(json.dumps(report, indent=2) + "\n")
+        args.render.with_suffix(".md").write_text(markdown(report))
+        print(markdown(report))
+        return 0
     cfg = dict(CONFIGS[args.config])
     if args.dry_run:
         cfg = dry(cfg)
@@ -400,14 +541,18 @@ def main(argv: list[str] | None = None) -> int:
     stem = "quality" + ("" if name == "cpu" else f"_{name}")
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / f"{stem}_runs.jsonl"
-    log.unlink(missing_ok=True)
+    done = [json.loads(line) for line in log.read_text().splitlines()] if args.resume and log.exists() else []
+    if not args.resume:
+        log.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-sets-") as tmp:
         folders = write_sets(Path(tmp), cfg["sets"])
-        report["result"] = bench(cfg, folders, log)
+        report["result"] = bench(cfg, folders, log, done)
     log.unlink()  # every run is in the report
     report["wall_s"] = time.perf_counter() - t0
     report["load_after"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
     report["summary"] = summarize(report["result"], cfg)
+    report["scale_activations"] = scale_activations()
+    report["step_ms"] = step_times(cfg, timed_rows(cfg))
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     md = markdown(report)
     (args.out / f"{stem}.md").write_text(md)
