@@ -261,10 +261,11 @@ def _run_all(jobs: list[dict], workers: int, log: Path | None = None) -> list[di
 
 
 def bench(cfg: dict, folders: dict[str, str], log: Path | None = None, done: list[dict] | None = None) -> dict:
-    """Every run of the configuration, seed by seed (an interrupted bench has whole seeds).
+    """Every run of the configuration.
 
     The first seed's equal-step runs come first: their step times set the equal wall-clock MAE budgets.
-    Runs in ``done`` (a resumed bench's log) are not run again.
+    Then the other seeds' untrained, BIM and MAE runs, then their runs of the other settings. Runs in
+    ``done`` (a resumed bench's log) are not run again.
     """
     depth = cfg["model_args"]["depth"]
     variants = {**VARIANTS, **cfg.get("variants", {})}
@@ -303,7 +304,13 @@ def bench(cfg: dict, folders: dict[str, str], log: Path | None = None, done: lis
                      seed=seed, steps=budgets[f"{name}/{d}"]) for name in cfg.get("equal_time", cfg["sets"])
                 for d in cfg["exits"]]
 
-    run(equal_time(first) + [j for seed in rest for j in (*equal_steps(seed), *equal_time(seed))])
+    # the comparison itself (untrained, BIM, MAE) for every seed before the other settings' runs, so a
+    # bench cut short still has it whole
+    later = [j for seed in rest for j in (*equal_steps(seed), *equal_time(seed))]
+    core = [j for j in later if j["row"] in ("untrained", "bim") or j["row"].startswith("mae")]
+    n = cfg.get("method_seeds") or len(cfg["seeds"])  # seeds for the other settings (all by default)
+    others = [j for j in later if j not in core and j["seed"] in cfg["seeds"][:n]]
+    run(equal_time(first) + core + others)
     memory = {v: activation_peak(cfg, "bim", depth, variants[v]) for v in dict.fromkeys(
         v for names in cfg["sets"].values() for v in names)}
     memory.update({f"mae{d}": activation_peak(cfg, "e2e", d, {}) for d in cfg["exits"]})
@@ -423,12 +430,17 @@ def summarize(result: dict, cfg: dict) -> dict:
     return out
 
 
+_SEEDS = [0]  # seeds of the configuration being written (a figure over fewer says how many)
+
+
 def _pm(s: dict) -> str:
-    return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"
+    fewer = f" (n={s['n']})" if s["n"] < len(_SEEDS) else ""
+    return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}{fewer}"
 
 
 def markdown(report: dict) -> str:
     cfg, summ, m = report["config"], report["summary"], report["machine"]
+    _SEEDS[:] = cfg["seeds"]
     mem = report["result"]["activation_mib"]
     lines = [f"# Quality bench ({report['name']}): BIM's exits vs end-to-end MAE of the same depth", "",
              f"Machine: {m['cpu']} ({', '.join(m['cpu_flags']) or 'no listed flags'}), {m['logical_cores']} "
@@ -514,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the configuration's)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--resume", action="store_true", help="keep the runs an interrupted bench logged")
+    ap.add_argument("--method-seeds", type=int, default=None,
+                    help="run the settings other than BIM with the first N seeds only (runs already logged are kept)")
     ap.add_argument("--render", type=Path, default=None, help="rewrite the .md of an existing report .json")
     args = ap.parse_args(argv)
     if args.render is not None:
@@ -530,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = dry(cfg)
     if args.seeds:
         cfg["seeds"] = list(range(args.seeds))
+    if args.method_seeds:
+        cfg["method_seeds"] = args.method_seeds
     if cfg["device"] == "cuda":
         import torch
 

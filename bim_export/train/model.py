@@ -4,7 +4,9 @@ Block-wise masked image modeling (BIM, arXiv 2311.17218): the encoder's blocks a
 exits (e.g. after blocks 3/6/9/12). Each exit has a LayerNorm (the final norm of the backbone of that
 depth) and an MAE-style decoder that reconstructs the normalized pixels of the masked patches. In
 ``bim`` mode each stage's loss is back-propagated as soon as it is computed and the next stage starts
-from the detached output, so peak activation memory is about one stage plus its decoder. ``e2e``
+from the detached output, so peak activation memory is about one stage plus its decoder. With
+``overlap`` N (interlocking backward) the cut moves N blocks down: stage k's loss also trains the
+last N blocks of stage k - 1, whose graph is kept until stage k's backward. ``e2e``
 mode is plain MAE (one decoder at the last exit, gradients through every block), the baseline.
 
 Conventions: ``mask: [B, N], 1 = masked (hidden from the encoder), 0 = visible``; one mask per image,
