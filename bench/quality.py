@@ -447,6 +447,7 @@ def markdown(report: dict) -> str:
              f"logical cores, {cfg['workers']} runs at a time x {cfg.get('threads') or 'default'} torch thread(s), "
              f"device {m['device']}, torch {m['torch']}; load average before {m['load_before']}, after "
              f"{report['load_after']}; {m['date']}; {report['wall_s'] / 60:.1f} min.", "",
+             *([report["note"], ""] if report.get("note") else []),
              f"Model: timm {cfg['model']} with {cfg['model_args']}, exits {cfg['exits']}, decoder "
              f"{'x'.join(map(str, cfg['decoder'][:2]))} ({cfg['decoder'][2]} heads), mask {cfg['mask_ratio']}; "
              f"{cfg['steps']} steps x {cfg['batch_size']} images, lr {cfg['lr']} ({cfg['warmup_steps']} warm-up "
