@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     for arch, share in PARTS:
         used += share * args.budget_s
         left = used - (time.perf_counter() - t0)  # what a part leaves unused goes to the next
-        rc = train_memory.main([*common, "--arch", arch, "--suite", "scale", "--compile", "--skip-quality",
+        rc = train_memory.main([*common, "--arch", arch, "--suite", "scale", "--compile",
                                 "--no-real-images", "--budget-s", f"{max(left, 0):.0f}",
                                 "--variant-timeout-s", "240", "--out", str(out)])
         if rc:

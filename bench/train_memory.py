@@ -22,13 +22,14 @@ AdamW). Model FLOPs per step are counted by torch's ``FlopCounterMode`` on a met
 the machine's matmul rate (bf16 GEMM on CUDA, fp32 GEMM on CPU), measured in the variant's process
 right after its steps: on a shared host the rate moves with the load, and so does the step time.
 
-The quality comparison (MNIST kNN per exit) and the real-image loss check are in train_quality.py.
+Quality (every exit against end-to-end MAE, with error bars) is bench/quality.py's; on CUDA this bench
+also runs its short BIM training on the built-in photos (every stage's loss, first and last steps).
 
 Usage::
 
     python bench/train_memory.py --quick                      # < 1 min, checks the machinery
-    python bench/train_memory.py                              # CPU: ViT-Tiny at 64 px, decoders + quality
-    python bench/train_memory.py --arch vit_large_patch16_224 --suite scale --skip-quality  # CPU, 224 px
+    python bench/train_memory.py                              # CPU: ViT-Tiny at 64 px, decoders
+    python bench/train_memory.py --arch vit_large_patch16_224 --suite scale  # CPU, 224 px
     python bench/train_memory.py --device cuda                # ViT-B/16, 224 px, batch 256, bf16
     python bench/gpu_train.py                                 # every GPU figure in one go (see there)
 
@@ -371,11 +372,6 @@ def markdown(report: dict) -> str:
     else:
         lines += ["", "The memory and MFU targets are set for a GPU at batch 256 and are not judged on these "
                   "figures: at a small batch, weights, gradients and AdamW state weigh far more than there."]
-    q = report.get("quality")
-    if q:
-        from train_quality import quality_markdown
-
-        lines += quality_markdown(q)
     r = report.get("real_images")
     if r:
         lines += ["", f"BIM on real images ({r['images']}, {r['steps']} steps): loss per stage, first -> last "
@@ -411,7 +407,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant-timeout-s", type=float, default=None, help="give up on a variant after this long")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, a check of the machinery (< 1 min)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--skip-quality", action="store_true", help="memory and time only")
     ap.add_argument("--real-images", action=argparse.BooleanOptionalAction, default=None,
                     help="a short training on real photos (default: on CUDA outside --quick)")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -451,12 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"device": args.device, "mode": mode, "size": size_, "suites": suites,
               "machine": machine(args.device, args.threads), "labels": labels, "variants": results,
               "summary": summarize(results, args.device)}
-    if not args.skip_quality:
-        from train_quality import QUALITY, QUALITY_QUICK, quality
-
-        report["quality"] = quality(args.device, QUALITY_QUICK if args.quick else QUALITY, args.threads)
     if args.real_images if args.real_images is not None else (args.device == "cuda" and not args.quick):
-        from train_quality import real_image_losses
+        from quality import real_image_losses
 
         report["real_images"] = real_image_losses(args.device, size_, ARCHS[arch][1], steps=10 if args.quick else 100)
     args.out.mkdir(parents=True, exist_ok=True)

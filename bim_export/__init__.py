@@ -14,7 +14,7 @@ bridge (used by both halves)
     data                    image folders, preprocessing, sample and check images
     knn                     kNN on features (numpy; ships in bundles)
     architecture            BimConfig, the timm encoder, the exit API (exit_tokens)
-    checkpoint              checkpoint directories: save, load, metrics
+    checkpoint              checkpoint directories: save, load, metrics (and what scored them)
     backbone                a depth's plain timm ViT out of a checkpoint
 train (BIM pretraining)
     train.config            TrainConfig (nests BimConfig), from YAML, flags and --set

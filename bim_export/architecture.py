@@ -26,7 +26,10 @@ PLAIN_VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit")  # wh
 # The model's settings as users give them (YAML keys, flags, --set), flat: name -> path in BimConfig.
 SETTINGS = {"model": "arch", "model_args": "model_args", "exits": "exits", "mode": "mode",
             "decoder_depth": "decoder.depth", "decoder_width": "decoder.width", "decoder_heads": "decoder.heads",
-            "mask_ratio": "mask_ratio", "loss_weights": "loss_weights", "norm_pix_loss": "norm_pix_loss"}
+            "mask_ratio": "mask_ratio", "loss_weights": "loss_weights", "norm_pix_loss": "norm_pix_loss",
+            "overlap": "overlap",
+            "last_decoder_depth": "last_decoder.depth", "last_decoder_width": "last_decoder.width",
+            "last_decoder_heads": "last_decoder.heads"}
 
 
 class DecoderConfig(BaseModel):
@@ -54,6 +57,10 @@ class BimConfig(BaseModel):
     mask_ratio: float = Field(0.75, gt=0, lt=1, description="fraction of patches masked")
     loss_weights: Optional[list[float]] = Field(None, description="one weight per decoder (default 1.0 each)")
     norm_pix_loss: bool = Field(True, description="reconstruct per-patch normalized pixels (MAE)")
+    overlap: int = Field(0, ge=0, description="bim: the loss of stage k also trains the last `overlap` blocks of "
+                         "stage k - 1 (interlocking backward; 0: stages are trained apart)")
+    last_decoder: DecoderConfig = Field(default_factory=DecoderConfig, description="the deepest exit's decoder "
+                                        "size; a size left out is the decoder's")
 
     @field_validator("exits")
     @classmethod
@@ -91,14 +98,26 @@ class BimConfig(BaseModel):
         d_depth, d_width, d_heads = DEFAULT_DECODER[self.mode]
         decoder = DecoderConfig(depth=self.decoder.depth or d_depth, width=self.decoder.width or d_width,
                                 heads=self.decoder.heads or d_heads)
-        if decoder.width % 4:
-            raise InputError(f"decoder width must be a multiple of 4 (got {decoder.width})", field="decoder_width")
-        out = self.model_copy(update={"exits": exits, "decoder": decoder})
+        last = DecoderConfig(depth=self.last_decoder.depth or decoder.depth,
+                             width=self.last_decoder.width or decoder.width,
+                             heads=self.last_decoder.heads or decoder.heads)
+        for name, dec in (("decoder", decoder), ("last_decoder", last)):
+            if dec.width % 4:
+                raise InputError(f"{name} width must be a multiple of 4 (got {dec.width})", field=f"{name}_width")
+            if dec.width % dec.heads:
+                raise InputError(f"{name} width {dec.width} is not divisible by its {dec.heads} heads",
+                                 field=f"{name}_heads")
+        check_overlap(self.overlap, self.mode, exits)
+        out = self.model_copy(update={"exits": exits, "decoder": decoder, "last_decoder": last})
         weights = self.loss_weights if self.loss_weights is not None else [1.0] * len(out.decoded_exits)
         if len(weights) != len(out.decoded_exits):
             raise InputError(f"loss_weights: {len(out.decoded_exits)} values needed, one per decoder at exits "
                              f"{out.decoded_exits} (got {len(weights)})", field="loss_weights")
         return out.model_copy(update={"loss_weights": [float(w) for w in weights]})
+
+    def decoder_of(self, exit_depth: int) -> DecoderConfig:
+        """The decoder size of an exit: ``last_decoder`` at the deepest exit, ``decoder`` elsewhere."""
+        return self.last_decoder if exit_depth == self.exits[-1] else self.decoder
 
     def check_depth(self, depth: int) -> None:
         """Raises InputError unless ``depth`` is one of the exits (a backbone exists only there)."""
@@ -113,14 +132,33 @@ class BimConfig(BaseModel):
         return {"arch": self.arch, "model_args": encoder_args(self.model_args), "exits": list(self.exits),
                 "mode": self.mode, "decoder": self.decoder.model_dump(), "decoded_exits": self.decoded_exits,
                 "mask_ratio": self.mask_ratio, "loss_weights": list(self.loss_weights or []),
-                "norm_pix_loss": self.norm_pix_loss}
+                "norm_pix_loss": self.norm_pix_loss,
+                "overlap": self.overlap,
+                "last_decoder": self.last_decoder.model_dump()}
 
     @classmethod
     def from_json(cls, config: dict) -> BimConfig:
         """Reads the architecture back from a checkpoint's config.json (other keys are ignored)."""
         fields = {k: config[k] for k in ("arch", "model_args", "exits", "mode", "decoder", "mask_ratio",
-                                         "loss_weights", "norm_pix_loss") if k in config}
+                                         "loss_weights", "norm_pix_loss", "overlap", "last_decoder") if k in config}
         return cls(**fields)
+
+
+def check_overlap(overlap: int, mode: str, exits: Sequence[int]) -> None:
+    """Raises InputError unless ``overlap`` fits: 0 in e2e; at most the blocks of every stage but the last.
+
+    A stage's tail of ``overlap`` blocks is trained by its own loss and the next stage's, so a stage
+    with fewer blocks has no such tail.
+    """
+    if overlap == 0:
+        return
+    if mode != "bim":
+        raise InputError(f"overlap {overlap} applies to mode bim (e2e back-propagates through every block "
+                         f"already); use overlap 0", field="overlap")
+    sizes = [end - start for start, end in zip([0, *exits[:-1]], exits)][:-1]
+    if not sizes or overlap > min(sizes):
+        raise InputError(f"overlap {overlap} is more than the blocks of a stage that has a next stage "
+                         f"(exits {list(exits)}: {sizes or 'a single stage'})", field="overlap")
 
 
 def nest_settings(settings: dict, config: dict | None = None) -> dict:

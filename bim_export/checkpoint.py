@@ -170,6 +170,26 @@ def update_exit_metrics(path: str | os.PathLike, per_exit: dict[int | str, dict]
     return metrics
 
 
+def exit_quality(metrics: dict, depth: int) -> float | None:
+    """The exit's kNN top-1 from metrics.json, or None when the checkpoint has none."""
+    entry = metrics.get("exits", {}).get(str(depth), {})
+    q = entry.get("knn_top1")
+    return float(q) if q is not None else None
+
+
+def quality_source(metrics: dict) -> str | None:
+    """Which set scored the exits' kNN top-1 in metrics.json, and how: ``heldout_images (90 images;
+    leave-one-out kNN ...)``; None when no exit names one."""
+    sets = {json.dumps(e["knn_dataset"], sort_keys=True) for e in metrics.get("exits", {}).values()
+            if isinstance(e, dict) and isinstance(e.get("knn_dataset"), dict)}
+    if not sets:
+        return None
+    names = []
+    for ds in map(json.loads, sorted(sets)):
+        names.append(f"{ds.get('name', '?')} ({ds.get('size', '?')} images; {ds.get('protocol', 'protocol not given')})")
+    return "; ".join(names)
+
+
 def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
 

@@ -278,6 +278,10 @@ def _sample(images: ImageList, config: dict, n_calib: int, n_parity: int) -> Ima
 # ---------------------------------------------------------------- real images from installed wheels
 
 
+# scikit-image photos the sample images do not come from, and matplotlib's one colour photo
+HELDOUT_PHOTOS = ("brick", "grass", "gravel", "moon", "coins", "clock", "cell", "text", "grace_hopper")
+
+
 def make_sample_crops(dest: str | Path, crop: int = 128, per_photo: int = 6, seed: int = 0) -> int:
     """Writes JPEG crops of the real photos shipped in scikit-image / scikit-learn wheels.
 
@@ -287,7 +291,23 @@ def make_sample_crops(dest: str | Path, crop: int = 128, per_photo: int = 6, see
     Returns:
         The number of crops written.
     """
-    photos = _wheel_photos()
+    return _write_crops(dest, _wheel_photos(), crop, per_photo, seed)
+
+
+def make_heldout_crops(dest: str | Path, crop: int = 128, per_photo: int = 10, seed: int = 1) -> int:
+    """Writes JPEG crops of :data:`HELDOUT_PHOTOS`, photos that no sample image comes from.
+
+    Used to build the package's ``assets/heldout_images`` (needs the ``dev`` extra): a labelled set
+    (one class per photo) that a model trained on the sample images has never seen, on which the
+    default checkpoint's exits are scored.
+
+    Returns:
+        The number of crops written.
+    """
+    return _write_crops(dest, _heldout_photos(), crop, per_photo, seed)
+
+
+def _write_crops(dest: str | Path, photos: dict[str, np.ndarray], crop: int, per_photo: int, seed: int) -> int:
     rng = np.random.default_rng(seed)
     dest = Path(dest)
     n = 0
@@ -305,6 +325,10 @@ def make_sample_crops(dest: str | Path, crop: int = 128, per_photo: int = 6, see
     return n
 
 
+def _rgb(photos: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: (v if v.ndim == 3 else np.stack([v] * 3, -1))[..., :3] for k, v in photos.items()}
+
+
 def _wheel_photos() -> dict[str, np.ndarray]:
     try:
         from skimage import data as skd
@@ -315,7 +339,19 @@ def _wheel_photos() -> dict[str, np.ndarray]:
     sk = load_sample_images()
     for fname, arr in zip(sk.filenames, sk.images):
         photos[Path(fname).stem] = arr
-    return {k: (v if v.ndim == 3 else np.stack([v] * 3, -1))[..., :3] for k, v in photos.items()}
+    return _rgb(photos)
+
+
+def _heldout_photos() -> dict[str, np.ndarray]:
+    try:
+        from matplotlib import cbook
+        from skimage import data as skd
+    except ImportError as e:  # pragma: no cover - dev extra missing
+        raise InputError(f"building held-out images needs the dev extra (pip install 'bim-export[dev]'): {e}") from e
+    photos = {n: getattr(skd, n)() for n in HELDOUT_PHOTOS if n != "grace_hopper"}
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        photos["grace_hopper"] = np.asarray(Image.open(f).convert("RGB"))
+    return _rgb(photos)
 
 
 def write_mnist_folder(dest: str | Path, limit: int | None = None) -> ImageList:

@@ -40,3 +40,8 @@ def default_checkpoint_dir() -> Path:
 def sample_images_dir() -> Path:
     """The real photo crops that ship with the package (demo, calibration, tests)."""
     return resource_dir("assets") / "sample_images"
+
+
+def heldout_images_dir() -> Path:
+    """Real photo crops of photos no sample image comes from: the default checkpoint's evaluation set."""
+    return resource_dir("assets") / "heldout_images"

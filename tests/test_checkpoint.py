@@ -157,6 +157,9 @@ def test_shipped_default_checkpoint_matches_its_recipe():
     assert not (default_checkpoint_dir() / "train_state.pt").exists()
     assert all(0.0 <= ck.metrics["exits"][str(d)]["knn_top1"] <= 1.0 for d in ck.exits)
     recipe = load_train_config(resource_dir("assets") / "default_checkpoint.yaml")
+    # scored on images it was not trained on: the held-out photos, named in metrics.json
+    assert recipe.data is None and recipe.eval_data.name == "heldout_images"
+    assert {ck.metrics["exits"][str(d)]["knn_dataset"]["name"] for d in ck.exits} == {"heldout_images"}
     trained = TrainConfig(**ck.config["train"])
     assert trained.bim == recipe.bim  # model, model_args, exits, decoder ...
     for key in ("steps", "batch_size", "lr", "seed"):

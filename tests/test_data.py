@@ -67,3 +67,20 @@ def test_scan_labels_come_from_the_first_folder(tmp_path):
         ("3.jpg", -1), ("cat/2.jpg", 0), ("dog/a/1.jpg", 1)]
     with pytest.raises(InputError, match=r"none of the 3 image files is readable"):
         scan_image_folder(tmp_path)  # empty files do not decode
+
+
+@pytest.mark.slow
+def test_shipped_image_sets_are_rebuilt_exactly_and_share_no_photo(tmp_path):
+    """The sample images (training) and the held-out images (the default checkpoint's evaluation)
+    come from the wheels' photos as the package's builders make them, and from different photos."""
+    from bim_export.data import make_heldout_crops, make_sample_crops, scan_image_folder
+    from bim_export.resources import heldout_images_dir, sample_images_dir
+
+    for make, shipped in ((make_sample_crops, sample_images_dir()), (make_heldout_crops, heldout_images_dir())):
+        assert make(tmp_path / shipped.name) == len(scan_image_folder(shipped))
+        for path in scan_image_folder(shipped).paths:
+            rel = Path(path).relative_to(shipped)
+            assert (tmp_path / shipped.name / rel).read_bytes() == Path(path).read_bytes(), rel
+    held, sample = scan_image_folder(heldout_images_dir()), scan_image_folder(sample_images_dir())
+    assert len(held.classes) == 9 and len(held) == 90
+    assert not set(held.classes) & set(sample.classes)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..data import Images
+from ..checkpoint import exit_quality
 from ..errors import ValidationError
 from .export import cut_exits
 from .parity import ParityResult, compare_outputs, emulation_note, fixed_batch, merge_results, run_onnx
@@ -266,13 +267,6 @@ class Trial:
     @property
     def label(self) -> str:
         return f"d{self.depth} {self.precision}"
-
-
-def exit_quality(metrics: dict, depth: int) -> float | None:
-    """The exit's kNN top-1 from metrics.json, or None when the checkpoint has none."""
-    entry = metrics.get("exits", {}).get(str(depth), {})
-    q = entry.get("knn_top1")
-    return float(q) if q is not None else None
 
 
 def source_label(result) -> str:

@@ -21,6 +21,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..checkpoint import quality_source
 from ..errors import NoCandidateError, ValidationError
 from ..table import format_table
 from .bundle import BundleSpec, bundle_kind, write_bundle
@@ -75,7 +76,7 @@ def export_profile(shop: Workshop, profile, out: Path, multi_exit: bool = False,
         ValidationError: fp32 parity failed (an export bug); nothing is written.
     """
     trials = evaluate_candidates(shop, profile, progress)
-    selection = select(to_candidates(trials, profile), profile)
+    selection = select(to_candidates(trials, profile), profile, quality_source(shop.ckpt.metrics))
     choice = next(t for t in trials if (t.depth, t.precision) == (selection.choice.depth, selection.choice.precision))
     stat, budget = profile.budgets.latency_stat, profile.budgets.latency_ms
 

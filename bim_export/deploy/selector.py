@@ -74,6 +74,7 @@ class Selection:
     budgets: dict[str, Any]
     rows: list[Row]
     quality_metric: str  # "knn_top1" or "depth" (deeper is better)
+    quality_source: str | None = None  # the set and protocol that scored the quality column
 
     @property
     def choice(self) -> Optional[Candidate]:
@@ -84,7 +85,8 @@ class Selection:
 
     def table(self) -> str:
         """Every candidate as a plain-text table, deepest first, with the budgets underneath."""
-        return f"{candidate_table(self.rows, self.quality_metric)}\nbudgets of {self.profile}: {describe_budgets(self.budgets)}"
+        table = candidate_table(self.rows, self.quality_metric, self.quality_source)
+        return f"{table}\nbudgets of {self.profile}: {describe_budgets(self.budgets)}"
 
     def to_dict(self) -> dict[str, Any]:
         choice = self.choice
@@ -95,17 +97,19 @@ class Selection:
                     f"{QUALITY_WINDOW * 100:g} point of it, lowest latency; measured latencies within each "
                     "other's error are ties, settled by quality, then the smaller file",
             "quality_metric": self.quality_metric,
+            "quality_source": self.quality_source if self.quality_metric == "knn_top1" else None,
             "choice": None if choice is None else {"depth": choice.depth, "precision": choice.precision},
             "candidates": [row.to_dict() for row in self.rows],
         }
 
 
-def select(candidates: list[Candidate], profile) -> Selection:
+def select(candidates: list[Candidate], profile, quality_source: str | None = None) -> Selection:
     """Picks the best candidate within the profile's budgets.
 
     Args:
         candidates: every depth x precision considered; latency at the profile's statistic.
         profile: a :class:`~bim_export.deploy.profiles.Profile` (only ``name`` and ``budgets`` are read).
+        quality_source: which images scored the quality, and how (shown under the table).
 
     Returns:
         The selection; ``.choice`` is the chosen candidate.
@@ -138,7 +142,7 @@ def select(candidates: list[Candidate], profile) -> Selection:
         else:
             rows.append(Row(c, "ok", "; ".join([_why_not(c, chosen, best, use_quality, ties), *caveats])))
     rows.sort(key=lambda r: (-r.candidate.depth, _PRECISION_RANK.get(r.candidate.precision, 9)))
-    selection = Selection(profile.name, budgets.model_dump(mode="json"), rows, metric)
+    selection = Selection(profile.name, budgets.model_dump(mode="json"), rows, metric, quality_source)
     if chosen is None:
         raise NoCandidateError(_nothing_fits(profile.name, rows), table=selection.table())
     return selection
@@ -276,8 +280,8 @@ def _num(x: Optional[float]) -> str:
     return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
 
 
-def candidate_table(rows: list[Row], quality_metric: str = "knn_top1") -> str:
-    """A plain-text table of candidate rows."""
+def candidate_table(rows: list[Row], quality_metric: str = "knn_top1", quality_source: str | None = None) -> str:
+    """A plain-text table of candidate rows; under it, what the quality column is and which set scored it."""
     head = ("depth", "precision", "quality", "parity", "latency ms", "source", "memory MB", "size MB",
             "status", "reason")
     lines = []
@@ -294,4 +298,6 @@ def candidate_table(rows: list[Row], quality_metric: str = "knn_top1") -> str:
     out = format_table(head, lines)
     if quality_metric == "depth":
         out += "\nquality: no kNN top-1 for every depth, so deeper is better"
+    else:
+        out += f"\nquality: the exit's kNN top-1 on {quality_source or 'an evaluation set metrics.json does not name'}"
     return out

@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from .. import architecture
-from ..architecture import BimConfig, check_model_name
+from ..architecture import BimConfig, check_model_name, check_overlap
 from ..errors import InputError
 
 FLAGS = {"data": "--data", "model": "--model", "exits": "--exits", "out": "--out", "eval_data": "--eval-data",
@@ -37,11 +37,12 @@ class TrainConfig(BaseModel):
                             "resized and flipped on the GPU in batches, other files by PIL in the loader workers; "
                             "cpu = all by PIL in the workers; auto = gpu when training on CUDA")
     # -- model: given as the flat settings of architecture.SETTINGS (model, model_args, exits, mode,
-    # decoder_depth / _width / _heads, mask_ratio, loss_weights, norm_pix_loss)
+    # decoder_depth / _width / _heads, mask_ratio, loss_weights, norm_pix_loss, overlap,
+    # last_decoder_depth / _width / _heads)
     bim: BimConfig = Field(default_factory=BimConfig, description="the model: timm ViT, exits, decoder, mask "
                            "and loss (stored in config.json); set through the flat settings model, model_args, "
                            "exits, mode, decoder_depth, decoder_width, decoder_heads, mask_ratio, loss_weights, "
-                           "norm_pix_loss")
+                           "norm_pix_loss, overlap, last_decoder_depth, last_decoder_width, last_decoder_heads")
     init: str | None = Field(None, description="pretrained weights for the encoder (and the last exit norm): a "
                              "safetensors or .pth file, a bim-export checkpoint or backbone folder, or a timm model "
                              "name with pretrained weights, e.g. vit_base_patch16_224.mae; not re-applied on resume")
@@ -256,6 +257,11 @@ def _check_combinations(cfg: TrainConfig) -> None:
             raise InputError(
                 f"{cfg.where('loss_weights')}: {len(bim.loss_weights)} weights for {len(bim.decoded_exits)} decoders "
                 f"(mode {bim.mode}, exits {bim.exits} from {cfg.where('exits')}); give one weight per decoder")
+    try:
+        check_overlap(bim.overlap, bim.mode, bim.exits if bim.exits is not None else [])
+    except InputError as e:
+        if bim.exits is not None or bim.mode != "bim":  # default exits: checked when the model is built
+            raise InputError(f"{cfg.where('overlap')}: {e}") from None
 
 
 def _check_stage_parallel(cfg: TrainConfig) -> None:
@@ -271,3 +277,7 @@ def _check_stage_parallel(cfg: TrainConfig) -> None:
         raise InputError(f"{where}: stage_parallel {cfg.stage_parallel} cannot clip by the global gradient norm "
                          f"(every group would wait for the last stage's gradients each step); set "
                          f"grad_clip_mode: stage")
+    if cfg.bim.overlap:
+        raise InputError(f"{cfg.where('overlap')}: overlap {cfg.bim.overlap} cannot run with stage_parallel "
+                         f"{cfg.stage_parallel} ({where}): the next stage's loss would have to send its gradient "
+                         f"back to the previous stage's processes; use overlap 0 or stage_parallel 1")

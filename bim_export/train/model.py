@@ -4,7 +4,9 @@ Block-wise masked image modeling (BIM, arXiv 2311.17218): the encoder's blocks a
 exits (e.g. after blocks 3/6/9/12). Each exit has a LayerNorm (the final norm of the backbone of that
 depth) and an MAE-style decoder that reconstructs the normalized pixels of the masked patches. In
 ``bim`` mode each stage's loss is back-propagated as soon as it is computed and the next stage starts
-from the detached output, so peak activation memory is about one stage plus its decoder. ``e2e``
+from the detached output, so peak activation memory is about one stage plus its decoder. With
+``overlap`` N (interlocking backward) the cut moves N blocks down: stage k's loss also trains the
+last N blocks of stage k - 1, whose graph is kept until stage k's backward. ``e2e``
 mode is plain MAE (one decoder at the last exit, gradients through every block), the baseline.
 
 Conventions: ``mask: [B, N], 1 = masked (hidden from the encoder), 0 = visible``; one mask per image,
@@ -86,8 +88,8 @@ class BimModel(nn.Module):
         self.patch_dim = ph * pw * 3
         self.exit_norms = nn.ModuleList([nn.LayerNorm(D, eps=1e-6) for _ in cfg.exits])
         self.decoders = nn.ModuleList([
-            MaeDecoder(D, P, tuple(enc.patch_embed.grid_size), self.patch_dim, cfg.decoder.depth,
-                       cfg.decoder.width, cfg.decoder.heads, mlp_ratio=4.0) for _ in cfg.decoded_exits])
+            MaeDecoder(D, P, tuple(enc.patch_embed.grid_size), self.patch_dim, dec.depth, dec.width, dec.heads,
+                       mlp_ratio=4.0) for dec in map(cfg.decoder_of, cfg.decoded_exits)])
         self.grad_checkpointing = False
 
     # ---------------------------------------------------------------- description
@@ -266,6 +268,20 @@ class BimModel(nn.Module):
         """(name, parameter) of everything stage ``i`` owns, in :meth:`named_parameters` order."""
         return [(n, p) for n, p in self.named_parameters() if self.stage_of(n) == i]
 
+    def tail_start(self, i: int) -> int:
+        """The first block of stage ``i``'s tail: its last ``overlap`` blocks, which the next stage's
+        loss trains too (the stage's end where there is no overlap, and for the last stage)."""
+        end = self.stage_bounds()[i][1]
+        return end if i == self.num_stages - 1 else end - self.config.overlap
+
+    def _exit_loss(self, i: int, x: torch.Tensor, batch: MaskedBatch) -> torch.Tensor | None:
+        # x: stage i's output tokens [B, P + n_keep, D] -> its exit's reconstruction loss (None: no decoder)
+        end = self.exits[i]
+        if end not in self.decoded_exits:
+            return None
+        pred = self.decoders[self.decoded_exits.index(end)](self.exit_norms[i](x), batch.ids_restore)
+        return self.recon_loss(pred, batch.target, batch.mask)
+
     def forward_stage(self, i: int, x: torch.Tensor | None, batch: MaskedBatch,
                       amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Stage ``i``'s forward.
@@ -286,26 +302,49 @@ class BimModel(nn.Module):
                 x = self.embed(batch.imgs, batch.ids_keep)
             start, end = self.stage_bounds()[i]
             x = self.run_blocks(x, start, end)
-            if end not in self.decoded_exits:
-                return x, None
-            pred = self.decoders[self.decoded_exits.index(end)](self.exit_norms[i](x), batch.ids_restore)
-            return x, self.recon_loss(pred, batch.target, batch.mask)
+            return x, self._exit_loss(i, x, batch)
 
     def backward_stage(self, i: int, x: torch.Tensor | None, batch: MaskedBatch, loss_scale: float = 1.0,
                        amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """BIM's step of one stage: its forward and the backward of its weighted loss.
 
-        The backward frees the stage's graph and adds this micro-batch's share to the gradients of
-        the stage's parameters, and of nothing else: stages are cut apart by detaching.
+        Without overlap the backward frees the stage's graph and adds this micro-batch's share to the
+        gradients of the stage's parameters, and of nothing else: stages are cut apart by detaching.
+        With ``overlap`` (interlocking backward) the loss also reaches the previous stage's tail,
+        through ``x``, and frees that tail's graph; this stage's own tail (:meth:`tail_start`) keeps
+        its graph for the next stage's loss. A stage's gradients are then final only after the next
+        stage's backward.
+
+        Args:
+            x: the previous stage's output as this method returned it (None for stage 0).
 
         Returns:
-            the output tokens, detached (the next stage's input), and the unweighted loss, detached.
+            the output tokens, the next stage's input: detached, or with overlap attached to the
+            graph of this stage's tail only (the next loss stops at the tail's input); and the
+            unweighted loss, detached.
         """
         if self.config.mode != "bim":
             raise ValueError("backward_stage needs mode bim: in e2e the loss reaches every stage")
-        x, loss = self.forward_stage(i, x, batch, amp_dtype)
-        (loss * (self.config.loss_weights[i] * loss_scale)).backward()
-        return x.detach(), loss.detach()
+        weight = self.config.loss_weights[i] * loss_scale
+        start, end = self.stage_bounds()[i]
+        split = self.tail_start(i)
+        if split == end and self.config.overlap == 0:
+            x, loss = self.forward_stage(i, x, batch, amp_dtype)
+            (loss * weight).backward()
+            return x.detach(), loss.detach()
+        with _autocast(batch.imgs.device, amp_dtype):
+            if i == 0:
+                x = self.embed(batch.imgs, batch.ids_keep)
+            head = self.run_blocks(x, start, split)  # x: [B, P + n_keep, D]
+            tail_in = head.detach().requires_grad_() if split < end else None
+            out = self.run_blocks(tail_in, split, end) if tail_in is not None else head
+            loss = self._exit_loss(i, out, batch)
+        if tail_in is None:  # the last stage: one backward, through the previous stage's tail too
+            (loss * weight).backward()
+            return out.detach(), loss.detach()
+        (loss * weight).backward(retain_graph=True)  # the tail's graph serves the next stage's loss too
+        head.backward(tail_in.grad)  # the rest of the stage, then the previous stage's tail (freed)
+        return out, loss.detach()
 
     def forward_backward(self, imgs: torch.Tensor, noise: torch.Tensor, loss_scale: float = 1.0,
                          amp_dtype: torch.dtype | None = None,
@@ -323,10 +362,11 @@ class BimModel(nn.Module):
             loss_scale: multiplies every loss before backward (1 / accumulation steps).
             amp_dtype: autocast dtype for the forward passes (None: full precision).
             on_stage_end: called with ``i`` once stage ``i``'s gradients of this micro-batch are all
-                in (``bim``: right after its backward, before the next stage runs; ``e2e``: after
-                the one backward, for every stage in order).
+                in (``bim``: right after its backward, before the next stage runs; with overlap,
+                after the next stage's backward, which also trains its tail; ``e2e``: after the one
+                backward, for every stage in order).
             stages: ``bim`` only: run these consecutive stages (default: all), as a process of a
-                stage-parallel layout does.
+                stage-parallel layout does (not with overlap).
             x: the output tokens of the stage before ``stages[0]`` (None when it is stage 0).
 
         Returns:
@@ -335,10 +375,14 @@ class BimModel(nn.Module):
         batch = self.masked_batch(imgs, noise)
         losses: dict[int, torch.Tensor] = {}
         if self.config.mode == "bim":
-            for i in range(self.num_stages) if stages is None else stages:
+            lag = 1 if self.config.overlap else 0  # overlap: stage i's tail gets gradients from stage i + 1
+            run = list(range(self.num_stages) if stages is None else stages)
+            for i in run:
                 x, losses[self.exits[i]] = self.backward_stage(i, x, batch, loss_scale, amp_dtype)
-                if on_stage_end is not None:
-                    on_stage_end(i)
+                if on_stage_end is not None and i - lag >= run[0]:
+                    on_stage_end(i - lag)
+            if on_stage_end is not None and lag:
+                on_stage_end(run[-1])
             return StepLosses(losses, x)
         if stages is not None or x is not None:
             raise ValueError("mode e2e runs every stage in one backward: stages and x need mode bim")

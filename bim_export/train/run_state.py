@@ -20,7 +20,7 @@ from ..errors import TrainingError
 from .config import TrainConfig
 from .model import BimModel
 
-ARCH_KEYS = ("arch", "model_args", "exits", "mode", "decoder")  # must match to resume
+ARCH_KEYS = ("arch", "model_args", "exits", "mode", "decoder", "last_decoder")  # must match to resume
 
 
 def rng_state() -> dict:
@@ -55,10 +55,11 @@ def resume_state(model: BimModel, cfg: TrainConfig) -> tuple[int, list[str], dic
     """
     ck = ckpt_io.load_checkpoint(cfg.out)
     new = model.arch_config()
-    diff = [k for k in ARCH_KEYS if json.dumps(ck.config.get(k), sort_keys=True) != json.dumps(new[k], sort_keys=True)]
+    stored = {"last_decoder": ck.config.get("decoder"), **ck.config}  # older checkpoints: one decoder size
+    diff = [k for k in ARCH_KEYS if json.dumps(stored.get(k), sort_keys=True) != json.dumps(new[k], sort_keys=True)]
     if diff:
         k = diff[0]
-        raise TrainingError(f"{cfg.out}: cannot resume, the checkpoint's {k} is {ck.config.get(k)} but this run's "
+        raise TrainingError(f"{cfg.out}: cannot resume, the checkpoint's {k} is {stored.get(k)} but this run's "
                             f"is {new[k]} (another architecture; pick a new --out)")
     model.load_state_dict(ck.state_dict)
     state = ck.load_train_state()

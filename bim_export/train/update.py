@@ -7,6 +7,13 @@ result is the one ``update: step`` gives (AdamW works parameter by parameter). U
 stage's gradients are all-reduced as soon as its backward ends, without waiting; the wait comes just
 before that stage is stepped, after the next stage's compute, so the communication hides behind it.
 
+With ``overlap`` (interlocking backward) the loss of stage k also trains the last ``overlap`` blocks
+of stage k - 1, so stage k - 1's gradients are final only after stage k's backward: the model reports
+a stage's end one stage later (``on_stage_end``), and stage-local stepping follows it, one more
+stage's gradients alive at a time. A stage-parallel layout, where stage k - 1 runs in another
+process, would have to send the gradient of stage k's input (the tail's output) back one hop and
+wait for it before stepping stage k - 1; it refuses overlap instead (see ``config``).
+
 Per-stage steps would differ from one step of the whole model where a step needs every stage's
 gradients first (clipping by the global norm) or where no stage's gradients are final before the
 end (``e2e`` mode, one backward through every stage); there the run uses ``update: step`` and says

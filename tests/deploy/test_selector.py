@@ -127,8 +127,8 @@ def test_table_and_dict_list_every_candidate():
     cands = [_c(d, p, 0.5 + d / 100, latency=d / 2) for d in (3, 6, 9, 12) for p in ("fp32", "int8")]
     s = select(cands, _profile(latency_ms=5))
     lines = s.table().splitlines()
-    assert len(lines) == 2 + len(cands)
-    assert [line.split()[0] for line in lines[1:-1]] == ["12", "12", "9", "9", "6", "6", "3", "3"]
+    assert len(lines) == 3 + len(cands)  # header, rows, what scored the quality, the budgets
+    assert [line.split()[0] for line in lines[1:-2]] == ["12", "12", "9", "9", "6", "6", "3", "3"]
     d = json.loads(json.dumps(s.to_dict()))
     assert d["profile"] == "test-device" and d["budgets"]["latency_ms"] == 5
     assert d["choice"] == {"depth": s.choice.depth, "precision": s.choice.precision}
@@ -226,3 +226,18 @@ def test_table_shows_the_error_of_measured_latencies():
     table = s.table()
     assert "5.3 p90 ±5%" in table and "5.6 p90 ±7%" in table
     assert "rule" in s.to_dict() and "ties" in s.to_dict()["rule"]
+
+
+def test_the_table_names_the_set_that_scored_the_quality():
+    from bim_export.checkpoint import quality_source
+
+    ds = {"name": "heldout_images", "size": 90, "protocol": "leave-one-out kNN, 5-fold linear probe"}
+    metrics = {"exits": {"6": {"knn_top1": 0.7, "knn_dataset": ds}, "12": {"knn_top1": 0.8, "knn_dataset": ds}}}
+    source = quality_source(metrics)
+    assert source == "heldout_images (90 images; leave-one-out kNN, 5-fold linear probe)"
+    s = select([_c(6, quality=0.7, latency=1), _c(12, quality=0.8, latency=2)], _profile(), source)
+    assert f"quality: the exit's kNN top-1 on {source}" in s.table()
+    assert s.to_dict()["quality_source"] == source
+    assert quality_source({"exits": {"6": {"recon_loss": 0.5}}}) is None
+    s = select([_c(6, quality=0.7, latency=1)], _profile())
+    assert "an evaluation set metrics.json does not name" in s.table()

@@ -216,3 +216,76 @@ def test_loss_weights_and_mode_are_checked():
         tiny(mode="mae")
     with pytest.raises(ValidationError, match="mask_ratio"):
         tiny(mask_ratio=1.0)
+
+
+def _reference_overlap_grads(m: BimModel, x, noise) -> dict[str, torch.Tensor]:
+    """The gradients overlap defines, loss by loss: loss k back-propagated from exit k down to the
+    first block of stage k - 1's tail (the embedding for stage 0), and nothing below it."""
+    m.zero_grad()
+    batch = m.masked_batch(x, noise)
+    for i, (start, end) in enumerate(m.stage_bounds()):
+        with torch.no_grad():
+            h = m.embed(x, batch.ids_keep)
+            first = m.tail_start(i - 1) if i else 0
+            h = m.run_blocks(h, 0, first)
+        h = m.embed(x, batch.ids_keep) if i == 0 else h.detach()
+        loss = m._exit_loss(i, m.run_blocks(h, first, end), batch)
+        (loss * m.config.loss_weights[i]).backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad()
+    return grads
+
+
+@pytest.mark.parametrize("overlap, exits, weights", [(1, (2, 4), None), (2, (2, 4), [0.5, 2.0]),
+                                                     (1, (1, 2, 4), None)])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_overlap_trains_the_previous_stage_tail_with_the_next_loss(overlap, exits, weights, checkpointing):
+    x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    m = tiny(exits=exits, overlap=overlap, loss_weights=weights)
+    m.set_grad_checkpointing(checkpointing)
+    want = _reference_overlap_grads(m, x, noise)
+    m.forward_backward(x, noise)
+    got = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys()
+    for n in want:
+        assert torch.allclose(got[n], want[n], atol=1e-6), n
+    plain = tiny(exits=exits, loss_weights=weights)
+    plain.forward_backward(x, noise)  # without overlap the tail's gradient differs: the test can fail
+    tail = f"encoder.blocks.{m.tail_start(0)}.attn.qkv.weight"
+    assert not torch.allclose(dict(plain.named_parameters())[tail].grad, got[tail], atol=1e-6)
+
+
+def test_with_overlap_a_stage_ends_after_the_next_stage_backward():
+    m = tiny(exits=(1, 2, 4), overlap=1)
+    ended = []
+
+    def on_end(i):  # every gradient of stage i is in: a later backward must not change it
+        ended.append((i, {n: p.grad.clone() for n, p in m.stage_parameters(i)}))
+
+    m.forward_backward(torch.randn(2, 3, 32, 32), torch.rand(2, 16), on_stage_end=on_end)
+    assert [i for i, _ in ended] == [0, 1, 2]
+    for i, grads in ended:
+        for n, p in m.stage_parameters(i):
+            assert torch.equal(grads[n], p.grad), n
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"overlap": 3}, "overlap 3 is more than the blocks"),
+    ({"overlap": 1, "mode": "e2e"}, "overlap 1 applies to mode bim"),
+    ({"last_decoder_width": 30}, "last_decoder width must be a multiple of 4"),
+    ({"last_decoder_width": 36, "last_decoder_heads": 8}, "last_decoder width 36 is not divisible"),
+])
+def test_overlap_and_the_last_decoder_are_checked(settings, message):
+    with pytest.raises(InputError, match=message):
+        tiny(**settings)
+
+
+def test_the_deepest_exit_gets_its_own_decoder_size_and_rebuilds_from_config():
+    m = tiny(exits=(1, 2, 4), last_decoder_depth=2, last_decoder_width=64, overlap=1)
+    assert [len(d.blocks) for d in m.decoders] == [1, 1, 2]
+    assert [d.embed.out_features for d in m.decoders] == [32, 32, 64]
+    again = BimModel(BimConfig.from_json(m.arch_config()))
+    assert again.arch_config() == m.arch_config()
+    assert [p.shape for p in again.parameters()] == [p.shape for p in m.parameters()]
+    old = {k: v for k, v in m.arch_config().items() if k not in ("last_decoder", "overlap")}
+    assert BimConfig.from_json(old).resolved(4).last_decoder == m.config.decoder  # older checkpoints

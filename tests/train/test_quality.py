@@ -27,7 +27,8 @@ pytestmark = pytest.mark.slow
 
 MEAN = STD = (0.5, 0.5, 0.5)
 # A tiny ViT with few tokens (28 px, patch 7: 16 patches), light decoders and a hot schedule (see
-# the module docstring); bench/train_quality.py's QUALITY uses the same settings.
+# the module docstring); bench/quality.py's SMALL is the same model (its CPU configuration uses
+# lighter 1 x 64 decoders and 500 steps to fit 3 seeds and every variant in its time).
 SETTINGS = dict(
     model="vit_tiny_patch16_224",
     model_args={"img_size": 28, "patch_size": 7, "embed_dim": 64, "depth": 4, "num_heads": 4, "global_pool": "avg"},

@@ -72,6 +72,9 @@ def test_yaml_flags_and_set_overrides_combine(tmp_path):
     ("out: x\nexits: [3, 6, 9, 12]\nloss_weights: [1, 1, 1, 2]\n", ["exits=[4, 8, 12]"],
      r"run\.yaml: loss_weights: 4 weights for 3 decoders \(mode bim, exits \[4, 8, 12\] from --set exits\)"),
     ("out: x\nmodel: vit_tiny_patch16_2244\n", [], r"run\.yaml: model: unknown model 'vit_tiny_patch16_2244'"),
+    ("out: x\nexits: [2, 4]\n", ["overlap=3"], r"--set overlap: overlap 3 is more than the blocks of a stage"),
+    ("out: x\nmode: e2e\noverlap: 1\n", [], r"run\.yaml: overlap: overlap 1 applies to mode bim"),
+    ("out: x\n", ["last_decoder_width=-8"], r"--set last_decoder_width: Input should be greater than or equal to 4"),
 ])
 def test_bad_settings_name_the_file_and_field(tmp_path, text, overrides, message):
     f = tmp_path / "run.yaml"

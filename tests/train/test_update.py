@@ -62,7 +62,7 @@ def test_a_stage_is_stepped_and_its_gradients_freed_before_the_next_stage_runs()
 
 
 @pytest.mark.parametrize("settings", [{}, {"accum_steps": 2}, {"grad_clip": 0.05, "grad_clip_mode": "stage"},
-                                      {"grad_checkpointing": True}])
+                                      {"grad_checkpointing": True}, {"overlap": 1}, {"overlap": 1, "accum_steps": 2}])
 def test_stage_updates_equal_one_step_after_the_backward(tmp_path, settings):
     train(tiny_train_config(tmp_path / "stage", steps=3, update="stage", **settings))
     train(tiny_train_config(tmp_path / "step", steps=3, update="step", **settings))
