@@ -26,12 +26,13 @@ Writes bench/results/init_quality{,_quick}.json and .md (figures + machine descr
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from results_io import write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MEAN = STD = (0.5, 0.5, 0.5)
@@ -128,7 +129,7 @@ LABELS = {"scratch": "scratch", "init": "--init", "init_lr/10": "--init, lr/10"}
 def machine(threads: int) -> dict:
     import torch
 
-    from bim_export.latency import machine_description
+    from bim_export.machine import machine_description
 
     return {"cpu": machine_description()["cpu"], "threads": threads, "torch": torch.__version__,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M")}
@@ -170,13 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     report = {"mode": mode, "machine": machine(args.threads), "result": run(args.quick, args.threads)}
     report["wall_s"] = time.perf_counter() - t0
-    md = markdown(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "init_quality" + ("_quick" if args.quick else "")
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(md)
-    print(md)
-    print(f"written: {args.out / stem}.json, .md ({report['wall_s']:.0f} s)")
+    write_results(args.out, "init_quality" + ("_quick" if args.quick else ""), report, markdown)
     return 0
 
 

@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_io import write_results
+
 RESULTS = Path(__file__).resolve().parent / "results"
 MEAN = STD = (0.5, 0.5, 0.5)
 
@@ -570,11 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     report["summary"] = summarize(report["result"], cfg)
     report["scale_activations"] = scale_activations()
     report["step_ms"] = step_times(cfg, timed_rows(cfg))
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    md = markdown(report)
-    (args.out / f"{stem}.md").write_text(md)
-    print(md)
-    print(f"written: {args.out / stem}.json, .md ({report['wall_s']:.0f} s)")
+    write_results(args.out, stem, report, markdown)
     return 0
 
 

@@ -48,6 +48,8 @@ import sys
 import time
 from pathlib import Path
 
+from results_io import write_results
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 STANDARD = (8, 512, 16)  # MAE's decoder: depth, width, heads
@@ -450,13 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         from quality import real_image_losses
 
         report["real_images"] = real_image_losses(args.device, size_, ARCHS[arch][1], steps=10 if args.quick else 100)
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = stem(mode, arch, args.device)
-    (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")  # first: the figures are kept
-    md = markdown(report)
-    (args.out / f"{name}.md").write_text(md)
-    print(md)
-    print(f"written: {args.out / name}.json, .md")
+    write_results(args.out, stem(mode, arch, args.device), report, markdown)
     return 0
 
 

@@ -42,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_io import write_results
+
 RESULTS = Path(__file__).resolve().parent / "results"
 EXITS = {"vit_base_patch16_224": "3,6,9,12", "vit_tiny_patch16_224": "3,6,9,12"}
 
@@ -256,7 +258,7 @@ def filesystem(path: Path) -> dict:
 def machine(device: str) -> dict:
     import torch
 
-    from bim_export.latency import machine_description
+    from bim_export.machine import machine_description
 
     flags = set()
     try:
@@ -343,15 +345,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_listing:
             report["listing"] = listing(args.list_files or size["list_files"], tmp)
             print(f"listing {report['listing']['files']:,} files: {report['listing']['list_s']:.1f} s", flush=True)
-    md = markdown(report)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "train_throughput" + {"cpu": "", "cuda": "_cuda", "quick": "_quick"}[mode]
     if args.skip_training:  # the listing alone: its own files, the training figures stay
         stem += "_listing"
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(md)
-    print(md)
-    print(f"written: {args.out / stem}.json, .md")
+    write_results(args.out, stem, report, markdown)
     return 0
 
 
