@@ -14,7 +14,8 @@ Reported, per rule, for the p50 and the p90 (and the p99, which decides nothing 
 the stated errors (median, 90th percentile, largest) and the share of repetition pairs that lie
 within each other's stated errors (|a - b| <= ea a + eb b, as the selector's ties), over the quiet
 repetitions (load average below half the cores before and after, no spinners, figure not marked
-busy) and over all. Per candidate: the figures' spread over the repetitions. Per repetition: depth
+busy), over every figure not marked busy whatever the load, and over all; and the level shift
+between processes beyond what the rounds explain (what ``stats.LEVEL_SHIFT`` stands for). Per candidate: the figures' spread over the repetitions. Per repetition: depth
 inversions and the host profile's choice.
 
 With ``--spinners N``, every second repetition runs while N processes spin on the CPU (a busy
@@ -122,6 +123,31 @@ def within(values: list[float], errors: list[float]) -> tuple[int, int]:
     return ok, len(pairs)
 
 
+def level_shift(reps: list[list[dict]], rule: str, stat: str, keep: list[list[int]]) -> dict:
+    """How far the figures of one file move between worker processes (the relative standard
+    deviation over repetitions, root mean square over candidates), how much of that the stated
+    errors' rounds explain (their standard error, root mean square), and the rest: the level shift
+    between processes that ``stats.LEVEL_SHIFT`` stands for. Only for the current rule (its
+    standard error is its stated error over Z, less the level shift, in quadrature)."""
+    import math
+
+    from bim_export.deploy.latency.stats import LEVEL_SHIFT, Z
+
+    if rule != "now":
+        return {}
+    between, within = [], []
+    for k, idx in enumerate(keep):
+        rows = [reps[i][k][rule] for i in idx if not reps[i][k][rule]["disturbed"]]
+        if len(rows) < 3:
+            continue
+        between.append(statistics.variance([math.log(r[stat]) for r in rows]))
+        within += [max(0.0, (r[f"{stat}_error"] / Z) ** 2 - LEVEL_SHIFT ** 2) for r in rows]
+    if not between:
+        return {}
+    b, w = math.sqrt(statistics.mean(between)), math.sqrt(statistics.mean(within))
+    return {"between_processes_sd": b, "rounds_se": w, "level_shift": math.sqrt(max(0.0, b * b - w * w))}
+
+
 def _dist(xs: list[float]) -> dict:
     if not xs:
         return {"n": 0}
@@ -141,18 +167,22 @@ def rescore(result: dict, ckpt=None) -> dict:
     rows, summary = [], {}
     for rule in RULES:
         summary[rule] = {}
-        for scope in ("quiet", "all"):
+        for scope in ("quiet", "undisturbed", "all"):
             s = summary[rule][scope] = {}
             for stat in STATS:
                 ok = total = 0
                 errs = []
+                def keep_of(k):
+                    return [i for i, rep in enumerate(reps) if scope == "all"
+                            or ((quiet_rep[i] or scope == "undisturbed") and not rep[k][rule]["disturbed"])]
+
                 for k in range(len(cands)):
-                    keep = [i for i, rep in enumerate(reps) if scope == "all"
-                            or (quiet_rep[i] and not rep[k][rule]["disturbed"])]
+                    keep = keep_of(k)
                     a, b = within([reps[i][k][rule][stat] for i in keep], [reps[i][k][rule][f"{stat}_error"] for i in keep])
                     ok, total = ok + a, total + b
                     errs += [reps[i][k][rule][f"{stat}_error"] for i in keep]
-                s[stat] = {"error": _dist(errs), "pairs": total, "pairs_within": ok / total if total else None}
+                s[stat] = {"error": _dist(errs), "pairs": total, "pairs_within": ok / total if total else None,
+                           **level_shift(reps, rule, stat, [keep_of(k) for k in range(len(cands))])}
     for k, (depth, precision, _) in enumerate(cands):
         row = {"candidate": f"d{depth} {precision}", "busy_reps": sum(bool(rep[k]["now"]["disturbed"]) for rep in reps)}
         for rule in RULES:
@@ -185,7 +215,8 @@ def render(result: dict) -> str:
         f"{result['seconds']:.0f} s.", "",
         "Stated errors (median / 90th percentile / largest over every candidate and repetition) and the share of "
         "repetition pairs within each other's stated errors (|a - b| <= ea a + eb b), per candidate, pooled. "
-        "Quiet: quiet repetitions whose figure is not marked busy. Before: the relative range of the round "
+        "Quiet: quiet repetitions whose figure is not marked busy; undisturbed: every figure not marked busy, "
+        "whatever the load average. Before: the relative range of the round "
         "values, at least 10 %; now: the current rule, on the same samples. Targets on a quiet machine: p50 "
         "error <= 10 %, p90 <= 20 %, pairs within >= 95 %.", "",
         "| rule | scope | stat | error median | error p90 | error max | pairs | within |",
@@ -198,8 +229,16 @@ def render(result: dict) -> str:
                 if not e["n"]:
                     lines.append(f"| {rule} | {scope} | {stat} | - | - | - | 0 | - |")
                     continue
+                within_text = "-" if s["pairs_within"] is None else f"{s['pairs_within']:.0%}"
                 lines.append(f"| {rule} | {scope} | {stat} | ±{e['median']:.0%} | ±{e['p90']:.0%} | ±{e['max']:.0%} "
-                             f"| {s['pairs']} | {s['pairs_within']:.0%} |")
+                             f"| {s['pairs']} | {within_text} |")
+    shifts = [f"{stat} {s['level_shift']:.1%} (between processes {s['between_processes_sd']:.1%}, rounds' standard "
+              f"error {s['rounds_se']:.1%})" for stat, s in sc["summary"]["now"]["quiet"].items() if "level_shift" in s]
+    from bim_export.deploy.latency.stats import LEVEL_SHIFT
+
+    lines += ["", f"Level shift between processes beyond what the rounds explain, quiet repetitions (relative standard "
+              f"deviation; stats.LEVEL_SHIFT = {LEVEL_SHIFT:.0%}): " + ("; ".join(shifts) or "too few quiet repetitions")
+              + "."]
     lines += ["", "Per candidate, all repetitions: median figure (min-max), spread = (max - min) / median, median "
               "stated error, pairs within.", "",
               "| candidate | busy reps | p50 ms | spread | before: error, within | now: error, within | p90 ms | spread "
@@ -220,6 +259,12 @@ def render(result: dict) -> str:
                          f"{rep['before']['choice']} | {rep['before']['inversions']} | {rep['now']['choice']} | "
                          f"{rep['now']['inversions']} |")
     return "\n".join(lines) + "\n"
+
+
+def _compact(block: dict) -> dict:
+    """A block with its samples to the microsecond (the JSON keeps every one)."""
+    return {**block, "ms": [round(x, 3) for x in block["ms"]],
+            **{k: None if block[k] is None else round(block[k], 4) for k in ("wait", "others", "score")}}
 
 
 def measure(args) -> dict:
@@ -249,8 +294,8 @@ def measure(args) -> dict:
                     proc.wait()
             spun.append(spin)
             loads.append(answer["load_average"])
-            raw.append([{"rounds": r["rounds"], "floor_ms": r["floor_ms"], "peak_memory_mb": r["peak_memory_mb"]}
-                        for r in answer["results"]])
+            raw.append([{"rounds": [_compact(b) for b in r["rounds"]], "floor_ms": r["floor_ms"],
+                         "peak_memory_mb": r["peak_memory_mb"]} for r in answer["results"]])
             print(f"rep {i + 1}/{args.reps}: load {loads[-1][0]:.1f} -> {loads[-1][1]:.1f}, {spin} spinners", flush=True)
         import onnxruntime
 

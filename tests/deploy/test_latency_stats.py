@@ -105,8 +105,7 @@ def test_error_is_z_standard_errors_of_the_rounds_and_the_level_shift():
     rounds = [_block([m] * 10) for m in medians]
     s = summarize(rounds, rounds=5)
     se = _exact_bootstrap_se(medians)  # independent of the implementation: every one of the 5^5 resamples
-    assert standard_error([b["ms"] for b in rounds], lambda rs: statistics.median(percentile(r, 50) for r in rs)) \
-        == pytest.approx(se, rel=0.1)  # 1000 random resamples against all of them
+    assert standard_error(medians, statistics.median) == pytest.approx(se, rel=0.1)  # 1000 random resamples, all
     assert s.errors["p50"] == pytest.approx(Z * (se ** 2 + LEVEL_SHIFT ** 2) ** 0.5, rel=0.1)
     assert s.errors["p50"] < (6.0 - 5.0) / 5.4  # the previous rule (the relative range) was wider
     assert summarize(rounds, rounds=5).errors == s.errors  # a fixed seed: the same samples, the same error

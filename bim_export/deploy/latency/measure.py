@@ -145,7 +145,9 @@ def measure_many(jobs: list[tuple[str | os.PathLike, int]], providers: list[str]
     machine = {**machine_description(), "onnxruntime": answer["onnxruntime"]}
     settings = {"threads": threads, "warmup": warmup, "repeats": repeats, "rounds": rounds, "max_rounds": max_rounds,
                 "clock": clock, "interleaved_with": len(jobs),
-                "statistic": "each of p50/p90/p99/mean is the median over the quietest rounds of that round's value"}
+                "statistic": "each of p50/p90/p99/mean is the median over the quietest rounds of that round's value "
+                             f"(a round's p99 of {repeats} runs is little more than its slowest run)",
+                "error": f"{Z:g} standard errors: a bootstrap over the rounds and the level shift between processes"}
     out = []
     for (path, batch), r in zip(jobs, answer["results"]):
         blocks = r["rounds"]

@@ -82,20 +82,14 @@ def disturbance(wait: float | None, others: float | None, threads: int, cores: i
     return max(causes(wait, others, threads, cores).values())
 
 
-def standard_error(rounds: list[list[float]], estimate, resamples: int = BOOTSTRAP, seed: int = 0) -> float:
-    """Relative standard error of ``estimate(rounds)`` from a bootstrap over the rounds.
+def standard_error(units: list, estimate, resamples: int = BOOTSTRAP, seed: int = 0) -> float:
+    """Relative standard error of ``estimate(units)`` from a bootstrap over the independent units.
 
-    Whole rounds are drawn with replacement (the samples of one round share its slow or fast
-    spell; rounds are the independent units), and the variance is scaled by R / (R - 1), the
-    bootstrap's small-sample bias. A single round has nothing to compare with: its samples are the
-    units then (an underestimate that :data:`LEVEL_SHIFT` and the minimum cover in part).
+    The units are drawn with replacement and the variance is scaled by n / (n - 1), the
+    bootstrap's small-sample bias. A fixed seed: the same units always give the same error.
     """
-    value = estimate(rounds)
-    if value <= 0:
-        return 0.0
-    units = rounds if len(rounds) > 1 else [[x] for x in rounds[0]]
-    n = len(units)
-    if n < 2:
+    value, n = estimate(units), len(units)
+    if value <= 0 or n < 2:
         return 0.0
     rng = random.Random(seed)
     draws = [estimate([units[rng.randrange(n)] for _ in range(n)]) for _ in range(resamples)]
@@ -107,8 +101,19 @@ def stated_error(se: float) -> float:
     return Z * math.sqrt(se * se + LEVEL_SHIFT * LEVEL_SHIFT)
 
 
-def _median_of(name: str):
-    return lambda rounds: statistics.median(round_stats(r)[name] for r in rounds)
+def round_errors(samples: list[list[float]]) -> dict[str, float]:
+    """The stated error of each statistic's median across the rounds ``samples``.
+
+    Rounds are the units: the samples of one round share its slow or fast spell, so resampling
+    whole rounds (each statistic's per-round values) keeps that. A single round has nothing to
+    compare with: its samples are the units then (an underestimate that the level shift and the
+    minimum cover in part).
+    """
+    if len(samples) == 1:
+        return {name: stated_error(standard_error(samples[0], lambda xs, k=name: round_stats(xs)[k]))
+                for name in STATS}
+    per_round = [round_stats(ms) for ms in samples]
+    return {name: stated_error(standard_error([r[name] for r in per_round], statistics.median)) for name in STATS}
 
 
 @dataclass
@@ -158,10 +163,9 @@ def summarize(blocks: list[dict], rounds: int, floor_ms: float | None = None, co
     order = sorted(range(len(blocks)), key=lambda i: (blocks[i].get("score") or 0.0, i))
     used = sorted(order[:rounds])
     samples = [blocks[i]["ms"] for i in used]
-    values, errors = {}, {}
-    for name in STATS:
-        values[name] = _median_of(name)(samples)
-        errors[name] = stated_error(standard_error(samples, _median_of(name)))
+    per_round = [round_stats(ms) for ms in samples]
+    values = {name: statistics.median(r[name] for r in per_round) for name in STATS}
+    errors = round_errors(samples)
     # a tail is never below the body: keep p50 <= p90 <= p99 after taking medians separately
     values["p90"] = max(values["p90"], values["p50"])
     values["p99"] = max(values["p99"], values["p90"])
