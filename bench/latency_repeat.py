@@ -15,8 +15,9 @@ the stated errors (median, 90th percentile, largest) and the share of repetition
 within each other's stated errors (|a - b| <= ea a + eb b, as the selector's ties), over the quiet
 repetitions (load average below half the cores before and after, no spinners, figure not marked
 busy), over every figure not marked busy whatever the load, and over all; and the level shift
-between processes beyond what the rounds explain (what ``stats.LEVEL_SHIFT`` stands for). Per candidate: the figures' spread over the repetitions. Per repetition: depth
-inversions and the host profile's choice.
+between processes beyond what the rounds explain (what ``stats.LEVEL_SHIFT`` stands for). Per
+candidate: the figures' spread over the repetitions. Per repetition: depth inversions and the host
+profile's choice.
 
 With ``--spinners N``, every second repetition runs while N processes spin on the CPU (a busy
 machine on purpose: pairs of a quiet and a busy measurement are compared too). Every raw sample is
@@ -164,25 +165,26 @@ def rescore(result: dict, ckpt=None) -> dict:
     loads = result["load_average_per_rep"]
     quiet_rep = [max(x for x in load if x is not None) < cores / 2 and not spin
                  for load, spin in zip(loads, result["spinners_per_rep"])]
+    def kept(scope: str, rule: str, k: int) -> list[int]:
+        """The repetitions of candidate k in ``scope``."""
+        return [i for i, rep in enumerate(reps) if scope == "all"
+                or ((quiet_rep[i] or scope == "undisturbed") and not rep[k][rule]["disturbed"])]
+
     rows, summary = [], {}
     for rule in RULES:
         summary[rule] = {}
         for scope in ("quiet", "undisturbed", "all"):
             s = summary[rule][scope] = {}
+            keep = [kept(scope, rule, k) for k in range(len(cands))]
             for stat in STATS:
                 ok = total = 0
                 errs = []
-                def keep_of(k):
-                    return [i for i, rep in enumerate(reps) if scope == "all"
-                            or ((quiet_rep[i] or scope == "undisturbed") and not rep[k][rule]["disturbed"])]
-
-                for k in range(len(cands)):
-                    keep = keep_of(k)
-                    a, b = within([reps[i][k][rule][stat] for i in keep], [reps[i][k][rule][f"{stat}_error"] for i in keep])
-                    ok, total = ok + a, total + b
-                    errs += [reps[i][k][rule][f"{stat}_error"] for i in keep]
+                for k, idx in enumerate(keep):
+                    values, errors = [reps[i][k][rule][stat] for i in idx], [reps[i][k][rule][f"{stat}_error"] for i in idx]
+                    a, b = within(values, errors)
+                    ok, total, errs = ok + a, total + b, errs + errors
                 s[stat] = {"error": _dist(errs), "pairs": total, "pairs_within": ok / total if total else None,
-                           **level_shift(reps, rule, stat, [keep_of(k) for k in range(len(cands))])}
+                           **level_shift(reps, rule, stat, keep)}
     for k, (depth, precision, _) in enumerate(cands):
         row = {"candidate": f"d{depth} {precision}", "busy_reps": sum(bool(rep[k]["now"]["disturbed"]) for rep in reps)}
         for rule in RULES:
