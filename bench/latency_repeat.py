@@ -13,8 +13,7 @@ On a busy machine both widen the error of a disturbed figure down to the single-
 Reported, per rule, for the p50 and the p90 (and the p99, which decides nothing on the host):
 the stated errors (median, 90th percentile, largest) and the share of repetition pairs that lie
 within each other's stated errors (|a - b| <= ea a + eb b, as the selector's ties), over the quiet
-repetitions (load average below half the cores before and after, no spinners, figure not marked
-busy), over every figure not marked busy whatever the load, and over all; and the level shift
+repetitions (other processes used less than half the cores, no spinners, figure not marked busy), over every figure not marked busy whatever the load, and over all; and the level shift
 between processes beyond what the rounds explain (what ``stats.LEVEL_SHIFT`` stands for). Per
 candidate: the figures' spread over the repetitions. Per repetition: depth inversions and the host
 profile's choice.
@@ -70,7 +69,8 @@ def before(blocks: list[dict], rounds: int, floor_ms, cores: int, threads: int) 
     from bim_export.deploy.latency.stats import round_stats, summarize
 
     s = summarize(blocks, rounds, floor_ms, cores, threads)
-    per_round = [round_stats(blocks[i]["ms"]) for i in s.used]
+    order = sorted(range(len(blocks)), key=lambda i: (blocks[i].get("score") or 0.0, i))
+    per_round = [round_stats(blocks[i]["ms"]) for i in sorted(order[:rounds])]  # the `rounds` quietest, as then
     out = {"disturbed": s.disturbed}
     for name in STATS:
         xs = [r[name] for r in per_round]
@@ -162,9 +162,9 @@ def rescore(result: dict, ckpt=None) -> dict:
     cands = [(c["depth"], c["precision"], c["size_mb"]) for c in result["candidates"]]
     reps = [[{rule: fn(r["rounds"], rounds, r["floor_ms"], cores, threads) for rule, fn in RULES.items()}
              for r in rep] for rep in result["raw"]]
-    loads = result["load_average_per_rep"]
-    quiet_rep = [max(x for x in load if x is not None) < cores / 2 and not spin
-                 for load, spin in zip(loads, result["spinners_per_rep"])]
+    others = [others_cores(rep) for rep in result["raw"]]
+    quiet_rep = [o is not None and o < cores / 2 and not spin for o, spin in zip(others, result["spinners_per_rep"])]
+
     def kept(scope: str, rule: str, k: int) -> list[int]:
         """The repetitions of candidate k in ``scope``."""
         return [i for i, rep in enumerate(reps) if scope == "all"
@@ -200,20 +200,30 @@ def rescore(result: dict, ckpt=None) -> dict:
     if ckpt is not None:
         per_rep = [{rule: {"choice": choice(rep, rule, cands, ckpt), "inversions": inversions(rep, rule, cands)}
                     for rule in RULES} for rep in reps]
-    return {"rows": rows, "summary": summary, "per_rep": per_rep, "quiet_reps": sum(quiet_rep)}
+    return {"rows": rows, "summary": summary, "per_rep": per_rep, "quiet_reps": sum(quiet_rep),
+            "others_cores_per_rep": others}
+
+
+def others_cores(rep: list[dict]) -> float | None:
+    """The median CPU other processes used (in cores) over every block of a repetition: the load of
+    the machine without the measurement's own threads (which the load average counts)."""
+    xs = [b["others"] for r in rep for b in r["rounds"] if b.get("others") is not None]
+    return statistics.median(xs) if xs else None
 
 
 def render(result: dict) -> str:
     m, sc = result["machine"], result["scored"]
     loads = "; ".join(f"{a:.1f} -> {b:.1f}" for a, b in result["load_average_per_rep"])
+    others = ", ".join("-" if o is None else f"{o:.2f}" for o in sc["others_cores_per_rep"])
     lines = [
         "# Host latency repeatability", "",
         f"Machine: {m['cpu']}, {m['logical_cores']} logical cores; CPU flags: {', '.join(result['cpu_flags'])}; "
         f"ONNX Runtime {m.get('onnxruntime')}; {result['threads']} threads. Load average (1 min) before -> after "
-        f"each repetition: {loads}; processes spinning on the CPU per repetition: "
-        f"{', '.join(map(str, result['spinners_per_rep']))}. Settings: {result['settings']}. {result['reps']} "
-        f"repetitions ({sc['quiet_reps']} quiet: load below {m['logical_cores'] / 2:g} before and after, no "
-        f"spinners), each a fresh worker timing all {len(result['candidates'])} candidates interleaved; total "
+        f"each repetition (it counts the measurement's own {result['threads']} threads): {loads}; CPU other "
+        f"processes used during each repetition (median over its blocks, in cores): {others}; processes spinning "
+        f"on the CPU per repetition: {', '.join(map(str, result['spinners_per_rep']))}. Settings: "
+        f"{result['settings']}. {result['reps']} repetitions ({sc['quiet_reps']} quiet: other processes used less "
+        f"than {m['logical_cores'] / 2:g} cores, no spinners), each a fresh worker timing all {len(result['candidates'])} candidates interleaved; total "
         f"{result['seconds']:.0f} s.", "",
         "Stated errors (median / 90th percentile / largest over every candidate and repetition) and the share of "
         "repetition pairs within each other's stated errors (|a - b| <= ea a + eb b), per candidate, pooled. "

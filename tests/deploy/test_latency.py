@@ -208,7 +208,7 @@ def test_measure_onnx_returns_sane_stats(vits):
     assert r.providers == ["CPUExecutionProvider"]
     assert r.settings["threads"] == 1 and r.settings["rounds"] == 2
     medians, used = r.settings["round_medians_ms"], r.settings["rounds_used"]
-    assert 2 <= len(medians) <= r.settings["max_rounds"] == 4 and len(used) == 2
+    assert 2 <= len(medians) <= r.settings["max_rounds"] == 4 and 2 <= len(used) <= len(medians)  # every quiet round
     assert r.p50 == pytest.approx(statistics.median(medians[i] for i in used))  # not the lowest: unbiased
     assert set(r.errors) == {"p50", "p90", "p99", "mean"} and min(r.errors.values()) >= MIN_ERROR
     assert r.expected_error == max(r.errors["p50"], r.errors["p90"]) and r.error("p90") == r.errors["p90"]

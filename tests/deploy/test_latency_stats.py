@@ -168,3 +168,12 @@ def test_others_count_only_beyond_the_cores_the_session_leaves_free():
     assert causes(0.0, 1.0, threads=1, cores=2)["others"] == 0.0  # the spare core
     assert causes(0.0, 1.0, threads=2, cores=2)["others"] == pytest.approx(0.5)
     assert causes(None, None, threads=2, cores=2) == {"wait": 0.0, "others": 0.0}
+
+
+def test_every_quiet_round_counts_once_there_are_enough():
+    medians = [5.0, 5.1, 4.9, 5.0, 6.5, 5.05, 4.95]  # extra rounds after two that disagreed
+    blocks = [_block([m] * 10) for m in medians] + [_block([9.0] * 10, score=0.5, wait=0.5)]
+    s = summarize(blocks, rounds=5)
+    assert s.used == list(range(7)) and not s.disturbed  # the busy block is left out, every quiet one counts
+    assert s.values["p50"] == pytest.approx(5.0)
+    assert s.errors["p50"] < summarize(blocks[:5], rounds=5).errors["p50"]  # more rounds, a tighter error
