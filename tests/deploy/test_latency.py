@@ -20,7 +20,8 @@ from bim_export.cli import main as cli_main
 from bim_export.deploy.latency.costmodel import graph_cost, predict_memory
 from bim_export.deploy.latency.roofline import CostFactors, Hardware, fit_factors, roofline_features, roofline_seconds
 from bim_export.errors import InputError
-from bim_export.deploy.latency.stats import MIN_ERROR
+from bim_export.deploy.latency.stats import FLOOR_MARGIN, MIN_ERROR, QUIET, causes
+from bim_export.deploy.latency.worker import PeakMemory
 from bim_export.deploy.profiles import load_profile
 
 TINY = {"embed_dim": 32, "num_heads": 2, "img_size": 32, "patch_size": 8}
@@ -207,12 +208,12 @@ def test_measure_onnx_returns_sane_stats(vits):
     assert r.providers == ["CPUExecutionProvider"]
     assert r.settings["threads"] == 1 and r.settings["rounds"] == 2
     medians, used = r.settings["round_medians_ms"], r.settings["rounds_used"]
-    assert 2 <= len(medians) <= r.settings["max_rounds"] == 4 and len(used) == 2
+    assert 2 <= len(medians) <= r.settings["max_rounds"] == 4 and 2 <= len(used) <= len(medians)  # every quiet round
     assert r.p50 == pytest.approx(statistics.median(medians[i] for i in used))  # not the lowest: unbiased
     assert set(r.errors) == {"p50", "p90", "p99", "mean"} and min(r.errors.values()) >= MIN_ERROR
     assert r.expected_error == max(r.errors["p50"], r.errors["p90"]) and r.error("p90") == r.errors["p90"]
     assert r.note == ("busy machine" if r.disturbed else "")
-    assert r.peak_memory_mb is not None and r.peak_memory_mb >= 0
+    assert r.peak_memory_mb is None or r.peak_memory_mb > 0  # a real peak or none, never 0.0
     assert r.machine["onnxruntime"] and r.machine["logical_cores"] >= 1
     assert json.loads(json.dumps(r.to_dict()))["source"] == "measured"
 
@@ -222,6 +223,8 @@ def test_measure_many_interleaves_and_thread_clock(vits):
                               clock="thread_cpu")
     assert [r.settings["clock"] for r in rs] == ["thread_cpu"] * 2 and rs[0].settings["interleaved_with"] == 2
     assert rs[1].p50 > rs[0].p50  # four blocks take longer than one
+    # the second session is created after the first one peaked: it still gets a peak of its own
+    assert all(r.peak_memory_mb is None or r.peak_memory_mb > 0 for r in rs)
     with pytest.raises(InputError, match="thread_cpu' with threads=1"):
         measure.measure_many([(vits[1], 1)], threads=2, clock="thread_cpu")
 
@@ -240,13 +243,37 @@ def test_busy_machine_is_detected_and_its_error_reaches_the_floor(vits):
         for proc in spinners:
             proc.kill()
             proc.wait()
-    assert r.disturbed.startswith("busy machine: threads waited") and r.note == "busy machine"
+    assert r.disturbed.startswith("busy machine: ") and r.note == "busy machine"
     assert r.settings["rounds_run"] == r.settings["max_rounds"] == 6 and r.settings["quiet_rounds"] < 3
-    assert r.settings["run_queue_wait"] > 0.1
+    # either cause may be the one seen (threads waiting for a core, or other processes' CPU): each
+    # named is above the threshold of the quiet test
+    found = r.settings["disturbed_by"]
+    assert found and set(found) <= {"wait", "others"}
+    for name, value in found.items():
+        assert causes(**{"wait": None, "others": None, name: value}, threads=cores, cores=cores)[name] > QUIET
     floor = r.settings["floor_ms"]
     assert 0 < floor < r.p50
     for stat in ("p50", "p90"):
-        assert r.stat(stat) * (1 - r.error(stat)) == pytest.approx(floor * (1 - MIN_ERROR))
+        assert r.stat(stat) * (1 - r.error(stat)) == pytest.approx(floor * (1 - FLOOR_MARGIN))
+
+
+def test_peak_memory_is_each_stretch_s_own_peak_or_none():
+    memory = PeakMemory()
+    memory.start()
+    big = np.ones(64 * 2**20 // 8)  # 64 MB, touched
+    first = memory.stop()
+    del big
+    memory.start()  # below the process's high-water mark from now on
+    small = np.ones(16 * 2**20 // 8)
+    second = memory.stop()
+    del small
+    assert first is None or first > 0.8 * 64
+    assert second is None or second > 0
+    if memory.reset:  # Linux: the high-water mark is reset, so the smaller peak is still seen
+        assert 0.8 * 16 < second < 0.8 * 64
+    memory.start()
+    idle = memory.stop()
+    assert idle is None or idle > 0  # nothing allocated: none, or a real rise, never 0.0
 
 
 def test_measure_onnx_bad_input(tmp_path, vits):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ...errors import InputError
 from ...machine import machine_description
-from .stats import MIN_ERROR, QUIET, percentile, summarize
+from .stats import MIN_ERROR, QUIET, Z, percentile, summarize
 
 
 @dataclass
@@ -32,14 +32,16 @@ class LatencyResult:
         source: ``measured`` (timed here), ``predicted`` (cost model, default factors) or
             ``calibrated`` (cost model with factors fitted on the device itself).
         expected_error: relative error the figure is expected to be within (0.1 = 10 %); for a
-            measurement, a bound a second measurement of the same file stays within (the larger of
-            the p50's and the p90's; ``errors`` has each statistic's).
+            measurement, about a 95 % interval, so that two measurements of the same file agree
+            within their summed errors (the larger of the p50's and the p90's; ``errors`` has each
+            statistic's).
         errors: relative error per statistic (p50, p90, p99, mean), measured results only.
         disturbed: empty, or what disturbed a measurement that could not get quiet rounds (its
             figures are then biased high and its errors reach down to a quiet-machine floor).
         error_basis: where ``expected_error`` comes from, in a line for reports: the spread of a
-            measurement's rounds, a calibration fit's residual, or the held-out error measured for
-            uncalibrated predictions of the device class (``predict.UNCALIBRATED_ERRORS``).
+            measurement's rounds and the level shift between processes, a calibration fit's
+            residual, or the held-out error measured for uncalibrated predictions of the device
+            class (``predict.UNCALIBRATED_ERRORS``).
         note: e.g. ``host-emulated fp16`` when an fp16 model was timed on a CPU execution provider,
             ``busy machine`` for a disturbed measurement.
     """
@@ -119,8 +121,9 @@ def measure_many(jobs: list[tuple[str | os.PathLike, int]], providers: list[str]
     the cores it needs) gets extra rounds, up to ``max_rounds`` (default ``2 * rounds``); its
     figures come from its ``rounds`` quietest blocks. One that never got enough quiet ones is marked
     ``disturbed`` (note ``busy machine``) and its error widened down to a floor the quiet machine
-    cannot beat. Peak memory of each is the rise of the worker's RSS high-water mark while its
-    session is created and warmed up (sessions are created one after another).
+    cannot beat. Peak memory of each is the worker's RSS high-water mark while its session is
+    created and warmed up, above the RSS just before (sessions are created one after another), or
+    None where the system cannot tell.
     ``clock="thread_cpu"`` (with ``threads=1``) times by the CPU time of the running thread instead
     of the wall clock: a diagnostic that other processes on a shared machine barely disturb.
     """
@@ -142,11 +145,13 @@ def measure_many(jobs: list[tuple[str | os.PathLike, int]], providers: list[str]
     machine = {**machine_description(), "onnxruntime": answer["onnxruntime"]}
     settings = {"threads": threads, "warmup": warmup, "repeats": repeats, "rounds": rounds, "max_rounds": max_rounds,
                 "clock": clock, "interleaved_with": len(jobs),
-                "statistic": "each of p50/p90/p99/mean is the median over the quietest rounds of that round's value"}
+                "statistic": "each of p50/p90/p99/mean is the median over the quietest rounds of that round's value "
+                             f"(a round's p99 of {repeats} runs is little more than its slowest run)",
+                "error": f"{Z:g} standard errors: a bootstrap over the rounds and the level shift between processes"}
     out = []
     for (path, batch), r in zip(jobs, answer["results"]):
         blocks = r["rounds"]
-        s = summarize(blocks, rounds, r["floor_ms"], answer["cores"])
+        s = summarize(blocks, rounds, r["floor_ms"], answer["cores"], threads)
         record = {"round_medians_ms": [percentile(b["ms"], 50) for b in blocks],
                   "rounds_run": len(blocks), "rounds_used": s.used, "quiet_rounds": sum(b["quiet"] for b in blocks),
                   "samples": sum(len(blocks[i]["ms"]) for i in s.used),
@@ -154,6 +159,8 @@ def measure_many(jobs: list[tuple[str | os.PathLike, int]], providers: list[str]
                   "load_average": answer["load_average"], "observed": answer["observed"]}
         if s.floor_ms is not None:
             record["floor_ms"] = s.floor_ms
+        if s.causes:
+            record["disturbed_by"] = s.causes
         out.append(LatencyResult(mean=s.values["mean"], p50=s.values["p50"], p90=s.values["p90"],
                                  p99=s.values["p99"], source="measured", batch=int(batch), model=os.fspath(path),
                                  providers=r["providers"], settings={**settings, **record},
@@ -161,8 +168,9 @@ def measure_many(jobs: list[tuple[str | os.PathLike, int]], providers: list[str]
                                  expected_error=s.expected_error, errors=s.errors, disturbed=s.disturbed,
                                  note="busy machine" if s.disturbed else "",
                                  error_basis=("measured on a busy machine: the error reaches down to the quiet "
-                                              "floor" if s.disturbed else f"measured: spread of {len(s.used)} "
-                                              f"quiet rounds (at least {MIN_ERROR:.0%})")))
+                                              "floor" if s.disturbed else f"measured: {Z:g} standard errors of "
+                                              f"{len(s.used)} quiet rounds (bootstrap) and of the level shift "
+                                              f"between processes (at least {MIN_ERROR:.0%})")))
     return out
 
 

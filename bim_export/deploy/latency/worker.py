@@ -16,7 +16,8 @@ on stdout. Requests:
 - ``{"task": "hardware", "threads"}``: GEMM throughput (fp32 MatMul, int8 MatMulInteger) and
   memory bandwidth (a large Add) of this machine through ONNX Runtime.
 
-Peak memory is the rise of the process's RSS high-water mark while a session is created and run.
+Peak memory of a session is the process's RSS high-water mark while the session is created and
+warmed up, above its RSS just before (:class:`PeakMemory`), or None where that cannot be known.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import time
 
 import numpy as np
 
+from .stats import ERROR_TARGETS, disturbance, round_errors
+
 EXTRA_ROUND_PAUSE_S = 0.3
 OTHERS_WINDOW_S = 0.25  # /proc/stat counts 10 ms ticks: shorter stretches are too coarse to read
 
@@ -36,6 +39,45 @@ OTHERS_WINDOW_S = 0.25  # /proc/stat counts 10 ms ticks: shorter stretches are t
 def _maxrss_mb() -> float:
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / 1024.0 if sys.platform != "darwin" else kb / 1e6
+
+
+def _status_mb(field: str) -> float | None:
+    """``VmRSS`` (now) or ``VmHWM`` (high-water mark) of this process in MB; None where there is no /proc."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class PeakMemory:
+    """The peak RSS of this process above its RSS at :meth:`start`, in MB, at :meth:`stop`.
+
+    On Linux the high-water mark is reset to the current RSS first (``/proc/self/clear_refs``), so
+    a session created after another one that peaked higher still gets its own peak. Where it cannot
+    be reset, the high-water mark only tells when it rose in between (then the rise, a lower bound);
+    otherwise the peak is unknown: None, never 0.
+    """
+
+    def start(self) -> None:
+        try:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+                f.write("5")
+            self.reset = True
+        except OSError:
+            self.reset = False
+        self.rss, self.hwm = _status_mb("VmRSS"), _maxrss_mb()
+
+    def stop(self) -> float | None:
+        if self.reset and self.rss is not None:
+            peak = _status_mb("VmHWM")
+            rise = None if peak is None else peak - self.rss
+        else:
+            rise = _maxrss_mb() - self.hwm
+        return rise if rise is not None and rise > 0 else None
 
 
 def _session(model, providers, threads):
@@ -126,13 +168,6 @@ class Probe:
         return {"wait": wait, "others": others}
 
 
-def disturbance(wait: float | None, others: float | None, threads: int, cores: int) -> float:
-    """One figure for how disturbed a stretch was: the larger of the run-queue wait fraction and the
-    other processes' CPU beyond the cores this session leaves free, per session thread."""
-    excess = 0.0 if others is None else max(0.0, others - max(0, cores - threads)) / threads
-    return max(wait or 0.0, excess)
-
-
 def time_sessions(req: dict) -> dict:
     """Warm-up, then rounds of interleaved repeats; extra rounds (up to ``max_rounds``) for the jobs
     that have fewer than ``rounds`` quiet ones; a single-thread CPU-time floor for those still short."""
@@ -142,14 +177,14 @@ def time_sessions(req: dict) -> dict:
     rounds, max_rounds = req["rounds"], max(req["rounds"], req.get("max_rounds") or req["rounds"])
     quiet = float(req.get("quiet", 0.1))
     load_before = _loadavg()
-    jobs = []
+    jobs, memory = [], PeakMemory()
     for job in req["jobs"]:
-        before = _maxrss_mb()
+        memory.start()
         sess = _session(job["path"], req.get("providers"), threads)
         feeds = _feeds(sess, job["batch"], rng)
         for _ in range(max(1, req["warmup"])):
             sess.run(None, feeds)
-        jobs.append({"sess": sess, "feeds": feeds, "rounds": [], "memory_mb": max(0.0, _maxrss_mb() - before),
+        jobs.append({"sess": sess, "feeds": feeds, "rounds": [], "memory_mb": memory.stop(),
                      "path": job["path"], "batch": job["batch"]})
     # thread_time: CPU time of this (the only) thread, blind to other processes on a shared machine
     thread_clock = req.get("clock") == "thread_cpu"
@@ -158,6 +193,15 @@ def time_sessions(req: dict) -> dict:
 
     def quiet_rounds(job) -> int:
         return sum(b.get("quiet", False) for b in job["rounds"])
+
+    def needs_rounds(job) -> bool:
+        """Too few quiet rounds, or quiet rounds that disagree beyond the error targets (a shared
+        host's slow spells, which no probe sees: more rounds, spread over more time, pin the median)."""
+        quiet_ms = [b["ms"] for b in job["rounds"] if b.get("quiet")]
+        if len(quiet_ms) < rounds:
+            return True
+        errors = round_errors(quiet_ms, tuple(ERROR_TARGETS))
+        return not thread_clock and any(errors[k] > target for k, target in ERROR_TARGETS.items())
 
     window, unjudged = probe.read(), []
 
@@ -179,7 +223,7 @@ def time_sessions(req: dict) -> dict:
         window, unjudged = probe.read(), []
 
     for r in range(max_rounds):
-        pending = jobs if r < rounds else [j for j in jobs if quiet_rounds(j) < rounds]
+        pending = jobs if r < rounds else [j for j in jobs if needs_rounds(j)]
         if not pending:
             break
         if r >= rounds:
