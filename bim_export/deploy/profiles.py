@@ -317,7 +317,7 @@ def load_profile_file(path: Union[str, os.PathLike]) -> Profile:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
+        mark = _yaml_error_mark(e)
         where = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise InputError(f"{shown}:{where} broken YAML: {problem}") from None
@@ -337,6 +337,14 @@ def load_profile_file(path: Union[str, os.PathLike]) -> Profile:
         raise InputError(f"{shown}: {describe_validation_error(e, Profile)}") from None
     profile._path = path
     return profile
+
+
+def _yaml_error_mark(e: yaml.YAMLError):
+    """Where a YAML error is (0-based lines). A key without its ':' is found only on the next line
+    ("while scanning a simple key ... could not find expected ':'"): the key's own line is the context."""
+    if getattr(e, "context", None) == "while scanning a simple key" and getattr(e, "context_mark", None) is not None:
+        return e.context_mark
+    return getattr(e, "problem_mark", None)
 
 
 def _display(path: Path) -> str:
