@@ -218,7 +218,7 @@ def validate_bundle(bundle_dir, check_latency: bool | None = None, providers=Non
              + ")",
              f"  recorded in {MANIFEST} (device_validations[{len(manifest['device_validations']) - 1}])"]
     if failures:
-        raise _error("validation", f"{root}: validation failed ({len(failures)} problems, recorded in "
+        raise _error("validation", f"{root}: validation failed ({len(failures)} problem{'s' if len(failures) != 1 else ''}, recorded in "
                                    f"{MANIFEST}): " + "; ".join(failures))
     return "\n".join(lines)
 
