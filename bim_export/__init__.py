@@ -9,7 +9,7 @@ bridge (used by both halves)
     resources               where shipped profiles, targets and assets live
     stale                   owner tags of temporary outputs; removal of killed runs' leftovers
     atomic                  atomic writes; what an output may replace; the umask
-    machine                 machine description (CPU flags), sha256 (ships in bundles)
+    machine                 machine description (CPU, GPUs), is it a profile's device; sha256 (ships in bundles)
     table                   plain-text tables
     data                    image folders, preprocessing, sample and check images
     knn                     kNN on features (numpy; ships in bundles)

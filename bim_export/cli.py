@@ -188,16 +188,20 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--out", type=Path, default=None,
                    help="calibration file (default: $BIM_EXPORT_CALIBRATION_DIR/<profile>.json, "
                         "else ~/.config/bim-export/calibration/<profile>.json)")
+    p.add_argument("--force", action="store_true",
+                   help="calibrate although this machine is not the profile's device (its architecture, CPU, "
+                        "accelerator or core count differ); every prediction from the file says it was forced")
     p.set_defaults(func=_cmd_calibrate)
 
 
 def _cmd_calibrate(args) -> int:
     """Run on the real device: export a few reference ViTs, time them with ONNX Runtime and fit the
     latency model to them; later predictions for this profile (on any machine that has the file)
-    use the fitted factors and are labelled calibrated."""
+    use the fitted factors and are labelled calibrated. A machine that is not the profile's device
+    is refused unless --force."""
     from .deploy.latency.calibration import calibrate
 
-    print(calibrate(args.profile, out=args.out))
+    print(calibrate(args.profile, out=args.out, force=args.force))
     return 0
 
 
@@ -208,7 +212,10 @@ def _add_validate(sub) -> None:
     p = sub.add_parser("validate", help="re-check a bundle's parity and latency on this machine", description=_cmd_validate.__doc__)
     p.add_argument("bundle", type=Path)
     p.add_argument("--check-latency", action="store_true",
-                   help="also fail when the latency misses the profile's budget (default: only for the host profile)")
+                   help="also fail when the latency misses the profile's budget (default: only for the host profile); "
+                        "refused on a machine that is not the profile's device")
+    p.add_argument("--force", action="store_true",
+                   help="check latency although this machine is not the profile's device (recorded as forced)")
     p.set_defaults(func=_cmd_validate)
 
 
@@ -219,7 +226,8 @@ def _cmd_validate(args) -> int:
     from .deploy.latency.measure import bundle_timer
     from .deploy.validate import validate_bundle
 
-    print(validate_bundle(args.bundle, check_latency=True if args.check_latency else None, timer=bundle_timer))
+    print(validate_bundle(args.bundle, check_latency=True if args.check_latency else None, force=args.force,
+                          timer=bundle_timer))
     return 0
 
 

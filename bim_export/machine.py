@@ -136,7 +136,7 @@ def describe_machine(machine: dict) -> str:
 def describe_device(device: dict | None) -> str:
     """A profile's ``device`` block in a few words: ``aarch64, Cortex-A76, 4 logical cores``."""
     if not device:
-        return "no device description"
+        return "undescribed"
     parts = [device.get("architecture"), device.get("cpu"), device.get("accelerator"),
              " ".join(device.get("cpu_flags") or []) or None,
              f"{device['logical_cores']} logical cores" if device.get("logical_cores") else None]
@@ -148,7 +148,7 @@ def device_mismatches(device: dict | None, machine: dict) -> list[str]:
     empty when it is that device (the rules are in this module's docstring). A field the machine
     record lacks (one made by an older version) is not held against it."""
     if not device:
-        return ["the profile does not describe its device (no device block), so no machine can be shown to be it"]
+        return ["the profile has no device block to compare with"]
     out = []
     want = device.get("architecture")
     have = normalize_architecture(machine.get("architecture", ""))
