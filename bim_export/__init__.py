@@ -36,6 +36,7 @@ train (BIM pretraining)
 deploy (per-device export)
     deploy.schema_errors    one line for a profile file's schema errors (field, problem, value)
     deploy.profiles         device profiles: schema, loading, budgets
+    deploy.plausibility     hardware figures no real device has (per watt, per core, per memory type)
     deploy.export           backbone -> ONNX at the profile's opset, metadata, graph surgery
     deploy.usability        ONNX Runtime's mobile usability checker: what NNAPI / CoreML take of a graph
     deploy.rewrite          graph forms: the batch fixed, ops an accelerator lacks in ops it has

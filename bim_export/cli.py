@@ -157,25 +157,36 @@ def _add_profiles(sub) -> None:
     p = sub.add_parser("profiles", help="list, show or check device profiles", description=_cmd_profiles.__doc__)
     ps = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
     ps.add_parser("list", help="list the shipped profiles and aliases")
-    show = ps.add_parser("show", help="print one profile")
+    show = ps.add_parser("show", help="print one profile, its file and the calibration in force")
     show.add_argument("name")
-    check = ps.add_parser("check", help="validate a profile YAML file")
+    check = ps.add_parser("check", help="validate a profile YAML file and warn about implausible hardware figures")
     check.add_argument("file", type=Path)
     p.set_defaults(func=_cmd_profiles)
 
 
 def _cmd_profiles(args) -> int:
-    """List the device profiles, print one (resolved aliases, canonical name), or validate a YAML
-    file against the schema."""
+    """List the device profiles, print one (resolved aliases, canonical name, its file, the calibration
+    in force), or validate a YAML file against the schema and warn about hardware figures no real
+    device has (compute per watt and per core, bandwidth for the memory type)."""
     from .deploy import profiles
 
     if args.action == "list":
         print(profiles.format_profile_list())
     elif args.action == "show":
-        print(profiles.format_profile(profiles.load_profile(args.name)))
+        from .deploy.latency.calibration import describe_calibration
+
+        prof = profiles.load_profile(args.name)
+        print(profiles.format_profile(prof))
+        print(describe_calibration(prof))
     else:
+        from .deploy.plausibility import implausible_figures
+
         prof = profiles.load_profile_file(args.file)
-        print(f"{args.file}: ok ({prof.name})")
+        warnings = implausible_figures(prof)
+        for w in warnings:
+            print(f"warning: {args.file}: {w}", file=sys.stderr)
+        n = len(warnings)
+        print(f"{args.file}: ok ({prof.name})" + (f", {n} implausible figure{'s' if n != 1 else ''}" if n else ""))
     return 0
 
 

@@ -387,5 +387,5 @@ def format_profile(profile: Profile) -> str:
     data = profile.model_dump(mode="json")
     head = {"name": data.pop("name"), "aliases": aliases_of(profile.name)}
     if profile.path is not None:
-        head["file"] = _display(profile.path)
+        head["file"] = str(profile.path.resolve())
     return yaml.safe_dump({**head, **data}, sort_keys=False, default_flow_style=None, width=100).rstrip()

@@ -377,6 +377,11 @@ def test_forced_calibration_is_labelled_in_every_prediction(calibration_dir, vit
     assert r.source == "calibrated" and r.note.endswith(", forced: not the profile's device")
     assert "forced" in r.label and r.error_basis.startswith("calibrated (forced on a machine that is not the device: ")
     assert r.settings["calibration"]["forced"] is True
+    # profiles show lists it: its file, machine, date, forced
+    assert cli_main(["profiles", "show", str(profile)]) == 0
+    out = capsys.readouterr().out
+    assert f"calibration: {path.absolute()}\n  made {data['created']} on " in out
+    assert "FORCED: not the profile's device (architecture" in out
 
 
 def _write_calibration(calibration_dir, profile_name="raspberry-pi-5", **changes):
