@@ -70,7 +70,7 @@ class Calibration:
     @property
     def label(self) -> str:
         """The note of every prediction made from this file: where it was made, and forced or not."""
-        on = f"calibrated on {self.machine.get('cpu', 'the device')}"
+        on = f"on {self.machine.get('cpu', 'the device')}"
         return on + (", forced: not the profile's device" if self.forced else "")
 
     @property
@@ -200,7 +200,7 @@ def describe_calibration(profile) -> str:
     except InputError as e:
         return f"calibration: {path}\n  unusable, every prediction for this profile fails until it is replaced: {e}"
     if cal is None:
-        return f"calibration: none ({path} does not exist; predictions use the {profile.device_class} defaults)"
+        return f"calibration: none ({path} does not exist; predictions use the device class's default factors)"
     verdict = ("FORCED: not the profile's device (" + "; ".join(cal.mismatch) + ")" if cal.forced
                else "the profile's device")
     return (f"calibration: {path}\n  made {cal.created or 'at an unrecorded time'} on {describe_machine(cal.machine)}: "
