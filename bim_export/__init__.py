@@ -9,7 +9,7 @@ bridge (used by both halves)
     resources               where shipped profiles, targets and assets live
     stale                   owner tags of temporary outputs; removal of killed runs' leftovers
     atomic                  atomic writes; what an output may replace; the umask
-    machine                 machine description (CPU flags), sha256 (ships in bundles)
+    machine                 machine description (CPU, GPUs), is it a profile's device; sha256 (ships in bundles)
     table                   plain-text tables
     data                    image folders, preprocessing, sample and check images
     knn                     kNN on features (numpy; ships in bundles)
@@ -36,6 +36,7 @@ train (BIM pretraining)
 deploy (per-device export)
     deploy.schema_errors    one line for a profile file's schema errors (field, problem, value)
     deploy.profiles         device profiles: schema, loading, budgets
+    deploy.plausibility     hardware figures no real device has (per watt, per core, per memory type)
     deploy.export           backbone -> ONNX at the profile's opset, metadata, graph surgery
     deploy.usability        ONNX Runtime's mobile usability checker: what NNAPI / CoreML take of a graph
     deploy.rewrite          graph forms: the batch fixed, ops an accelerator lacks in ops it has

@@ -157,25 +157,36 @@ def _add_profiles(sub) -> None:
     p = sub.add_parser("profiles", help="list, show or check device profiles", description=_cmd_profiles.__doc__)
     ps = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
     ps.add_parser("list", help="list the shipped profiles and aliases")
-    show = ps.add_parser("show", help="print one profile")
+    show = ps.add_parser("show", help="print one profile, its file and the calibration in force")
     show.add_argument("name")
-    check = ps.add_parser("check", help="validate a profile YAML file")
+    check = ps.add_parser("check", help="validate a profile YAML file and warn about implausible hardware figures")
     check.add_argument("file", type=Path)
     p.set_defaults(func=_cmd_profiles)
 
 
 def _cmd_profiles(args) -> int:
-    """List the device profiles, print one (resolved aliases, canonical name), or validate a YAML
-    file against the schema."""
+    """List the device profiles, print one (resolved aliases, canonical name, its file, the calibration
+    in force), or validate a YAML file against the schema and warn about hardware figures no real
+    device has (compute per watt and per core, bandwidth for the memory type)."""
     from .deploy import profiles
 
     if args.action == "list":
         print(profiles.format_profile_list())
     elif args.action == "show":
-        print(profiles.format_profile(profiles.load_profile(args.name)))
+        from .deploy.latency.calibration import describe_calibration
+
+        prof = profiles.load_profile(args.name)
+        print(profiles.format_profile(prof))
+        print(describe_calibration(prof))
     else:
+        from .deploy.plausibility import implausible_figures
+
         prof = profiles.load_profile_file(args.file)
-        print(f"{args.file}: ok ({prof.name})")
+        warnings = implausible_figures(prof)
+        for w in warnings:
+            print(f"warning: {args.file}: {w}", file=sys.stderr)
+        n = len(warnings)
+        print(f"{args.file}: ok ({prof.name})" + (f", {n} implausible figure{'s' if n != 1 else ''}" if n else ""))
     return 0
 
 
@@ -188,16 +199,20 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--out", type=Path, default=None,
                    help="calibration file (default: $BIM_EXPORT_CALIBRATION_DIR/<profile>.json, "
                         "else ~/.config/bim-export/calibration/<profile>.json)")
+    p.add_argument("--force", action="store_true",
+                   help="calibrate although this machine is not the profile's device (its architecture, CPU, "
+                        "accelerator or core count differ); every prediction from the file says it was forced")
     p.set_defaults(func=_cmd_calibrate)
 
 
 def _cmd_calibrate(args) -> int:
     """Run on the real device: export a few reference ViTs, time them with ONNX Runtime and fit the
     latency model to them; later predictions for this profile (on any machine that has the file)
-    use the fitted factors and are labelled calibrated."""
+    use the fitted factors and are labelled calibrated. A machine that is not the profile's device
+    is refused unless --force."""
     from .deploy.latency.calibration import calibrate
 
-    print(calibrate(args.profile, out=args.out))
+    print(calibrate(args.profile, out=args.out, force=args.force))
     return 0
 
 
@@ -208,7 +223,10 @@ def _add_validate(sub) -> None:
     p = sub.add_parser("validate", help="re-check a bundle's parity and latency on this machine", description=_cmd_validate.__doc__)
     p.add_argument("bundle", type=Path)
     p.add_argument("--check-latency", action="store_true",
-                   help="also fail when the latency misses the profile's budget (default: only for the host profile)")
+                   help="also fail when the latency misses the profile's budget (default: only for the host profile); "
+                        "refused on a machine that is not the profile's device")
+    p.add_argument("--force", action="store_true",
+                   help="check latency although this machine is not the profile's device (recorded as forced)")
     p.set_defaults(func=_cmd_validate)
 
 
@@ -219,7 +237,8 @@ def _cmd_validate(args) -> int:
     from .deploy.latency.measure import bundle_timer
     from .deploy.validate import validate_bundle
 
-    print(validate_bundle(args.bundle, check_latency=True if args.check_latency else None, timer=bundle_timer))
+    print(validate_bundle(args.bundle, check_latency=True if args.check_latency else None, force=args.force,
+                          timer=bundle_timer))
     return 0
 
 

@@ -484,7 +484,53 @@ def _profile_opset_too_old_for_the_graph(tmp: Path, ckpt: Path) -> InputCase:
                      absent=[tmp / "out" / "old-runtime"])
 
 
+def _foreign_device() -> dict:
+    """A device this machine is not, whatever it is: the other architecture."""
+    from bim_export.machine import machine_description
+
+    other = "aarch64" if machine_description()["architecture"] == "x86_64" else "x86_64"
+    return {"architecture": other, "cpu": "Cortex-A76", "logical_cores": 4}
+
+
+def _calibrate_on_another_device(tmp: Path, ckpt: Path) -> InputCase:
+    prof = yaml.safe_load((resource_dir("profiles") / "raspberry-pi-5.yaml").read_text())
+    prof["device"] = _foreign_device()
+    path = tmp / "barn-pi.yaml"
+    path.write_text(yaml.safe_dump(prof))
+    out = tmp / "calibration" / "barn-pi.json"
+    return InputCase(["calibrate", "--profile", str(path), "--out", str(out)],
+                     ["calibrate --profile barn-pi: this machine", "is not the profile's device", "add --force"],
+                     absent=[out.parent])
+
+
+def _validate_latency_on_another_device(tmp: Path, ckpt: Path) -> InputCase:
+    import numpy as np
+    from tiny_onnx import SIZE, write_tiny_onnx
+
+    bundle = tmp / "barn-pi"
+    bundle.mkdir()
+    write_tiny_onnx(bundle / "model.onnx")
+    np.savez(bundle / "reference.npz", pixels=np.zeros((2, 3, SIZE, SIZE), np.float32))
+    (bundle / "manifest.json").write_text(json.dumps({"profile": "barn-pi", "device": _foreign_device(),
+                                                      "measured": False, "budgets": {"latency_ms": 20}}))
+    return InputCase(["validate", "--check-latency", str(bundle)],
+                     [f"{bundle}: --check-latency: this machine", "is not the device of profile 'barn-pi'",
+                      "add --force"], unchanged=[bundle / "manifest.json"])
+
+
+def _profile_key_without_its_colon(tmp: Path, ckpt: Path) -> InputCase:
+    lines = (resource_dir("profiles") / "raspberry-pi-5.yaml").read_text().splitlines()
+    n = next(i for i, line in enumerate(lines) if line.startswith("  memory_gb:"))
+    lines[n] = lines[n].replace("memory_gb:", "memory_gb")  # yaml only notices on the line after
+    path = tmp / "typo.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return InputCase(["profiles", "check", str(path)], [f"{path}: line {n + 1} broken YAML: could not find expected ':'"])
+
+
 INPUT_CASES = [
+    pytest.param(_calibrate_on_another_device, id="calibrate-on-a-machine-that-is-not-the-device"),
+    pytest.param(_validate_latency_on_another_device, id="validate-check-latency-on-a-machine-that-is-not-the-device"),
+    pytest.param(_profile_key_without_its_colon, id="profiles-check-key-without-colon-names-its-own-line"),
     pytest.param(_unknown_arch_export, id="export-checkpoint-config-arch-unknown"),
     pytest.param(_unknown_arch_backbone, id="backbone-checkpoint-config-arch-unknown"),
     pytest.param(_unknown_arch_eval, id="eval-checkpoint-config-arch-unknown"),

@@ -194,6 +194,9 @@ def build_manifest(spec: BundleSpec, model: Path) -> dict[str, Any]:
         "exporter": meta.pop("exporter", "unknown"), "versions": package_versions(),
         "infer_script": f"{profile.target_script}.py",
         "profile": profile.name, "device_class": profile.device_class, "description": profile.description,
+        # which machines are the device (validate.py compares its own machine with it); a measured
+        # profile's bundle is for any machine
+        "device": profile.device.model_dump() if profile.device else None, "measured": profile.measured,
         "execution_providers": list(profile.execution_providers), "provider_options": profile.provider_options,
         "threads": profile.threads, "batch": profile.batch, "fixed_batch": profile.batch_is_fixed,
         "budgets": profile.budgets.model_dump(), "tolerances": tolerances,

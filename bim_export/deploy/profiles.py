@@ -22,11 +22,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from ..errors import InputError, close_matches
+from ..machine import CPU_FLAGS
 from ..resources import resource_dir
 from ..table import format_table
 from .schema_errors import FieldError, describe_validation_error, short_value
 
 PRECISIONS = ("fp32", "fp16", "int8")
+# DRAM kinds a profile may name (hardware.memory_type); `profiles check` knows each one's fastest rate.
+MEMORY_TYPES = ("DDR4", "DDR5", "LPDDR4", "LPDDR4X", "LPDDR5", "LPDDR5X", "GDDR6", "GDDR6X", "GDDR7", "HBM2", "HBM2e",
+                "HBM3", "HBM3e")
 
 # Short names for the shipped profiles; outputs always use the canonical name they resolve to.
 ALIASES: dict[str, str] = {
@@ -81,6 +85,39 @@ class HardwareFigures(_Strict):
     cores: int = Field(gt=0, description="compute units: CPU cores the EP runs on, or GPU SMs")
     launch_overhead_us: float = Field(ge=0, description="fixed cost per graph node in microseconds "
                                                         "(kernel launch / op dispatch); GPUs are launch-bound at batch 1")
+    power_w: Optional[float] = Field(None, gt=0, description="the chip's or module's power envelope in W (TDP, or the "
+                                                             "power mode the figures are for); optional, lets "
+                                                             "`profiles check` judge compute per watt")
+    memory_type: Optional[Literal[MEMORY_TYPES]] = Field(  # type: ignore[valid-type]
+        None, description="the DRAM kind behind mem_bandwidth_gbs; optional, lets `profiles check` judge the bandwidth")
+
+
+class DeviceIdentity(_Strict):
+    """Which machines are the profile's device: `calibrate` and `validate --check-latency` refuse any
+    other (without --force). Rules: bim_export.machine.device_mismatches; a field left out is not checked."""
+
+    architecture: Optional[Literal["x86_64", "aarch64"]] = Field(None, description="the CPU's instruction set")
+    cpu: Optional[str] = Field(None, min_length=2, description="occurs in the CPU's model name, Arm core name or "
+                                                               "board model (case, spaces and punctuation ignored)")
+    accelerator: Optional[str] = Field(None, min_length=2, description="occurs in a GPU's name or the board model")
+    cpu_flags: list[str] = Field(default_factory=list, description="CPU flags the device has (from "
+                                                                   "bim_export.machine.CPU_FLAGS)")
+    logical_cores: Optional[int] = Field(None, gt=0, description="logical CPUs the OS reports (os.cpu_count())")
+
+    @field_validator("cpu_flags")
+    @classmethod
+    def _known_flags(cls, flags: list[str]) -> list[str]:
+        for i, flag in enumerate(flags):
+            if flag not in CPU_FLAGS:
+                raise FieldError(("device", "cpu_flags", i), f"is not a recorded CPU flag (got {flag!r}); valid: "
+                                                    f"{', '.join(CPU_FLAGS)}", None)
+        return flags
+
+    @model_validator(mode="after")
+    def _says_something(self) -> "DeviceIdentity":
+        if not (self.architecture or self.cpu or self.accelerator):
+            raise ValueError("needs at least one of architecture, cpu, accelerator")
+        return self
 
 
 class Budgets(_Strict):
@@ -120,6 +157,9 @@ class Profile(_Strict):
         "cpu", description="inference script from targets/ that goes into the bundle")
     hardware: Optional[HardwareFigures] = Field(None, description="figures for latency prediction; "
                                                            "may be left out only for a measured profile")
+    device: Optional[DeviceIdentity] = Field(
+        None, description="which machines are this device (for calibrate and validate --check-latency); left out: "
+                          "none is, and both need --force (a measured profile is every machine running the command)")
     execution_providers: list[str] = Field(min_length=1, description="ONNX Runtime EPs in fallback order")
     threads: Optional[int] = Field(None, gt=0, description="intra-op threads of the session (default: all cores)")
     opset: int = Field(17, ge=13, le=30, description="ONNX opset the device's runtime supports")
@@ -277,7 +317,7 @@ def load_profile_file(path: Union[str, os.PathLike]) -> Profile:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
+        mark = _yaml_error_mark(e)
         where = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise InputError(f"{shown}:{where} broken YAML: {problem}") from None
@@ -297,6 +337,14 @@ def load_profile_file(path: Union[str, os.PathLike]) -> Profile:
         raise InputError(f"{shown}: {describe_validation_error(e, Profile)}") from None
     profile._path = path
     return profile
+
+
+def _yaml_error_mark(e: yaml.YAMLError):
+    """Where a YAML error is (0-based lines). A key without its ':' is found only on the next line
+    ("while scanning a simple key ... could not find expected ':'"): the key's own line is the context."""
+    if getattr(e, "context", None) == "while scanning a simple key" and getattr(e, "context_mark", None) is not None:
+        return e.context_mark
+    return getattr(e, "problem_mark", None)
 
 
 def _display(path: Path) -> str:
@@ -339,5 +387,5 @@ def format_profile(profile: Profile) -> str:
     data = profile.model_dump(mode="json")
     head = {"name": data.pop("name"), "aliases": aliases_of(profile.name)}
     if profile.path is not None:
-        head["file"] = _display(profile.path)
+        head["file"] = str(profile.path.resolve())
     return yaml.safe_dump({**head, **data}, sort_keys=False, default_flow_style=None, width=100).rstrip()

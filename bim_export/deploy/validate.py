@@ -5,6 +5,11 @@ This file is also the bundle's standalone ``validate.py``: a copy of it runs on 
 ``parity.py``, ``knn.py`` and ``machine.py`` (numpy and the standard library only). When bim-export is
 installed its modules are used instead; ``bim-export validate`` also hands in its separate-process
 latency timer (the measurement protocol of :mod:`bim_export.deploy.latency.measure`).
+
+A latency measured here is the profile's only when this machine is the profile's device (the
+manifest's ``device``, compared by :func:`machine.device_mismatches`; the ``host`` profile is every
+machine). Elsewhere the figure is recorded and shown as another machine's, and ``--check-latency``
+is refused unless ``--force``.
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ import numpy as np
 try:
     from bim_export.deploy.parity import (DEFAULT_TOLERANCES, OUTPUT_KEYS, compare_outputs, fixed_batch, merge_results,
                                           run_onnx, session, session_emulation_note)
-    from bim_export.machine import machine_description, sha256_file
+    from bim_export.machine import (describe_device, describe_machine, device_mismatches, machine_description,
+                                    sha256_file)
 except ImportError:  # pragma: no cover - a bundle on a device: the copies beside this file
-    from machine import machine_description, sha256_file
+    from machine import describe_device, describe_machine, device_mismatches, machine_description, sha256_file
     from parity import (DEFAULT_TOLERANCES, OUTPUT_KEYS, compare_outputs, fixed_batch, merge_results, run_onnx,
                         session, session_emulation_note)
 
@@ -110,7 +116,16 @@ def _reference_outputs(ref: dict[str, np.ndarray], session_outputs: list[str], d
     return out
 
 
-def validate_bundle(bundle_dir, check_latency: bool | None = None, providers=None, timer=None) -> str:
+def machine_mismatches(manifest: dict, machine: dict) -> list[str]:
+    """How ``machine`` differs from the bundle's device (empty: it is the device). A bundle of a
+    measured profile (``host``) is for whatever machine runs it."""
+    if manifest.get("measured", manifest.get("profile") == "host"):
+        return []
+    return device_mismatches(manifest.get("device"), machine)
+
+
+def validate_bundle(bundle_dir, check_latency: bool | None = None, providers=None, timer=None,
+                    force: bool = False) -> str:
     """Re-checks a bundle on this machine and records what it measured in its manifest.
 
     Checks every file's sha256 against the manifest, runs the model on reference.npz's inputs at
@@ -121,17 +136,19 @@ def validate_bundle(bundle_dir, check_latency: bool | None = None, providers=Non
     Args:
         bundle_dir: the bundle folder.
         check_latency: also fail when the measured latency misses the budget. Default: only for
-            the ``host`` profile (elsewhere this machine may not be the profile's device).
+            the ``host`` profile. Refused on a machine that is not the profile's device.
         providers: execution providers to try (default: the manifest's, those available here).
         timer: ``timer(model, batch, providers, input_shape) -> dict`` (p50, p90, p99, mean, providers,
             settings; optionally expected_error): how latency is measured. Default: in this process
             (:func:`time_in_process`); ``bim-export validate`` passes its separate-process timer.
+        force: check latency although this machine is not the profile's device (recorded as forced).
 
     Returns:
         A short report.
 
     Raises:
-        InputError: not a bundle (no manifest, model or reference), or an unreadable one.
+        InputError: not a bundle (no manifest, model or reference), an unreadable one, or a latency
+            check asked for on a machine that is not the profile's device (without ``force``).
         ValidationError: a file differs from its sha256, parity misses a tolerance, or (when
             checked) the latency misses the budget; every miss is listed.
     """
@@ -147,6 +164,12 @@ def validate_bundle(bundle_dir, check_latency: bool | None = None, providers=Non
     for p in (model, ref_path):
         if not p.is_file():
             raise _error("input", f"{root}: bundle lacks {p.name}")
+    here = machine_description()
+    mismatch = machine_mismatches(manifest, here)
+    if check_latency and mismatch and not force:
+        raise _error("input", f"{root}: --check-latency: this machine, {describe_machine(here)}, is not the device of "
+                              f"profile '{manifest.get('profile', '?')}' ({describe_device(manifest.get('device'))}): "
+                              f"{'; '.join(mismatch)}; check it on the device, or add --force")
 
     failures: list[str] = []
     for name, digest in sorted((manifest.get("files") or {}).items()):
@@ -196,13 +219,19 @@ def validate_bundle(bundle_dir, check_latency: bool | None = None, providers=Non
     low = latency[stat] / (1 + latency.get("expected_error", 0.0)) if latency.get("disturbed") else latency[stat]
     latency["within_budget"] = None if budget is None else bool(low <= budget)
     if check_latency is None:
-        check_latency = manifest.get("profile") == "host"
+        check_latency = manifest.get("profile") == "host" and not mismatch
+    forced = bool(check_latency and mismatch)
+    if mismatch:
+        latency["machine_mismatch"] = mismatch
+        label = "measured on another machine, not the profile's device" + (" (check forced)" if forced else "")
+        latency["note"] = ", ".join(filter(None, [latency.get("note"), label]))
     if check_latency and latency["within_budget"] is False:
-        failures.append(f"latency {stat} {latency[stat]:.2f} ms > budget {budget} ms")
+        failures.append(f"latency {stat} {latency[stat]:.2f} ms > budget {budget} ms"
+                        + (" (forced: this machine is not the profile's device)" if forced else ""))
 
     record = {
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_description(), "providers": sess.get_providers(),
+        "machine": here, "on_profile_device": not mismatch, "forced": forced, "providers": sess.get_providers(),
         "onnxruntime": __import__("onnxruntime").__version__,
         "parity": parity.to_dict(), "latency": latency, "latency_checked": bool(check_latency),
         "passed": not failures, "failures": failures,
@@ -214,11 +243,12 @@ def validate_bundle(bundle_dir, check_latency: bool | None = None, providers=Non
              f"{manifest.get('precision', '?')} on {record['machine'].get('cpu', '?')} ({', '.join(record['providers'])})",
              "  parity  " + parity.summary(),
              f"  latency {stat} {latency[stat]:.2f} ms at batch {batch} (measured"
+             + (f" on another machine, not the profile's device{', forced' if forced else ''}" if mismatch else "")
              + (f", budget {budget} ms{'' if check_latency else ', not checked here'}" if budget is not None else "")
              + ")",
              f"  recorded in {MANIFEST} (device_validations[{len(manifest['device_validations']) - 1}])"]
     if failures:
-        raise _error("validation", f"{root}: validation failed ({len(failures)} problems, recorded in "
+        raise _error("validation", f"{root}: validation failed ({len(failures)} problem{'s' if len(failures) != 1 else ''}, recorded in "
                                    f"{MANIFEST}): " + "; ".join(failures))
     return "\n".join(lines)
 
@@ -228,10 +258,12 @@ def main(argv=None) -> int:
     here = Path(__file__).resolve().parent
     parser = argparse.ArgumentParser(prog="validate.py", description=main.__doc__)
     parser.add_argument("bundle", nargs="?", type=Path, default=here)
-    parser.add_argument("--check-latency", action="store_true", help="fail when the latency misses the budget")
+    parser.add_argument("--check-latency", action="store_true", help="fail when the latency misses the budget "
+                                                                          "(refused on a machine that is not the device)")
+    parser.add_argument("--force", action="store_true", help="check latency on a machine that is not the device")
     args = parser.parse_args(argv)
     try:
-        print(validate_bundle(args.bundle, check_latency=True if args.check_latency else None))
+        print(validate_bundle(args.bundle, check_latency=True if args.check_latency else None, force=args.force))
     except Exception as e:  # the stand-in error classes carry exit_code; anything else is a bug
         code = getattr(e, "exit_code", None)
         if code is None:

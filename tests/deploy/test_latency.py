@@ -14,15 +14,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bim_export.deploy.latency import measure
 from bim_export.deploy.latency import predict as latency
-from bim_export.deploy.latency.calibration import calibrate
-from bim_export.deploy.latency.calibration import load_calibration
+from bim_export.deploy.latency.calibration import calibrate, describe_calibration, load_calibration
 from bim_export.cli import main as cli_main
 from bim_export.deploy.latency.costmodel import graph_cost, predict_memory
 from bim_export.deploy.latency.roofline import CostFactors, Hardware, fit_factors, roofline_features, roofline_seconds
 from bim_export.errors import InputError
 from bim_export.deploy.latency.stats import FLOOR_MARGIN, MIN_ERROR, QUIET, causes
 from bim_export.deploy.latency.worker import PeakMemory
-from bim_export.deploy.profiles import load_profile
+from bim_export.deploy.profiles import load_profile, profiles_dir
+from bim_export.machine import machine_description
 
 TINY = {"embed_dim": 32, "num_heads": 2, "img_size": 32, "patch_size": 8}
 
@@ -337,28 +337,86 @@ def test_tensorrt_profile_fuses_qdq_so_int8_beats_fp32(vits, tmp_path):
 # -------------------------------------------------------------------------------- calibration
 
 
+def _pi_copy(tmp_path, name: str, device: dict) -> "Path":
+    """The Raspberry Pi 5 profile under another name, describing another device."""
+    import yaml
+
+    data = yaml.safe_load((profiles_dir() / "raspberry-pi-5.yaml").read_text())
+    data["device"] = device
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _this_machine() -> dict:
+    here = machine_description()
+    return {"architecture": here["architecture"], "logical_cores": here["logical_cores"]}
+
+
+def _other_machine() -> dict:
+    return {"architecture": "aarch64" if machine_description()["architecture"] == "x86_64" else "x86_64",
+            "cpu": "Cortex-A76", "logical_cores": 4}
+
+
 @pytest.mark.slow
-def test_calibration_round_trip(calibration_dir, vits):
-    text = calibrate("edge-cpu", specs=[{**TINY, "depth": 1}], batches=[1, 2], threads=1, warmup=1,
+def test_calibration_round_trip(calibration_dir, vits, tmp_path):
+    profile = _pi_copy(tmp_path, "this-box", _this_machine())
+    text = calibrate(profile, specs=[{**TINY, "depth": 1}], batches=[1, 2], threads=1, warmup=1,
                              repeats=2, rounds=2)
-    path = calibration_dir / "raspberry-pi-5.json"
-    assert str(path) in text and path.is_file()
+    path = calibration_dir / "this-box.json"
+    assert str(path) in text and path.is_file() and "FORCED" not in text
     data = json.loads(path.read_text())
-    assert data["profile"] == "raspberry-pi-5" and len(data["measurements"]) == 2
+    assert data["profile"] == "this-box" and len(data["measurements"]) == 2 and data["forced"] is False
     assert data["measurements"][0]["model"] == "vit-w32-h2-d1-p8-32px"
     assert data["factors"]["node_overhead_us"] >= 0 and data["machine"]["cpu"]
-    r = latency.latency_for_profile(vits[2], "raspberry-pi-5", 1)
-    assert r.source == "calibrated" and "calibrated" in r.note
+    assert data["machine"]["architecture"] == machine_description()["architecture"]
+    r = latency.latency_for_profile(vits[2], profile, 1)
+    assert r.source == "calibrated" and r.note == f"on {data['machine']['cpu']}"
     assert r.expected_error >= 0.1 and r.expected_error >= data["fit_error"]["max"]
     assert r.error_basis.startswith("calibrated: worst residual of the fit on 2 measurements")
+    assert r.settings["calibration"]["forced"] is False and r.settings["calibration"]["file"] == str(path)
     # another profile is still predicted from defaults
     assert latency.latency_for_profile(vits[2], "jetson", 1).source == "predicted"
+
+
+def test_calibrate_on_another_device_is_refused_before_any_work(calibration_dir, tmp_path, capsys):
+    profile = _pi_copy(tmp_path, "barn-pi", _other_machine())
+    with pytest.raises(InputError, match=r"calibrate --profile barn-pi: this machine, .* is not the profile's device "
+                                         r"\(.*Cortex-A76, 4 logical cores\): architecture .*add --force"):
+        calibrate(profile, specs=[{**TINY, "depth": 1}], batches=[1], threads=1, warmup=1, repeats=1, rounds=1)
+    assert cli_main(["calibrate", "--profile", str(profile)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: calibrate --profile barn-pi: this machine") and err.count("\n") == 1
+    assert not calibration_dir.exists()  # nothing written
+
+
+@pytest.mark.slow
+def test_forced_calibration_is_labelled_in_every_prediction(calibration_dir, vits, tmp_path, capsys):
+    profile = _pi_copy(tmp_path, "barn-pi", _other_machine())
+    text = calibrate(profile, force=True, specs=[{**TINY, "depth": 1}], batches=[1], threads=1, warmup=1,
+                     repeats=1, rounds=1)
+    assert "FORCED: not the profile's device (architecture" in text
+    path = calibration_dir / "barn-pi.json"
+    data = json.loads(path.read_text())
+    assert data["forced"] is True and data["mismatch"][0].startswith("architecture ")
+    assert data["device"]["cpu"] == "Cortex-A76"
+    r = latency.predict_latency(vits[2], profile, 1)
+    assert r.source == "calibrated" and r.note.endswith(", forced: not the profile's device")
+    assert "forced" in r.label and r.error_basis.startswith("calibrated (forced on a machine that is not the device: ")
+    assert r.settings["calibration"]["forced"] is True
+    # profiles show lists it: its file, machine, date, forced
+    assert cli_main(["profiles", "show", str(profile)]) == 0
+    out = capsys.readouterr().out
+    assert f"calibration: {path.absolute()}\n  made {data['created']} on " in out
+    assert "FORCED: not the profile's device (architecture" in out
 
 
 def _write_calibration(calibration_dir, profile_name="raspberry-pi-5", **changes):
     prof = load_profile(profile_name)
     hw = Hardware.from_profile(prof)
-    data = {"kind": "bim-export-calibration", "format_version": 1, "profile": prof.name, "machine": {"cpu": "x"},
+    pi = {"cpu": "Raspberry Pi 5 Model B Rev 1.0", "cpu_cores": ["Cortex-A76"], "architecture": "aarch64",
+          "logical_cores": 4}
+    data = {"kind": "bim-export-calibration", "format_version": 1, "profile": prof.name, "machine": pi,
             "hardware": hw.signature(), "fit_error": {"median": 0.05, "max": 0.08},
             "factors": {"efficiency": {"gemm": 0.7}, "node_overhead_us": 3.0, "fixed_overhead_us": 20.0}}
     data.update(changes)
@@ -378,6 +436,11 @@ def test_bad_calibration_files(calibration_dir, vits):
         ({"factors": {"efficiency": {"gemm": -1}, "node_overhead_us": 1, "fixed_overhead_us": 1}},
          "factors.efficiency.gemm' must be > 0"),
         ({"format_version": 99}, "format_version' must be 1"),
+        # made on an x86 server before calibrate refused it, and never forced: not the Pi's figures
+        ({"machine": {"cpu": "AMD EPYC", "architecture": "x86_64", "logical_cores": 2}},
+         "made on AMD EPYC \\(x86_64, 2 logical cores\\), which is not profile 'raspberry-pi-5''s device "
+         "\\(aarch64, Cortex-A76, 4 logical cores\\): architecture x86_64, not aarch64; CPU AMD EPYC, not a Cortex-A76"),
+        ({"forced": "yes"}, "field 'forced' must be true or false"),
         ({"factors": {"efficiency": {"gemm": 0.7}, "node_overhead_us": 1, "fixed_overhead_us": 1, "overlap": "x"}},
          "field factors.overlap must be one of sum, queue"),
     ]
@@ -386,6 +449,11 @@ def test_bad_calibration_files(calibration_dir, vits):
         with pytest.raises(InputError, match=pattern) as e:
             latency.latency_for_profile(vits[1], "raspberry-pi-5", 1)
         assert "raspberry-pi-5.json" in str(e.value)
+    # the same file, forced, is used and says so
+    _write_calibration(calibration_dir, machine={"cpu": "AMD EPYC", "architecture": "x86_64"}, forced=True)
+    cal = load_calibration(prof)
+    assert cal.forced and cal.mismatch == ["architecture x86_64, not aarch64", "CPU AMD EPYC, not a Cortex-A76"]
+    assert "FORCED" in describe_calibration(prof)
     path.write_text('{"kind": "bim-export-calibration",')
     with pytest.raises(InputError, match="raspberry-pi-5.json: corrupt JSON at line 1"):
         latency.predict_latency(vits[1], "raspberry-pi-5", 1)
@@ -395,8 +463,9 @@ def test_bad_calibration_files(calibration_dir, vits):
 
 
 def test_calibrate_gpu_profile_needs_the_gpu(calibration_dir):
-    with pytest.raises(InputError, match="run calibrate on the device"):
-        calibrate("server-gpu", specs=[{**TINY, "depth": 1}], batches=[1], threads=1, warmup=1,
+    # forced past the device check: the GPU's execution providers are still needed
+    with pytest.raises(InputError, match="none of execution_providers .* run calibrate on the device"):
+        calibrate("server-gpu", force=True, specs=[{**TINY, "depth": 1}], batches=[1], threads=1, warmup=1,
                           repeats=1, rounds=1)
     assert not (calibration_dir / "h100-sxm.json").exists()
 

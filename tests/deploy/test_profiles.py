@@ -13,6 +13,7 @@ import yaml
 from bim_export import cli
 from bim_export.deploy import profiles
 from bim_export.errors import InputError
+from bim_export.deploy.plausibility import implausible_figures
 from bim_export.deploy.profiles import ALIASES, Profile, list_profiles, load_profile, load_profile_file
 
 REQUIRED = {"host", "jetson-orin-nano", "jetson-agx-orin", "raspberry-pi-5"}
@@ -175,6 +176,14 @@ BAD = {
                                       "CoreMLExecutionProvider"),
     "dynamic copy of a dynamic model": (lambda d: d.update(dynamic_batch_file=True),
                                         "dynamic_batch_file needs a fixed batch (fixed_batch: true)"),
+    "device with an unknown CPU flag": (lambda d: d["device"].update(cpu_flags=["avx9"]),
+                                        "device.cpu_flags[0] is not a recorded CPU flag (got 'avx9')"),
+    "device saying nothing": (lambda d: d.update(device={"logical_cores": 6}),
+                              "device needs at least one of architecture, cpu, accelerator"),
+    "device of an unknown architecture": (lambda d: d["device"].update(architecture="riscv64"),
+                                          "device.architecture must be one of 'x86_64' or 'aarch64'"),
+    "unknown memory type": (lambda d: d["hardware"].update(memory_type="LPDDR9"),
+                            "hardware.memory_type must be one of 'DDR4'"),
     "unknown int8 preset": (lambda d: d.update(int8_preset="nnapi2"),
                             "int8_preset must be one of 'arm64', 'avx2', 'avx512', 'avx512_vnni', 'tensorrt' or "
                             "'nnapi' (got 'nnapi2')"),
@@ -206,6 +215,15 @@ def test_shipped_file_is_named_relative_to_profiles(tmp_path, monkeypatch):
 def test_broken_yaml_names_the_line(tmp_path):
     path = _write(tmp_path, "description: x\nbudgets:\n  latency_ms: [1, 2\nbatch: 1\n")
     with pytest.raises(InputError, match=r"my-device\.yaml: line \d+ broken YAML"):
+        load_profile(path)
+
+
+def test_broken_yaml_names_the_line_of_a_key_without_its_colon(tmp_path):
+    lines = (profiles.profiles_dir() / "raspberry-pi-5.yaml").read_text().splitlines()
+    n = next(i for i, line in enumerate(lines) if line.startswith("  memory_gb:"))
+    lines[n] = lines[n].replace("memory_gb:", "memory_gb")  # yaml notices only on the next line
+    path = _write(tmp_path, "\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=rf"my-device\.yaml: line {n + 1} broken YAML: could not find expected ':'$"):
         load_profile(path)
 
 
@@ -248,16 +266,59 @@ def test_cli_list(capsys):
     assert all(name in out for name in list_profiles())
 
 
-def test_cli_show_resolves_alias(capsys):
+@pytest.fixture
+def calibration_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("BIM_EXPORT_CALIBRATION_DIR", str(tmp_path / "calibration"))
+    return tmp_path / "calibration"
+
+
+def test_cli_show_resolves_alias(capsys, calibration_dir):
     assert cli.main(["profiles", "show", "edge-cpu"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("name: raspberry-pi-5\n") and "edge-cpu" in out
 
 
+def test_cli_show_prints_the_absolute_path_and_the_calibration(tmp_path, capsys, calibration_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path, _shipped("raspberry-pi-5"), name="barn-pi")
+    assert cli.main(["profiles", "show", "barn-pi.yaml"]) == 0  # a relative path
+    out = capsys.readouterr().out
+    assert f"\nfile: {tmp_path / 'barn-pi.yaml'}\n" in out
+    assert f"calibration: none ({calibration_dir.absolute() / 'barn-pi.json'} does not exist;" in out
+    assert cli.main(["profiles", "show", "edge-cpu"]) == 0
+    assert f"\nfile: {(profiles.profiles_dir() / 'raspberry-pi-5.yaml').resolve()}\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", list_profiles())
+def test_shipped_hardware_figures_are_plausible(name):
+    assert implausible_figures(load_profile(name)) == []
+
+
+def test_cli_check_warns_on_implausible_figures_and_what_they_imply(tmp_path, capsys):
+    data = _shipped("raspberry-pi-5")
+    data["hardware"]["peak_gflops"]["fp32"] = 185600  # MFLOP/s written as GFLOP/s
+    data["hardware"].update(power_w=6, mem_bandwidth_gbs=1700)
+    path = _write(tmp_path, data, name="six-watt")
+    assert cli.main(["profiles", "check", str(path)]) == 0  # valid, but said to be implausible
+    out, err = capsys.readouterr()
+    assert out == f"{path}: ok (six-watt), 3 implausible figures\n"
+    warnings = err.splitlines()
+    assert all(w.startswith(f"warning: {path}: hardware.") for w in warnings) and len(warnings) == 3
+    assert "peak_gflops.fp32: 185600 GFLOP/s on 6 W is 30,933 GFLOP/s per watt" in warnings[0]
+    assert "185600 GFLOP/s on 4 cores is 46,400 GFLOP/s per core" in warnings[1]
+    assert "1700 GB/s of LPDDR4X needs a 3,188-bit bus at its fastest 4266 MT/s" in warnings[2]
+    # the accelerator figures of a phone are checked too
+    data = _shipped("iphone-15-pro")
+    data["accelerators"]["CoreMLExecutionProvider"]["peak_gflops"]["fp16"] = 17.5e6
+    assert cli.main(["profiles", "check", str(_write(tmp_path, data, name="phone"))]) == 0
+    assert "accelerators.CoreMLExecutionProvider.peak_gflops.fp16: " in capsys.readouterr().err
+
+
 def test_cli_check_good_file(tmp_path, capsys):
     path = _write(tmp_path, _shipped("host"), name="lab-box")
     assert cli.main(["profiles", "check", str(path)]) == 0
-    assert "ok (lab-box)" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert out == f"{path}: ok (lab-box)\n" and err == ""
 
 
 @pytest.mark.parametrize("argv_tail, expected", [

@@ -23,6 +23,7 @@ from bim_export.deploy.bundle import validator_files
 from bim_export.deploy.parity import (compare_outputs, merge_results, run_onnx, session,
                                      session_emulation_note)
 from bim_export.deploy.validate import validate_bundle
+from bim_export.machine import machine_description
 
 SIZE = 32
 
@@ -171,7 +172,16 @@ def _sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-def make_bundle(root: Path, onnx_model: Path, reference: dict, profile: str = "host", budget_ms: float = 1e4) -> Path:
+def other_architecture() -> str:
+    """The architecture this machine is not (the tests run on x86 and ARM hosts alike)."""
+    return "aarch64" if machine_description()["architecture"] == "x86_64" else "x86_64"
+
+
+FOREIGN = {"architecture": other_architecture(), "accelerator": "Jetson Orin Nano", "logical_cores": 6}
+
+
+def make_bundle(root: Path, onnx_model: Path, reference: dict, profile: str = "host", budget_ms: float = 1e4,
+                device: dict | None = None) -> Path:
     """A bundle as the pipeline writes one (the fields validate_bundle reads)."""
     root.mkdir(parents=True)
     shutil.copyfile(onnx_model, root / "model.onnx")
@@ -180,6 +190,7 @@ def make_bundle(root: Path, onnx_model: Path, reference: dict, profile: str = "h
         shutil.copyfile(src, root / name)
     manifest = {
         "format_version": 1, "profile": profile, "depth": 4, "precision": "fp32", "opset": 17, "batch": 2,
+        "device": device, "measured": profile == "host",
         "execution_providers": ["TensorrtExecutionProvider", "CPUExecutionProvider"],
         "budgets": {"latency_ms": budget_ms, "latency_stat": "p90"},
         "tolerances": {"cosine": 0.9999, "neighbour_agreement": 0.99},
@@ -247,8 +258,56 @@ def test_cli_validate_exit_codes(tmp_path, onnx_model, reference, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1
     slow = make_bundle(tmp_path / "slow", onnx_model, reference, profile="raspberry-pi", budget_ms=1e-6)
     assert cli_main(["validate", str(slow)]) == 0  # another device's budget: recorded, not judged
-    assert cli_main(["validate", "--check-latency", str(slow)]) == 4
-    assert "latency p90" in capsys.readouterr().err
+    capsys.readouterr()
+    # a profile that does not describe its device: no machine is shown to be it
+    assert cli_main(["validate", "--check-latency", str(slow)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "no device block" in err
+    assert cli_main(["validate", "--check-latency", "--force", str(slow)]) == 4
+    err = capsys.readouterr().err
+    assert "latency p90" in err and "forced: this machine is not the profile's device" in err
+    assert "(1 problem, recorded" in err  # one problem, singular
+
+
+def test_latency_check_on_another_device_is_refused_unless_forced(tmp_path, onnx_model, reference, capsys):
+    bundle = make_bundle(tmp_path / "jetson-orin-nano", onnx_model, reference, profile="jetson-orin-nano",
+                         budget_ms=1e-6, device=FOREIGN)
+    before = (bundle / "manifest.json").read_bytes()
+    with pytest.raises(InputError, match=rf"--check-latency: this machine, .* is not the device of profile "
+                                         rf"'jetson-orin-nano' \({FOREIGN['architecture']}, Jetson Orin Nano, 6 "
+                                         rf"logical cores\): architecture .*, not {FOREIGN['architecture']}"):
+        validate_bundle(bundle, check_latency=True)
+    assert (bundle / "manifest.json").read_bytes() == before  # nothing recorded
+    assert cli_main(["validate", "--check-latency", str(bundle)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert (bundle / "manifest.json").read_bytes() == before
+
+    with pytest.raises(ValidationError, match="latency p90 .* ms > budget 1e-06 ms \\(forced"):
+        validate_bundle(bundle, check_latency=True, force=True)
+    rec = json.loads((bundle / "manifest.json").read_text())["device_validations"][-1]
+    assert rec["forced"] is True and rec["on_profile_device"] is False and rec["latency_checked"] is True
+    assert "measured on another machine, not the profile's device (check forced)" in rec["latency"]["note"]
+    assert rec["latency"]["machine_mismatch"][0].startswith("architecture ")
+
+
+def test_latency_on_another_device_is_shown_as_another_machines(tmp_path, onnx_model, reference):
+    bundle = make_bundle(tmp_path / "jetson-orin-nano", onnx_model, reference, profile="jetson-orin-nano",
+                         device=FOREIGN)
+    report = validate_bundle(bundle)
+    assert "(measured on another machine, not the profile's device, budget" in report
+    rec = json.loads((bundle / "manifest.json").read_text())["device_validations"][-1]
+    assert rec["on_profile_device"] is False and rec["forced"] is False and rec["latency_checked"] is False
+    assert rec["latency"]["note"] == "measured on another machine, not the profile's device"
+
+
+def test_latency_check_on_the_profiles_own_device_runs(tmp_path, onnx_model, reference):
+    here = machine_description()
+    device = {"architecture": here["architecture"], "cpu": here["cpu"], "logical_cores": here["logical_cores"]}
+    bundle = make_bundle(tmp_path / "this-box", onnx_model, reference, profile="this-box", device=device)
+    report = validate_bundle(bundle, check_latency=True)
+    assert "another machine" not in report and "budget 10000.0 ms)" in report
+    rec = json.loads((bundle / "manifest.json").read_text())["device_validations"][-1]
+    assert rec["on_profile_device"] is True and rec["forced"] is False and "machine_mismatch" not in rec["latency"]
 
 
 # ------------------------------------------------------------------------------- standalone
@@ -268,3 +327,9 @@ def test_standalone_copy_runs_without_torch_or_bim_export(tmp_path, onnx_model, 
     bad = make_bundle(tmp_path / "bad", onnx_model, dict(reference, embedding=reference["embedding"][::-1].copy()))
     proc = subprocess.run([sys.executable, "-c", _BLOCKED], cwd=bad, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 4 and proc.stderr.startswith("error: ")
+
+    # the copied machine.py tells another device on its own
+    foreign = make_bundle(tmp_path / "foreign", onnx_model, reference, profile="jetson-orin-nano", device=FOREIGN)
+    blocked = _BLOCKED.replace("['validate.py']", "['validate.py', '--check-latency']")
+    proc = subprocess.run([sys.executable, "-c", blocked], cwd=foreign, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "is not the device of profile 'jetson-orin-nano'" in proc.stderr

@@ -6,8 +6,13 @@ and overheads (:func:`bim_export.deploy.latency.roofline.fit_factors`) to them. 
 ``$BIM_EXPORT_CALIBRATION_DIR/<profile>.json`` (default ``~/.config/bim-export/calibration``); a
 Jetson owner calibrates once, and exports made on a workstation predict from it.
 
+Calibrating is refused on a machine that is not the profile's device (the rules:
+:mod:`bim_export.machine`); ``--force`` calibrates anyway and the file says ``forced``, which every
+prediction made from it repeats in its label and error basis.
+
 A file is rejected (InputError naming file, field and value) when it is not JSON, lacks a field,
-was made for another profile, or for another device model (the profile's hardware figures differ).
+was made for another profile, or for another device model (the profile's hardware figures differ),
+or on a machine that is not the profile's device without being forced.
 """
 
 from __future__ import annotations
@@ -17,12 +22,13 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ... import __version__
 from ...atomic import OutputKind, atomic_write_bytes, check_destination
 from ...errors import InputError
+from ...machine import describe_device, describe_machine, device_mismatches, machine_description
 from ..profiles import load_profile
 from .costmodel import graph_cost
 from .measure import available_providers, measure_many
@@ -57,14 +63,29 @@ class Calibration:
     machine: dict
     expected_error: float  # worst relative error of the fit on its own measurements (at least 10 %)
     fit_error: dict  # the file's fit_error: median and worst residual of the fit
+    forced: bool = False  # made with --force on a machine that is not the profile's device
+    mismatch: list[str] = field(default_factory=list)  # how that machine differs from the device
+    created: str = ""
+
+    @property
+    def label(self) -> str:
+        """The note of every prediction made from this file: where it was made, and forced or not."""
+        on = f"on {self.machine.get('cpu', 'the device')}"
+        return on + (", forced: not the profile's device" if self.forced else "")
 
     @property
     def error_basis(self) -> str:
         """Where a calibrated prediction's error comes from, in a line."""
         n = self.fit_error.get("n")
         on = f" on {n} measurements" if isinstance(n, int) else ""
-        return (f"calibrated: worst residual of the fit{on} on {self.machine.get('cpu', 'the device')} "
+        forced = f" (forced on a machine that is not the device: {'; '.join(self.mismatch)})" if self.forced else ""
+        return (f"calibrated{forced}: worst residual of the fit{on} on {self.machine.get('cpu', 'the device')} "
                 f"(at least 10 %; {self.path.name})")
+
+    def to_dict(self) -> dict:
+        """What a prediction records of the file it used (manifest, candidate table)."""
+        return {"file": str(self.path), "created": self.created, "machine": describe_machine(self.machine),
+                "forced": self.forced, "mismatch": list(self.mismatch)}
 
 
 def calibration_dir() -> Path:
@@ -77,6 +98,14 @@ def calibration_dir() -> Path:
 
 def calibration_path(profile_name: str) -> Path:
     return calibration_dir() / f"{profile_name}.json"
+
+
+def machine_mismatches(profile, machine: dict) -> list[str]:
+    """How ``machine`` differs from the profile's device (empty: it is the device). A measured
+    profile (``host``) is whatever machine runs the command, so every machine is it."""
+    if profile.measured:
+        return []
+    return device_mismatches(profile.device.model_dump() if profile.device else None, machine)
 
 
 def model_signature(spec: dict) -> str:
@@ -143,8 +172,39 @@ def load_calibration(profile, path: str | os.PathLike | None = None) -> Calibrat
     err = fit.get("max")
     if not isinstance(err, (int, float)) or err < 0:
         raise InputError(f"{path}: field 'fit_error.max' must be a number >= 0 (got {err!r})")
-    return Calibration(path=path, profile=profile.name, factors=fac, machine=need("machine", dict),
-                       expected_error=max(0.1, float(err)), fit_error=dict(fit))
+    machine, forced = need("machine", dict), data.get("forced", False)
+    if not isinstance(forced, bool):
+        raise InputError(f"{path}: field 'forced' must be true or false (got {forced!r:.60})")
+    mismatch = machine_mismatches(profile, machine)
+    if mismatch and not forced:
+        raise InputError(f"{path}: made on {describe_machine(machine)}, which is not profile '{profile.name}''s device "
+                         f"({describe_device(_device(profile))}): {'; '.join(mismatch)}; delete it and run "
+                         f"`bim-export calibrate --profile {profile.name}` on the device")
+    return Calibration(path=path, profile=profile.name, factors=fac, machine=machine,
+                       expected_error=max(0.1, float(err)), fit_error=dict(fit), forced=bool(mismatch),
+                       mismatch=mismatch, created=str(data.get("created", "")))
+
+
+def _device(profile) -> dict | None:
+    return profile.device.model_dump() if profile.device else None
+
+
+def describe_calibration(profile) -> str:
+    """The calibration in force for ``profile``, for ``bim-export profiles show``: its file (absolute),
+    when and on what machine it was made, forced or not; or why there is none, or why it is unusable."""
+    if profile.measured:
+        return "calibration: none used (latency is measured on the machine running the command)"
+    path = calibration_path(profile.name).absolute()
+    try:
+        cal = load_calibration(profile)
+    except InputError as e:
+        return f"calibration: {path}\n  unusable, every prediction for this profile fails until it is replaced: {e}"
+    if cal is None:
+        return f"calibration: none ({path} does not exist; predictions use the device class's default factors)"
+    verdict = ("FORCED: not the profile's device (" + "; ".join(cal.mismatch) + ")" if cal.forced
+               else "the profile's device")
+    return (f"calibration: {path}\n  made {cal.created or 'at an unrecorded time'} on {describe_machine(cal.machine)}: "
+            f"{verdict}; fit error {cal.expected_error:.0%}")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -170,13 +230,15 @@ def export_reference_vit(spec: dict, path: str | os.PathLike, opset: int = 17) -
                        metadata={"depth": spec["depth"], "precision": "fp32", "reference": model_signature(spec)})
 
 
-def calibrate(profile, out: str | os.PathLike | None = None, *, specs=None, batches=None, threads: int | None = None,
-              warmup: int = 5, repeats: int = 20, rounds: int = 5) -> str:
+def calibrate(profile, out: str | os.PathLike | None = None, *, force: bool = False, specs=None, batches=None,
+              threads: int | None = None, warmup: int = 5, repeats: int = 20, rounds: int = 5) -> str:
     """Run on the real device: measures reference ViT graphs and writes the profile's calibration file.
 
     Args:
         profile: profile name, alias, YAML path or Profile.
         out: the calibration file (default: ``calibration_path(profile)``).
+        force: calibrate on a machine that is not the profile's device; the file records it as
+            ``forced`` and every prediction from it says so.
         specs: reference model specs (timm VisionTransformer kwargs; default REFERENCE_MODELS).
         batches: batch sizes to measure at (default: 1 and the profile's batch).
 
@@ -184,10 +246,17 @@ def calibrate(profile, out: str | os.PathLike | None = None, *, specs=None, batc
         A summary: each reference model's measured and fitted latency, and where the file went.
 
     Raises:
-        InputError: a bad profile, no GPU provider here for a GPU profile, or an ``out`` that is not
-            a calibration file or cannot be written (checked before measuring).
+        InputError: a bad profile, a machine that is not the profile's device (without ``force``), no
+            GPU provider here for a GPU profile, or an ``out`` that is not a calibration file or cannot
+            be written (all checked before measuring).
     """
     profile = load_profile(profile)
+    here = machine_description()
+    mismatch = machine_mismatches(profile, here)
+    if mismatch and not force:
+        raise InputError(f"calibrate --profile {profile.name}: this machine, {describe_machine(here)}, is not the "
+                         f"profile's device ({describe_device(_device(profile))}): {'; '.join(mismatch)}; run "
+                         "calibrate on the device itself, or add --force to record it labelled as forced")
     specs = list(specs or REFERENCE_MODELS)
     batches = sorted(set(batches or [1, profile.batch]))
     gpu_eps = [e for e in profile.execution_providers if e != "CPUExecutionProvider"]
@@ -212,6 +281,7 @@ def calibrate(profile, out: str | os.PathLike | None = None, *, specs=None, batc
     record = {
         "kind": KIND, "format_version": FORMAT_VERSION, "profile": profile.name, "bim_export_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": results[0].machine, "providers": used,
+        "forced": bool(mismatch), "device": _device(profile), "mismatch": mismatch,
         "settings": {k: v for k, v in results[0].settings.items() if k in PROTOCOL_SETTINGS},
         "hardware": hw.signature(), "factors": factors.to_dict(),
         "fit_error": {"median": statistics.median(errors), "max": max(errors), "n": len(errors)},
@@ -219,7 +289,8 @@ def calibrate(profile, out: str | os.PathLike | None = None, *, specs=None, batc
                           "fitted_ms": p} for i, ((_, b), r, p) in enumerate(zip(jobs, results, preds))],
     }
     atomic_write_bytes(dest, (json.dumps(record, indent=2) + "\n").encode(), CALIBRATION)
-    lines = [f"calibrated {profile.name} on {record['machine'].get('cpu')} ({', '.join(used)})",
+    lines = [f"calibrated {profile.name} on {describe_machine(record['machine'])} ({', '.join(used)})"
+             + (f", FORCED: not the profile's device ({'; '.join(mismatch)})" if mismatch else ""),
              f"{'model':<32} {'batch':>5} {'measured ms':>12} {'fitted ms':>10}"]
     lines += [f"{m['model']:<32} {m['batch']:>5} {m['measured_ms']:>12.3f} {m['fitted_ms']:>10.3f}"
               for m in record["measurements"]]

@@ -86,12 +86,12 @@ def predict_latency(path: str | os.PathLike, profile, batch: int | None = None, 
     batch = int(batch or profile.batch)
     hw = hardware or Hardware.from_profile(profile)
     precision = model_precision(path)
-    source, error, note, basis = "predicted", None, "", ""
+    source, error, note, basis, calibration = "predicted", None, "", "", None
     if factors is None:
         cal = load_calibration(profile)
         if cal is not None:
             factors, source, error, basis = cal.factors, "calibrated", cal.expected_error, cal.error_basis
-            note = f"calibrated on {cal.machine.get('cpu', 'the device')}"
+            note, calibration = cal.label, cal.to_dict()
         else:
             factors = default_factors(profile.device_class, hw)
             expected = uncalibrated_error(profile.device_class, precision)
@@ -105,7 +105,7 @@ def predict_latency(path: str | os.PathLike, profile, batch: int | None = None, 
     return LatencyResult(mean=ms, p50=ms, p90=ms, p99=ms, source=source, batch=batch, model=os.fspath(path),
                          profile=profile.name, providers=list(profile.execution_providers),
                          settings={"factors": factors.to_dict(), "hardware": hw.signature(),
-                                   "gflop": cost.flops / 1e9},
+                                   "gflop": cost.flops / 1e9, **({"calibration": calibration} if calibration else {})},
                          peak_memory_mb=(cost.weights_bytes + cost.peak_activation_bytes) / 1e6,
                          expected_error=error, note=note, error_basis=basis)
 
