@@ -47,7 +47,8 @@ deploy (per-device export)
     deploy.validate         re-checking a finished bundle (ships in bundles)
     deploy.candidates       every depth x precision built once, parity-checked, timed
     deploy.ortformat        model.ort and required_operators.config for apps, checked against model.onnx
-    deploy.report           report.md and pareto.png
+    deploy.pareto           pareto.png: latency (with its stated error) vs quality of every candidate
+    deploy.report           report.md: the choice and why
     deploy.bundle           the bundle folder and its manifest
     deploy.pipeline         bim-export --target: checkpoint -> bundles
 cli                         the command line: parse, call one library function, print

@@ -29,7 +29,7 @@ from .candidates import (Trial, Workshop, check_parity, evaluate_candidates, loa
                          to_candidates)
 from .parity import ParityResult
 from .profiles import list_profiles, load_profile
-from .report import PlotPoint
+from .pareto import PlotPoint
 from .selector import select
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,8 @@ def export_profile(shop: Workshop, profile, out: Path, multi_exit: bool = False,
             reference.update({f"{k}_{d}": v[:n] for k, v in shop.reference(int(d)).items()})
     points = [PlotPoint(t.depth, t.precision, None if t.latency is None else t.latency.stat(stat),
                         t.quality, rejected=_rejection(selection, t), chosen=t is choice,
-                        source="" if t.latency is None else source_label(t.latency))
+                        source="" if t.latency is None else source_label(t.latency),
+                        error=None if t.latency is None else t.latency.error(stat))
               for t in trials]
     chosen_row = next(r for r in selection.rows if r.status == "chosen")
     lat_ms = choice.latency.stat(stat)
