@@ -11,6 +11,7 @@ bridge (used by both halves)
     atomic                  atomic writes; what an output may replace; the umask
     machine                 machine description (CPU flags), sha256 (ships in bundles)
     table                   plain-text tables
+    progress                a long job's stages and counts; the command line's bars, lines and log
     data                    image folders, preprocessing, sample and check images
     knn                     kNN on features (numpy; ships in bundles)
     architecture            BimConfig, the timm encoder, the exit API (exit_tokens)
