@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from typing import Iterator, TextIO
 
@@ -66,8 +67,7 @@ class ConsoleProgress(Progress):
 
     def __init__(self, stream: TextIO | None = None, bar: bool | None = None):
         self.stream = stream if stream is not None else sys.stderr
-        isatty = getattr(self.stream, "isatty", None)
-        self.bar = bool(isatty and isatty()) if bar is None else bar
+        self.bar = _is_terminal(self.stream) if bar is None else bar
         self._bars: dict[int, object] = {}
 
     def begin(self, stage: Stage) -> None:
@@ -101,6 +101,17 @@ class ConsoleProgress(Progress):
             tqdm.write(text, file=self.stream)
         else:
             print(text, file=self.stream, flush=True)
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    """A terminal a bar can be drawn on (a pseudo-terminal of 0 columns, as some CI runners give, is not)."""
+    isatty = getattr(stream, "isatty", None)
+    if not (isatty and isatty()):
+        return False
+    try:
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (OSError, ValueError):  # not backed by a file descriptor: take isatty's word
+        return True
 
 
 def line(stage: Stage, what: str, item: str) -> str:
