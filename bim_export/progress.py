@@ -18,6 +18,7 @@ import os
 import sys
 from typing import Iterator, TextIO
 
+
 class Progress:
     """Receives a job's progress. This base drops it: a library call with no reporter is silent."""
 
