@@ -153,8 +153,9 @@ def test_fp32_parity_failure_exit_4_no_bundle(tmp_path, tiny_checkpoint, capsys,
         {"format_version": 1, "bim_export_version": "0", "profile": "tiny-edge", "files": {}}))
     (previous / "model.onnx").write_text("previous model")
     assert main(["--target", str(yaml_path), "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 4
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "fp32 parity failed" in err
+    err = capsys.readouterr().err.splitlines()
+    assert all(re.match(r"^\[ *\d+/\d+\] ", line) for line in err[:-1])  # the progress, then the one error line
+    assert err[-1].startswith("error: ") and "fp32 parity failed" in err[-1]
     assert _leftovers(out) == ["tiny-edge"]
     assert _leftovers(previous) == ["manifest.json", "model.onnx"]  # what was there before, untouched
     assert (previous / "model.onnx").read_text() == "previous model"
