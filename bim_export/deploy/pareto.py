@@ -3,7 +3,8 @@
 How it reads:
 
 - one colour and marker shape per precision (fp32 circle, fp16 square, int8 triangle); filled when
-  the candidate met every budget, hollow when it was rejected; the chosen one on a gold star;
+  the candidate met every budget, hollow when it was rejected; the chosen one edged in black on a
+  gold star;
 - the markers of one depth share its quality, and predicted fp32 and fp16 latencies often coincide:
   each precision is drawn a few points to the side of the last (a fixed order, a few per cent of
   latency on a log axis, far inside the stated errors), so none hides another, and its error bars a
@@ -125,7 +126,7 @@ def pareto_figure(points: list[PlotPoint], budget_ms: float, title: str = "", qu
                 ax.scatter(p.latency_ms, y(p), s=300, marker="*", facecolors="gold", edgecolors="black",
                            linewidths=0.8, zorder=3, transform=shift[prec])
             ax.scatter(p.latency_ms, y(p), s=MARKER_S, marker=marker, linewidths=1.4, transform=shift[prec],
-                       facecolors="white" if p.rejected else color, edgecolors=color,
+                       facecolors="white" if p.rejected else color, edgecolors="black" if p.chosen else color,
                        zorder=5 if p.rejected else 4, gid=p.label)
     for depth in sorted({p.depth for p in pts}):  # one label per depth, over the middle of its markers
         group = [p for p in pts if p.depth == depth]
