@@ -11,6 +11,7 @@ bridge (used by both halves)
     atomic                  atomic writes; what an output may replace; the umask
     machine                 machine description (CPU, GPUs), is it a profile's device; sha256 (ships in bundles)
     table                   plain-text tables
+    progress                a long job's stages and counts; the command line's bars, lines and log
     data                    image folders, preprocessing, sample and check images
     knn                     kNN on features (numpy; ships in bundles)
     architecture            BimConfig, the timm encoder, the exit API (exit_tokens)
@@ -48,7 +49,8 @@ deploy (per-device export)
     deploy.validate         re-checking a finished bundle (ships in bundles)
     deploy.candidates       every depth x precision built once, parity-checked, timed
     deploy.ortformat        model.ort and required_operators.config for apps, checked against model.onnx
-    deploy.report           report.md and pareto.png
+    deploy.pareto           pareto.png: latency (with its stated error) vs quality of every candidate
+    deploy.report           report.md: the choice and why
     deploy.bundle           the bundle folder and its manifest
     deploy.pipeline         bim-export --target: checkpoint -> bundles
 cli                         the command line: parse, call one library function, print

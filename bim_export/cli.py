@@ -8,12 +8,12 @@ Heavy libraries are imported inside the handlers so ``bim-export --help`` stays 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from . import __version__
 from .errors import BimExportError, InputError, NoCandidateError
+from .progress import ConsoleProgress, console_logging
 
 SUBCOMMANDS = ("export", "train", "eval", "backbone", "profiles", "calibrate", "validate")
 
@@ -58,7 +58,7 @@ def _cmd_export(args) -> int:
     from .deploy.pipeline import run_export
 
     summary = run_export(target=args.target, checkpoint=args.checkpoint, out=args.out,
-                         data=args.data, multi_exit=args.multi_exit)
+                         data=args.data, multi_exit=args.multi_exit, progress=args.progress)
     print(summary)
     return 0
 
@@ -250,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Block-wise masked image modeling for timm ViTs, and per-device ONNX export of its backbones. "
         "`bim-export --target NAME` is the same as `bim-export export --target NAME`."))
     parser.add_argument("--version", action="version", version=f"bim-export {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="-v: bim-export's own log; -vv: the libraries' too (torch, onnx, onnxruntime, ...)")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
     for add in (_add_export, _add_train, _add_eval, _add_backbone, _add_profiles, _add_calibrate, _add_validate):
         add(sub)
@@ -262,7 +263,7 @@ def _normalize_argv(argv: list[str]) -> list[str]:
     if any(a in SUBCOMMANDS for a in argv if not a.startswith("-")):
         return argv
     if any(a == "--target" or a.startswith("--target=") for a in argv):
-        flags = [a for a in argv if a in ("-v", "--verbose")]
+        flags = [a for a in argv if a in ("-v", "-vv", "--verbose")]
         return [*flags, "export", *[a for a in argv if a not in flags]]
     return argv
 
@@ -271,12 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(_normalize_argv(argv))
-        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                            format="%(levelname)s %(name)s: %(message)s")
         if args.command is None:
             build_parser().print_help()
             return 2
-        return args.func(args)
+        args.progress = ConsoleProgress(sys.stderr)  # stderr: stdout holds only the result
+        with console_logging(args.verbose, args.progress):
+            return args.func(args)
     except NoCandidateError as e:
         if e.table:
             print(e.table)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -87,17 +88,51 @@ def test_impossible_budget_exit_3_table_on_stdout(tmp_path, tiny_checkpoint, cap
     assert _leftovers(out) == []  # no bundle, no work folder
 
 
+def _progress_lines(err: str) -> list[tuple[int, int, str]]:
+    """The ``[k/n] what item (profile)`` lines of stderr as (k, n, rest)."""
+    found = [re.match(r"^\[ *(\d+)/(\d+)\] (.*)$", line) for line in err.splitlines()]
+    return [(int(m[1]), int(m[2]), m[3]) for m in found if m]
+
+
 def test_export_exit_0_writes_bundle(tmp_path, tiny_checkpoint, capsys):
     yaml_path = _profile_yaml(tmp_path, latency_ms=1000, peak_memory_mb=4000, model_size_mb=100)
     out = tmp_path / "exports"
     assert main(["--target", str(yaml_path), "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 0
-    stdout = capsys.readouterr().out
+    captured = capsys.readouterr()
+    stdout = captured.out
     bundle = out / "tiny-edge"
     assert f"bundle: {bundle}" in stdout
+    # progress: off a terminal, one line per step on stderr, counted stage by stage; none on stdout
+    assert not _progress_lines(stdout) and stdout.lstrip().startswith("depth")
+    steps = _progress_lines(captured.err)
+    assert len(steps) == len(captured.err.splitlines())  # nothing else at the default verbosity
+    assert all(text.endswith("(tiny-edge)") for _, _, text in steps)
+    assert steps[0] == (1, 4, "export depth 2 fp32 (tiny-edge)")  # exits 2, 4 x fp32, int8
+    assert steps[1] == (2, 4, "convert depth 2 int8 (tiny-edge)")
+    k_prev = 0
+    for k, n, _ in steps:  # each stage counts 1..n
+        assert k == k_prev + 1 or k == 1
+        k_prev = k if k < n else 0
+    assert k_prev == 0
+    verbs = [text.split(" depth")[0] for _, _, text in steps]
+    assert verbs == ["export", "convert", "cut", "cut", *["predict"] * 4, *["parity"] * 4, "check", "write"]
     assert _leftovers(out) == ["tiny-edge"]
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["profile"] == "tiny-edge" and manifest["latency"]["source"] == "predicted"
     assert manifest["candidates"]["choice"] == {"depth": manifest["depth"], "precision": manifest["precision"]}
+
+
+def test_verbose_shows_bim_exports_log_not_the_libraries(tmp_path, tiny_checkpoint, capsys):
+    yaml_path = _profile_yaml(tmp_path, latency_ms=0.0001)  # pruned on prediction: a short run
+    args = ["--target", str(yaml_path), "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "o")]
+    assert main(["-v", *args]) == 3
+    err = capsys.readouterr().err.splitlines()
+    records = [line for line in err if not _progress_lines(line) and not line.startswith("error: ")]
+    assert any(line.startswith("INFO bim_export.deploy.candidates: exporting exits [2, 4]") for line in records)
+    assert records and all(line.split(" ")[1].startswith("bim_export.") for line in records)
+    assert main(args) == 3  # without -v: progress and the error line only
+    err = capsys.readouterr().err.splitlines()
+    assert all(_progress_lines(line) for line in err[:-1]) and err[-1].startswith("error: ")
 
 
 def test_fp32_parity_failure_exit_4_no_bundle(tmp_path, tiny_checkpoint, capsys, monkeypatch):
@@ -118,8 +153,9 @@ def test_fp32_parity_failure_exit_4_no_bundle(tmp_path, tiny_checkpoint, capsys,
         {"format_version": 1, "bim_export_version": "0", "profile": "tiny-edge", "files": {}}))
     (previous / "model.onnx").write_text("previous model")
     assert main(["--target", str(yaml_path), "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 4
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "fp32 parity failed" in err
+    err = capsys.readouterr().err.splitlines()
+    assert all(re.match(r"^\[ *\d+/\d+\] ", line) for line in err[:-1])  # the progress, then the one error line
+    assert err[-1].startswith("error: ") and "fp32 parity failed" in err[-1]
     assert _leftovers(out) == ["tiny-edge"]
     assert _leftovers(previous) == ["manifest.json", "model.onnx"]  # what was there before, untouched
     assert (previous / "model.onnx").read_text() == "previous model"

@@ -39,7 +39,8 @@ from ..resources import resource_dir
 from .candidates import ONNX_PROVIDER, Trial, source_label
 from .ortformat import OPS_CONFIG, ORT_MODEL, make_ort
 from .parity import ParityResult
-from .report import PlotPoint, plot_pareto, render_report
+from .pareto import PlotPoint, plot_pareto
+from .report import render_report
 
 FORMAT_VERSION = 1
 MODEL, MANIFEST, REFERENCE, REPORT, PARETO = "model.onnx", "manifest.json", "reference.npz", "report.md", "pareto.png"
@@ -139,7 +140,8 @@ def write_bundle(out_dir: str | Path, spec: BundleSpec) -> Path:
             shutil.copyfile(src, tmp / name)
         budget = profile.budgets.latency_ms
         plot_pareto(spec.points, budget if budget is not None else float("nan"), tmp / PARETO,
-                    title=f"{profile.name}: latency ({stat}) vs quality")
+                    title=f"{profile.name}: latency ({stat}) vs quality", stat=stat,
+                    quality_source=spec.selection.quality_source)
         manifest = build_manifest(spec, tmp / MODEL)
         if ort_format is not None:
             manifest["mobile"]["ort"] = ort_format.to_dict()

@@ -31,6 +31,7 @@ import numpy as np
 from ..data import Images
 from ..checkpoint import exit_quality
 from ..errors import ValidationError
+from ..progress import SILENT, Progress
 from .export import cut_exits
 from .parity import ParityResult, compare_outputs, emulation_note, fixed_batch, merge_results, run_onnx
 from .rewrite import GraphForm, apply_form, form_for
@@ -171,6 +172,22 @@ class Workshop:
         self._models[key] = path
         return path
 
+    def pending(self, depth: int, precision: str, profile) -> str:
+        """What :meth:`model` of this candidate still has to make, for progress lines: ``export``,
+        ``rewrite``, ``convert``, ``calibrate + convert``, else ``cut`` or ``reuse`` (an earlier profile's)."""
+        from .quantize import STATIC_PRESETS
+
+        precision, opset, preset, form = self._graph(precision, profile)
+
+        def made(prec: str, pre: str | None, frm: GraphForm) -> bool:
+            return bool({("full", prec, opset, pre, frm), (depth, prec, opset, pre, frm, False)} & self._models.keys())
+
+        steps = [] if made("fp32", None, GraphForm()) else ["export"]
+        steps += [] if form.plain or made("fp32", None, form) else ["rewrite"]
+        if precision != "fp32" and not made(precision, preset, form):
+            steps.append("calibrate + convert" if precision == "int8" and preset in STATIC_PRESETS else "convert")
+        return " + ".join(steps) or ("reuse" if (depth, precision, opset, preset, form, False) in self._models else "cut")
+
     @cached_property
     def too_big_to_cut(self) -> bool:
         """Whether the all-exits graph would pass protobuf's 2 GB limit (ViT-H and up): each depth is
@@ -274,8 +291,9 @@ def source_label(result) -> str:
     return f"{result.source} ({result.note})" if result.note else result.source
 
 
-def evaluate_candidates(shop: Workshop, profile, progress=None) -> list[Trial]:
-    """Builds, prunes, checks parity of and times every depth x precision for ``profile``."""
+def evaluate_candidates(shop: Workshop, profile, progress: Progress = SILENT) -> list[Trial]:
+    """Builds, prunes, checks parity of and times every depth x precision for ``profile``, telling
+    ``progress`` each step (stages ``candidates``, ``predict``, ``parity``, ``time``)."""
     from .latency.costmodel import predict_memory
     from .placement import predict_on_device
     from .usability import check_model, is_mobile
@@ -283,41 +301,46 @@ def evaluate_candidates(shop: Workshop, profile, progress=None) -> list[Trial]:
     budget = profile.budgets.latency_ms
     stat = profile.budgets.latency_stat
     trials = []
-    for depth in shop.ckpt.config["exits"]:
-        for precision in profile.precisions:
-            model = shop.model(depth, precision, profile)
-            trials.append(Trial(depth, precision, model, exit_quality(shop.ckpt.metrics, depth),
-                                model.stat().st_size / 1e6))
-            if progress is not None:
-                progress.update(1)
+    exits = shop.ckpt.config["exits"]
+    with progress.stage("candidates", len(exits) * len(profile.precisions), profile.name) as st:
+        for depth in exits:
+            for precision in profile.precisions:
+                st.step(f"depth {depth} {precision}", shop.pending(depth, precision, profile))
+                model = shop.model(depth, precision, profile)
+                trials.append(Trial(depth, precision, model, exit_quality(shop.ckpt.metrics, depth),
+                                    model.stat().st_size / 1e6))
     # Predict from the graph (cheap) and prune before anything is run or timed. For a profile that is
     # not measured here the prediction is also the latency figure (what latency_for_profile returns
     # for it, labelled predicted or calibrated); host has no hardware figures and is only measured.
     if is_mobile(profile):  # what the phone's accelerator takes of each graph decides where it is predicted
-        for t in trials:
-            t.usability = check_model(t.model, profile)
-    for t in trials:
-        if profile.hardware is None:
-            continue
-        t.predicted = t.latency = predict_on_device(t.model, t.usability, profile)
-        t.runs_on = t.predicted.settings["runs_on"]
-        t.memory_mb = t.predicted.peak_memory_mb
-        pred = t.predicted.stat(stat)
-        if budget is not None and pred > PRUNE_FACTOR * budget:
-            t.pruned = f"predicted {pred:.3g} ms is over {PRUNE_FACTOR:g}x the {budget:g} ms budget"
-    for t in trials:
-        if t.pruned:
-            continue
-        # Judged on the all-exits graph the candidate was cut from (the same nodes; one session per
-        # precision instead of one per depth); the chosen file is re-checked before it is bundled.
-        graph, suffixed = shop.parity_graph(t.depth, t.precision, profile)
-        t.parity = check_parity(shop, t.depth, t.precision, graph, profile, multi_exit=suffixed)
-        if t.precision == "fp32" and not t.parity.passed:
-            raise ValidationError(
-                f"fp32 parity failed at depth {t.depth} ({t.parity.brief()}): the ONNX export does not "
-                f"compute what PyTorch computes; no bundle written")
-    timed = [t for t in trials if not t.pruned and t.parity.passed and (profile.measured or t.latency is None)]
-    measure_trials(timed, profile)
+        with progress.stage("usability", len(trials), profile.name) as st:
+            for t in trials:
+                st.step(f"depth {t.depth} {t.precision}")
+                t.usability = check_model(t.model, profile)
+    predictable = trials if profile.hardware is not None else []  # host has no figures: only measured
+    with progress.stage("predict", len(predictable), profile.name) as st:
+        for t in predictable:
+            st.step(f"depth {t.depth} {t.precision}")
+            t.predicted = t.latency = predict_on_device(t.model, t.usability, profile)
+            t.runs_on = t.predicted.settings["runs_on"]
+            t.memory_mb = t.predicted.peak_memory_mb
+            pred = t.predicted.stat(stat)
+            if budget is not None and pred > PRUNE_FACTOR * budget:
+                t.pruned = f"predicted {pred:.3g} ms is over {PRUNE_FACTOR:g}x the {budget:g} ms budget"
+    checked = [t for t in trials if not t.pruned]
+    with progress.stage("parity", len(checked), profile.name) as st:
+        for t in checked:
+            st.step(f"depth {t.depth} {t.precision}")
+            # Judged on the all-exits graph the candidate was cut from (the same nodes; one session per
+            # precision instead of one per depth); the chosen file is re-checked before it is bundled.
+            graph, suffixed = shop.parity_graph(t.depth, t.precision, profile)
+            t.parity = check_parity(shop, t.depth, t.precision, graph, profile, multi_exit=suffixed)
+            if t.precision == "fp32" and not t.parity.passed:
+                raise ValidationError(
+                    f"fp32 parity failed at depth {t.depth} ({t.parity.brief()}): the ONNX export does not "
+                    f"compute what PyTorch computes; no bundle written")
+    timed = [t for t in checked if t.parity.passed and (profile.measured or t.latency is None)]
+    measure_trials(timed, profile, progress=progress)
     timed_ids = {id(t) for t in timed}
     for t in trials:
         if id(t) in timed_ids:
@@ -327,7 +350,7 @@ def evaluate_candidates(shop: Workshop, profile, progress=None) -> list[Trial]:
     return trials
 
 
-def measure_trials(trials: list[Trial], profile, settings: dict | None = None) -> None:
+def measure_trials(trials: list[Trial], profile, settings: dict | None = None, progress: Progress = SILENT) -> None:
     """Sets each trial's latency for ``profile``; measured ones are timed in one worker, interleaved.
 
     Where a deeper model comes out faster than a shallower one of the same precision beyond both
@@ -339,7 +362,11 @@ def measure_trials(trials: list[Trial], profile, settings: dict | None = None) -
     if not trials:
         return
     settings = dict(settings or MEASURE)
-    for t, r in zip(trials, latencies_for_profile([t.model for t in trials], profile, profile.batch, **settings)):
+    with progress.stage("time", 1, profile.name) as st:
+        st.step(f"{len(trials)} candidates" + (" on this machine, interleaved" if profile.measured else ""),
+                "measure" if profile.measured else "predict")
+        results = latencies_for_profile([t.model for t in trials], profile, profile.batch, **settings)
+    for t, r in zip(trials, results):
         t.latency = r
     if not profile.measured:
         return
@@ -356,7 +383,9 @@ def measure_trials(trials: list[Trial], profile, settings: dict | None = None) -
     log.info("latency table inverted (%s): re-measuring those rows", ", ".join(trials[i].label for i in involved))
     again = {**settings, "rounds": 2 * settings["rounds"],
              "max_rounds": 2 * settings["max_rounds"] if settings.get("max_rounds") else None}
-    redo = latencies_for_profile([trials[i].model for i in involved], profile, profile.batch, **again)
+    with progress.stage("time again", 1, profile.name) as st:
+        st.step(", ".join(trials[i].label for i in involved), "measure again")
+        redo = latencies_for_profile([trials[i].model for i in involved], profile, profile.batch, **again)
     for i, r in zip(involved, redo):
         r.settings["remeasured"] = "a deeper model of the same precision was faster beyond both errors"
         trials[i].latency = r

@@ -210,14 +210,16 @@ def _restore_weights(proto, held: dict[str, bytes]) -> int:
 @contextlib.contextmanager
 def _quiet_exporter():
     """The exporter logs every step and warns about what it works around; the checks after it
-    (opset, onnx.checker, the pipeline's parity) are what tell whether it worked."""
+    (opset, onnx.checker, the pipeline's parity) are what tell whether it worked. A caller that asked
+    for the libraries' debug records (``bim-export -vv``) gets them all."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript", "torch._dynamo")]
     levels = [lg.level for lg in loggers]
+    wanted = logging.getLogger("onnxscript").isEnabledFor(logging.DEBUG)
     try:
         for lg in loggers:
-            lg.setLevel(logging.ERROR)
+            lg.setLevel(logging.DEBUG if wanted else logging.ERROR)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            warnings.simplefilter("default" if wanted else "ignore")
             yield
     finally:
         for lg, level in zip(loggers, levels):

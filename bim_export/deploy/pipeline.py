@@ -23,13 +23,14 @@ from pathlib import Path
 
 from ..checkpoint import quality_source
 from ..errors import NoCandidateError, ValidationError
+from ..progress import SILENT, Progress
 from ..table import format_table
 from .bundle import BundleSpec, bundle_kind, write_bundle
 from .candidates import (Trial, Workshop, check_parity, evaluate_candidates, load_images, source_label,
                          to_candidates)
 from .parity import ParityResult
 from .profiles import list_profiles, load_profile
-from .report import PlotPoint
+from .pareto import PlotPoint
 from .selector import select
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,9 @@ class Outcome:
     latency_source: str = ""
 
 
-def export_profile(shop: Workshop, profile, out: Path, multi_exit: bool = False, progress=None) -> Outcome:
-    """Candidates -> selector -> bundle for one profile.
+def export_profile(shop: Workshop, profile, out: Path, multi_exit: bool = False,
+                   progress: Progress = SILENT) -> Outcome:
+    """Candidates -> selector -> bundle for one profile, each step told to ``progress``.
 
     Raises:
         NoCandidateError: nothing meets the budgets (with the candidate table).
@@ -79,41 +81,47 @@ def export_profile(shop: Workshop, profile, out: Path, multi_exit: bool = False,
     selection = select(to_candidates(trials, profile), profile, quality_source(shop.ckpt.metrics))
     choice = next(t for t in trials if (t.depth, t.precision) == (selection.choice.depth, selection.choice.precision))
     stat, budget = profile.budgets.latency_stat, profile.budgets.latency_ms
-
-    shipped = verify_file(shop, choice, choice.model, profile)
-    n = min(REFERENCE_IMAGES, len(shop.images.parity))
-    ref = shop.reference(choice.depth)
-    reference = {"pixels": shop.images.parity[:n], "tokens": ref["tokens"][:n],
-                 "embedding": ref["embedding"][:n], "labels": shop.images.labels[:n]}
-    dynamic, dynamic_parity = None, None
-    if profile.dynamic_batch_file:  # the second file the profile asks for: same graph, batch axis dynamic
-        dynamic = shop.model(choice.depth, choice.precision, profile, dynamic=True)
-        dynamic_parity = verify_file(shop, choice, dynamic, profile)
-    model, exit_parity = None, {}
-    if multi_exit:
-        model, exit_parity = multi_exit_model(shop, choice, profile)
-        for d in exit_parity:
-            reference.update({f"{k}_{d}": v[:n] for k, v in shop.reference(int(d)).items()})
-    points = [PlotPoint(t.depth, t.precision, None if t.latency is None else t.latency.stat(stat),
-                        t.quality, rejected=_rejection(selection, t), chosen=t is choice,
-                        source="" if t.latency is None else source_label(t.latency))
-              for t in trials]
-    chosen_row = next(r for r in selection.rows if r.status == "chosen")
-    lat_ms = choice.latency.stat(stat)
-    why = (f"Depth {choice.depth} in {choice.precision}: {chosen_row.reason}. Its latency is {lat_ms:.2f} ms {stat}"
-           f"{_error_text(choice.latency, stat)} ({source_label(choice.latency)})"
-           + (f" against a budget of {budget:g} ms" if budget else "")
-           + f"; parity {choice.parity.brief()}. The rule: among candidates that pass parity and every budget, "
-           "the best quality (the exit's kNN top-1); within half a point of it, the lowest latency.")
-    spec = BundleSpec(profile=profile, selection=selection, choice=choice, parity=shipped,
-                      checkpoint=shop.ckpt.config, metrics=shop.ckpt.metrics, data=shop.images.describe(),
-                      conversion=shop.conversions.get(choice.model, {"precision": "fp32", "method": "export"}),
-                      reference=reference, points=points, why=why, model_path=model, exit_parity=exit_parity,
-                      mobile=mobile_record(trials, choice, profile), dynamic_model=dynamic,
-                      dynamic_parity=dynamic_parity)
-    bundle = write_bundle(out, spec)
-    return Outcome(profile.name, bundle, choice, table=selection.table(), stat=stat, budget_ms=budget,
-                   latency_source=source_label(choice.latency))
+    with progress.stage("bundle", 2 + bool(profile.dynamic_batch_file) + multi_exit, profile.name) as st:
+        item = f"depth {choice.depth} {choice.precision}"
+        st.step(f"{item}: parity of the file that ships", "check")
+        shipped = verify_file(shop, choice, choice.model, profile)
+        n = min(REFERENCE_IMAGES, len(shop.images.parity))
+        ref = shop.reference(choice.depth)
+        reference = {"pixels": shop.images.parity[:n], "tokens": ref["tokens"][:n],
+                     "embedding": ref["embedding"][:n], "labels": shop.images.labels[:n]}
+        dynamic, dynamic_parity = None, None
+        if profile.dynamic_batch_file:  # the second file the profile asks for: same graph, batch axis dynamic
+            st.step(f"{item}: its dynamic-batch file", "check")
+            dynamic = shop.model(choice.depth, choice.precision, profile, dynamic=True)
+            dynamic_parity = verify_file(shop, choice, dynamic, profile)
+        model, exit_parity = None, {}
+        if multi_exit:
+            st.step(f"{item}: one graph of every exit up to it", "export")
+            model, exit_parity = multi_exit_model(shop, choice, profile)
+            for d in exit_parity:
+                reference.update({f"{k}_{d}": v[:n] for k, v in shop.reference(int(d)).items()})
+        points = [PlotPoint(t.depth, t.precision, None if t.latency is None else t.latency.stat(stat),
+                            t.quality, rejected=_rejection(selection, t), chosen=t is choice,
+                            source="" if t.latency is None else source_label(t.latency),
+                            error=None if t.latency is None else t.latency.error(stat))
+                  for t in trials]
+        chosen_row = next(r for r in selection.rows if r.status == "chosen")
+        lat_ms = choice.latency.stat(stat)
+        why = (f"Depth {choice.depth} in {choice.precision}: {chosen_row.reason}. Its latency is {lat_ms:.2f} ms {stat}"
+               f"{_error_text(choice.latency, stat)} ({source_label(choice.latency)})"
+               + (f" against a budget of {budget:g} ms" if budget else "")
+               + f"; parity {choice.parity.brief()}. The rule: among candidates that pass parity and every budget, "
+               "the best quality (the exit's kNN top-1); within half a point of it, the lowest latency.")
+        spec = BundleSpec(profile=profile, selection=selection, choice=choice, parity=shipped,
+                          checkpoint=shop.ckpt.config, metrics=shop.ckpt.metrics, data=shop.images.describe(),
+                          conversion=shop.conversions.get(choice.model, {"precision": "fp32", "method": "export"}),
+                          reference=reference, points=points, why=why, model_path=model, exit_parity=exit_parity,
+                          mobile=mobile_record(trials, choice, profile), dynamic_model=dynamic,
+                          dynamic_parity=dynamic_parity)
+        st.step(f"{item} to {Path(out) / profile.name}", "write")
+        bundle = write_bundle(out, spec)
+        return Outcome(profile.name, bundle, choice, table=selection.table(), stat=stat, budget_ms=budget,
+                       latency_source=source_label(choice.latency))
 
 
 def mobile_record(trials: list[Trial], choice: Trial, profile) -> dict | None:
@@ -164,8 +172,9 @@ def _rejection(selection, trial: Trial) -> str | None:
 
 
 def run_export(target: str, checkpoint: Path | None = None, out: Path = Path("exports"),
-               data: Path | None = None, multi_exit: bool = False) -> str:
-    """Exports the best backbone for ``target`` (a profile, alias, YAML path or ``all``).
+               data: Path | None = None, multi_exit: bool = False, progress: Progress = SILENT) -> str:
+    """Exports the best backbone for ``target`` (a profile, alias, YAML path or ``all``), telling
+    ``progress`` each stage of the work (silent by default).
 
     Returns:
         A human summary: the bundle(s), choice, latency with its source, parity.
@@ -176,8 +185,6 @@ def run_export(target: str, checkpoint: Path | None = None, out: Path = Path("ex
         NoCandidateError: nothing meets the budget (exit 3; for ``all``, after the other bundles).
         ValidationError: fp32 parity failed (exit 4; no bundle for that profile).
     """
-    from tqdm import tqdm
-
     from ..atomic import check_destination, work_dir
     from ..checkpoint import load_checkpoint
     from ..resources import default_checkpoint_dir
@@ -193,12 +200,12 @@ def run_export(target: str, checkpoint: Path | None = None, out: Path = Path("ex
     outcomes: list[Outcome] = []
     try:
         shop = Workshop(ckpt, images, work)
-        total = sum(len(ckpt.config["exits"]) * len(p.precisions) for p in profiles)
-        with tqdm(total=total, desc="candidates", unit="model", disable=None, leave=False) as bar:
+        with progress.stage("target", len(profiles) if len(profiles) > 1 else 0) as st:
             for profile in profiles:
-                bar.set_postfix_str(profile.name)
+                if len(profiles) > 1:
+                    st.step(profile.name)
                 try:
-                    outcomes.append(export_profile(shop, profile, out, multi_exit, bar))
+                    outcomes.append(export_profile(shop, profile, out, multi_exit, progress))
                 except NoCandidateError as e:
                     if len(profiles) == 1:
                         raise

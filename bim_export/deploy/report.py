@@ -1,9 +1,7 @@
-"""What a person reads in a bundle: report.md (the choice and why) and pareto.png (latency vs quality)."""
+"""What a person reads in a bundle: report.md, the choice and why (pareto.png: :mod:`~bim_export.deploy.pareto`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 SCRIPT_NOTES = {
@@ -20,105 +18,6 @@ SCRIPT_NOTES = {
                "model.onnx on the reference inputs, through the CoreML provider with the profile's options where "
                "this onnxruntime build has it (a Mac), else the CPU."),
 }
-
-
-@dataclass
-class PlotPoint:
-    """One candidate on the Pareto plot.
-
-    Attributes:
-        depth: the exit depth.
-        precision: fp32, fp16 or int8.
-        latency_ms: the latency used for the budget check (None if never estimated).
-        quality: the exit's quality (kNN top-1 in [0, 1]), or None.
-        rejected: the reason it was rejected, or None if it met every budget.
-        chosen: whether this is the selected candidate.
-        source: ``measured`` / ``predicted`` / ...
-    """
-
-    depth: int
-    precision: str
-    latency_ms: float | None
-    quality: float | None
-    rejected: str | None = None
-    chosen: bool = False
-    source: str = ""
-
-    @property
-    def label(self) -> str:
-        return f"d{self.depth} {self.precision}"
-
-
-# ------------------------------------------------------------------------------------------ plot
-
-
-def plot_pareto(points: list[PlotPoint], budget_ms: float, path: Path, title: str = "") -> None:
-    """Latency vs quality of every candidate.
-
-    One colour per precision, its depths joined in order and numbered; rejected candidates hollow
-    with a red x, the chosen one starred, the budget a dashed vertical line. Without kNN figures
-    the y axis is the exit depth (deeper is better).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
-
-    pts = [p for p in points if p.latency_ms is not None]
-    have_quality = bool(pts) and all(p.quality is not None for p in pts)
-
-    def y(p: PlotPoint) -> float:
-        return p.quality * 100 if have_quality else p.depth
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-    colors = {"fp32": "tab:blue", "fp16": "tab:green", "int8": "tab:orange"}
-    for prec, c in colors.items():
-        line = sorted((p for p in pts if p.precision == prec), key=lambda p: p.depth)
-        if line:
-            ax.plot([p.latency_ms for p in line], [y(p) for p in line], color=c, alpha=0.35, linewidth=1, zorder=1)
-    rows: dict[float, list[PlotPoint]] = {}
-    for p in pts:
-        c = colors.get(p.precision, "tab:gray")
-        if p.rejected:
-            ax.scatter(p.latency_ms, y(p), s=55, facecolors="white", edgecolors=c, linewidths=1.4, zorder=2)
-            ax.scatter(p.latency_ms, y(p), s=22, marker="x", color="tab:red", linewidths=1, zorder=3)
-        else:
-            ax.scatter(p.latency_ms, y(p), s=55, color=c, zorder=2)
-        if p.chosen:
-            ax.scatter(p.latency_ms, y(p), s=360, marker="*", facecolors="gold", edgecolors="black", zorder=4)
-        rows.setdefault(y(p), []).append(p)
-    for row in rows.values():  # depth numbers, alternately above and below along a crowded row
-        for k, p in enumerate(sorted(row, key=lambda p: p.latency_ms)):
-            ax.annotate(str(p.depth), (p.latency_ms, y(p)), textcoords="offset points",
-                        xytext=(0, (13 if p.chosen else 8) if k % 2 == 0 else (-19 if p.chosen else -14)),
-                        ha="center", fontsize=8,
-                        color=colors.get(p.precision, "tab:gray"))
-    if budget_ms == budget_ms:  # not NaN: the profile has a latency budget
-        ax.axvline(budget_ms, color="tab:red", linestyle="--", linewidth=1.2)
-        ax.annotate(f"budget {budget_ms:g} ms", (budget_ms, 0.02), xycoords=("data", "axes fraction"),
-                    textcoords="offset points", xytext=(4, 0), color="tab:red", fontsize=8)
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "235" else ""))
-    ax.margins(x=0.12, y=0.15)
-    ax.set_xlabel("latency (ms, log scale)")
-    ax.set_ylabel("kNN top-1 of the exit (%)" if have_quality else "exit depth")
-    if title:
-        ax.set_title(title, fontsize=10)
-    handles = [plt.Line2D([], [], marker="o", color=c, label=k) for k, c in colors.items()
-               if any(p.precision == k for p in pts)]
-    handles += [
-        plt.Line2D([], [], marker="o", linestyle="", markerfacecolor="white", markeredgecolor="gray", label="rejected"),
-        plt.Line2D([], [], marker="*", linestyle="", markersize=12, markerfacecolor="gold", markeredgecolor="black",
-                   label="chosen"),
-        plt.Line2D([], [], linestyle="--", color="tab:red", label="latency budget"),
-    ]
-    ax.legend(handles=handles, loc="best", fontsize=8, title="numbers: exit depth", title_fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------- report
