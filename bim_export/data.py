@@ -8,20 +8,24 @@ no label (``-1``). Preprocessing for evaluation, calibration and parity is one f
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 
 from .errors import InputError
 from .resources import sample_images_dir
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# Formats Pillow opens that are not still photos: animations and video (FLI/FLC, MPEG), and
+# PostScript (vector; rasterizing it needs Ghostscript). Stub formats (BUFR, GRIB, HDF5, WMF), which
+# decode only through a handler an application registers, are left out by their class.
+NOT_STILL_IMAGES = frozenset({"FLI", "MPEG", "EPS"})
 # What decoding a bad file raises: truncated or corrupt data, and images over Pillow's pixel limit
 # (Image.MAX_IMAGE_PIXELS x 2; a 20000 x 20000 PNG of a few KB would take 1.2 GB as RGB).
 UNREADABLE_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -56,6 +60,26 @@ class ImageList:
         return len(self.paths)
 
 
+@functools.cache
+def image_extensions() -> tuple[str, ...]:
+    """File extensions (lower case, with the dot) of every still-image format the installed Pillow
+    decodes: JPEG, PNG, WebP, BMP, TIFF, GIF, AVIF, JPEG 2000, PPM, TGA, ... as that build has them.
+
+    Computed on first use (registering Pillow's plugins takes a tenth of a second). The device-side
+    scripts (``targets/common.py``) derive the same list the same way.
+    """
+    Image.init()
+    out = []
+    for ext, fmt in Image.registered_extensions().items():
+        factory = Image.OPEN.get(fmt, (None,))[0]
+        if factory is None or fmt in NOT_STILL_IMAGES:
+            continue
+        if isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile):
+            continue
+        out.append(ext.lower())
+    return tuple(sorted(set(out)))
+
+
 def list_image_files(root: str | Path) -> list[str]:
     """The image files under ``root`` by extension, recursively, without opening them.
 
@@ -78,6 +102,7 @@ def list_image_files(root: str | Path) -> list[str]:
     if not root.is_dir():
         raise InputError(f"{root}: data path is not a folder")
     names: list[str] = []
+    extensions = image_extensions()
     inside = os.path.join(os.path.realpath(root), "")
     seen: set[str] = set()  # link targets outside root already listed
     stack = [(os.fspath(root), "")]
@@ -95,7 +120,7 @@ def list_image_files(root: str | Path) -> list[str]:
             if name.startswith("."):
                 continue
             try:
-                if name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
+                if name.lower().endswith(extensions) and entry.is_file():
                     names.append(rel + name)
                 elif entry.is_dir():
                     if entry.is_symlink():
@@ -107,7 +132,8 @@ def list_image_files(root: str | Path) -> list[str]:
             except OSError:  # a dangling link, or an entry removed while listing
                 continue
     if not names:
-        raise InputError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively)")
+        raise InputError(f"{root}: no images found (looked recursively for the {len(extensions)} still-image "
+                         f"formats Pillow reads here: .jpg, .png, .webp, .bmp, .tif, ...)")
     names.sort(key=lambda n: n.replace("/", "\0"))  # part by part, like sorted(Path)
     return names
 

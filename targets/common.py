@@ -9,6 +9,7 @@ normalize with the manifest's mean/std); a test in the bim-export repository kee
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -16,9 +17,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# Pillow formats that are not still photos (animation, video, PostScript), as in bim_export.data.
+NOT_STILL_IMAGES = frozenset({"FLI", "MPEG", "EPS"})
 CPU = "CPUExecutionProvider"
 # What decoding a bad file raises: truncated or corrupt data, and images over Pillow's pixel limit
 # (a decompression bomb: a few KB of PNG that would take gigabytes decoded).
@@ -36,6 +38,21 @@ def load_manifest(bundle: str | Path) -> dict:
         return json.load(f)
 
 
+@functools.cache
+def image_extensions() -> tuple[str, ...]:
+    """Extensions of every still-image format this Pillow decodes (as ``bim_export.data.image_extensions``)."""
+    Image.init()
+    out = []
+    for ext, fmt in Image.registered_extensions().items():
+        factory = Image.OPEN.get(fmt, (None,))[0]
+        if factory is None or fmt in NOT_STILL_IMAGES:
+            continue
+        if isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile):
+            continue  # decodes only through a handler an application registers
+        out.append(ext.lower())
+    return tuple(sorted(set(out)))
+
+
 def preprocess(img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """Shorter side to ``size`` (bicubic), centre crop, normalize. Returns float32 [3, size, size]."""
     w, h = img.size
@@ -50,11 +67,13 @@ def preprocess(img: Image.Image, size: int, mean: Sequence[float], std: Sequence
 
 
 def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Image files named directly or found (recursively, sorted) under the folders named."""
+    """Image files named directly or found (recursively, sorted) under the folders named: files of
+    every still-image format Pillow reads (:func:`image_extensions`)."""
     found: list[Path] = []
+    extensions = image_extensions()
     for item in map(Path, inputs):
         if item.is_dir():
-            found += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
         elif item.is_file():
             found.append(item)
         else:

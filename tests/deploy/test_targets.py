@@ -64,9 +64,13 @@ def _run_script(bundle: Path, script: str, *args) -> subprocess.CompletedProcess
 
 
 def test_preprocess_matches_package(common):
+    from bim_export.data import image_extensions
+
     img = Image.fromarray(np.random.default_rng(3).integers(0, 255, (37, 53, 3), dtype=np.uint8))
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     np.testing.assert_array_equal(common.preprocess(img, 24, mean, std), package_preprocess(img, 24, mean, std))
+    assert common.image_extensions() == image_extensions()  # the same files are images on both sides
+    assert ".tiff" in common.image_extensions()
 
 
 @pytest.mark.parametrize("available,expected", [
@@ -153,6 +157,13 @@ def test_script_prints_embeddings_matching_onnxruntime(bundle, images, script, c
 
     ref = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"]).run(["embedding"], {"pixels": x})[0]
     np.testing.assert_allclose(np.load(out), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_script_reads_tiff_images(bundle, images):
+    Image.open(images / "sub" / "im0.png").save(images / "sub" / "im3.tiff")
+    done = _run_script(bundle, "cpu.py", images)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("(dim 16,") == 4 and f"{images / 'sub' / 'im3.tiff'}: [" in done.stdout
 
 
 def test_script_gallery_top_k(bundle, images):

@@ -245,6 +245,20 @@ def test_bad_data_folders(tmp_path):
     assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o3", "o4"))
 
 
+def test_trains_on_tiff_images(tmp_path):
+    """A folder of TIFF photos (a format Pillow reads besides JPEG/PNG) trains like any other."""
+    from PIL import Image
+
+    from bim_export.resources import sample_images_dir
+
+    data = tmp_path / "tiff"
+    for src in sorted(sample_images_dir().rglob("*.jpg"))[:8]:
+        (data / src.parent.name).mkdir(parents=True, exist_ok=True)
+        Image.open(src).save(data / src.parent.name / f"{src.stem}.tiff")
+    train(tiny_train_config(tmp_path / "run", data=data, steps=1))
+    assert load_checkpoint(tmp_path / "run").config["step"] == 1
+
+
 def test_train_cli(tmp_path, capsys):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(textwrap.dedent("""
