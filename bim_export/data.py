@@ -43,14 +43,14 @@ class ImageList:
         paths: readable image files, sorted.
         labels: class index per path, -1 where the image sits directly under ``root``.
         classes: class names (sub-folder names), sorted; index = label.
-        unreadable: files with an image extension that could not be opened.
+        unreadable: files with an image extension that could not be decoded, each with why.
     """
 
     root: Path
     paths: list[Path]
     labels: list[int]
     classes: list[str]
-    unreadable: list[Path] = field(default_factory=list)
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)
 
     @property
     def labelled(self) -> bool:
@@ -173,7 +173,7 @@ def scan_image_folder(root: str | Path, verify: bool = True) -> ImageList:
         remap = {old: new for new, old in enumerate(used)}
         classes = [classes[i] for i in used]
         labels = [remap.get(lbl, -1) for lbl in labels]
-    return ImageList(root, paths, labels, classes, [p for p, _ in bad])
+    return ImageList(root, paths, labels, classes, bad)
 
 
 def unreadable_reason(path: str | Path) -> str | None:
@@ -259,14 +259,27 @@ class Images:
     parity: np.ndarray  # [Np, 3, S, S]
     labels: np.ndarray  # [Np], -1 unlabelled
     folder: Path | None = None  # the --data folder; None: the built-in sample images
-    found: int = 0  # image files in it (unreadable ones not drawn into the sample included)
+    found: int = 0  # image files in it, readable or not
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)  # files skipped, with why
+    every_file_decoded: bool = False  # False: only the sampled files were decoded (the rest listed)
 
     def describe(self) -> dict:
-        """What manifest.json records of the images parity and calibration were run on."""
-        return {"folder": str(self.folder) if self.folder is not None else None,
-                "source": "--data" if self.folder is not None else "built-in sample images",
+        """What manifest.json records of the images parity and calibration were run on, with every
+        file that was skipped as unreadable (path relative to the folder, and why)."""
+        root = self.folder
+        return {"folder": str(root) if root is not None else None,
+                "source": "--data" if root is not None else "built-in sample images",
                 "images": self.found, "parity_images": len(self.parity), "calibration_images": len(self.calib),
-                "labelled": bool(len(self.labels)) and bool((self.labels >= 0).all())}
+                "labelled": bool(len(self.labels)) and bool((self.labels >= 0).all()),
+                "decoded": "every file" if self.every_file_decoded else "the sampled files",
+                "unreadable": [{"file": _relative(p, root), "reason": why} for p, why in self.unreadable]}
+
+
+def _relative(path: Path, root: Path | None) -> str:
+    try:
+        return path.relative_to(root).as_posix() if root is not None else str(path)
+    except ValueError:
+        return str(path)
 
 
 def load_check_images(data: Path | None, config: dict, calib: int, parity: int, minimum: int) -> Images:
@@ -286,6 +299,7 @@ def load_check_images(data: Path | None, config: dict, calib: int, parity: int, 
         images = _sample(scan_image_folder(data, verify=False), config, calib, parity)
     except UNREADABLE_IMAGE:  # an unreadable file was drawn
         images = _sample(scan_image_folder(data, verify=True), config, calib, parity)
+        images.every_file_decoded = True
     if len(images.parity) < minimum:
         raise InputError(f"{data}: {len(images.parity)} readable image{'s' * (len(images.parity) != 1)}; parity "
                          f"and int8 calibration need at least {minimum} (add images, or leave out "
@@ -298,7 +312,7 @@ def _sample(images: ImageList, config: dict, n_calib: int, n_parity: int) -> Ima
     size, mean, std = config["img_size"], config["mean"], config["std"]
     calib, _ = load_image_array(images, size, mean, std, limit=n_calib, seed=0)
     parity, labels = load_image_array(images, size, mean, std, limit=n_parity, seed=1)
-    return Images(calib, parity, labels, found=len(images))
+    return Images(calib, parity, labels, found=len(images) + len(images.unreadable), unreadable=images.unreadable)
 
 
 # ---------------------------------------------------------------- real images from installed wheels

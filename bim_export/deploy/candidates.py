@@ -97,9 +97,14 @@ class Workshop:
         return self._refs[depth]
 
     def metadata(self, precision: str) -> dict[str, Any]:
+        """metadata_props of the exported graphs: the source, the preprocessing, and how the
+        ``embedding`` output pools the tokens (``token`` / ``avg``) and how many of the ``tokens``
+        output's leading tokens are prefix tokens (class and register tokens)."""
         cfg = self.ckpt.config
+        bb = self.backbone(max(cfg["exits"]))
         return {"depth": max(cfg["exits"]), "exits": list(cfg["exits"]), "precision": precision,
-                "mean": list(cfg["mean"]), "std": list(cfg["std"])}
+                "mean": list(cfg["mean"]), "std": list(cfg["std"]), "resolution": cfg["img_size"],
+                "pooling": bb.global_pool, "prefix_tokens": int(bb.num_prefix_tokens)}
 
     @staticmethod
     def _graph(precision: str, profile, dynamic: bool = False) -> tuple[str, int, str | None, GraphForm]:
