@@ -134,6 +134,17 @@ def choose_providers(preferred: Sequence, available: Sequence[str] | None = None
     return [*chosen, CPU]
 
 
+def fallback_warning(requested: Sequence, used: Sequence[str]) -> str | None:
+    """A warning line when the session runs without a provider that was asked for (missing from this
+    onnxruntime build, or dropped by onnxruntime when it could not start, which it does silently),
+    or None when it got every one."""
+    missing = [provider_name(p) for p in requested if provider_name(p) not in used and provider_name(p) != CPU]
+    if not missing:
+        return None
+    return (f"warning: {', '.join(missing)} not available here (onnxruntime "
+            f"{'offers' if len(used) != 1 else 'offers only'} {', '.join(used)}); running on {used[0]}")
+
+
 def make_session(model: str | Path, providers: Sequence, threads: int | None = None):
     """An InferenceSession with full graph optimization and, if given, a fixed intra-op thread count."""
     import onnxruntime as ort
@@ -314,7 +325,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def run_main(args: argparse.Namespace, providers: Sequence, *, runner_factory=None, script_dir: Path) -> int:
+def run_main(args: argparse.Namespace, providers: Sequence, *, runner_factory=None, script_dir: Path,
+             requested: Sequence | None = None) -> int:
     """Loads the bundle, embeds the images (and gallery) and prints embeddings or top-k, then timing.
 
     Args:
@@ -322,6 +334,8 @@ def run_main(args: argparse.Namespace, providers: Sequence, *, runner_factory=No
         providers: execution providers to try, best first (already filtered by availability).
         runner_factory: optional ``(session, output_name) -> Runner`` (IO binding); default plain run.
         script_dir: the folder of the calling script (the bundle, when run from one).
+        requested: the providers the device should run on, best first (default: ``providers``); one
+            the session runs without is named on stderr (:func:`fallback_warning`).
     """
     bundle = args.bundle or script_dir
     manifest = load_manifest(bundle)
@@ -329,6 +343,9 @@ def run_main(args: argparse.Namespace, providers: Sequence, *, runner_factory=No
     batch = args.batch or int(manifest.get("batch", 1))
     session = make_session(model, providers, args.threads)
     used = session.get_providers()
+    warning = fallback_warning(requested if requested is not None else providers, used)
+    if warning:
+        print(warning, file=sys.stderr)
     output = embedding_output(session, args.exit_depth)
     runner = (runner_factory or Runner)(session, output)
     paths, x = load_images(collect_images(args.images), manifest)
@@ -340,7 +357,8 @@ def run_main(args: argparse.Namespace, providers: Sequence, *, runner_factory=No
         gallery_paths, gallery_x = load_images(collect_images([args.gallery]), manifest)
         gallery = runner(gallery_x, batch)
     print(report(paths, emb, gallery_paths, gallery, args.top_k))
-    print(f"model: {model} ({manifest.get('precision', '?')}, depth {manifest.get('depth', '?')})")
+    pooled = f", {manifest['pooling']} pooling" if manifest.get("pooling") else ""
+    print(f"model: {model} ({manifest.get('precision', '?')}, depth {manifest.get('depth', '?')}{pooled})")
     print(timing_line(runner.times_ms, batch, used))
     if args.save is not None:
         np.save(args.save, emb)

@@ -94,6 +94,35 @@ def test_jetson_fallback_order(common, tmp_path, available, expected):
     assert jetson.preferred_providers(tmp_path, "int8")[0][1]["trt_int8_enable"]
 
 
+def test_fallback_warning_names_what_the_session_runs_without(common):
+    trt = ("TensorrtExecutionProvider", {"trt_fp16_enable": True})
+    requested = [trt, "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert common.fallback_warning(requested, ["CPUExecutionProvider"]) == (
+        "warning: TensorrtExecutionProvider, CUDAExecutionProvider not available here (onnxruntime offers only "
+        "CPUExecutionProvider); running on CPUExecutionProvider")
+    # offered by the build but dropped when the session started (no CUDA libraries): named too
+    assert common.fallback_warning(requested, ["CUDAExecutionProvider", "CPUExecutionProvider"]).startswith(
+        "warning: TensorrtExecutionProvider not available here")
+    assert common.fallback_warning(requested, ["TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                               "CPUExecutionProvider"]) is None
+    assert common.fallback_warning(["CPUExecutionProvider"], ["CPUExecutionProvider"]) is None
+
+
+@pytest.mark.parametrize("script", ["jetson.py", "server_gpu.py"])
+def test_gpu_script_says_on_stderr_what_it_fell_back_from(bundle, images, script):
+    done = _run_script(bundle, script, images)
+    assert done.returncode == 0, done.stderr
+    used = done.stdout.split("timing: ", 1)[1].split(" on ", 1)[1].split(":", 1)[0].split(", ")
+    wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider"] if script == "jetson.py" else ["CUDAExecutionProvider"]
+    missing = [p for p in wanted if p not in used]
+    warnings = [ln for ln in done.stderr.splitlines() if ln.startswith("warning:")]
+    if missing:  # a CPU-only onnxruntime, or a GPU one whose providers could not start here
+        assert warnings == [f"warning: {', '.join(missing)} not available here (onnxruntime offers"
+                            f"{' only' if len(used) == 1 else ''} {', '.join(used)}); running on {used[0]}"]
+    else:
+        assert warnings == []
+
+
 def test_server_gpu_and_mobile_fallback(common):
     import mobile
     import server_gpu
