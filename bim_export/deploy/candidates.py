@@ -397,5 +397,7 @@ def to_candidates(trials: list[Trial], profile) -> list:
             + (" (pruned: not run)" if t.pruned else ""),
             expected_error=None if t.latency is None else t.latency.error(stat),
             latency_disturbed=bool(getattr(t.latency, "disturbed", "")),
-            memory_mb=t.memory_mb, size_mb=t.size_mb))
+            memory_mb=t.memory_mb, size_mb=t.size_mb,
+            launch_share=None if t.latency is not t.predicted else t.predicted.settings.get("launch_share"),
+            float_weight_share=None if t.predicted is None else t.predicted.settings.get("float_weight_share")))
     return out
