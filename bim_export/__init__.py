@@ -49,6 +49,7 @@ deploy (per-device export)
     deploy.ortformat        model.ort and required_operators.config for apps, checked against model.onnx
     deploy.report           report.md and pareto.png
     deploy.bundle           the bundle folder and its manifest
+    deploy.info             what a finished bundle holds, its choice and its validations
     deploy.pipeline         bim-export --target: checkpoint -> bundles
 cli                         the command line: parse, call one library function, print
 """

@@ -484,7 +484,28 @@ def _profile_opset_too_old_for_the_graph(tmp: Path, ckpt: Path) -> InputCase:
                      absent=[tmp / "out" / "old-runtime"])
 
 
+def _info_of_a_user_folder(tmp: Path, ckpt: Path) -> InputCase:
+    folder = _user_folder(tmp / "photos")
+    return InputCase(["info", str(folder)], [f"{folder}: not a bim-export bundle (no manifest.json)"],
+                     unchanged=[folder / "notes.txt"])
+
+
+def _info_of_a_checkpoint(tmp: Path, ckpt: Path) -> InputCase:
+    copy = shutil.copytree(ckpt, tmp / "ckpt")
+    (copy / "manifest.json").write_text('{"name": "my settings"}\n')  # JSON, but not a bundle's
+    return InputCase(["info", str(copy)], [f"{copy / 'manifest.json'}: not a bim-export bundle's manifest (no "
+                                           "format_version, bim_export_version, profile, files)"],
+                     unchanged=[copy / "manifest.json", copy / "config.json"])
+
+
+def _info_of_a_missing_folder(tmp: Path, ckpt: Path) -> InputCase:
+    return InputCase(["info", str(tmp / "exports" / "jetson")], [f"{tmp / 'exports' / 'jetson'}: no such bundle folder"])
+
+
 INPUT_CASES = [
+    pytest.param(_info_of_a_user_folder, id="info-a-folder-that-is-not-a-bundle"),
+    pytest.param(_info_of_a_checkpoint, id="info-a-foreign-manifest-json"),
+    pytest.param(_info_of_a_missing_folder, id="info-no-such-folder"),
     pytest.param(_unknown_arch_export, id="export-checkpoint-config-arch-unknown"),
     pytest.param(_unknown_arch_backbone, id="backbone-checkpoint-config-arch-unknown"),
     pytest.param(_unknown_arch_eval, id="eval-checkpoint-config-arch-unknown"),
