@@ -4,7 +4,8 @@ Layout (written atomically, see :mod:`bim_export.atomic`)::
 
     weights.safetensors   encoder, exit norms, decoders (fp32, or fp16 for a shipped copy)
     config.json           architecture (arch + model_args, exits, decoder...), mean/std, step, train settings
-    metrics.json          {"step": s, "exits": {"3": {"recon_loss": ..., "knn_top1": ...}, ...}}
+    metrics.json          {"step": s, "exits": {"3": {"recon_loss": ..., "knn_top1": ...}, ...}} (eval adds
+                          eval_recon_loss: the loss on the images it scored)
     train_state.pt        optimizer state keyed by parameter name, step, RNG states (optional; loaded
                           with weights_only=True)
     log.jsonl             the training log up to ``step`` (optional)
@@ -273,6 +274,7 @@ def torch_load_safely(path: Path, what: str, remedy: str) -> Any:
         raise InputError(f"{path}: corrupt or unreadable {what} ({type(e).__name__}: {detail})") from None
 
 
+_PICKLE_SCAN_BYTES = 64 << 20  # of a file that is not a zip, what is read for its pickles
 _STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
 
 
@@ -286,8 +288,9 @@ def code_globals(path: Path) -> list[str]:
             with zipfile.ZipFile(path) as z:
                 member = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
                 data = z.read(member) if member else b""
-        else:
-            data = Path(path).read_bytes()
+        else:  # the legacy format: a few pickles, then the tensors' bytes
+            with open(path, "rb") as f:
+                data = f.read(_PICKLE_SCAN_BYTES)
     except (OSError, zipfile.BadZipFile):
         return []
     try:
