@@ -52,6 +52,7 @@ deploy (per-device export)
     deploy.pareto           pareto.png: latency (with its stated error) vs quality of every candidate
     deploy.report           report.md: the choice and why
     deploy.bundle           the bundle folder and its manifest
+    deploy.info             what a finished bundle holds, its choice and its validations
     deploy.pipeline         bim-export --target: checkpoint -> bundles
 cli                         the command line: parse, call one library function, print
 """

@@ -4,7 +4,8 @@ Layout (written atomically, see :mod:`bim_export.atomic`)::
 
     weights.safetensors   encoder, exit norms, decoders (fp32, or fp16 for a shipped copy)
     config.json           architecture (arch + model_args, exits, decoder...), mean/std, step, train settings
-    metrics.json          {"step": s, "exits": {"3": {"recon_loss": ..., "knn_top1": ...}, ...}}
+    metrics.json          {"step": s, "exits": {"3": {"recon_loss": ..., "knn_top1": ...}, ...}} (eval adds
+                          eval_recon_loss: the loss on the images it scored)
     train_state.pt        optimizer state keyed by parameter name, step, RNG states (optional; loaded
                           with weights_only=True)
     log.jsonl             the training log up to ``step`` (optional)
@@ -15,7 +16,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import pickletools
 import re
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -239,6 +243,11 @@ def _torch_load(path: Path) -> dict:
 def torch_load_safely(path: Path, what: str, remedy: str) -> Any:
     """``torch.load(weights_only=True)`` with one-line errors naming the file.
 
+    A refused file is told apart from a damaged one by reading its pickle without running it
+    (:func:`code_globals`): one that names functions or classes torch's safe loader does not allow is
+    "unsafe"; one that does not parse is "corrupt or unreadable". torch's warnings about the file
+    (its pickle protocol, the weights_only default) are not shown: the error line says what matters.
+
     Args:
         what: what the file holds, for the message ("training state", "weights file").
         remedy: what to do about a file refused as unsafe.
@@ -247,7 +256,9 @@ def torch_load_safely(path: Path, what: str, remedy: str) -> Any:
         InputError: the file is refused (it would run code when loaded), corrupt or unreadable.
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, AttributeError) as e:
         # torch's message for a refused file suggests weights_only=False, i.e. running the file's
         # code: not advice to pass on. Only the unpickler's own finding is kept.
@@ -255,8 +266,74 @@ def torch_load_safely(path: Path, what: str, remedy: str) -> Any:
         found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
         detail = (found.group(1) if found else text).strip().splitlines()[0] if text.strip() else type(e).__name__
         detail = detail.split(". ")[0]  # the finding, not torch's advice after it
-        named = re.search(r"Unsupported global: GLOBAL ([\w.]+)", detail)
-        if named:
+        named = re.search(r"GLOBAL ([\w.]+)", text)
+        code = [named.group(1)] if named else code_globals(path)
+        if code:
             raise InputError(f"{path}: unsafe {what}, refused: it holds objects that would run code when loaded "
-                             f"({named.group(1)}); {remedy}") from None
+                             f"({', '.join(code[:3])}{', ...' if len(code) > 3 else ''}); {remedy}") from None
         raise InputError(f"{path}: corrupt or unreadable {what} ({type(e).__name__}: {detail})") from None
+
+
+_PICKLE_SCAN_BYTES = 64 << 20  # of a file that is not a zip, what is read for its pickles
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
+
+
+def code_globals(path: Path) -> list[str]:
+    """The functions and classes a torch file's pickle would import that torch's safe loader does not
+    allow (``posix.system``, ``builtins.eval``, ...), found by reading its opcodes without running
+    them. Empty when it names none, or when the file is not a pickle at all.
+    """
+    try:
+        if zipfile.is_zipfile(path):  # torch.save's format: the object's pickle is <name>/data.pkl
+            with zipfile.ZipFile(path) as z:
+                member = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                data = z.read(member) if member else b""
+        else:  # the legacy format: a few pickles, then the tensors' bytes
+            with open(path, "rb") as f:
+                data = f.read(_PICKLE_SCAN_BYTES)
+    except (OSError, zipfile.BadZipFile):
+        return []
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        allowed = set(_get_allowed_globals())
+    except (ImportError, AttributeError):  # another torch: only its tensor rebuilding is taken as safe
+        allowed = set()
+    found: list[str] = []
+    for name in _pickle_globals(data):
+        if name not in allowed and not name.startswith(("torch._utils._rebuild_", "torch._tensor._rebuild_")) \
+                and name not in found:
+            found.append(name)
+    return found
+
+
+def _pickle_globals(data: bytes) -> list[str]:
+    """``module.name`` of every GLOBAL, INST and STACK_GLOBAL in the pickles at the start of ``data``
+    (the legacy torch format holds several in a row, then raw tensor bytes, where reading stops)."""
+    names: list[str] = []
+    pos = 0
+    while pos < len(data):
+        strings: list[str] = []  # recent string pushes: STACK_GLOBAL takes the last two
+        memo: dict[int, Any] = {}
+        try:
+            for op, arg, at in pickletools.genops(data[pos:]):
+                if op.name in ("GLOBAL", "INST"):
+                    names.append(".".join(arg.split(" ", 1)))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+                elif op.name in _STRING_OPS:
+                    strings.append(arg if isinstance(arg, str) else str(arg))
+                elif op.name == "MEMOIZE" and strings:
+                    memo[len(memo)] = strings[-1]
+                elif op.name in ("PUT", "BINPUT", "LONG_BINPUT") and strings:
+                    memo[int(arg)] = strings[-1]
+                elif op.name in ("GET", "BINGET", "LONG_BINGET") and isinstance(memo.get(int(arg)), str):
+                    strings.append(memo[int(arg)])
+                elif op.name == "STOP":
+                    pos += at + 1
+                    break
+            else:
+                break
+        except (ValueError, pickle.UnpicklingError, KeyError, IndexError, TypeError, UnicodeDecodeError):
+            break
+    return names

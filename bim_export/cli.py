@@ -15,7 +15,7 @@ from . import __version__
 from .errors import BimExportError, InputError, NoCandidateError
 from .progress import ConsoleProgress, console_logging
 
-SUBCOMMANDS = ("export", "train", "eval", "backbone", "profiles", "calibrate", "validate")
+SUBCOMMANDS = ("export", "train", "eval", "backbone", "profiles", "calibrate", "validate", "info")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -242,6 +242,25 @@ def _cmd_validate(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------- info
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="what a bundle holds, its choice and its validations", description=_cmd_info.__doc__)
+    p.add_argument("bundle", type=Path)
+    p.set_defaults(func=_cmd_info)
+
+
+def _cmd_info(args) -> int:
+    """Print what a bundle holds (its files and their sizes), what was chosen (profile, depth,
+    precision, quality, latency with its source and error, budgets) and how it was checked (parity
+    at export, and every validation recorded on a device). Reads the bundle only."""
+    from .deploy.info import bundle_info
+
+    print(bundle_info(args.bundle))
+    return 0
+
+
 # --------------------------------------------------------------------------------------- main
 
 
@@ -253,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="-v: bim-export's own log; -vv: the libraries' too (torch, onnx, onnxruntime, ...)")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
-    for add in (_add_export, _add_train, _add_eval, _add_backbone, _add_profiles, _add_calibrate, _add_validate):
+    for add in (_add_export, _add_train, _add_eval, _add_backbone, _add_profiles, _add_calibrate, _add_validate,
+                _add_info):
         add(sub)
     return parser
 

@@ -8,20 +8,24 @@ no label (``-1``). Preprocessing for evaluation, calibration and parity is one f
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 
 from .errors import InputError
 from .resources import sample_images_dir
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# Formats Pillow opens that are not still photos: animations and video (FLI/FLC, MPEG), and
+# PostScript (vector; rasterizing it needs Ghostscript). Stub formats (BUFR, GRIB, HDF5, WMF), which
+# decode only through a handler an application registers, are left out by their class.
+NOT_STILL_IMAGES = frozenset({"FLI", "MPEG", "EPS"})
 # What decoding a bad file raises: truncated or corrupt data, and images over Pillow's pixel limit
 # (Image.MAX_IMAGE_PIXELS x 2; a 20000 x 20000 PNG of a few KB would take 1.2 GB as RGB).
 UNREADABLE_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -39,14 +43,14 @@ class ImageList:
         paths: readable image files, sorted.
         labels: class index per path, -1 where the image sits directly under ``root``.
         classes: class names (sub-folder names), sorted; index = label.
-        unreadable: files with an image extension that could not be opened.
+        unreadable: files with an image extension that could not be decoded, each with why.
     """
 
     root: Path
     paths: list[Path]
     labels: list[int]
     classes: list[str]
-    unreadable: list[Path] = field(default_factory=list)
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)
 
     @property
     def labelled(self) -> bool:
@@ -54,6 +58,26 @@ class ImageList:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+
+@functools.cache
+def image_extensions() -> tuple[str, ...]:
+    """File extensions (lower case, with the dot) of every still-image format the installed Pillow
+    decodes: JPEG, PNG, WebP, BMP, TIFF, GIF, AVIF, JPEG 2000, PPM, TGA, ... as that build has them.
+
+    Computed on first use (registering Pillow's plugins takes a tenth of a second). The device-side
+    scripts (``targets/common.py``) derive the same list the same way.
+    """
+    Image.init()
+    out = []
+    for ext, fmt in Image.registered_extensions().items():
+        factory = Image.OPEN.get(fmt, (None,))[0]
+        if factory is None or fmt in NOT_STILL_IMAGES:
+            continue
+        if isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile):
+            continue
+        out.append(ext.lower())
+    return tuple(sorted(set(out)))
 
 
 def list_image_files(root: str | Path) -> list[str]:
@@ -78,6 +102,7 @@ def list_image_files(root: str | Path) -> list[str]:
     if not root.is_dir():
         raise InputError(f"{root}: data path is not a folder")
     names: list[str] = []
+    extensions = image_extensions()
     inside = os.path.join(os.path.realpath(root), "")
     seen: set[str] = set()  # link targets outside root already listed
     stack = [(os.fspath(root), "")]
@@ -95,7 +120,7 @@ def list_image_files(root: str | Path) -> list[str]:
             if name.startswith("."):
                 continue
             try:
-                if name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
+                if name.lower().endswith(extensions) and entry.is_file():
                     names.append(rel + name)
                 elif entry.is_dir():
                     if entry.is_symlink():
@@ -107,7 +132,8 @@ def list_image_files(root: str | Path) -> list[str]:
             except OSError:  # a dangling link, or an entry removed while listing
                 continue
     if not names:
-        raise InputError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively)")
+        raise InputError(f"{root}: no images found (looked recursively for the {len(extensions)} still-image "
+                         f"formats Pillow reads here: .jpg, .png, .webp, .bmp, .tif, ...)")
     names.sort(key=lambda n: n.replace("/", "\0"))  # part by part, like sorted(Path)
     return names
 
@@ -147,7 +173,7 @@ def scan_image_folder(root: str | Path, verify: bool = True) -> ImageList:
         remap = {old: new for new, old in enumerate(used)}
         classes = [classes[i] for i in used]
         labels = [remap.get(lbl, -1) for lbl in labels]
-    return ImageList(root, paths, labels, classes, [p for p, _ in bad])
+    return ImageList(root, paths, labels, classes, bad)
 
 
 def unreadable_reason(path: str | Path) -> str | None:
@@ -233,14 +259,27 @@ class Images:
     parity: np.ndarray  # [Np, 3, S, S]
     labels: np.ndarray  # [Np], -1 unlabelled
     folder: Path | None = None  # the --data folder; None: the built-in sample images
-    found: int = 0  # image files in it (unreadable ones not drawn into the sample included)
+    found: int = 0  # image files in it, readable or not
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)  # files skipped, with why
+    every_file_decoded: bool = False  # False: only the sampled files were decoded (the rest listed)
 
     def describe(self) -> dict:
-        """What manifest.json records of the images parity and calibration were run on."""
-        return {"folder": str(self.folder) if self.folder is not None else None,
-                "source": "--data" if self.folder is not None else "built-in sample images",
+        """What manifest.json records of the images parity and calibration were run on, with every
+        file that was skipped as unreadable (path relative to the folder, and why)."""
+        root = self.folder
+        return {"folder": str(root) if root is not None else None,
+                "source": "--data" if root is not None else "built-in sample images",
                 "images": self.found, "parity_images": len(self.parity), "calibration_images": len(self.calib),
-                "labelled": bool(len(self.labels)) and bool((self.labels >= 0).all())}
+                "labelled": bool(len(self.labels)) and bool((self.labels >= 0).all()),
+                "decoded": "every file" if self.every_file_decoded else "the sampled files",
+                "unreadable": [{"file": _relative(p, root), "reason": why} for p, why in self.unreadable]}
+
+
+def _relative(path: Path, root: Path | None) -> str:
+    try:
+        return path.relative_to(root).as_posix() if root is not None else str(path)
+    except ValueError:
+        return str(path)
 
 
 def load_check_images(data: Path | None, config: dict, calib: int, parity: int, minimum: int) -> Images:
@@ -260,6 +299,7 @@ def load_check_images(data: Path | None, config: dict, calib: int, parity: int, 
         images = _sample(scan_image_folder(data, verify=False), config, calib, parity)
     except UNREADABLE_IMAGE:  # an unreadable file was drawn
         images = _sample(scan_image_folder(data, verify=True), config, calib, parity)
+        images.every_file_decoded = True
     if len(images.parity) < minimum:
         raise InputError(f"{data}: {len(images.parity)} readable image{'s' * (len(images.parity) != 1)}; parity "
                          f"and int8 calibration need at least {minimum} (add images, or leave out "
@@ -272,7 +312,7 @@ def _sample(images: ImageList, config: dict, n_calib: int, n_parity: int) -> Ima
     size, mean, std = config["img_size"], config["mean"], config["std"]
     calib, _ = load_image_array(images, size, mean, std, limit=n_calib, seed=0)
     parity, labels = load_image_array(images, size, mean, std, limit=n_parity, seed=1)
-    return Images(calib, parity, labels, found=len(images))
+    return Images(calib, parity, labels, found=len(images) + len(images.unreadable), unreadable=images.unreadable)
 
 
 # ---------------------------------------------------------------- real images from installed wheels

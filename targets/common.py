@@ -9,6 +9,7 @@ normalize with the manifest's mean/std); a test in the bim-export repository kee
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -16,9 +17,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# Pillow formats that are not still photos (animation, video, PostScript), as in bim_export.data.
+NOT_STILL_IMAGES = frozenset({"FLI", "MPEG", "EPS"})
 CPU = "CPUExecutionProvider"
 # What decoding a bad file raises: truncated or corrupt data, and images over Pillow's pixel limit
 # (a decompression bomb: a few KB of PNG that would take gigabytes decoded).
@@ -36,6 +38,21 @@ def load_manifest(bundle: str | Path) -> dict:
         return json.load(f)
 
 
+@functools.cache
+def image_extensions() -> tuple[str, ...]:
+    """Extensions of every still-image format this Pillow decodes (as ``bim_export.data.image_extensions``)."""
+    Image.init()
+    out = []
+    for ext, fmt in Image.registered_extensions().items():
+        factory = Image.OPEN.get(fmt, (None,))[0]
+        if factory is None or fmt in NOT_STILL_IMAGES:
+            continue
+        if isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile):
+            continue  # decodes only through a handler an application registers
+        out.append(ext.lower())
+    return tuple(sorted(set(out)))
+
+
 def preprocess(img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """Shorter side to ``size`` (bicubic), centre crop, normalize. Returns float32 [3, size, size]."""
     w, h = img.size
@@ -50,11 +67,13 @@ def preprocess(img: Image.Image, size: int, mean: Sequence[float], std: Sequence
 
 
 def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Image files named directly or found (recursively, sorted) under the folders named."""
+    """Image files named directly or found (recursively, sorted) under the folders named: files of
+    every still-image format Pillow reads (:func:`image_extensions`)."""
     found: list[Path] = []
+    extensions = image_extensions()
     for item in map(Path, inputs):
         if item.is_dir():
-            found += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
         elif item.is_file():
             found.append(item)
         else:
@@ -113,6 +132,17 @@ def choose_providers(preferred: Sequence, available: Sequence[str] | None = None
         available = ort.get_available_providers()
     chosen = [p for p in preferred if provider_name(p) in available and provider_name(p) != CPU]
     return [*chosen, CPU]
+
+
+def fallback_warning(requested: Sequence, used: Sequence[str]) -> str | None:
+    """A warning line when the session runs without a provider that was asked for (missing from this
+    onnxruntime build, or dropped by onnxruntime when it could not start, which it does silently),
+    or None when it got every one."""
+    missing = [provider_name(p) for p in requested if provider_name(p) not in used and provider_name(p) != CPU]
+    if not missing:
+        return None
+    return (f"warning: {', '.join(missing)} not available here (onnxruntime "
+            f"{'offers' if len(used) != 1 else 'offers only'} {', '.join(used)}); running on {used[0]}")
 
 
 def make_session(model: str | Path, providers: Sequence, threads: int | None = None):
@@ -295,7 +325,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def run_main(args: argparse.Namespace, providers: Sequence, *, runner_factory=None, script_dir: Path) -> int:
+def run_main(args: argparse.Namespace, providers: Sequence, *, runner_factory=None, script_dir: Path,
+             requested: Sequence | None = None) -> int:
     """Loads the bundle, embeds the images (and gallery) and prints embeddings or top-k, then timing.
 
     Args:
@@ -303,6 +334,8 @@ def run_main(args: argparse.Namespace, providers: Sequence, *, runner_factory=No
         providers: execution providers to try, best first (already filtered by availability).
         runner_factory: optional ``(session, output_name) -> Runner`` (IO binding); default plain run.
         script_dir: the folder of the calling script (the bundle, when run from one).
+        requested: the providers the device should run on, best first (default: ``providers``); one
+            the session runs without is named on stderr (:func:`fallback_warning`).
     """
     bundle = args.bundle or script_dir
     manifest = load_manifest(bundle)
@@ -310,6 +343,9 @@ def run_main(args: argparse.Namespace, providers: Sequence, *, runner_factory=No
     batch = args.batch or int(manifest.get("batch", 1))
     session = make_session(model, providers, args.threads)
     used = session.get_providers()
+    warning = fallback_warning(requested if requested is not None else providers, used)
+    if warning:
+        print(warning, file=sys.stderr)
     output = embedding_output(session, args.exit_depth)
     runner = (runner_factory or Runner)(session, output)
     paths, x = load_images(collect_images(args.images), manifest)
@@ -321,7 +357,8 @@ def run_main(args: argparse.Namespace, providers: Sequence, *, runner_factory=No
         gallery_paths, gallery_x = load_images(collect_images([args.gallery]), manifest)
         gallery = runner(gallery_x, batch)
     print(report(paths, emb, gallery_paths, gallery, args.top_k))
-    print(f"model: {model} ({manifest.get('precision', '?')}, depth {manifest.get('depth', '?')})")
+    pooled = f", {manifest['pooling']} pooling" if manifest.get("pooling") else ""
+    print(f"model: {model} ({manifest.get('precision', '?')}, depth {manifest.get('depth', '?')}{pooled})")
     print(timing_line(runner.times_ms, batch, used))
     if args.save is not None:
         np.save(args.save, emb)

@@ -8,7 +8,8 @@ TensorRT builds an engine for the model on the first run (minutes on an Orin Nan
 ``trt_cache/`` next to the model, so later runs start in seconds. fp16 is enabled in TensorRT even
 for an fp32 model (Jetson GPUs run fp16 at twice the fp32 rate); int8 bundles carry QDQ nodes,
 which TensorRT runs as explicit int8. If the TensorRT or CUDA provider is missing from the
-onnxruntime build, the script falls back to the next one and says which it used.
+onnxruntime build, or onnxruntime cannot start it (it then drops it without a word), the script
+falls back to the next one and says so on stderr.
 """
 
 from __future__ import annotations
@@ -41,10 +42,11 @@ def main(argv=None, available=None) -> int:
     args = parser.parse_args(argv)
     bundle = args.bundle or HERE
     precision = load_manifest(bundle).get("precision", "fp32")
-    providers = choose_providers(preferred_providers(Path(bundle), precision, args.fp16), available)
+    preferred = preferred_providers(Path(bundle), precision, args.fp16)
+    providers = choose_providers(preferred, available)
     if provider_name(providers[0]) == "TensorrtExecutionProvider":
         (Path(bundle) / "trt_cache").mkdir(exist_ok=True)
-    return run_main(args, providers, script_dir=HERE)
+    return run_main(args, providers, script_dir=HERE, requested=preferred)
 
 
 if __name__ == "__main__":

@@ -50,8 +50,10 @@ def main(argv=None, available=None) -> int:
     parser = build_parser(__doc__.splitlines()[0])
     parser.add_argument("--device", type=int, default=0, help="CUDA device id")
     args = parser.parse_args(argv)
-    providers = choose_providers(preferred_providers(args.device), available)
-    return run_main(args, providers, runner_factory=io_binding_runner(args.device), script_dir=HERE)
+    preferred = preferred_providers(args.device)
+    providers = choose_providers(preferred, available)
+    return run_main(args, providers, runner_factory=io_binding_runner(args.device), script_dir=HERE,
+                    requested=preferred)
 
 
 if __name__ == "__main__":

@@ -527,10 +527,31 @@ def _profile_key_without_its_colon(tmp: Path, ckpt: Path) -> InputCase:
     return InputCase(["profiles", "check", str(path)], [f"{path}: line {n + 1} broken YAML: could not find expected ':'"])
 
 
+def _info_of_a_user_folder(tmp: Path, ckpt: Path) -> InputCase:
+    folder = _user_folder(tmp / "photos")
+    return InputCase(["info", str(folder)], [f"{folder}: not a bim-export bundle (no manifest.json)"],
+                     unchanged=[folder / "notes.txt"])
+
+
+def _info_of_a_checkpoint(tmp: Path, ckpt: Path) -> InputCase:
+    copy = shutil.copytree(ckpt, tmp / "ckpt")
+    (copy / "manifest.json").write_text('{"name": "my settings"}\n')  # JSON, but not a bundle's
+    return InputCase(["info", str(copy)], [f"{copy / 'manifest.json'}: not a bim-export bundle's manifest (no "
+                                           "format_version, bim_export_version, profile, files)"],
+                     unchanged=[copy / "manifest.json", copy / "config.json"])
+
+
+def _info_of_a_missing_folder(tmp: Path, ckpt: Path) -> InputCase:
+    return InputCase(["info", str(tmp / "exports" / "jetson")], [f"{tmp / 'exports' / 'jetson'}: no such bundle folder"])
+
+
 INPUT_CASES = [
     pytest.param(_calibrate_on_another_device, id="calibrate-on-a-machine-that-is-not-the-device"),
     pytest.param(_validate_latency_on_another_device, id="validate-check-latency-on-a-machine-that-is-not-the-device"),
     pytest.param(_profile_key_without_its_colon, id="profiles-check-key-without-colon-names-its-own-line"),
+    pytest.param(_info_of_a_user_folder, id="info-a-folder-that-is-not-a-bundle"),
+    pytest.param(_info_of_a_checkpoint, id="info-a-foreign-manifest-json"),
+    pytest.param(_info_of_a_missing_folder, id="info-no-such-folder"),
     pytest.param(_unknown_arch_export, id="export-checkpoint-config-arch-unknown"),
     pytest.param(_unknown_arch_backbone, id="backbone-checkpoint-config-arch-unknown"),
     pytest.param(_unknown_arch_eval, id="eval-checkpoint-config-arch-unknown"),
@@ -618,6 +639,45 @@ def _init_unsafe_pickle(tmp: Path, ckpt: Path) -> InputCase:
                      absent=[tmp / "run"], unchanged=[tmp / "vit.pth"])
 
 
+class _RunsOnLoad:
+    """Unpickling this calls a function: what a malicious weights file does."""
+
+    def __init__(self, victim: Path):
+        self.victim = victim
+
+    def __reduce__(self):
+        return shutil.rmtree, (str(self.victim),)
+
+
+def _in_plain_pickle(tmp: Path, protocol: int) -> tuple[Path, Path]:
+    """A weights file written with pickle.dump (not torch.save) whose loading would delete a folder."""
+    import pickle
+
+    victim = tmp / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("still here\n")
+    with open(tmp / "vit.pth", "wb") as f:
+        pickle.dump({"model": _RunsOnLoad(victim)}, f, protocol=protocol)
+    return tmp / "vit.pth", victim / "keep.txt"
+
+
+def _init_plain_pickle_protocol_4(tmp: Path, ckpt: Path) -> InputCase:
+    # torch's safe loader stops at protocol 4's first opcode (and warns about the protocol): the
+    # file is still told apart from a corrupt one by what it would import
+    weights, kept = _in_plain_pickle(tmp, protocol=4)
+    return InputCase(_init_train(tmp, str(weights)),
+                     [f"--init: {weights}: unsafe weights file, refused", "(shutil.rmtree)"],
+                     absent=[tmp / "run"], unchanged=[weights, kept])
+
+
+def _init_pickle_of_a_blocked_module(tmp: Path, ckpt: Path) -> InputCase:
+    # torch words this refusal differently ("... whose module posix is blocked")
+    torch.save({"model": {}, "hook": os.system}, tmp / "vit.pth")
+    return InputCase(_init_train(tmp, str(tmp / "vit.pth")),
+                     [f"--init: {tmp / 'vit.pth'}: unsafe weights file, refused", f"({os.system.__module__}.system)"],
+                     absent=[tmp / "run"], unchanged=[tmp / "vit.pth"])
+
+
 def _init_other_width(tmp: Path, ckpt: Path) -> InputCase:
     src = _tiny_vit_weights(tmp / "vit_s.safetensors", embed_dim=48)
     return InputCase(_init_train(tmp, str(src)),
@@ -682,6 +742,8 @@ TRAIN_INPUT_CASES = [
     pytest.param(_init_corrupt_pth, id="train-init-pth-corrupt"),
     pytest.param(_init_corrupt_safetensors, id="train-init-safetensors-truncated"),
     pytest.param(_init_unsafe_pickle, id="train-init-pth-unsafe-pickle"),
+    pytest.param(_init_plain_pickle_protocol_4, id="train-init-plain-pickle-protocol-4-runs-code"),
+    pytest.param(_init_pickle_of_a_blocked_module, id="train-init-pth-function-of-a-blocked-module"),
     pytest.param(_init_other_width, id="train-init-other-width-names-key-and-shapes"),
     pytest.param(_init_other_depth, id="train-init-other-depth-names-key-and-shapes"),
     pytest.param(_init_other_patch_size_in_yaml, id="train-init-in-yaml-other-patch-size"),
@@ -704,6 +766,20 @@ def test_bad_training_input_is_one_error_line_and_touches_nothing(build, tmp_pat
     for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
     test_bad_input_is_one_error_line_and_touches_nothing(build, tmp_path, tiny_checkpoint, capsys)
+
+
+def test_unsafe_pickle_error_comes_alone_on_stderr(tmp_path):
+    """As a user sees it: no warning of torch's (pickle protocol, weights_only default) before the
+    one error line, and the file's code did not run."""
+    import subprocess
+
+    weights, kept = _in_plain_pickle(tmp_path, protocol=4)
+    done = subprocess.run([sys.executable, "-m", "bim_export.cli", *_init_train(tmp_path, str(weights))],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [done.stderr.strip()] and done.stderr.startswith(f"error: --init: {weights}: "
+                                                                                         "unsafe weights file"), done.stderr
+    assert kept.read_text() == "still here\n" and not (tmp_path / "run").exists()
 
 
 # ===================================================================== end training data and --init

@@ -84,3 +84,24 @@ def test_shipped_image_sets_are_rebuilt_exactly_and_share_no_photo(tmp_path):
     held, sample = scan_image_folder(heldout_images_dir()), scan_image_folder(sample_images_dir())
     assert len(held.classes) == 9 and len(held) == 90
     assert not set(held.classes) & set(sample.classes)
+
+
+def test_every_still_image_format_pillow_reads_is_an_image(tmp_path):
+    """TIFF, GIF, PPM, TGA, ... are listed and decoded; moving pictures, PostScript and stub formats
+    (no decoder without an application's handler) are not images here."""
+    import numpy as np
+    from PIL import Image
+
+    from bim_export.data import image_extensions
+
+    exts = image_extensions()
+    assert {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".tga"} <= set(exts)
+    assert not {".mpg", ".fli", ".eps", ".ps", ".h5", ".grib", ".wmf", ".pdf", ".txt"} & set(exts)
+    rng = np.random.default_rng(0)
+    for name in ("a/1.tiff", "a/2.TIF", "b/3.gif", "b/4.ppm", "b/5.tga", "b/6.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(tmp_path / name)
+    _touch(tmp_path, "b/clip.mpg", "b/figure.eps", "b/notes.txt")
+    images = scan_image_folder(tmp_path)
+    assert [p.name for p in images.paths] == ["1.tiff", "2.TIF", "3.gif", "4.ppm", "5.tga", "6.png"]
+    assert images.unreadable == [] and images.classes == ["a", "b"]

@@ -207,6 +207,7 @@ def build_manifest(spec: BundleSpec, model: Path) -> dict[str, Any]:
         "exits": [int(d) for d in spec.exit_parity] if spec.multi_exit else list(cfg["exits"]),
         "checkpoint": {"exits": list(cfg["exits"]), "step": cfg.get("step"), "arch": cfg.get("arch")},
         "model": MODEL,
+        **pooling(meta, cfg),
         "input": {"name": io["input"], "shape": io["input_shape"], "img_size": size, "mean": mean, "std": std},
         "preprocessing": {"img_size": size, "mean": mean, "std": std, "resize": "shorter_side_bicubic",
                           "crop": "center"},
@@ -231,6 +232,15 @@ def build_manifest(spec: BundleSpec, model: Path) -> dict[str, Any]:
         manifest["dynamic_model"] = {"model": DYNAMIC_MODEL, "input_shape": onnx_io(spec.dynamic_model)["input_shape"],
                                      "parity": spec.dynamic_parity.to_dict() if spec.dynamic_parity else None}
     return manifest
+
+
+def pooling(meta: dict[str, str], cfg: dict) -> dict[str, Any]:
+    """How the model's ``embedding`` pools its tokens (``token``: the class token; ``avg``: the mean of
+    the patch tokens) and how many prefix tokens (class + registers) lead its ``tokens`` output: from
+    the graph's metadata_props, else the checkpoint's config.json."""
+    prefix = meta.get("prefix_tokens", cfg.get("num_prefix_tokens"))
+    return {"pooling": meta.get("pooling", cfg.get("global_pool")),
+            "prefix_tokens": None if prefix is None else int(prefix)}
 
 
 def package_versions() -> dict[str, str]:

@@ -98,9 +98,14 @@ class Workshop:
         return self._refs[depth]
 
     def metadata(self, precision: str) -> dict[str, Any]:
+        """metadata_props of the exported graphs: the source, the preprocessing, and how the
+        ``embedding`` output pools the tokens (``token`` / ``avg``) and how many of the ``tokens``
+        output's leading tokens are prefix tokens (class and register tokens)."""
         cfg = self.ckpt.config
+        bb = self.backbone(max(cfg["exits"]))
         return {"depth": max(cfg["exits"]), "exits": list(cfg["exits"]), "precision": precision,
-                "mean": list(cfg["mean"]), "std": list(cfg["std"])}
+                "mean": list(cfg["mean"]), "std": list(cfg["std"]), "resolution": cfg["img_size"],
+                "pooling": bb.global_pool, "prefix_tokens": int(bb.num_prefix_tokens)}
 
     @staticmethod
     def _graph(precision: str, profile, dynamic: bool = False) -> tuple[str, int, str | None, GraphForm]:
@@ -421,5 +426,7 @@ def to_candidates(trials: list[Trial], profile) -> list:
             + (" (pruned: not run)" if t.pruned else ""),
             expected_error=None if t.latency is None else t.latency.error(stat),
             latency_disturbed=bool(getattr(t.latency, "disturbed", "")),
-            memory_mb=t.memory_mb, size_mb=t.size_mb))
+            memory_mb=t.memory_mb, size_mb=t.size_mb,
+            launch_share=None if t.latency is not t.predicted else t.predicted.settings.get("launch_share"),
+            float_weight_share=None if t.predicted is None else t.predicted.settings.get("float_weight_share")))
     return out

@@ -18,7 +18,7 @@ Pure Python: no torch, onnxruntime or numpy.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional
 
 from ..errors import NoCandidateError
@@ -47,6 +47,8 @@ class Candidate:
     latency_disturbed: bool = False  # measured on a busy machine: latency_ms is biased high
     memory_mb: Optional[float] = None  # peak memory of the inference session
     size_mb: Optional[float] = None  # model file size, 10^6 bytes
+    launch_share: Optional[float] = None  # of a predicted latency, the share that is per-node launch overhead
+    float_weight_share: Optional[float] = None  # of the weight bytes, the share stored as float
 
     @property
     def label(self) -> str:
@@ -141,6 +143,7 @@ def select(candidates: list[Candidate], profile, quality_source: str | None = No
             rows.append(Row(c, "chosen", "; ".join(["best within budget" + (f" ({why})" if why else ""), *caveats])))
         else:
             rows.append(Row(c, "ok", "; ".join([_why_not(c, chosen, best, use_quality, ties), *caveats])))
+    rows = [_with_precision_notes(r, candidates) for r in rows]
     rows.sort(key=lambda r: (-r.candidate.depth, _PRECISION_RANK.get(r.candidate.precision, 9)))
     selection = Selection(profile.name, budgets.model_dump(mode="json"), rows, metric, quality_source)
     if chosen is None:
@@ -257,6 +260,36 @@ def _why_not(c: Candidate, chosen: Candidate, best: float, use_quality: bool, ti
     if _latency(c) > _latency(chosen) + _EPS:
         return f"slower ({_num(_latency(c))} vs {_num(_latency(chosen))} ms)"
     return f"tie on quality and latency; {_preferred(chosen, c, use_quality)}"
+
+
+LAUNCH_BOUND = 0.5  # launches over half the predicted time: fewer bytes or FLOPs barely help
+
+
+def precision_notes(c: Candidate, fp32: Optional[Candidate]) -> list[str]:
+    """Why a lower precision is no smaller or no faster than the fp32 candidate of its depth, where
+    the candidate's figures say why: a QDQ graph that keeps its weights in float (TensorRT's form)
+    is as large; a run dominated by per-node launch overhead (a GPU at small batch) gains little from
+    cheaper nodes and pays for the extra Q/DQ nodes. (Without such a figure the table's size and
+    latency columns show the comparison as it is.)"""
+    if fp32 is None or c.precision == "fp32":
+        return []
+    notes = []
+    if (c.size_mb is not None and fp32.size_mb and c.size_mb > 0.95 * fp32.size_mb
+            and (c.float_weight_share or 0) > 0.5):
+        notes.append(f"not smaller than fp32 ({_num(c.size_mb)} vs {_num(fp32.size_mb)} MB): "
+                     f"its QDQ graph keeps float weights")
+    if (c.latency_ms is not None and fp32.latency_ms is not None and c.latency_ms >= fp32.latency_ms
+            and (c.launch_share or 0) > LAUNCH_BOUND):
+        notes.append(f"no faster than fp32 ({_num(c.latency_ms)} vs {_num(fp32.latency_ms)} ms predicted): "
+                     f"launch-bound, {c.launch_share:.0%} of it per-node launch overhead")
+    return notes
+
+
+def _with_precision_notes(row: Row, candidates: list[Candidate]) -> Row:
+    c = row.candidate
+    fp32 = next((o for o in candidates if o.depth == c.depth and o.precision == "fp32"), None)
+    notes = precision_notes(c, fp32)
+    return replace(row, reason="; ".join([row.reason, *notes])) if notes else row
 
 
 def _nothing_fits(profile: str, rows: list[Row]) -> str:

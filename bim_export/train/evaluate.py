@@ -24,6 +24,7 @@ from .splits import PROBE_FOLDS, EvalData, _subset, load_eval_data, make_eval_da
 log = logging.getLogger(__name__)
 
 EVAL_LIMIT = 10_000  # images per split at most, a seeded sample beyond that
+RECON_SEED = 0  # the masks of the evaluation's reconstruction loss: the same on every run
 
 
 # ------------------------------------------------------------------------------ features
@@ -87,6 +88,46 @@ def extract_features(model, x, batch_size: int = 256, device=None) -> dict[int, 
     return {d: np.concatenate(f) for d, f in feats.items()}
 
 
+def reconstruction_losses(model, x, batch_size: int = 256, seed: int = RECON_SEED) -> dict[int, float]:
+    """Masked-patch reconstruction loss of every decoded exit of a BIM model on images ``x``.
+
+    The training objective (mean squared error over the masked patches, at the model's mask ratio),
+    in eval mode, with masks drawn from a generator seeded with ``seed``: the same images give the
+    same figure on every run and machine, and two checkpoints are compared on the same masks.
+
+    Args:
+        model: a :class:`~bim_export.train.model.BimModel`.
+        x: preprocessed images, float32 [N, 3, H, W] (numpy or torch).
+
+    Returns:
+        {exit depth: loss averaged over every masked patch of every image}.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    x = torch.as_tensor(x)
+    generator = torch.Generator().manual_seed(seed)
+    total: dict[int, float] = {}
+    patches: dict[int, float] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for s in range(0, len(x), batch_size):
+                xb = x[s:s + batch_size].to(device=device, dtype=torch.float32)
+                batch = model.masked_batch(xb, model.mask_noise(len(xb), generator))  # mask: [B, N], 1 = masked
+                masked = float(batch.mask.sum())
+                tokens = None
+                for i, depth in enumerate(model.exits):
+                    tokens, loss = model.forward_stage(i, tokens, batch)
+                    if loss is not None:
+                        total[depth] = total.get(depth, 0.0) + float(loss) * masked
+                        patches[depth] = patches.get(depth, 0.0) + masked
+    finally:
+        model.train(was_training)
+    return {d: total[d] / patches[d] for d in total}
+
+
 # ------------------------------------------------------------------------------ per-exit metrics
 
 
@@ -101,6 +142,7 @@ def evaluate_model(
     limit: int | None = EVAL_LIMIT,
     batch_size: int = 256,
     probe: bool = True,
+    recon: bool = False,
 ) -> dict[str, dict]:
     """kNN top-1 and linear-probe top-1 of every exit of ``model`` on a labelled image set.
 
@@ -111,10 +153,12 @@ def evaluate_model(
         k: kNN neighbours.
         limit: at most this many reference and this many query images (seeded samples); None for all.
         probe: also train the linear probe.
+        recon: also the reconstruction loss of each decoded exit on the same images
+            (:func:`reconstruction_losses`; a BIM model only), as ``eval_recon_loss``.
 
     Returns:
         {exit depth as str: {"knn_top1", "knn_dataset": {name, size, protocol[, train, val]},
-        "linear_probe_top1"}}.
+        "linear_probe_top1"[, "eval_recon_loss"]}}.
     """
     data = images if isinstance(images, EvalData) else make_eval_data(images)
     out: dict[str, dict] = {}
@@ -126,6 +170,8 @@ def evaluate_model(
             out[str(d)] = {"knn_top1": knn_loo_top1(f, y, k=k), "knn_dataset": dict(dataset)}
             if probe:
                 out[str(d)]["linear_probe_top1"] = linear_probe_kfold_top1(f, y, PROBE_FOLDS)
+        if recon:
+            _add_recon(out, model, [x], batch_size)
         return out
     if len(data.val_idx) == 0:
         raise InputError(f"{data.images.root}: no query images to evaluate on")
@@ -139,15 +185,26 @@ def evaluate_model(
         out[str(d)] = {"knn_top1": knn_top1(ftr[d], ytr, fva[d], yva, k=k), "knn_dataset": dict(dataset)}
         if probe:
             out[str(d)]["linear_probe_top1"] = linear_probe_top1(ftr[d], ytr, fva[d], yva)
+    if recon:
+        _add_recon(out, model, [xtr, xva], batch_size)
     return out
 
 
-def format_metrics_table(metrics: dict, title: str = "") -> str:
-    """A fixed-width table of per-exit metrics (one row per exit depth)."""
+def _add_recon(out: dict[str, dict], model, arrays: list[np.ndarray], batch_size: int) -> None:
+    from .model import BimModel
+
+    if isinstance(model, BimModel):
+        for d, loss in reconstruction_losses(model, np.concatenate(arrays), batch_size).items():
+            out[str(d)]["eval_recon_loss"] = loss
+
+
+def format_metrics_table(metrics: dict, title: str = "", recon: str = "recon_loss") -> str:
+    """A fixed-width table of per-exit metrics (one row per exit depth); the reconstruction-loss
+    column shows ``recon`` (``recon_loss``: training's; ``eval_recon_loss``: on the evaluated images)."""
     def cell(m: dict, key: str) -> str:
         return f"{m[key]:.4f}" if isinstance(m.get(key), (int, float)) else "-"
 
-    rows = [(d, *(cell(metrics[d], k) for k in ("knn_top1", "linear_probe_top1", "recon_loss")))
+    rows = [(d, *(cell(metrics[d], k) for k in ("knn_top1", "linear_probe_top1", recon)))
             for d in sorted(metrics, key=int)]
     table = format_table(("exit", "kNN top-1", "probe top-1", "recon loss"), rows, align="rrrr")
     return f"{title}\n{table}" if title else table
@@ -187,7 +244,8 @@ def evaluate_checkpoint(path: str | Path, data_dir: str | Path, metrics_out: str
     model = BimModel.from_checkpoint(ckpt)
     cfg = ckpt.config
     img_size = model.encoder.patch_embed.img_size[0]
-    results = evaluate_model(model, data, img_size, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
+    results = evaluate_model(model, data, img_size, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD),
+                             recon=True)
     if metrics_out is not None:
         metrics = ckpt_io.merge_exit_metrics(ckpt.metrics, results)
         atomic_write_bytes(metrics_out, (json.dumps(metrics, indent=2) + "\n").encode(), ckpt_io.METRICS_FILE)
@@ -202,4 +260,7 @@ def evaluate_checkpoint(path: str | Path, data_dir: str | Path, metrics_out: str
 
     ds = next(iter(results.values()))["knn_dataset"]
     title = f"{ckpt.path}: {ds['name']} ({ds['size']} images; {ds['protocol']}), kNN k={KNN_K}"
-    return format_metrics_table(metrics.get("exits", {}), title) + f"\n{where}"
+    table = format_metrics_table(metrics.get("exits", {}), title, recon="eval_recon_loss")
+    note = (f"recon loss: each exit's masked-patch loss on these {ds['size']} images "
+            f"(mask ratio {model.config.mask_ratio:g}, masks seeded {RECON_SEED})")
+    return f"{table}\n{note}\n{where}"

@@ -102,3 +102,35 @@ def test_bundle_runs_standalone(tmp_path):
                           cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "(dim 16," in done.stdout
+
+
+def test_info_prints_files_choice_and_validations(tmp_path, spec, capsys):
+    from bim_export.cli import main
+    from bim_export.deploy.validate import validate_bundle
+
+    dest = write_bundle(tmp_path, spec)
+    assert main(["info", str(dest)]) == 0
+    out = capsys.readouterr().out
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert out.startswith(f"{dest}: bundle for jetson-orin-nano (bim-export ")
+    size = (dest / "model.onnx").stat().st_size
+    assert f"  model.onnx     {size / 1e3:.1f} kB" in out and "  reference.npz  " in out
+    lat = manifest["latency"]
+    assert "  model        depth 4 of exits 2, 4, int8, opset 17" in out
+    assert "  quality      kNN top-1 60.0%" in out
+    assert f"  latency      {lat['ms']:.3g} ms p90 ±{lat['expected_error']:.0%} (predicted) at batch 1" in out
+    assert f"error: {lat['error_basis']}" in out
+    assert "  budgets      latency p90 <= 8 ms, peak memory <= 1024 MB, model size <= 64 MB" in out
+    assert "  candidates   1 (1 chosen, 0 within budget, 0 rejected" in out
+    assert "  parity       passed, worst cosine 0.99700, agreement 100%, max abs 0.02, 8 images" in out
+    assert "  on devices   none recorded" in out
+    from bim_export.errors import ValidationError
+
+    with pytest.raises(ValidationError):  # the spec's reference outputs are not the graph's: recorded as failed
+        validate_bundle(dest)
+    assert main(["info", str(dest)]) == 0
+    out = capsys.readouterr().out
+    record = json.loads((dest / "manifest.json").read_text())["device_validations"][0]
+    assert f"  device [0]   {record['time']} on {record['machine']['cpu']}" in out and "none recorded" not in out
+    assert f": FAILED ({record['failures'][0]};" in out and "; parity FAILED, worst cosine" in out
+    assert "(not checked there)" in out

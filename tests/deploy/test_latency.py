@@ -314,6 +314,8 @@ def test_gpu_profile_prediction_is_labelled_predicted(vits):
     hw = Hardware(peak_gflops={"fp32": 66900}, mem_bandwidth_gbs=3350, launch_overhead_us=8)
     feats = roofline_features(graph_cost(vits[4], 1), hw)
     assert feats["nodes"] * 8e-3 > 0.5 * p1.p50
+    assert p1.settings["launch_share"] > 0.5  # what the candidate table's reason reads
+    assert p1.settings["float_weight_share"] == 1.0  # an fp32 graph
     assert latency.predict_latency(vits[4], "server-gpu", batch=4096).p50 > p1.p50
 
 
@@ -330,8 +332,9 @@ def test_tensorrt_profile_fuses_qdq_so_int8_beats_fp32(vits, tmp_path):
     fused, unfused = roofline_features(cost, hw, fuse_qdq=True), roofline_features(cost, hw)
     assert fused["nodes"] < unfused["nodes"] and "quant" not in fused
     fp32 = latency.predict_latency(vits[4], "jetson", batch=1).p50
-    int8 = latency.predict_latency(q, "jetson", batch=1).p50
-    assert int8 < fp32
+    int8 = latency.predict_latency(q, "jetson", batch=1)
+    assert int8.p50 < fp32
+    assert int8.settings["float_weight_share"] < 0.5  # this QDQ graph stores its weights as int8
 
 
 # -------------------------------------------------------------------------------- calibration

@@ -136,7 +136,12 @@ def test_bundle_end_to_end(exported):
     assert len(m["candidates"]["candidates"]) == 4
     assert m["parity"]["passed"] and m["exits"] == [2, 4]
     assert m["data"] == {"folder": None, "source": "built-in sample images", "images": 60, "parity_images": 32,
-                         "calibration_images": 32, "labelled": True}
+                         "calibration_images": 32, "labelled": True, "decoded": "the sampled files", "unreadable": []}
+    # how the embedding pools, and how many prefix tokens lead the tokens output: manifest and graph
+    from bim_export.deploy.export import read_metadata
+
+    meta = read_metadata(bundle / "model.onnx")
+    assert (m["pooling"], m["prefix_tokens"]) == ("token", 1) == (meta["pooling"], int(meta["prefix_tokens"]))
     assert "drawn from 60 in the built-in sample set" in (bundle / "report.md").read_text()
     # reference.npz: real inputs, PyTorch outputs that model.onnx reproduces
     import onnxruntime as ort
@@ -193,7 +198,8 @@ def test_user_data_folder(tiny_checkpoint, tmp_path):
     images = load_images(data, load_checkpoint(tiny_checkpoint).config)
     assert images.parity.shape == (16, 3, 32, 32) and sorted(set(images.labels)) == [0, 1]
     assert images.describe() == {"folder": str(data), "source": "--data", "images": 16, "parity_images": 16,
-                                 "calibration_images": 16, "labelled": True}
+                                 "calibration_images": 16, "labelled": True, "decoded": "the sampled files",
+                                 "unreadable": []}
     (data / "a" / "broken.png").write_bytes(b"not an image")  # skipped, with a warning
     images = load_images(data, load_checkpoint(tiny_checkpoint).config)
     assert images.parity.shape == (16, 3, 32, 32)
@@ -213,6 +219,21 @@ def test_user_data_folder_skips_bombs_and_truncated_files_by_name(tiny_checkpoin
     [warning] = [r.getMessage() for r in caplog.records]
     assert "2 of 18 images unreadable and skipped" in warning
     assert "bomb.png (decompression bomb" in warning and "cut.jpg (image file is truncated" in warning
+
+
+def test_manifest_lists_every_unreadable_data_file(tiny_checkpoint, tmp_path, caplog):
+    data = _image_folder(tmp_path / "mine", per_class=8)
+    broken = [f"{c}/broken{i:02d}.png" for c in ("a", "b") for i in range(9)]
+    for name in broken:
+        (data / name).write_bytes(b"not an image")
+    prof = _profile(tmp_path, "mine-edge", latency_ms=1000, peak_memory_mb=4000, model_size_mb=100)
+    with caplog.at_level("WARNING", logger="bim_export.data"):
+        pipeline.run_export(str(prof.path), tiny_checkpoint, tmp_path / "out", data)
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "bim_export.data"]
+    assert "18 of 34 images unreadable and skipped" in warning and "; +13 more" in warning  # the log names 5
+    m = json.loads((tmp_path / "out" / "mine-edge" / "manifest.json").read_text())
+    assert m["data"]["decoded"] == "every file" and m["data"]["images"] == 34
+    assert m["data"]["unreadable"] == [{"file": n, "reason": "not an image Pillow can read"} for n in broken]
 
 
 def test_parity_needs_enough_images(tiny_checkpoint, tmp_path):
@@ -288,6 +309,8 @@ def test_avg_pooled_register_vit_exports_for_a_shipped_opset_17_profile(reg_avg_
     tokens, emb = sess.run(["tokens", "embedding"], {"pixels": x})
     backbone = build_backbone(reg_avg_checkpoint, m["depth"])
     assert backbone.global_pool == "avg" and backbone.num_prefix_tokens == 2 and not backbone.has_class_token
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert (m["pooling"], m["prefix_tokens"]) == ("avg", 2) == (meta["pooling"], int(meta["prefix_tokens"]))
     with torch.inference_mode():
         ref_tokens = backbone.forward_features(torch.from_numpy(x))
         ref_emb = backbone.forward_head(ref_tokens, pre_logits=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -241,3 +242,23 @@ def test_the_table_names_the_set_that_scored_the_quality():
     assert quality_source({"exits": {"6": {"recon_loss": 0.5}}}) is None
     s = select([_c(6, quality=0.7, latency=1)], _profile())
     assert "an evaluation set metrics.json does not name" in s.table()
+
+
+def test_lower_precision_no_smaller_or_faster_says_why():
+    """A Jetson int8 (QDQ with float weights for TensorRT, launch-bound at batch 1) is as large as fp32
+    and predicted slower: its row says both, from the candidates' own figures."""
+    def jetson(precision, latency, size, launch, floats):
+        return Candidate(9, precision, 0.744, latency_ms=latency, latency_stat="p90", size_mb=size, memory_mb=17,
+                         expected_error=0.59, launch_share=launch, float_weight_share=floats)
+
+    fp32, int8 = jetson("fp32", 3.68, 16.3, 0.97, 1.0), jetson("int8", 3.90, 16.4, 0.98, 1.0)
+    reason = _reasons(select([fp32, int8], _profile(latency_ms=8)))[(9, "int8")]
+    assert reason == ("slower (3.9 vs 3.68 ms); not smaller than fp32 (16.4 vs 16.3 MB): its QDQ graph keeps float "
+                      "weights; no faster than fp32 (3.9 vs 3.68 ms predicted): launch-bound, 98% of it per-node "
+                      "launch overhead")
+    # int8 weights and a compute-bound run: smaller and faster, nothing to explain
+    lean = jetson("int8", 2.1, 4.4, 0.2, 0.05)
+    assert _reasons(select([fp32, lean], _profile(latency_ms=8)))[(9, "int8")] == "best within budget (fastest of the best)"
+    # as large and as slow, but no figure says why: the columns speak for themselves
+    bare = [replace(c, launch_share=None, float_weight_share=None) for c in (fp32, int8)]
+    assert _reasons(select(bare, _profile(latency_ms=8)))[(9, "int8")] == "slower (3.9 vs 3.68 ms)"

@@ -64,9 +64,13 @@ def _run_script(bundle: Path, script: str, *args) -> subprocess.CompletedProcess
 
 
 def test_preprocess_matches_package(common):
+    from bim_export.data import image_extensions
+
     img = Image.fromarray(np.random.default_rng(3).integers(0, 255, (37, 53, 3), dtype=np.uint8))
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     np.testing.assert_array_equal(common.preprocess(img, 24, mean, std), package_preprocess(img, 24, mean, std))
+    assert common.image_extensions() == image_extensions()  # the same files are images on both sides
+    assert ".tiff" in common.image_extensions()
 
 
 @pytest.mark.parametrize("available,expected", [
@@ -88,6 +92,35 @@ def test_jetson_fallback_order(common, tmp_path, available, expected):
         assert opts["trt_engine_cache_path"] == str(tmp_path / "trt_cache")
         assert not opts["trt_int8_enable"]
     assert jetson.preferred_providers(tmp_path, "int8")[0][1]["trt_int8_enable"]
+
+
+def test_fallback_warning_names_what_the_session_runs_without(common):
+    trt = ("TensorrtExecutionProvider", {"trt_fp16_enable": True})
+    requested = [trt, "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert common.fallback_warning(requested, ["CPUExecutionProvider"]) == (
+        "warning: TensorrtExecutionProvider, CUDAExecutionProvider not available here (onnxruntime offers only "
+        "CPUExecutionProvider); running on CPUExecutionProvider")
+    # offered by the build but dropped when the session started (no CUDA libraries): named too
+    assert common.fallback_warning(requested, ["CUDAExecutionProvider", "CPUExecutionProvider"]).startswith(
+        "warning: TensorrtExecutionProvider not available here")
+    assert common.fallback_warning(requested, ["TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                               "CPUExecutionProvider"]) is None
+    assert common.fallback_warning(["CPUExecutionProvider"], ["CPUExecutionProvider"]) is None
+
+
+@pytest.mark.parametrize("script", ["jetson.py", "server_gpu.py"])
+def test_gpu_script_says_on_stderr_what_it_fell_back_from(bundle, images, script):
+    done = _run_script(bundle, script, images)
+    assert done.returncode == 0, done.stderr
+    used = done.stdout.split("timing: ", 1)[1].split(" on ", 1)[1].split(":", 1)[0].split(", ")
+    wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider"] if script == "jetson.py" else ["CUDAExecutionProvider"]
+    missing = [p for p in wanted if p not in used]
+    warnings = [ln for ln in done.stderr.splitlines() if ln.startswith("warning:")]
+    if missing:  # a CPU-only onnxruntime, or a GPU one whose providers could not start here
+        assert warnings == [f"warning: {', '.join(missing)} not available here (onnxruntime offers"
+                            f"{' only' if len(used) == 1 else ''} {', '.join(used)}); running on {used[0]}"]
+    else:
+        assert warnings == []
 
 
 def test_server_gpu_and_mobile_fallback(common):
@@ -153,6 +186,13 @@ def test_script_prints_embeddings_matching_onnxruntime(bundle, images, script, c
 
     ref = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"]).run(["embedding"], {"pixels": x})[0]
     np.testing.assert_allclose(np.load(out), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_script_reads_tiff_images(bundle, images):
+    Image.open(images / "sub" / "im0.png").save(images / "sub" / "im3.tiff")
+    done = _run_script(bundle, "cpu.py", images)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("(dim 16,") == 4 and f"{images / 'sub' / 'im3.tiff'}: [" in done.stdout
 
 
 def test_script_gallery_top_k(bundle, images):

@@ -203,6 +203,39 @@ def test_evaluate_checkpoint_updates_metrics_and_keeps_recon_loss(ckpt_copy):
     assert f"{after['exits']['4']['knn_top1']:.4f}" in lines[3]
 
 
+def test_eval_recon_loss_is_measured_on_the_evaluated_images(ckpt_copy, tmp_path):
+    """eval's reconstruction loss is each exit's training objective on the --data images (not the
+    training figures repeated), on seeded masks: the same on every run, different on other images."""
+    import json
+
+    import torch
+
+    from bim_export.data import load_image_array
+    from bim_export.resources import heldout_images_dir, sample_images_dir
+    from bim_export.train.model import BimModel
+
+    trained = json.loads((ckpt_copy / "metrics.json").read_text())["exits"]
+    runs = []
+    for i, data in enumerate((sample_images_dir(), sample_images_dir(), heldout_images_dir())):
+        summary = ev.evaluate_checkpoint(ckpt_copy, data, metrics_out=tmp_path / f"m{i}.json")
+        runs.append(json.loads((tmp_path / f"m{i}.json").read_text())["exits"])
+    for d in ("2", "4"):
+        loss = runs[0][d]["eval_recon_loss"]
+        assert loss == runs[1][d]["eval_recon_loss"]  # deterministic
+        assert loss != trained[d]["recon_loss"] and runs[0][d]["recon_loss"] == trained[d]["recon_loss"]
+        assert loss != runs[2][d]["eval_recon_loss"]  # other images, another figure
+    row = next(ln for ln in summary.splitlines() if ln.split()[:1] == ["4"])
+    assert row.split()[-1] == f"{runs[2]['4']['eval_recon_loss']:.4f}"  # the table shows it
+    assert "recon loss: each exit's masked-patch loss on these" in summary
+    # the figure is the training objective on those images and masks
+    model = BimModel.from_checkpoint(ckpt_copy).eval()
+    cfg = json.loads((ckpt_copy / "config.json").read_text())
+    x, _ = load_image_array(sample_images_dir(), 32, cfg["mean"], cfg["std"], limit=8)
+    want = model.forward_backward(torch.from_numpy(x), model.mask_noise(8, torch.Generator().manual_seed(0))).floats()
+    got = ev.reconstruction_losses(model, x, batch_size=8, seed=0)
+    assert got.keys() == want.keys() and all(abs(got[d] - want[d]) < 1e-6 for d in got)
+
+
 def test_eval_features_match_the_exported_backbone(ckpt_copy):
     """The pooled exit features scored here are the embedding the exported backbone will produce."""
     import torch

@@ -30,6 +30,7 @@ _LAYOUT_OPS = {"Transpose", "Concat", "Slice", "Split", "Gather", "Expand", "Til
                "GatherElements", "GatherND", "ScatterND", "Resize"}
 _VIEW_OPS = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Shape", "Size", "ConstantOfShape", "Range"}
 _FREE_OPS = {"Constant", "Identity"}
+_FLOAT_TYPES = {1, 10, 11, 16}  # TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
 # FLOPs per output element of elementwise / normalisation ops (rough; these ops are memory-bound).
 _FLOPS_PER_ELEM = {"Softmax": 5, "LogSoftmax": 6, "LayerNormalization": 8, "SkipLayerNormalization": 9,
                    "Erf": 10, "Gelu": 12, "FastGelu": 10, "BiasGelu": 13, "Tanh": 8, "Sigmoid": 4,
@@ -58,6 +59,7 @@ class GraphCost:
     weights_bytes: int
     peak_activation_bytes: int
     unknown_shapes: int = 0  # node outputs whose shape inference failed (costed from their inputs)
+    float_weights_bytes: int = 0  # of ``weights_bytes``, those stored as float (fp32 / fp16 / bf16)
 
     @property
     def flops(self) -> float:
@@ -294,6 +296,8 @@ def graph_cost(path_or_model, batch: int = 1) -> GraphCost:
     consts = {i.name for i in g.initializer}
     consts |= {o for n in g.node if n.op_type == "Constant" for o in n.output}
     weights_bytes = sum(_numel(tuple(i.dims)) * _itemsize(i.data_type) for i in g.initializer)
+    float_weights_bytes = sum(_numel(tuple(i.dims)) * _itemsize(i.data_type) for i in g.initializer
+                              if i.data_type in _FLOAT_TYPES)
 
     nodes: list[NodeCost] = []
     dequantized: set[str] = set()
@@ -330,7 +334,7 @@ def graph_cost(path_or_model, batch: int = 1) -> GraphCost:
         nodes.append(NodeCost(node.name or node.op_type, node.op_type, cls, prec, flops, nbytes, fp32_bytes))
     peak = _peak_activations(g, shapes, dtypes, consts)
     return GraphCost(batch=batch, nodes=nodes, weights_bytes=weights_bytes, peak_activation_bytes=peak,
-                     unknown_shapes=unknown)
+                     unknown_shapes=unknown, float_weights_bytes=float_weights_bytes)
 
 
 def _peak_activations(g, shapes, dtypes, consts: set[str]) -> int:

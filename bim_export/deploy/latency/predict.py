@@ -17,7 +17,7 @@ from ..profiles import load_profile
 from .calibration import load_calibration
 from .costmodel import graph_cost
 from .measure import LatencyResult, measure_many
-from .roofline import Hardware, default_factors, node_times, predict_seconds
+from .roofline import Hardware, default_factors, node_times, path_features, roofline_seconds
 
 
 @dataclass(frozen=True)
@@ -101,11 +101,20 @@ def predict_latency(path: str | os.PathLike, profile, batch: int | None = None, 
     # fp16 enabled for the layers left in float (targets/jetson.py enables it for every precision).
     tensorrt = profile.execution_providers[0] == "TensorrtExecutionProvider"
     times = node_times(cost, hw, fuse_qdq=tensorrt, float16=tensorrt and precision == "int8")
-    ms = predict_seconds(times, factors) * 1e3
+    critical = path_features(times, factors)  # what decides the run's time
+    seconds = roofline_seconds(critical, factors)
+    ms = seconds * 1e3
+    launches = critical.get("nodes", 0.0) * factors.node_overhead_us * 1e-6
     return LatencyResult(mean=ms, p50=ms, p90=ms, p99=ms, source=source, batch=batch, model=os.fspath(path),
                          profile=profile.name, providers=list(profile.execution_providers),
                          settings={"factors": factors.to_dict(), "hardware": hw.signature(),
-                                   "gflop": cost.flops / 1e9, **({"calibration": calibration} if calibration else {})},
+                                   "gflop": cost.flops / 1e9,
+                                   # of the predicted time, the share spent launching nodes (> 1/2: launch-bound)
+                                   "launch_share": launches / seconds if seconds > 0 else 0.0,
+                                   # of the weight bytes, the share stored as float (a QDQ graph for
+                                   # TensorRT keeps them so, with a Q/DQ pair on each)
+                                   "float_weight_share": cost.float_weights_bytes / max(cost.weights_bytes, 1),
+                                   **({"calibration": calibration} if calibration else {})},
                          peak_memory_mb=(cost.weights_bytes + cost.peak_activation_bytes) / 1e6,
                          expected_error=error, note=note, error_basis=basis)
 
