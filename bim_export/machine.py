@@ -25,17 +25,29 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def machine_description() -> dict:
-    """What this machine is, for the record next to every measurement (stdlib only: runs on devices)."""
-    cpu, flags = platform.processor() or platform.machine(), []
+def cpu_flags() -> set[str]:
+    """Every feature flag this CPU reports (``flags`` on x86, ``Features`` on ARM in /proc/cpuinfo);
+    empty where there is no /proc/cpuinfo. The one reader of CPU flags: quantization presets and the
+    benchmarks ask it too."""
+    return set(_cpuinfo_field(("flags", "Features")).split())
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what ``platform`` knows."""
+    return _cpuinfo_field(("model name", "Model")).strip() or platform.processor() or platform.machine()
+
+
+def _cpuinfo_field(keys: tuple[str, ...]) -> str:
+    """The value of the first /proc/cpuinfo line starting with one of ``keys`` ("" if none)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            lines = f.read().splitlines()
-        names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(("model name", "Model"))]
-        cpu = names[0] if names else cpu
-        have = next((set(ln.split(":", 1)[1].split()) for ln in lines if ln.startswith(("flags", "Features"))), set())
-        flags = [f for f in CPU_FLAGS if f in have]
+            return next((ln.split(":", 1)[1] for ln in f if ln.startswith(keys) and ":" in ln), "")
     except OSError:
-        pass
-    return {"cpu": cpu, "cpu_flags": flags, "logical_cores": os.cpu_count(),
+        return ""
+
+
+def machine_description() -> dict:
+    """What this machine is, for the record next to every measurement (stdlib only: runs on devices)."""
+    have = cpu_flags()
+    return {"cpu": cpu_model(), "cpu_flags": [f for f in CPU_FLAGS if f in have], "logical_cores": os.cpu_count(),
             "os": f"{platform.system()} {platform.release()}", "python": platform.python_version()}

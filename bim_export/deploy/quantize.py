@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..machine import cpu_flags
 from .profiles import PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -272,12 +273,7 @@ def host_has_vnni() -> bool:
 
     if platform.machine().lower() in ("aarch64", "arm64"):
         return True
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((ln for ln in f if ln.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def reduce_range_for(preset: str | None) -> bool:
