@@ -102,3 +102,28 @@ def test_bundle_runs_standalone(tmp_path):
                           cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "(dim 16," in done.stdout
+
+
+def test_a_registered_writer_is_one_more_output_kind(tmp_path, spec):
+    """A new output kind (here a Triton model repository) is one registered writer: written after the
+    others, hashed in the manifest, and replaceable by the next export."""
+
+    @bundle_mod.register_writer("triton", ("triton",))
+    def write_triton(draft):
+        folder = draft.dir / "triton" / "bim" / "1"
+        folder.mkdir(parents=True)
+        (folder / "model.onnx").write_bytes((draft.dir / "model.onnx").read_bytes())
+        (draft.dir / "triton" / "bim" / "config.pbtxt").write_text('platform: "onnxruntime_onnx"\n')
+        draft.manifest["triton"] = {"model": "bim"}
+
+    try:
+        assert bundle_mod.WRITERS.names()[-1] == "triton" and "triton" in bundle_mod.bundle_kind().names
+        dest = write_bundle(tmp_path / "exports", spec)
+        manifest = json.loads((dest / "manifest.json").read_text())
+        assert manifest["triton"] == {"model": "bim"}
+        assert {"triton/bim/config.pbtxt", "triton/bim/1/model.onnx"} <= set(manifest["files"])
+        assert manifest["files"]["triton/bim/1/model.onnx"] == manifest["files"]["model.onnx"]
+        assert write_bundle(tmp_path / "exports", spec) == dest  # the next export replaces it
+    finally:
+        bundle_mod.WRITERS.unregister("triton")
+    assert "triton" not in bundle_mod.bundle_kind().names
