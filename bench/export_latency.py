@@ -86,11 +86,10 @@ def optimum_preset_export(fp32: Path, out: Path, preset: str) -> str:
 
 
 def host_preset() -> str:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        flags = ""
-    if "avx512_vnni" in flags or "avx512vnni" in flags:
+    from bim_export.machine import cpu_flags as host_flags
+
+    flags = host_flags()
+    if flags & {"avx512_vnni", "avx512vnni"}:
         return "avx512_vnni"
     if platform.machine() in ("aarch64", "arm64"):
         return "arm64"
@@ -98,12 +97,10 @@ def host_preset() -> str:
 
 
 def cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return sorted(f for f in line.split() if f.startswith(("avx", "amx", "fma", "vnni")))
+    """The host's vector and matrix-unit flags (AVX*, AMX*, FMA, VNNI), sorted."""
+    from bim_export.machine import cpu_flags as host_flags
+
+    return sorted(f for f in host_flags() if f.startswith(("avx", "amx", "fma", "vnni")))
 
 
 def model_sets(quick: bool):

@@ -275,18 +275,11 @@ def machine(device: str, threads: int | None) -> dict:
     import timm
     import torch
 
-    from bim_export.machine import machine_description
+    from bim_export.machine import cpu_flags, cpu_model
 
-    flags = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
+    flags = cpu_flags()
     simd = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16") if f in flags]
-    info = {"cpu": machine_description()["cpu"], "cpu_flags": simd, "cores": os.cpu_count(),
+    info = {"cpu": cpu_model(), "cpu_flags": simd, "cores": os.cpu_count(),
             "threads": threads or torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__,
             "python": platform.python_version(), "os": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M")}
     if device == "cuda":

@@ -258,16 +258,10 @@ def filesystem(path: Path) -> dict:
 def machine(device: str) -> dict:
     import torch
 
-    from bim_export.machine import machine_description
+    from bim_export.machine import cpu_flags, cpu_model
 
-    flags = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next(ln for ln in f if ln.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        pass
-    info = {"cpu": machine_description()["cpu"], "cores": os.cpu_count(),
-            "cpu_flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16"}),
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(),
+            "cpu_flags": sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16"}),
             "torch": torch.__version__, "python": platform.python_version(), "os": platform.platform(),
             "date": time.strftime("%Y-%m-%d %H:%M"), "load_avg_1min": round(os.getloadavg()[0], 2)}
     if device == "cuda":

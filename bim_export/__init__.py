@@ -35,6 +35,10 @@ train (BIM pretraining)
     train.evaluate          kNN / linear probe of every exit
     train.trainer           the training loop, resume, checkpoints
 deploy (per-device export)
+    deploy.registry         named extension points (timm's register_model style)
+    deploy.presets          quantization presets (registry)
+    deploy.providers        ONNX Runtime execution providers, their op lists and rewrites (registry)
+    deploy.device_scripts   the targets/ inference scripts a bundle ships (registry)
     deploy.schema_errors    one line for a profile file's schema errors (field, problem, value)
     deploy.profiles         device profiles: schema, loading, budgets
     deploy.plausibility     hardware figures no real device has (per watt, per core, per memory type)

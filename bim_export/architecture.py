@@ -65,8 +65,11 @@ class BimConfig(BaseModel):
     @field_validator("exits")
     @classmethod
     def _increasing(cls, exits: Optional[list[int]]) -> Optional[list[int]]:
-        if exits is not None and any(b <= a for a, b in zip(exits, exits[1:])):
-            raise ValueError(f"exits must be strictly increasing (got {exits})")
+        if exits is not None:
+            try:
+                check_increasing(exits)
+            except InputError as e:
+                raise ValueError(str(e)) from None  # pydantic reports ValueErrors with the field
         return exits
 
     @classmethod
@@ -109,11 +112,7 @@ class BimConfig(BaseModel):
                                  field=f"{name}_heads")
         check_overlap(self.overlap, self.mode, exits)
         out = self.model_copy(update={"exits": exits, "decoder": decoder, "last_decoder": last})
-        weights = self.loss_weights if self.loss_weights is not None else [1.0] * len(out.decoded_exits)
-        if len(weights) != len(out.decoded_exits):
-            raise InputError(f"loss_weights: {len(out.decoded_exits)} values needed, one per decoder at exits "
-                             f"{out.decoded_exits} (got {len(weights)})", field="loss_weights")
-        return out.model_copy(update={"loss_weights": [float(w) for w in weights]})
+        return out.model_copy(update={"loss_weights": check_loss_weights(self.loss_weights, out.decoded_exits)})
 
     def decoder_of(self, exit_depth: int) -> DecoderConfig:
         """The decoder size of an exit: ``last_decoder`` at the deepest exit, ``decoder`` elsewhere."""
@@ -139,9 +138,7 @@ class BimConfig(BaseModel):
     @classmethod
     def from_json(cls, config: dict) -> BimConfig:
         """Reads the architecture back from a checkpoint's config.json (other keys are ignored)."""
-        fields = {k: config[k] for k in ("arch", "model_args", "exits", "mode", "decoder", "mask_ratio",
-                                         "loss_weights", "norm_pix_loss", "overlap", "last_decoder") if k in config}
-        return cls(**fields)
+        return cls(**{k: config[k] for k in cls.model_fields if k in config})
 
 
 def check_overlap(overlap: int, mode: str, exits: Sequence[int]) -> None:
@@ -254,13 +251,31 @@ def describe_encoder(vit) -> dict:
     }
 
 
+def check_increasing(exits: Sequence[int]) -> None:
+    """The one check that stage exits (block counts) strictly increase; raises InputError."""
+    if any(b <= a for a, b in zip(exits, exits[1:])):
+        raise InputError(f"exits must be strictly increasing (got {list(exits)})", field="exits")
+
+
+def check_loss_weights(weights: Optional[Sequence[float]], decoded_exits: Sequence[int]) -> list[float]:
+    """The one check of the loss weights: one per decoder (default 1.0 each); returns them as floats.
+
+    Raises:
+        InputError: a count other than the decoders' (``field`` is ``loss_weights``).
+    """
+    weights = list(weights) if weights is not None else [1.0] * len(decoded_exits)
+    if len(weights) != len(decoded_exits):
+        raise InputError(f"loss_weights: {len(decoded_exits)} values needed, one per decoder at exits "
+                         f"{list(decoded_exits)} (got {len(weights)})", field="loss_weights")
+    return [float(w) for w in weights]
+
+
 def validate_exits(exits: Sequence[int], depth: int) -> list[int]:
     """Checks stage exits (block counts): strictly increasing, within 1..depth, last = depth."""
     exits = [int(e) for e in exits]
     if not exits:
         raise InputError("exits: at least one exit is needed", field="exits")
-    if any(b <= a for a, b in zip(exits, exits[1:])):
-        raise InputError(f"exits must be strictly increasing (got {exits})", field="exits")
+    check_increasing(exits)
     if exits[0] < 1 or exits[-1] > depth:
         raise InputError(f"exits must lie in 1..{depth}, the model depth (got {exits})", field="exits")
     if exits[-1] != depth:

@@ -79,6 +79,17 @@ class Checkpoint:
             field = ".".join(str(p) for p in err["loc"]) or "(architecture)"
             raise InputError(f"{self.path / CONFIG}: {field}: {err['msg']}") from None
 
+    def load_weights(self) -> dict[str, torch.Tensor]:
+        """The model weights, float32: read now from weights.safetensors if the checkpoint was loaded
+        without them (a resumed run reads its config first, its weights once the model is built).
+
+        Raises:
+            InputError: weights.safetensors is missing, unreadable or corrupt.
+        """
+        if not self.state_dict:
+            self.state_dict = _read_weights(self.path / WEIGHTS)
+        return self.state_dict
+
     def load_train_state(self) -> dict[str, Any]:
         """train_state.pt (optimizer, step, RNG), loaded without unpickling code."""
         return _torch_load(self.path / TRAIN_STATE)

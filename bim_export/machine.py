@@ -58,6 +58,33 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def cpu_flags() -> set[str]:
+    """Every feature flag this CPU reports (``flags`` on x86, ``Features`` on ARM in /proc/cpuinfo);
+    empty where there is no /proc/cpuinfo. The one reader of CPU flags: quantization presets and the
+    benchmarks ask it too."""
+    return set(_cpuinfo_field(("flags", "Features")).split())
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what ``platform`` knows."""
+    return _cpuinfo_field(("model name", "Model")).strip() or platform.processor() or platform.machine()
+
+
+def _cpuinfo_field(keys: tuple[str, ...]) -> str:
+    """The value of the first /proc/cpuinfo line starting with one of ``keys`` ("" if none)."""
+    values = _cpuinfo_values(keys)
+    return values[0] if values else ""
+
+
+def _cpuinfo_values(keys: tuple[str, ...]) -> list[str]:
+    """The values of every /proc/cpuinfo line starting with one of ``keys`` (none without the file)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return [ln.split(":", 1)[1] for ln in f if ln.startswith(keys) and ":" in ln]
+    except OSError:
+        return []
+
+
 def normalize_architecture(name: str) -> str:
     """``x86_64`` or ``aarch64`` for the names platforms give them; other names lower-cased."""
     name = (name or "").lower()
@@ -66,19 +93,10 @@ def normalize_architecture(name: str) -> str:
 
 def machine_description() -> dict:
     """What this machine is, for the record next to every measurement (stdlib only: runs on devices)."""
-    cpu, flags, cores = platform.processor() or platform.machine(), [], []
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            lines = f.read().splitlines()
-        names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(("model name", "Model"))]
-        cpu = names[0] if names else cpu
-        have = next((set(ln.split(":", 1)[1].split()) for ln in lines if ln.startswith(("flags", "Features"))), set())
-        flags = [f for f in CPU_FLAGS if f in have]
-        parts = [ln.split(":", 1)[1].strip().lower() for ln in lines if ln.startswith("CPU part")]
-        cores = list(dict.fromkeys(ARM_PARTS[p] for p in parts if p in ARM_PARTS))
-    except OSError:
-        pass
-    out = {"cpu": cpu, "cpu_flags": flags, "logical_cores": os.cpu_count(),
+    have = cpu_flags()
+    parts = [p.strip().lower() for p in _cpuinfo_values(("CPU part",))]
+    cores = list(dict.fromkeys(ARM_PARTS[p] for p in parts if p in ARM_PARTS))
+    out = {"cpu": cpu_model(), "cpu_flags": [f for f in CPU_FLAGS if f in have], "logical_cores": os.cpu_count(),
            "architecture": normalize_architecture(platform.machine()),
            "os": f"{platform.system()} {platform.release()}", "python": platform.python_version()}
     if cores:

@@ -15,19 +15,23 @@ so an interrupted export leaves only what was there before)::
     infer.py        the inference script for this device class (from targets/), + common.py
     validate.py     the standalone validator, + the modules it imports (parity.py, knn.py, machine.py)
 
-The manifest is built here and only here (:func:`build_manifest`), from what the pipeline chose.
+Each kind of output is a :class:`Writer`, registered in the order it runs (:data:`WRITERS`); a new
+output kind (a Triton model repository, an engine build script) is one :func:`register_writer` here
+and its test. The manifest is built here and only here (:func:`build_manifest`), from what the
+pipeline chose, and written last, with the sha256 of every file the writers wrote.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import platform
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -37,23 +41,22 @@ from ..atomic import OutputKind, atomic_dir
 from ..machine import sha256_file
 from ..resources import resource_dir
 from .candidates import ONNX_PROVIDER, Trial, source_label
+from .device_scripts import COMMON, SCRIPTS
 from .ortformat import OPS_CONFIG, ORT_MODEL, make_ort
 from .parity import ParityResult
 from .pareto import PlotPoint, plot_pareto
+from .registry import Registry
 from .report import render_report
 
 FORMAT_VERSION = 1
 MODEL, MANIFEST, REFERENCE, REPORT, PARETO = "model.onnx", "manifest.json", "reference.npz", "report.md", "pareto.png"
 DYNAMIC_MODEL = "model.dynamic.onnx"
-INFER, COMMON = "infer.py", "common.py"
+INFER = "infer.py"
 # The standalone validator and the modules it imports, copied beside it (see validator_files).
 VALIDATOR = ("validate.py", "parity.py", "knn.py", "machine.py")
-# What a later export of the same profile may replace: the bundle's files, and what its own scripts
-# add beside them on the device (mobile.py's model.ort, jetson.py's TensorRT engine cache, the
-# bytecode of common.py).
-BUNDLE = OutputKind("bundle", keys=("format_version", "bim_export_version", "profile", "files"), marker=MANIFEST,
-                    names=frozenset({MODEL, f"{MODEL}.data", DYNAMIC_MODEL, MANIFEST, REFERENCE, REPORT, PARETO, INFER,
-                                     COMMON, *VALIDATOR, ORT_MODEL, OPS_CONFIG, "trt_cache", "__pycache__"}))
+# What the bundle's own scripts add beside its files on the device (mobile.py's model.ort,
+# jetson.py's TensorRT engine cache, the bytecode of common.py).
+ADDED_ON_DEVICE = ("trt_cache", "__pycache__")
 
 
 @dataclass
@@ -107,48 +110,145 @@ class BundleSpec:
         return bool(self.exit_parity)
 
 
+@dataclass
+class BundleDraft:
+    """A bundle being written: the temporary folder the writers fill, and what they write from.
+
+    Attributes:
+        dir: the temporary folder (renamed over the destination once every writer is done).
+        spec: what the bundle records.
+    """
+
+    dir: Path
+    spec: BundleSpec
+
+    @cached_property
+    def manifest(self) -> dict[str, Any]:
+        """manifest.json as it stands: built from the spec and the written model on first use;
+        writers add their sections to it."""
+        return build_manifest(self.spec, self.dir / MODEL)
+
+
+@dataclass(frozen=True)
+class Writer:
+    """One kind of output in a bundle.
+
+    Attributes:
+        name: what it writes, in a word (``reference``).
+        files: every name it may write into the bundle (what a later export may replace).
+        write: writes its files into ``draft.dir`` (and its section into ``draft.manifest``, if any).
+    """
+
+    name: str
+    files: tuple[str, ...]
+    write: Callable[[BundleDraft], None]
+
+
+WRITERS: Registry[Writer] = Registry("bundle writer")
+
+
+def register_writer(name: str, files: tuple[str, ...]) -> Callable[[Callable[[BundleDraft], None]], Callable]:
+    """Decorator: registers ``fn(draft)`` as the writer ``name`` of ``files``, run after those
+    registered before it."""
+
+    def wrap(fn: Callable[[BundleDraft], None]) -> Callable[[BundleDraft], None]:
+        WRITERS.register(Writer(name, files, fn))
+        return fn
+
+    return wrap
+
+
 def bundle_kind(spec: BundleSpec | None = None) -> OutputKind:
-    """What ``out_dir/<profile>/`` may hold to be replaced by a new bundle (with ``spec``'s extra files)."""
-    if spec is None or not spec.extra_files:
-        return BUNDLE
-    return dataclasses.replace(BUNDLE, names=BUNDLE.names | set(spec.extra_files))
+    """What ``out_dir/<profile>/`` may hold to be replaced by a new bundle: every registered writer's
+    files, the manifest, what the bundle's scripts add on the device (and ``spec``'s extra files)."""
+    names = {MANIFEST, *ADDED_ON_DEVICE, *(f for w in WRITERS for f in w.files)}
+    extra = set(spec.extra_files) if spec is not None else set()
+    return OutputKind("bundle", keys=("format_version", "bim_export_version", "profile", "files"), marker=MANIFEST,
+                      names=frozenset(names | extra))
 
 
 def write_bundle(out_dir: str | Path, spec: BundleSpec) -> Path:
-    """Writes ``out_dir/<profile>/`` atomically and returns its path.
+    """Writes ``out_dir/<profile>/`` atomically, every registered writer in order, then the
+    manifest with the sha256 of every file; returns its path.
 
     Raises:
         InputError: ``out_dir/<profile>`` holds something other than a bundle, or cannot be written
             (see :func:`bim_export.atomic.check_destination`); nothing is written.
     """
-    profile = spec.profile
-    dest = Path(out_dir) / profile.name
-    stat = profile.budgets.latency_stat
+    dest = Path(out_dir) / spec.profile.name
     with atomic_dir(dest, bundle_kind(spec)) as tmp:
-        stamp = {"profile": profile.name, "precision": spec.choice.precision}
-        write_model(spec.model, tmp / MODEL, stamp)
-        if spec.dynamic_model is not None:
-            write_model(spec.dynamic_model, tmp / DYNAMIC_MODEL, stamp)
-        np.savez(tmp / REFERENCE, **spec.reference)
-        ort_format = None
-        if spec.mobile is not None:  # the file an app loads, made and checked against model.onnx here
-            ort_format = make_ort(tmp / MODEL, tmp, spec.reference, spec.choice.precision, profile)
-        targets = resource_dir("targets")
-        shutil.copyfile(targets / f"{profile.target_script}.py", tmp / INFER)
-        shutil.copyfile(targets / COMMON, tmp / COMMON)
-        for name, src in {**validator_files(), **spec.extra_files}.items():
-            shutil.copyfile(src, tmp / name)
-        budget = profile.budgets.latency_ms
-        plot_pareto(spec.points, budget if budget is not None else float("nan"), tmp / PARETO,
-                    title=f"{profile.name}: latency ({stat}) vs quality", stat=stat,
-                    quality_source=spec.selection.quality_source)
-        manifest = build_manifest(spec, tmp / MODEL)
-        if ort_format is not None:
-            manifest["mobile"]["ort"] = ort_format.to_dict()
-        (tmp / REPORT).write_text(render_report(manifest, spec.selection.table(), spec.why), encoding="utf-8")
+        draft = BundleDraft(tmp, spec)
+        for writer in WRITERS:
+            writer.write(draft)
+        manifest = draft.manifest
         manifest["files"] = file_hashes(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n", encoding="utf-8")
     return dest
+
+
+# --------------------------------------------------------------------------- the writers, in order
+
+
+@register_writer("model", (MODEL, f"{MODEL}.data", DYNAMIC_MODEL))
+def _write_models(draft: BundleDraft) -> None:
+    spec = draft.spec
+    stamp = {"profile": spec.profile.name, "precision": spec.choice.precision}
+    write_model(spec.model, draft.dir / MODEL, stamp)
+    if spec.dynamic_model is not None:
+        write_model(spec.dynamic_model, draft.dir / DYNAMIC_MODEL, stamp)
+
+
+@register_writer("reference", (REFERENCE,))
+def _write_reference(draft: BundleDraft) -> None:
+    np.savez(draft.dir / REFERENCE, **draft.spec.reference)
+
+
+@register_writer("phone", (ORT_MODEL, OPS_CONFIG))
+def _write_phone_files(draft: BundleDraft) -> None:
+    """ORT Mobile profiles: the file an app loads, made and checked against model.onnx here."""
+    spec = draft.spec
+    if spec.mobile is None:
+        return
+    ort_format = make_ort(draft.dir / MODEL, draft.dir, spec.reference, spec.choice.precision, spec.profile)
+    draft.manifest["mobile"]["ort"] = ort_format.to_dict()
+
+
+@register_writer("infer", (INFER, COMMON))
+def _write_infer_script(draft: BundleDraft) -> None:
+    targets = resource_dir("targets")
+    shutil.copyfile(targets / SCRIPTS[draft.spec.profile.target_script].file, draft.dir / INFER)
+    shutil.copyfile(targets / COMMON, draft.dir / COMMON)
+
+
+@register_writer("validator", VALIDATOR)
+def _write_validator(draft: BundleDraft) -> None:
+    for name, src in validator_files().items():
+        shutil.copyfile(src, draft.dir / name)
+
+
+@register_writer("extra", ())
+def _write_extra_files(draft: BundleDraft) -> None:
+    for name, src in draft.spec.extra_files.items():
+        shutil.copyfile(src, draft.dir / name)
+
+
+@register_writer("pareto", (PARETO,))
+def _write_pareto(draft: BundleDraft) -> None:
+    profile = draft.spec.profile
+    budget = profile.budgets.latency_ms
+    stat = profile.budgets.latency_stat
+    plot_pareto(draft.spec.points, budget if budget is not None else float("nan"), draft.dir / PARETO,
+                title=f"{profile.name}: latency ({stat}) vs quality", stat=stat,
+                quality_source=draft.spec.selection.quality_source)
+
+
+@register_writer("report", (REPORT,))
+def _write_report(draft: BundleDraft) -> None:
+    text = render_report(draft.manifest, draft.spec.selection.table(), draft.spec.why)
+    (draft.dir / REPORT).write_text(text, encoding="utf-8")
+
+
+BUNDLE = bundle_kind()  # the shipped writers' bundle
 
 
 def validator_files() -> dict[str, Path]:
@@ -194,7 +294,7 @@ def build_manifest(spec: BundleSpec, model: Path) -> dict[str, Any]:
         "format_version": FORMAT_VERSION, "bim_export_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "exporter": meta.pop("exporter", "unknown"), "versions": package_versions(),
-        "infer_script": f"{profile.target_script}.py",
+        "infer_script": SCRIPTS[profile.target_script].file,
         "profile": profile.name, "device_class": profile.device_class, "description": profile.description,
         # which machines are the device (validate.py compares its own machine with it); a measured
         # profile's bundle is for any machine

@@ -34,6 +34,7 @@ from ..errors import ValidationError
 from ..progress import SILENT, Progress
 from .export import cut_exits
 from .parity import ParityResult, compare_outputs, emulation_note, fixed_batch, merge_results, run_onnx
+from .presets import preset as find_preset
 from .rewrite import GraphForm, apply_form, form_for
 
 log = logging.getLogger(__name__)
@@ -256,7 +257,9 @@ def check_parity(shop: Workshop, depth: int, precision: str, model: Path, profil
     got = {run: {k: outs[run][f"{k}{suffix}"] for k in ref} for run in ("batch1", "batchN")}
     labels = shop.images.labels if (shop.images.labels >= 0).all() else None
     n1 = len(got["batch1"]["embedding"])
-    note = emulation_note(precision, profile.int8_preset if precision == "int8" else None, ONNX_PROVIDER)
+    preset = find_preset(profile.int8_preset) if precision == "int8" else None
+    note = emulation_note(precision, preset and preset.name, ONNX_PROVIDER,
+                          native_cpus=preset.native_cpus if preset else None)
     fixed = shop.fixed_batches.get(model)
     one, many = ((f"batch {fixed} (fixed)", f"{len(ref['embedding'])} images at fixed batch {fixed}") if fixed
                  else ("batch 1", f"batch {len(ref['embedding'])}"))

@@ -266,23 +266,31 @@ def run_onnx(session, x: np.ndarray, batch: int) -> dict[str, np.ndarray]:
     return {n: np.concatenate([c[j] for c in chunks]) for j, n in enumerate(names)}
 
 
-def emulation_note(precision: str | None, preset: str | None, provider: str, machine: str | None = None) -> str:
+def emulation_note(precision: str | None, preset: str | None, provider: str, machine: str | None = None,
+                   native_cpus: tuple[str, ...] | None = None) -> str:
     """Names a run whose numerics are not the target's: fp16 on a CPU EP, or int8 made for another
-    device's kernels (TensorRT, arm64) run on this machine's CPU EP; else ``""``."""
+    device's kernels (TensorRT, arm64, NNAPI) run on this machine's CPU EP; else ``""``.
+
+    Args:
+        native_cpus: the ``platform.machine()`` values whose CPU EP runs the preset's int8 as the
+            device does (the preset's declaration; a model carries it in its metadata_props);
+            None: any CPU.
+    """
     if provider != "CPUExecutionProvider":
         return ""
     if precision == "fp16":
         return "fp16 on CPUExecutionProvider: host-emulated"
     machine = (machine or platform.machine()).lower()
-    # NNAPI's int8 runs on the phone's driver (NPU / GPU), never on an ORT CPU EP
-    if precision == "int8" and (preset == "nnapi" or (preset in ("tensorrt", "arm64")
-                                                      and machine not in ("aarch64", "arm64"))):
+    if precision == "int8" and native_cpus is not None and machine not in native_cpus:
         return f"int8 for {preset} on CPUExecutionProvider: host-emulated"
     return ""
 
 
 def session_emulation_note(sess, precision: str | None = None) -> str:
-    """:func:`emulation_note` of a session (precision and preset from the model's metadata_props)."""
+    """:func:`emulation_note` of a session (precision, preset and the CPUs native to it from the
+    model's metadata_props)."""
     meta = sess.get_modelmeta().custom_metadata_map  # metadata_props, no onnx package needed
+    native = meta.get("quantization_native_cpus")
     return emulation_note(precision or meta.get("precision"), meta.get("quantization_preset"),
-                          sess.get_providers()[0])
+                          sess.get_providers()[0],
+                          native_cpus=None if native is None else tuple(filter(None, native.split(","))))

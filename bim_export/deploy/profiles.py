@@ -25,6 +25,10 @@ from ..errors import InputError, close_matches
 from ..machine import CPU_FLAGS
 from ..resources import resource_dir
 from ..table import format_table
+from .device_scripts import SCRIPTS
+from .presets import PRESETS, schema_names
+from .providers import PROVIDERS
+from .registry import one_of
 from .schema_errors import FieldError, describe_validation_error, short_value
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -41,24 +45,6 @@ ALIASES: dict[str, str] = {
     "server-cpu": "xeon-sapphire-rapids",
     "iphone": "iphone-15-pro",
 }
-
-# Execution providers that run a graph on an accelerator of their own (a phone's NPU or GPU), whose
-# reach ORT's mobile usability checker tells (bim_export.deploy.usability).
-ACCELERATOR_EPS = ("NnapiExecutionProvider", "CoreMLExecutionProvider")
-
-# ONNX Runtime execution provider names (onnxruntime.get_all_providers() of recent releases plus
-# those of builds that left the main list). Checked here, without importing onnxruntime.
-KNOWN_EXECUTION_PROVIDERS = (
-    "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider",
-    "NvTensorRTRTXExecutionProvider", "XnnpackExecutionProvider", "NnapiExecutionProvider",
-    "CoreMLExecutionProvider", "QNNExecutionProvider", "SNPEExecutionProvider",
-    "OpenVINOExecutionProvider", "DnnlExecutionProvider", "DmlExecutionProvider",
-    "ACLExecutionProvider", "ArmNNExecutionProvider", "ROCMExecutionProvider",
-    "MIGraphXExecutionProvider", "VitisAIExecutionProvider", "RknpuExecutionProvider",
-    "VSINPUExecutionProvider", "CANNExecutionProvider", "TvmExecutionProvider",
-    "WebGpuExecutionProvider", "WebNNExecutionProvider", "JsExecutionProvider",
-    "AzureExecutionProvider",
-)
 
 Precision = Literal["fp32", "fp16", "int8"]  # the members of PRECISIONS
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -153,8 +139,8 @@ class Profile(_Strict):
     device_class: Literal["cpu", "gpu", "mobile", "edge"] = Field(
         description="cpu: server/desktop CPU; gpu: CUDA GPU, datacenter or embedded (Jetson); "
                     "mobile: phone SoC CPU; edge: single-board computer CPU")
-    target_script: Literal["cpu", "jetson", "server_gpu", "mobile", "ios"] = Field(
-        "cpu", description="inference script from targets/ that goes into the bundle")
+    target_script: str = Field(
+        "cpu", description=f"inference script from targets/ that goes into the bundle ({', '.join(SCRIPTS.names())})")
     hardware: Optional[HardwareFigures] = Field(None, description="figures for latency prediction; "
                                                            "may be left out only for a measured profile")
     device: Optional[DeviceIdentity] = Field(
@@ -164,10 +150,9 @@ class Profile(_Strict):
     threads: Optional[int] = Field(None, gt=0, description="intra-op threads of the session (default: all cores)")
     opset: int = Field(17, ge=13, le=30, description="ONNX opset the device's runtime supports")
     precisions: list[Precision] = Field(min_length=1, description="precisions allowed on the device")
-    int8_preset: Optional[Literal["arm64", "avx2", "avx512", "avx512_vnni", "tensorrt", "nnapi"]] = Field(
-        None, description="quantization preset for int8: optimum's (arm64, avx2, avx512, avx512_vnni, tensorrt) or "
-                          "nnapi (static QDQ, per-tensor, uint8 activations: what NNAPI's quantized ops take); "
-                          "none: onnxruntime.quantization defaults")
+    int8_preset: Optional[str] = Field(
+        None, description=f"quantization preset for int8 ({', '.join(schema_names())}; see "
+                          "bim_export.deploy.presets); none: onnxruntime.quantization defaults")
     batch: int = Field(1, gt=0, description="input batch the latency budget applies to")
     fixed_batch: Optional[bool] = Field(
         None, description="fix the graph's batch axis to `batch` (NNAPI and CoreML take only fixed shapes); "
@@ -202,11 +187,25 @@ class Profile(_Strict):
         """Whether the model runs on a GPU (prediction is then launch-bound at small batch)."""
         return self.device_class == "gpu"
 
+    @field_validator("target_script", mode="before")
+    @classmethod
+    def _registered_script(cls, name: Any) -> Any:
+        if name not in SCRIPTS:
+            raise FieldError(("target_script",), f"must be one of {one_of(SCRIPTS.names())}", name)
+        return name
+
+    @field_validator("int8_preset", mode="before")
+    @classmethod
+    def _registered_preset(cls, name: Any) -> Any:
+        if name is not None and name not in PRESETS:
+            raise FieldError(("int8_preset",), f"must be one of {one_of(schema_names())}", name)
+        return name
+
     @field_validator("execution_providers")
     @classmethod
     def _known_eps(cls, eps: list[str]) -> list[str]:
         for i, ep in enumerate(eps):
-            if ep not in KNOWN_EXECUTION_PROVIDERS:
+            if ep not in PROVIDERS:
                 hint = _ep_hint(ep)
                 raise FieldError(("execution_providers", i),
                                   f"is not an ONNX Runtime execution provider (got {ep!r}); {hint}", None)
@@ -228,9 +227,10 @@ class Profile(_Strict):
                 if ep not in self.execution_providers:
                     raise FieldError((field, ep), f"names an execution provider the profile does not list "
                                                    f"({', '.join(self.execution_providers)})", None)
+        accelerator_eps = PROVIDERS.names(lambda e: e.accelerator)
         for ep in self.accelerators:
-            if ep not in ACCELERATOR_EPS:
-                raise FieldError(("accelerators", ep), f"must be one of {', '.join(ACCELERATOR_EPS)}: the EPs whose "
+            if ep not in accelerator_eps:
+                raise FieldError(("accelerators", ep), f"must be one of {', '.join(accelerator_eps)}: the EPs whose "
                                                         "reach ONNX Runtime's usability checker tells", None)
         if self.dynamic_batch_file and not self.batch_is_fixed:
             raise FieldError(("dynamic_batch_file",), "needs a fixed batch (fixed_batch: true): the model is "
@@ -257,13 +257,13 @@ class Profile(_Strict):
 def _ep_hint(ep: str) -> str:
     """'did you mean X?' for an unknown EP name (case and the suffix ignored), else the valid names."""
     suffix = "executionprovider"
-    base = {k.lower().removesuffix(suffix): k for k in KNOWN_EXECUTION_PROVIDERS}
+    base = {k.lower().removesuffix(suffix): k for k in PROVIDERS.names()}
     wanted = ep.lower().removesuffix(suffix)
     close = [base[wanted]] if wanted in base else \
         [base[c] for c in difflib.get_close_matches(wanted, list(base), n=2, cutoff=0.6)]
     if close:
         return f"did you mean {', '.join(close)}?"
-    return f"valid: {', '.join(sorted(KNOWN_EXECUTION_PROVIDERS))}"
+    return f"valid: {', '.join(sorted(PROVIDERS.names()))}"
 
 
 # ------------------------------------------------------------------------------------ loading

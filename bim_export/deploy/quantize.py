@@ -18,11 +18,12 @@ int16 sums: see :func:`reduce_range_for` for the measurements. (optimum's own de
 every MatMul, the attention's included; on ViT-S that cost nothing measurable in cosine, but they are
 ~10 % of the FLOPs at 224 px and hold the softmax's range, so they stay float here.)
 
-Presets: ``nnapi`` (static QDQ, per-tensor, uint8 activations: Android NNAPI's quantized form) is
-made with onnxruntime.quantization. With the others (avx512_vnni, avx512, avx2, arm64, tensorrt) and optimum installed
-(``pip install 'bim-export[optimum]'``), the quantization config is optimum's
-``AutoQuantizationConfig.<preset>`` applied through ``ORTQuantizer``, restricted to the same ViT-safe
-nodes; without optimum the same settings are made with onnxruntime.quantization directly.
+Presets (declared in :mod:`bim_export.deploy.presets`): ``nnapi`` (static QDQ, per-tensor, uint8
+activations: Android NNAPI's quantized form) is made with onnxruntime.quantization. With optimum's
+(avx512_vnni, avx512, avx2, arm64, tensorrt) and optimum installed (``pip install 'bim-export[optimum]'``),
+the quantization config is optimum's ``AutoQuantizationConfig.<preset>`` applied through
+``ORTQuantizer``, restricted to the same ViT-safe nodes; without optimum the same settings are made with
+onnxruntime.quantization directly.
 """
 
 from __future__ import annotations
@@ -38,18 +39,14 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..machine import cpu_flags
+from .presets import QuantPreset, preset as find_preset
 from .profiles import PRECISIONS
 
 log = logging.getLogger(__name__)
 
 INT8_METHODS = ("dynamic", "static")
-OPTIMUM_PRESETS = ("avx512_vnni", "avx512", "avx2", "arm64", "tensorrt")
-# nnapi: what Android's NNAPI runs quantized (ORT's NNAPI EP builds quantized FULLY_CONNECTED / CONV_2D
-# from QDQ groups with uint8 activations, uint8 or int8 weights, per-tensor scales for all but Conv
-# weights): static QDQ, per tensor, uint8 activations, int8 weights. Made with onnxruntime.quantization.
-PRESETS = (*OPTIMUM_PRESETS, "nnapi")
-STATIC_PRESETS = ("tensorrt", "nnapi")  # presets whose int8 is static QDQ by default
-PER_TENSOR_PRESETS = ("nnapi",)
+NATIVE_CPUS_KEY = "quantization_native_cpus"  # metadata_props key parity reads on the device
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 DEFAULT_INT8_METHOD = "dynamic"
 
@@ -110,8 +107,8 @@ def convert_precision(
         calib_x: calibration images [N, 3, H, W] float32, normalized like the model's input; for
             int8 static. None: the built-in sample set at the model's input size (ImageNet mean/std).
         method: for int8, ``dynamic`` (default) or ``static``.
-        preset: an optimum quantization preset (see :data:`PRESETS`); used through optimum when it is
-            installed, else mapped onto onnxruntime.quantization settings.
+        preset: a quantization preset's name (:data:`bim_export.deploy.presets.PRESETS`); optimum's are
+            used through optimum when it is installed, else mapped onto onnxruntime.quantization settings.
         per_channel: quantize weights per output channel.
         calibration_method: minmax, percentile or entropy (int8 static).
 
@@ -122,8 +119,7 @@ def convert_precision(
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     if precision not in PRECISIONS:
         raise InputError(f"precision '{precision}' unknown; valid: {', '.join(PRECISIONS)}")
-    if preset is not None and preset not in PRESETS:
-        raise InputError(f"quantization preset '{preset}' unknown; valid: {', '.join(PRESETS)}")
+    chosen = find_preset(preset)
     t0 = time.perf_counter()
     if precision == "fp32":
         shutil.copyfile(fp32_path, out_path)
@@ -131,14 +127,14 @@ def convert_precision(
     elif precision == "fp16":
         info = _to_fp16(fp32_path, out_path)
     else:
-        method = method or ("static" if preset in STATIC_PRESETS else DEFAULT_INT8_METHOD)
-        per_channel = per_channel and preset not in PER_TENSOR_PRESETS
+        method = method or ("static" if chosen and chosen.static else DEFAULT_INT8_METHOD)
+        per_channel = per_channel and not (chosen and chosen.per_tensor)
         if method not in INT8_METHODS:
             raise InputError(f"int8 method '{method}' unknown; valid: {', '.join(INT8_METHODS)}")
         if calibration_method not in CALIBRATION_METHODS:
             raise InputError(f"calibration method '{calibration_method}' unknown; "
                              f"valid: {', '.join(CALIBRATION_METHODS)}")
-        info = _to_int8(fp32_path, out_path, method, calib_x, preset, per_channel, calibration_method)
+        info = _to_int8(fp32_path, out_path, method, calib_x, chosen, per_channel, calibration_method)
     _stamp_metadata(fp32_path, out_path, info)
     info.size_mb = out_path.stat().st_size / 1e6
     info.seconds = time.perf_counter() - t0
@@ -156,6 +152,9 @@ def _stamp_metadata(src: Path, dst: Path, info: QuantInfo) -> None:
              "precision_method": info.method, "precision_tool": info.tool}
     if info.preset:
         props["quantization_preset"] = info.preset
+        native = find_preset(info.preset).native_cpus
+        if native is not None:  # where parity on a CPU EP is the device's own int8 (see parity.emulation_note)
+            props[NATIVE_CPUS_KEY] = ",".join(native)
     set_metadata(model, props)
     onnx.save_model(model, str(dst))
 
@@ -219,7 +218,8 @@ def _calibration_images(model, calib_x: np.ndarray | None) -> np.ndarray:
     return calib_x
 
 
-def _to_int8(src: Path, dst: Path, method: str, calib_x, preset, per_channel, calibration_method) -> QuantInfo:
+def _to_int8(src: Path, dst: Path, method: str, calib_x, preset: QuantPreset | None, per_channel,
+             calibration_method) -> QuantInfo:
     import onnx
 
     model = onnx.load(str(src))
@@ -233,16 +233,17 @@ def _to_int8(src: Path, dst: Path, method: str, calib_x, preset, per_channel, ca
         if method == "static":
             x = _calibration_images(model, calib_x)
             calibration = {"images": int(len(x)), "method": calibration_method}
-        if preset in OPTIMUM_PRESETS and _optimum_available():
+        if preset and preset.optimum and _optimum_available():
             tool = _quantize_optimum(prepared, dst, tmp, method, preset, per_channel, nodes,
                                      x if method == "static" else None, calibration_method)
         else:
-            if preset in OPTIMUM_PRESETS:
-                log.info("optimum is not installed: preset %s applied with onnxruntime.quantization", preset)
+            if preset and preset.optimum:
+                log.info("optimum is not installed: preset %s applied with onnxruntime.quantization", preset.name)
             tool = _quantize_ort(prepared, dst, tmp, method, preset, per_channel, nodes,
                                  x if method == "static" else None, calibration_method)
-    return QuantInfo("int8", "static-qdq" if method == "static" else "dynamic", tool, preset,
-                     per_channel, nodes, kept, calibration, 7 if reduce_range_for(preset) else 8)
+    name = preset.name if preset else None
+    return QuantInfo("int8", "static-qdq" if method == "static" else "dynamic", tool, name,
+                     per_channel, nodes, kept, calibration, 7 if reduce_range_for(name) else 8)
 
 
 def _pre_process(src: Path, dst: Path) -> None:
@@ -272,12 +273,7 @@ def host_has_vnni() -> bool:
 
     if platform.machine().lower() in ("aarch64", "arm64"):
         return True
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((ln for ln in f if ln.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def reduce_range_for(preset: str | None) -> bool:
@@ -290,7 +286,7 @@ def reduce_range_for(preset: str | None) -> bool:
     """
     if preset is None:
         return not host_has_vnni()
-    return preset in ("avx2", "avx512")
+    return find_preset(preset).reduce_range
 
 
 def _quantize_ort(src, dst, tmp, method, preset, per_channel, nodes, x, calibration_method) -> str:
@@ -298,8 +294,9 @@ def _quantize_ort(src, dst, tmp, method, preset, per_channel, nodes, x, calibrat
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     # arm64 and tensorrt kernels take signed int8 activations; x86 dynamic kernels need uint8
-    act_type = QuantType.QInt8 if preset in ("arm64", "tensorrt") else QuantType.QUInt8
-    reduce_range = reduce_range_for(preset)
+    act_type = QuantType.QInt8 if preset and preset.signed_activations else QuantType.QUInt8
+    reduce_range = reduce_range_for(preset.name if preset else None)
+    symmetric = bool(preset and preset.symmetric_activations)
     if method == "dynamic":
         quantize_dynamic(str(src), str(dst), per_channel=per_channel, weight_type=QuantType.QInt8,
                          reduce_range=reduce_range,
@@ -313,8 +310,8 @@ def _quantize_ort(src, dst, tmp, method, preset, per_channel, nodes, x, calibrat
             weight_type=QuantType.QInt8,
             nodes_to_quantize=nodes, op_types_to_quantize=["MatMul", "Gemm", "Conv"],
             calibrate_method=_ort_calibration_method(calibration_method),
-            extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": preset == "tensorrt",
-                           "CalibTensorRangeSymmetric": preset == "tensorrt"},
+            extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": symmetric,
+                           "CalibTensorRangeSymmetric": symmetric},
         )
     return f"onnxruntime.quantization {onnxruntime.__version__}"
 
@@ -346,12 +343,12 @@ def _quantize_optimum(src, dst, tmp, method, preset, per_channel, nodes, x, cali
     from optimum.onnxruntime import ORTQuantizer
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
-    make = getattr(AutoQuantizationConfig, preset)
+    make = getattr(AutoQuantizationConfig, preset.name)
     kwargs = dict(per_channel=per_channel, nodes_to_quantize=nodes, operators_to_quantize=["MatMul", "Gemm", "Conv"])
-    if preset != "tensorrt":  # tensorrt is static-only
+    if not preset.optimum_static_only:
         kwargs["is_static"] = method == "static"
-    if preset in ("avx2", "avx512"):
-        kwargs["reduce_range"] = reduce_range_for(preset)
+    if preset.reduce_range:
+        kwargs["reduce_range"] = True
     config = make(**kwargs)
     # ORTQuantizer looks for a transformers config beside the model and warns when there is none;
     # a timm backbone never has one, so the warning only alarms the user.
@@ -367,7 +364,7 @@ def _quantize_optimum(src, dst, tmp, method, preset, per_channel, nodes, x, cali
     written = quantizer.quantize(config, out_dir, calibration_tensors_range=ranges)
     produced = next(Path(written).glob("*.onnx"))
     shutil.move(str(produced), dst)
-    return f"optimum-onnx {version('optimum-onnx')} AutoQuantizationConfig.{preset}"
+    return f"optimum-onnx {version('optimum-onnx')} AutoQuantizationConfig.{preset.name}"
 
 
 def _calibration_ranges(src: Path, tmp: Path, x: np.ndarray, calibration_method: str):

@@ -4,21 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-SCRIPT_NOTES = {
-    "cpu.py": "infer.py runs on onnxruntime's CPU execution provider; `--threads N` fixes the thread count.",
-    "jetson.py": ("infer.py tries TensorRT (fp16 on, engine cached in `trt_cache/` next to the model: the first "
-                  "run builds it, which takes minutes on an Orin Nano), then CUDA, then the CPU, and prints "
-                  "which one ran."),
-    "server_gpu.py": ("infer.py runs on the CUDA execution provider with IO binding (inputs copied to the GPU "
-                      "once, outputs fetched at the end), else on the CPU."),
-    "mobile.py": ("infer.py runs the bundle's model.ort (what onnxruntime-android loads) after checking it against "
-                  "model.onnx on the reference inputs, through NNAPI, then XNNPACK, where this onnxruntime build has "
-                  "them (on the phone under Termux), else the CPU."),
-    "ios.py": ("infer.py runs the bundle's model.ort (what onnxruntime-objc loads) after checking it against "
-               "model.onnx on the reference inputs, through the CoreML provider with the profile's options where "
-               "this onnxruntime build has it (a Mac), else the CPU."),
-}
-
+from .device_scripts import script_for_file
 
 # ---------------------------------------------------------------------------------------- report
 
@@ -28,7 +14,7 @@ def render_report(manifest: dict[str, Any], table: str, why: str) -> str:
     source, how to run it; everything else from the bundle's manifest."""
     m = manifest
     lat, par = m.get("latency", {}), m.get("parity", {})
-    stat, script = lat.get("stat", "p50"), m.get("infer_script", "")
+    stat, device = lat.get("stat", "p50"), script_for_file(m.get("infer_script", ""))
     budget = (m.get("budgets") or {}).get("latency_ms")
     lines = [
         f"# bim-export bundle: {m.get('profile')}",
@@ -86,14 +72,14 @@ def render_report(manifest: dict[str, Any], table: str, why: str) -> str:
         "## Run it on the device",
         "",
         "```sh",
-        f"pip install {'onnxruntime-gpu' if script in ('jetson.py', 'server_gpu.py') else 'onnxruntime'} numpy pillow"
-        + ("   # on Jetson: the onnxruntime-gpu wheel for your JetPack" if script == "jetson.py" else ""),
+        f"pip install {device.runtime if device else 'onnxruntime'} numpy pillow"
+        + (f"   # {device.install_note}" if device and device.install_note else ""),
         "python infer.py path/to/images/            # embeddings, with timing",
         "python infer.py query.jpg --gallery gallery/ --top-k 5",
         "python validate.py .                        # parity vs reference.npz + latency, on this machine",
         "```",
         "",
-        SCRIPT_NOTES.get(script, ""),
+        device.note if device else "",
         "",
         f"Preprocessing (done by infer.py): shorter side to {m.get('preprocessing', {}).get('img_size')} px bicubic, "
         f"centre crop, normalize with mean {m.get('preprocessing', {}).get('mean')} and std {m.get('preprocessing', {}).get('std')}.",

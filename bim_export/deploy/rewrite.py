@@ -37,7 +37,6 @@ from ..errors import BimExportError
 
 # The op each pass removes, in the order they run.
 REMOVES = {"layernorm": "LayerNormalization", "erf": "Erf", "gather": "Gather"}
-NNAPI_ONLY = ("matmul2d", "qkv4d")
 PASS_ORDER = ("layernorm", "erf", "gather", "matmul2d", "qkv4d")
 INT64_MAX = 2**63 - 1
 
@@ -83,15 +82,16 @@ class GraphForm:
 def form_for(profile, dynamic: bool = False) -> GraphForm:
     """The graph form ``profile`` asks for: its batch fixed where it fixes it (``dynamic`` forces
     the batch axis dynamic: the second file a profile may ask for), and the passes that remove the
-    ops its NNAPI / CoreML EPs do not list."""
-    from .usability import NNAPI, checked_eps, checker_name, supported_ops
+    ops its NNAPI / CoreML EPs do not list, and those their op builders need beyond their lists
+    (:attr:`bim_export.deploy.providers.ExecutionProvider.passes`)."""
+    from .providers import PROVIDERS
+    from .usability import checked_eps, checker_name, supported_ops
 
     needed = set()
     for ep in checked_eps(profile):
         ops = supported_ops(checker_name(profile, ep))
         needed |= {name for name, op in REMOVES.items() if f"ai.onnx:{op}" not in ops}
-        if ep == NNAPI:
-            needed |= set(NNAPI_ONLY)
+        needed |= set(PROVIDERS[ep].passes)
     batch = None if dynamic or not profile.batch_is_fixed else profile.batch
     return GraphForm(batch, tuple(p for p in PASS_ORDER if p in needed))
 

@@ -24,13 +24,10 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from .providers import PROVIDERS, ExecutionProvider
+
 log = logging.getLogger(__name__)
 
-NNAPI, COREML, XNNPACK = "NnapiExecutionProvider", "CoreMLExecutionProvider", "XnnpackExecutionProvider"
-# ORT's operator list for each accelerator EP (CoreML per model format; MLProgram is the default here).
-OP_LISTS = {"NNAPI": "nnapi_supported_ops.md", "CoreML MLProgram": "coreml_supported_mlprogram_ops.md",
-            "CoreML NeuralNetwork": "coreml_supported_neuralnetwork_ops.md"}
-COREML_MAX_RANK = 5  # what ORT's checker applies to CoreML (usability_checker.check_coreml_partitions)
 # An accelerator "takes" a graph when it runs nearly all of it in at most two partitions: ORT's
 # checker calls more partitions "not recommended" (each boundary is a device copy), and the nodes
 # left to the CPU must be few for one device's figures to predict the whole run.
@@ -86,35 +83,42 @@ class EpCoverage:
         if self.dynamic_shape_nodes:
             missing.append(f"{self.dynamic_shape_nodes} nodes with dynamic shapes")
         if self.rank_nodes:
-            missing.append(f"{self.rank_nodes} nodes of rank > {COREML_MAX_RANK}")
+            missing.append(f"{self.rank_nodes} nodes of rank > {_provider(self.ep).max_rank}")
         return text + (f"; lacks {', '.join(missing)}" if missing else "")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "coverage": self.coverage, "takes": self.takes}
 
 
+def _provider(ep: str) -> ExecutionProvider:
+    return PROVIDERS.get(ep) or ExecutionProvider(ep)
+
+
 def checked_eps(profile) -> list[str]:
-    """The profile's EPs that ORT's checker knows (NNAPI, CoreML), in the profile's order."""
-    return [ep for ep in profile.execution_providers if ep in (NNAPI, COREML)]
+    """The profile's EPs that ORT's checker knows (its accelerator EPs: NNAPI, CoreML), in the
+    profile's order."""
+    return [ep for ep in profile.execution_providers if _provider(ep).accelerator]
 
 
 def is_mobile(profile) -> bool:
     """Whether the profile targets ORT Mobile (lists NNAPI, CoreML or XNNPACK)."""
-    return any(ep in (NNAPI, COREML, XNNPACK) for ep in profile.execution_providers)
+    return any(_provider(ep).mobile for ep in profile.execution_providers)
 
 
 def checker_name(profile, ep: str) -> str:
     """ORT's list for ``ep`` on this profile: ``NNAPI``, or CoreML by its ``ModelFormat`` option."""
-    if ep == NNAPI:
-        return "NNAPI"
-    fmt = (profile.provider_options.get(COREML) or {}).get("ModelFormat", "MLProgram")
-    return f"CoreML {fmt}"
+    return _provider(ep).checker_list(profile.provider_options.get(ep))
+
+
+def op_lists() -> dict[str, str]:
+    """ORT's operator list file by checker name (``CoreML MLProgram``), for every accelerator EP."""
+    return {f"{e.checker} {fmt}".strip(): file for e in PROVIDERS if e.accelerator for fmt, file in e.op_lists.items()}
 
 
 def _op_list_path(checker: str) -> Path:
     from onnxruntime.tools.mobile_helpers import usability_checker
 
-    return Path(usability_checker.__file__).parent / OP_LISTS[checker]
+    return Path(usability_checker.__file__).parent / op_lists()[checker]
 
 
 @lru_cache(maxsize=None)
@@ -146,10 +150,9 @@ def check_model(path: str | Path, profile) -> dict[str, EpCoverage]:
         model = onnx.shape_inference.infer_shapes(onnx.load(str(optimized)), strict_mode=True)
     out = {}
     for ep in eps:
-        checker = checker_name(profile, ep)
+        checker, max_rank = checker_name(profile, ep), _provider(ep).max_rank
         ops = _SupportedOpsChecker(str(_op_list_path(checker)))
-        info = check_partitioning(model.graph, ops, require_fixed_input_sizes=True,
-                                  max_rank=COREML_MAX_RANK if checker.startswith("CoreML") else 999)
+        info = check_partitioning(model.graph, ops, require_fixed_input_sizes=True, max_rank=max_rank or 999)
         out[ep] = EpCoverage(
             ep=ep, checker=checker, nodes=info.num_nodes, supported=info.num_supported_nodes,
             partitions=info.num_partitions, partition_sizes=[len(g) for g in info.supported_groups],

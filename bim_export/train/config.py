@@ -10,7 +10,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from .. import architecture
-from ..architecture import BimConfig, check_model_name, check_overlap
+from .. import checkpoint as ckpt_io
+from ..architecture import BimConfig, check_loss_weights, check_model_name, check_overlap
 from ..errors import InputError
 
 FLAGS = {"data": "--data", "model": "--model", "exits": "--exits", "out": "--out", "eval_data": "--eval-data",
@@ -24,8 +25,9 @@ class TrainConfig(BaseModel):
     # where each top-level setting came from (a YAML file, a flag, --set), for error lines
     _origins: dict[str, str] = PrivateAttr(default_factory=dict)
     _default_origin: str = PrivateAttr("training settings")
-    # the checkpoint config.json whose stored settings a resumed run started from (None: defaults)
-    _stored_from: Path | None = PrivateAttr(None)
+    # the checkpoint a resumed run continues from, read once here (config.json and metrics.json; its
+    # weights and training state are read when the run resumes); None: none, or not resuming
+    _resume_from: ckpt_io.Checkpoint | None = PrivateAttr(None)
 
     # -- data and output
     data: Path | None = Field(None, description="image folder (recursive, class sub-folders optional); "
@@ -36,13 +38,10 @@ class TrainConfig(BaseModel):
         "auto", description="where images are decoded and augmented: gpu = JPEGs decoded (nvJPEG), cropped, "
                             "resized and flipped on the GPU in batches, other files by PIL in the loader workers; "
                             "cpu = all by PIL in the workers; auto = gpu when training on CUDA")
-    # -- model: given as the flat settings of architecture.SETTINGS (model, model_args, exits, mode,
-    # decoder_depth / _width / _heads, mask_ratio, loss_weights, norm_pix_loss, overlap,
-    # last_decoder_depth / _width / _heads)
+    # -- model: given as the flat settings of architecture.SETTINGS
     bim: BimConfig = Field(default_factory=BimConfig, description="the model: timm ViT, exits, decoder, mask "
-                           "and loss (stored in config.json); set through the flat settings model, model_args, "
-                           "exits, mode, decoder_depth, decoder_width, decoder_heads, mask_ratio, loss_weights, "
-                           "norm_pix_loss, overlap, last_decoder_depth, last_decoder_width, last_decoder_heads")
+                           "and loss (stored in config.json); set through the flat settings "
+                           + ", ".join(architecture.SETTINGS))
     init: str | None = Field(None, description="pretrained weights for the encoder (and the last exit norm): a "
                              "safetensors or .pth file, a bim-export checkpoint or backbone folder, or a timm model "
                              "name with pretrained weights, e.g. vit_base_patch16_224.mae; not re-applied on resume")
@@ -121,15 +120,20 @@ class TrainConfig(BaseModel):
         return _where(self._origins, self._default_origin, key)
 
     @property
+    def resume_from(self) -> ckpt_io.Checkpoint | None:
+        """The checkpoint this (resumed) run continues from, as read with its settings, if any."""
+        return self._resume_from
+
+    @property
     def stored_from(self) -> Path | None:
         """The checkpoint config.json whose stored settings this (resumed) run's start from, if any."""
-        return self._stored_from
+        return self._resume_from.path / ckpt_io.CONFIG if self._resume_from is not None else None
 
     def given_over_stored(self) -> list[str]:
         """Settings given on top of a checkpoint's stored ones (``steps (--set)``), ``out`` left out."""
-        if self._stored_from is None:
+        if self.stored_from is None:
             return []
-        stored = str(self._stored_from)
+        stored = str(self.stored_from)
         return [f"{k} ({o})" for k, o in self._origins.items() if k != "out" and not o.startswith(stored)]
 
     @property
@@ -198,11 +202,11 @@ def load_train_config(config_file: str | os.PathLike | None = None, overrides: l
     overridden = parse_overrides(overrides or [])
     origins.update(dict.fromkeys(overridden, "--set"))
     raw = _merge(_merge(raw, flags), overridden)
-    stored_from = None
+    resume_from = None
     if resume and raw.get("out") is not None:
-        stored, stored_from = _stored_settings(Path(raw["out"]))
+        stored, resume_from = _stored_settings(Path(raw["out"]))
         if stored is not None:
-            label = f"{stored_from} (train)"
+            label = f"{resume_from.path / ckpt_io.CONFIG} (train)"
             origins = {**dict.fromkeys([*map(str, stored), *architecture.SETTINGS], label), **origins}
             raw = _merge(stored, raw)
     try:
@@ -214,22 +218,21 @@ def load_train_config(config_file: str | os.PathLike | None = None, overrides: l
         got = f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""
         more = f" [+{len(e.errors()) - 1} more]" if len(e.errors()) > 1 else ""
         raise InputError(f"{where}: {err['msg']}{got}{more}") from None
-    cfg._origins, cfg._default_origin, cfg._stored_from = origins, source, stored_from
+    cfg._origins, cfg._default_origin, cfg._resume_from = origins, source, resume_from
     _check_combinations(cfg)
     return cfg
 
 
-def _stored_settings(out: Path) -> tuple[dict | None, Path | None]:
-    """The training settings a checkpoint in ``out`` was made with (config.json ``train``), and that
-    file; (None, None) where ``out`` holds no checkpoint."""
-    from .. import checkpoint as ckpt_io
-
+def _stored_settings(out: Path) -> tuple[dict | None, ckpt_io.Checkpoint | None]:
+    """The training settings a checkpoint in ``out`` was made with (config.json ``train``), and the
+    checkpoint (read here, once, without its weights); (None, None) where ``out`` holds no checkpoint."""
     if not (out / ckpt_io.CONFIG).is_file():
         return None, None
-    stored = ckpt_io.load_checkpoint(out, weights=False).config.get("train") or {}
+    checkpoint = ckpt_io.load_checkpoint(out, weights=False)
+    stored = checkpoint.config.get("train") or {}
     if not isinstance(stored, dict):
         raise InputError(f"{out / ckpt_io.CONFIG}: train: expected a mapping of settings, got {type(stored).__name__}")
-    return {k: v for k, v in stored.items() if k != "out"}, out / ckpt_io.CONFIG
+    return {k: v for k, v in stored.items() if k != "out"}, checkpoint
 
 
 def setting_name(field: str) -> str:
@@ -253,10 +256,12 @@ def _check_combinations(cfg: TrainConfig) -> None:
         raise InputError(f"{cfg.where('model')}: {e}") from None
     _check_stage_parallel(cfg)
     if bim.loss_weights is not None and bim.exits is not None:
-        if len(bim.loss_weights) != len(bim.decoded_exits):
+        try:
+            check_loss_weights(bim.loss_weights, bim.decoded_exits)
+        except InputError:  # said with where the weights and the exits came from
             raise InputError(
                 f"{cfg.where('loss_weights')}: {len(bim.loss_weights)} weights for {len(bim.decoded_exits)} decoders "
-                f"(mode {bim.mode}, exits {bim.exits} from {cfg.where('exits')}); give one weight per decoder")
+                f"(mode {bim.mode}, exits {bim.exits} from {cfg.where('exits')}); give one weight per decoder") from None
     try:
         check_overlap(bim.overlap, bim.mode, bim.exits if bim.exits is not None else [])
     except InputError as e:

@@ -46,14 +46,19 @@ def config_json(model: BimModel, cfg: TrainConfig, step: int) -> dict:
             "train": cfg.model_dump(mode="json")}
 
 
-def resume_state(model: BimModel, cfg: TrainConfig) -> tuple[int, list[str], dict]:
-    """Loads the model's weights, the step and the RNG from ``cfg.out``; returns (step, log lines,
-    the optimizer's saved state).
+def resume_checkpoint(cfg: TrainConfig, out: Path) -> ckpt_io.Checkpoint:
+    """The checkpoint a resumed run continues from: the one its settings were read with, else read
+    here, once (without its weights: :func:`resume_state` reads those)."""
+    return cfg.resume_from if cfg.resume_from is not None else ckpt_io.load_checkpoint(out, weights=False)
+
+
+def resume_state(model: BimModel, cfg: TrainConfig, ck: ckpt_io.Checkpoint) -> tuple[int, list[str], dict]:
+    """Loads the model's weights, the step and the RNG from the checkpoint ``ck`` (read once, see
+    :func:`resume_checkpoint`); returns (step, log lines, the optimizer's saved state).
 
     Raises:
         TrainingError: the checkpoint is of another architecture.
     """
-    ck = ckpt_io.load_checkpoint(cfg.out)
     new = model.arch_config()
     stored = {"last_decoder": ck.config.get("decoder"), **ck.config}  # older checkpoints: one decoder size
     diff = [k for k in ARCH_KEYS if json.dumps(stored.get(k), sort_keys=True) != json.dumps(new[k], sort_keys=True)]
@@ -61,15 +66,16 @@ def resume_state(model: BimModel, cfg: TrainConfig) -> tuple[int, list[str], dic
         k = diff[0]
         raise TrainingError(f"{cfg.out}: cannot resume, the checkpoint's {k} is {stored.get(k)} but this run's "
                             f"is {new[k]} (another architecture; pick a new --out)")
-    model.load_state_dict(ck.state_dict)
+    model.load_state_dict(ck.load_weights())
     state = ck.load_train_state()
     set_rng_state(state["rng"])
-    lines = (cfg.out / ckpt_io.LOG).read_text().splitlines() if (cfg.out / ckpt_io.LOG).exists() else []
+    lines = (ck.path / ckpt_io.LOG).read_text().splitlines() if (ck.path / ckpt_io.LOG).exists() else []
     return int(state["step"]), lines, state["optimizer"]
 
 
 def saved_step(out: Path) -> int | None:
-    """The step of the checkpoint in ``out`` (None: none there, or unreadable)."""
+    """The step of the checkpoint in ``out`` as on disk now (None: none there, or unreadable): what a
+    stage-parallel rank names when another process may have written it since it last heard."""
     try:
         return json.loads((out / ckpt_io.CONFIG).read_text()).get("step")
     except (OSError, json.JSONDecodeError):
@@ -77,8 +83,8 @@ def saved_step(out: Path) -> int | None:
 
 
 def save(cfg: TrainConfig, config: dict, state_dict: dict[str, torch.Tensor], optimizer_state: dict, step: int,
-         recent: dict[int, list[float]], log_lines: list[str], final: bool, bad_images: dict | None = None) -> None:
-    """Writes the checkpoint of step ``step`` to ``cfg.out`` (atomically).
+         recent: dict[int, list[float]], log_lines: list[str], final: bool, bad_images: dict | None = None) -> dict:
+    """Writes the checkpoint of step ``step`` to ``cfg.out`` (atomically); returns its metrics.json.
 
     Args:
         config: config.json's content (:func:`config_json`).
@@ -97,3 +103,4 @@ def save(cfg: TrainConfig, config: dict, state_dict: dict[str, torch.Tensor], op
                                     "peak_lr": cfg.peak_lr, "min_lr": cfg.min_lr}}
     ckpt_io.save_checkpoint(cfg.out, state_dict, config, metrics, train_state, log_lines,
                             cfg.weights_dtype if final else "fp32")
+    return json.loads(json.dumps(metrics))  # as a reader of metrics.json sees it

@@ -31,7 +31,7 @@ from .loader import TrainStream, mask_noise
 from .model import BimModel
 from .optim import StageOptimizer, lr_at
 from .pretrained import InitReport, init_encoder
-from .run_state import config_json, resume_state, save, saved_step
+from .run_state import config_json, resume_checkpoint, resume_state, save
 from .stage_parallel import StageParallel, plan_layout, release_other_stages, restore_stages
 from .update import Stepper, resolve_update
 
@@ -144,8 +144,10 @@ def _run(cfg: TrainConfig, resume: bool | str, dataset, device: torch.device, in
     if dataset is None:
         dataset = _training_images(cfg, img_size, device)
     eval_set = _eval_set(cfg) if info.is_main else None  # bad eval data fails before training, not after
-    step, log_lines, saved_optimizer = resume_state(model, cfg) if resuming else (0, [], None)
+    resume_from = resume_checkpoint(cfg, out) if resuming else None  # the one read of it in this run
+    step, log_lines, saved_optimizer = resume_state(model, cfg, resume_from) if resuming else (0, [], None)
     resumed = step if resuming else None
+    saved, saved_metrics = resumed, resume_from.metrics if resuming else {}  # the last checkpoint in out
     data_info = sp.data_info if sp else info  # the ranks this one shares its stages' gradients with
     if sp is not None:
         release_other_stages(model, sp.stages)
@@ -163,7 +165,7 @@ def _run(cfg: TrainConfig, resume: bool | str, dataset, device: torch.device, in
     if cfg.compile:
         model.compile_blocks()
     amp = torch.bfloat16 if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda") else None
-    bad = BadImages(getattr(dataset, "root", "data"), _bad_images_record(out, resumed),
+    bad = BadImages(getattr(dataset, "root", "data"), saved_metrics.get("bad_images"),
                     (lambda line: _announce(cfg, line, logging.WARNING)) if info.is_main else None)
     stream = TrainStream(dataset, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps, seed=cfg.seed,
                          steps=cfg.steps, start_step=step, num_workers=cfg.num_workers, info=data_info,
@@ -183,7 +185,6 @@ def _run(cfg: TrainConfig, resume: bool | str, dataset, device: torch.device, in
         stepper.finish()  # a non-finite loss below ends the run: what this step did is never saved
         values = average_tensor(values, data_info).tolist()
         if not all(math.isfinite(v) for v in values):
-            saved = saved_step(out)
             raise TrainingError(
                 f"non-finite loss at step {step + 1} ({', '.join(f'exit {d}: {v}' for d, v in zip(decoded, values))}); "
                 f"lower the learning rate (now {lr:.3g}) or train in fp32; "
@@ -205,8 +206,9 @@ def _run(cfg: TrainConfig, resume: bool | str, dataset, device: torch.device, in
             pending.append({"step": step, "lr": lr, "img_per_s": round(rate, 2),
                             "elapsed_s": round(time.perf_counter() - t0, 3), "loss": None, **data})
         if at_save:
-            _checkpoint(model, cfg, optimizer, step, recent, window, pending, log_lines, bad, info, sp)
-            pending, window = [], {}
+            saved_metrics = _checkpoint(model, cfg, optimizer, step, recent, window, pending, log_lines, bad, info,
+                                        sp) or saved_metrics
+            saved, pending, window = step, [], {}
             if sp is not None:
                 sp.saved(step)
             else:
@@ -218,7 +220,7 @@ def _run(cfg: TrainConfig, resume: bool | str, dataset, device: torch.device, in
     seconds = time.perf_counter() - t0
     metrics = {}
     if info.is_main:
-        metrics = ckpt_io.load_checkpoint(out, weights=False).metrics
+        metrics = saved_metrics
         if eval_set is not None:
             metrics = _evaluate(model, cfg, eval_set, out)
     means = {d: float(np.mean(v)) for d, v in recent.items() if v}
@@ -228,9 +230,10 @@ def _run(cfg: TrainConfig, resume: bool | str, dataset, device: torch.device, in
 
 def _checkpoint(model: BimModel, cfg: TrainConfig, optimizer: StageOptimizer, step: int,
                 recent: dict[int, list[float]], window: dict[int, dict[int, float]], pending: list[dict],
-                log_lines: list[str], bad: BadImages, info: DistInfo, sp: StageParallel | None) -> None:
-    """Saves step ``step`` from rank 0; a stage-parallel run first gathers every group's weights,
-    optimizer state and losses there (the checkpoint is the single process's)."""
+                log_lines: list[str], bad: BadImages, info: DistInfo, sp: StageParallel | None) -> dict | None:
+    """Saves step ``step`` from rank 0 and returns its metrics.json there (None elsewhere); a
+    stage-parallel run first gathers every group's weights, optimizer state and losses there (the
+    checkpoint is the single process's)."""
     state = {k: v for k, v in model.state_dict().items() if v.numel()}  # released stages are empty
     opt_state = optimizer.state_dict() if cfg.save_train_state else {"state": {}}
     if sp is not None:
@@ -238,7 +241,7 @@ def _checkpoint(model: BimModel, cfg: TrainConfig, optimizer: StageOptimizer, st
         shares = sp.gather({"state": state, "optimizer": opt_state["state"], "losses": window,
                             "recent": {d: v for d, v in recent.items() if d in own}}, step)
         if shares is None:
-            return
+            return None
         state, opt_state["state"] = shares[0]["state"], shares[0]["optimizer"]
         for share in shares[1:]:
             state.update(share["state"])
@@ -247,14 +250,16 @@ def _checkpoint(model: BimModel, cfg: TrainConfig, optimizer: StageOptimizer, st
             for s, losses in share["losses"].items():
                 window[s].update(losses)
     if not info.is_main:
-        return
+        return None
     for entry in pending:
         entry["loss"] = {str(d): round(window[entry["step"]][d], 6) for d in model.decoded_exits}
     log_lines += [json.dumps(entry) for entry in pending]
     final = step == cfg.steps
-    save(cfg, config_json(model, cfg, step), state, opt_state, step, recent, log_lines, final, bad.record())
+    metrics = save(cfg, config_json(model, cfg, step), state, opt_state, step, recent, log_lines, final,
+                   bad.record())
     if sp is not None and final:
         restore_stages(model, state)  # rank 0 returns (and evaluates) the whole trained model
+    return metrics
 
 
 def _training_images(cfg: TrainConfig, img_size: int, device: torch.device):
@@ -267,13 +272,6 @@ def _training_images(cfg: TrainConfig, img_size: int, device: torch.device):
     images = training_images(data, img_size, decode_on_device=pipeline == "gpu", seed=cfg.seed)
     log.info("%s: %d images, %s pipeline", data, len(images), pipeline)
     return images
-
-
-def _bad_images_record(out: Path, resumed: int | None) -> dict | None:
-    """The unreadable images a resumed run's checkpoint had met (metrics.json), so none is named twice."""
-    if resumed is None:
-        return None
-    return ckpt_io.load_checkpoint(out, weights=False).metrics.get("bad_images")
 
 
 def _build_model(cfg: TrainConfig) -> BimModel:

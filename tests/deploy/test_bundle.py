@@ -134,3 +134,28 @@ def test_info_prints_files_choice_and_validations(tmp_path, spec, capsys):
     assert f"  device [0]   {record['time']} on {record['machine']['cpu']}" in out and "none recorded" not in out
     assert f": FAILED ({record['failures'][0]};" in out and "; parity FAILED, worst cosine" in out
     assert "(not checked there)" in out
+
+
+def test_a_registered_writer_is_one_more_output_kind(tmp_path, spec):
+    """A new output kind (here a Triton model repository) is one registered writer: written after the
+    others, hashed in the manifest, and replaceable by the next export."""
+
+    @bundle_mod.register_writer("triton", ("triton",))
+    def write_triton(draft):
+        folder = draft.dir / "triton" / "bim" / "1"
+        folder.mkdir(parents=True)
+        (folder / "model.onnx").write_bytes((draft.dir / "model.onnx").read_bytes())
+        (draft.dir / "triton" / "bim" / "config.pbtxt").write_text('platform: "onnxruntime_onnx"\n')
+        draft.manifest["triton"] = {"model": "bim"}
+
+    try:
+        assert bundle_mod.WRITERS.names()[-1] == "triton" and "triton" in bundle_mod.bundle_kind().names
+        dest = write_bundle(tmp_path / "exports", spec)
+        manifest = json.loads((dest / "manifest.json").read_text())
+        assert manifest["triton"] == {"model": "bim"}
+        assert {"triton/bim/config.pbtxt", "triton/bim/1/model.onnx"} <= set(manifest["files"])
+        assert manifest["files"]["triton/bim/1/model.onnx"] == manifest["files"]["model.onnx"]
+        assert write_bundle(tmp_path / "exports", spec) == dest  # the next export replaces it
+    finally:
+        bundle_mod.WRITERS.unregister("triton")
+    assert "triton" not in bundle_mod.bundle_kind().names

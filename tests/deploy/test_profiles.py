@@ -334,3 +334,39 @@ def test_cli_errors_exit_2_with_one_line(tmp_path, capsys, argv_tail, expected):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert expected in err
+
+
+# ------------------------------------------------------------------------------- registries
+
+
+def test_a_registered_preset_provider_and_script_are_accepted(tmp_path):
+    """A new quantization preset, execution provider or device script is one registration, which the
+    schema then accepts; unregistered, the same names are rejected naming the field."""
+    from bim_export.deploy.device_scripts import SCRIPTS, DeviceScript
+    from bim_export.deploy.presets import PRESETS, QuantPreset
+    from bim_export.deploy.providers import PROVIDERS, ExecutionProvider
+
+    data = {**_shipped("raspberry-pi-5"), "int8_preset": "sdot8", "target_script": "edge_npu",
+            "execution_providers": ["MyNpuExecutionProvider", "CPUExecutionProvider"]}
+    path = _write(tmp_path, data)
+    unknown = r"target_script must be one of 'cpu', .* or 'ios' \(got 'edge_npu'\) \(and 2 more\)$"
+    with pytest.raises(InputError, match=unknown):  # the script, the preset and the EP
+        load_profile(path)
+    PRESETS.register(QuantPreset("sdot8", "a test's preset", static=True, native_cpus=()))
+    SCRIPTS.register(DeviceScript("edge_npu", "onnxruntime", "a test's script"))
+    PROVIDERS.register(ExecutionProvider("MyNpuExecutionProvider"))
+    try:
+        p = load_profile(path)
+        assert (p.int8_preset, p.target_script, p.execution_providers[0]) == \
+            ("sdot8", "edge_npu", "MyNpuExecutionProvider")
+    finally:
+        PRESETS.unregister("sdot8"), SCRIPTS.unregister("edge_npu"), PROVIDERS.unregister("MyNpuExecutionProvider")
+    with pytest.raises(InputError, match=unknown):
+        load_profile(path)
+
+
+def test_unknown_target_script_names_the_registered_ones(tmp_path):
+    path = _write(tmp_path, {**_shipped("raspberry-pi-5"), "target_script": "android"})
+    with pytest.raises(InputError, match=r"target_script must be one of 'cpu', 'jetson', 'server_gpu', 'mobile' "
+                                         r"or 'ios' \(got 'android'\)"):
+        load_profile(path)

@@ -158,3 +158,26 @@ def test_seven_bit_weights_only_where_the_int8_kernel_saturates(fp32_model, tmp_
     full = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "b.onnx")).graph.initializer
             if t.data_type == onnx.TensorProto.INT8 and np.prod(t.dims) > 64]
     assert max(np.abs(w.astype(int)).max() for w in full) == 127
+
+
+def test_a_registered_preset_is_made_and_labelled_from_its_declaration(fp32_model, tmp_path, monkeypatch):
+    """A new preset is one registration: conversion takes its settings from it, and parity on a CPU EP
+    labels its int8 as host-emulated on the CPUs it does not name."""
+    import onnxruntime as ort
+
+    from bim_export.deploy.parity import session_emulation_note
+    from bim_export.deploy.presets import PRESETS, QuantPreset
+
+    monkeypatch.setattr(quantize, "_optimum_available", lambda: False)
+    PRESETS.register(QuantPreset("npu_test", "a test's NPU", static=True, per_tensor=True, native_cpus=()))
+    try:
+        info = convert_precision(fp32_model, tmp_path / "npu.onnx", "int8", preset="npu_test")
+    finally:
+        PRESETS.unregister("npu_test")
+    assert (info.preset, info.method, info.per_channel) == ("npu_test", "static-qdq", False)
+    sess = ort.InferenceSession(str(tmp_path / "npu.onnx"), providers=["CPUExecutionProvider"])
+    assert session_emulation_note(sess) == "int8 for npu_test on CPUExecutionProvider: host-emulated"
+    plain = convert_precision(fp32_model, tmp_path / "x86.onnx", "int8", preset="avx512_vnni")
+    assert plain.preset == "avx512_vnni"
+    sess = ort.InferenceSession(str(tmp_path / "x86.onnx"), providers=["CPUExecutionProvider"])
+    assert session_emulation_note(sess) == ""
