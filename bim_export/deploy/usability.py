@@ -23,6 +23,10 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .profiles import Profile
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +97,17 @@ class EpCoverage:
         return {**asdict(self), "coverage": self.coverage, "takes": self.takes}
 
 
-def checked_eps(profile) -> list[str]:
+def checked_eps(profile: Profile) -> list[str]:
     """The profile's EPs that ORT's checker knows (NNAPI, CoreML), in the profile's order."""
     return [ep for ep in profile.execution_providers if ep in (NNAPI, COREML)]
 
 
-def is_mobile(profile) -> bool:
+def is_mobile(profile: Profile) -> bool:
     """Whether the profile targets ORT Mobile (lists NNAPI, CoreML or XNNPACK)."""
     return any(ep in (NNAPI, COREML, XNNPACK) for ep in profile.execution_providers)
 
 
-def checker_name(profile, ep: str) -> str:
+def checker_name(profile: Profile, ep: str) -> str:
     """ORT's list for ``ep`` on this profile: ``NNAPI``, or CoreML by its ``ModelFormat`` option."""
     if ep == NNAPI:
         return "NNAPI"
@@ -126,7 +130,7 @@ def supported_ops(checker: str) -> frozenset[str]:
     return frozenset(_SupportedOpsChecker(str(_op_list_path(checker)))._ops)
 
 
-def check_model(path: str | Path, profile) -> dict[str, EpCoverage]:
+def check_model(path: str | Path, profile: Profile) -> dict[str, EpCoverage]:
     """ORT's usability check of an ONNX file for each of the profile's accelerator EPs.
 
     Returns:
