@@ -39,7 +39,7 @@ _CPU = ("uncalibrated cpu defaults, worst held-out error: each (width, batch) gr
 _UNTIMED = "; {p} was not timed, the fp32 figure stands in"
 # The error an uncalibrated prediction (a device class's default factors on its profile's data-sheet
 # figures) is labelled with, per device class and precision: the worst error of the held-out checks
-# bench/latency_model.py ran on the class's defaults (README, "Latency prediction"). mobile and edge
+# bench/latency_model.py ran on the class's defaults (bench/README.md, "Latency prediction"). mobile and edge
 # devices use the cpu factors.
 UNCALIBRATED_ERRORS: dict[tuple[str, str], ExpectedError] = {
     ("gpu", "fp32"): ExpectedError(0.59, _GPU.format(h200="+43 % and +59 %", extra="")),
