@@ -200,6 +200,7 @@ def test_fit_factors_recovers_known_factors():
 # ---------------------------------------------------------------------------------- measuring
 
 
+@pytest.mark.timing
 def test_measure_onnx_returns_sane_stats(vits):
     r = measure.measure_onnx(vits[1], batch=2, threads=1, warmup=1, repeats=3, rounds=2)
     assert r.source == "measured" and r.batch == 2
@@ -217,6 +218,7 @@ def test_measure_onnx_returns_sane_stats(vits):
     assert json.loads(json.dumps(r.to_dict()))["source"] == "measured"
 
 
+@pytest.mark.timing
 def test_measure_many_interleaves_and_thread_clock(vits):
     rs = measure.measure_many([(vits[1], 1), (vits[4], 1)], threads=1, warmup=1, repeats=2, rounds=2,
                               clock="thread_cpu")
@@ -227,6 +229,7 @@ def test_measure_many_interleaves_and_thread_clock(vits):
 
 
 @pytest.mark.slow
+@pytest.mark.timing
 def test_busy_machine_is_detected_and_its_error_reaches_the_floor(vits):
     """Other processes spinning on every core: the measurement says so, re-measures, and states an
     error that reaches down to the single-thread floor instead of a tight band around an inflated figure."""
@@ -259,6 +262,7 @@ def test_measure_onnx_bad_input(tmp_path, vits):
         measure.measure_onnx(vits[1], repeats=0)
 
 
+@pytest.mark.timing
 def test_host_profile_is_measured_and_fp16_is_labelled_emulated(tmp_path, vits):
     r = latency.latency_for_profile(vits[1], "host", 1, threads=1, warmup=1, repeats=2, rounds=1)
     assert (r.source, r.profile) == ("measured", "host")
@@ -311,6 +315,7 @@ def test_tensorrt_profile_fuses_qdq_so_int8_beats_fp32(vits, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timing
 def test_calibration_round_trip(calibration_dir, vits):
     text = calibrate("edge-cpu", specs=[{**TINY, "depth": 1}], batches=[1, 2], threads=1, warmup=1,
                              repeats=2, rounds=2)
