@@ -289,7 +289,7 @@ def machine(device: str, threads: int | None) -> dict:
 
 def summarize(results: dict[str, dict], device: str) -> dict:
     """Ratios against standard MAE (and checkpointed MAE), MFU, the cost of every exit in one run
-    against separate runs, and the issue's targets (they refer to a GPU at batch 256)."""
+    against separate runs, and the targets (they refer to a GPU at batch 256)."""
     key = "peak_gib" if device == "cuda" else "peak_above_base_mib"
     std, ck = results.get("mae_8x512", {}), results.get("mae_8x512_ckpt", {})
     ok = {n: r for n, r in results.items() if key in r}

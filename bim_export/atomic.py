@@ -1,7 +1,7 @@
 """Output writes that are atomic and never destroy what is not ours (checkpoints, backbones, bundles,
 calibration and metrics files).
 
-The rules (DESIGN.md, "Outputs never destroy what is not ours"):
+The rules (docs/design.md, "Outputs never destroy what is not ours"):
 
 - A destination may be replaced only when it is missing, an empty folder, or an output of the same
   kind that bim-export made earlier, recognised by its files (:class:`OutputKind`) and holding

@@ -1,6 +1,6 @@
 """The ``bim-export`` command line: parse, call one library function, print its result.
 
-Exit codes (DESIGN.md): 0 success, 1 unexpected failure (traceback kept), 2 bad input or usage,
+Exit codes (docs/design.md): 0 success, 1 unexpected failure (traceback kept), 2 bad input or usage,
 3 no candidate meets the budget (table on stdout), 4 validation of a finished export failed.
 Heavy libraries are imported inside the handlers so ``bim-export --help`` stays instant.
 """

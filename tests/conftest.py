@@ -83,6 +83,34 @@ def write_truncated_jpeg(path):
     return path
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Under pytest-xdist, a test marked ``timing`` runs with no other test beside it.
+
+    Such a test measures how fast this machine runs a model, or loads the machine on purpose, so a
+    test running on another worker would change its figures or be slowed by it. Every test holds a
+    shared lock on one file for its setup, call and teardown, and a ``timing`` test holds it
+    exclusively. Without xdist, one test runs at a time anyway, and nothing is locked.
+    """
+    run = getattr(item.config, "workerinput", {}).get("testrunuid")
+    try:
+        import fcntl
+    except ImportError:  # no POSIX locks (Windows): run as scheduled
+        fcntl = None
+    if run is None or fcntl is None:
+        yield
+        return
+    import tempfile
+    from pathlib import Path
+
+    with open(Path(tempfile.gettempdir()) / f"bim-export-tests-{run}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if item.get_closest_marker("timing") else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` run wherever CUDA is available and are skipped, saying so, elsewhere."""
     if torch.cuda.is_available():

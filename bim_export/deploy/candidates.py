@@ -24,7 +24,7 @@ import logging
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,6 +36,9 @@ from .export import cut_exits
 from .parity import ParityResult, compare_outputs, emulation_note, fixed_batch, merge_results, run_onnx
 from .presets import preset as find_preset
 from .rewrite import GraphForm, apply_form, form_for
+
+if TYPE_CHECKING:
+    from .profiles import Profile
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +112,13 @@ class Workshop:
                 "pooling": bb.global_pool, "prefix_tokens": int(bb.num_prefix_tokens)}
 
     @staticmethod
-    def _graph(precision: str, profile, dynamic: bool = False) -> tuple[str, int, str | None, GraphForm]:
+    def _graph(precision: str, profile: Profile, dynamic: bool = False) -> tuple[str, int, str | None, GraphForm]:
         """(precision, opset, int8 preset or None, graph form): what a profile asks of a graph at
         ``precision`` (with ``dynamic``, of its second, dynamic-batch file)."""
         preset = profile.int8_preset if precision == "int8" else None
         return precision, profile.opset, preset, form_for(profile, dynamic)
 
-    def full_graph(self, precision: str, profile, dynamic: bool = False) -> Path:
+    def full_graph(self, precision: str, profile: Profile, dynamic: bool = False) -> Path:
         """The multi-exit graph of every exit at ``precision`` in ``profile``'s form: exported (fp32),
         rewritten (:mod:`~bim_export.deploy.rewrite`) or converted once, and shared with every profile
         asking for the same opset, preset and form.
@@ -153,7 +156,7 @@ class Workshop:
         self._models[key] = path
         return path
 
-    def model(self, depth: int, precision: str, profile, multi_exit: bool = False, dynamic: bool = False) -> Path:
+    def model(self, depth: int, precision: str, profile: Profile, multi_exit: bool = False, dynamic: bool = False) -> Path:
         """The ONNX file of exit ``depth`` at ``precision`` for ``profile`` (with ``multi_exit``: every
         exit up to ``depth`` in one graph; with ``dynamic``: the profile's dynamic-batch form), cut out
         of :meth:`full_graph` on first use."""
@@ -181,8 +184,6 @@ class Workshop:
     def pending(self, depth: int, precision: str, profile) -> str:
         """What :meth:`model` of this candidate still has to make, for progress lines: ``export``,
         ``rewrite``, ``convert``, ``calibrate + convert``, else ``cut`` or ``reuse`` (an earlier profile's)."""
-        from .quantize import STATIC_PRESETS
-
         precision, opset, preset, form = self._graph(precision, profile)
 
         def made(prec: str, pre: str | None, frm: GraphForm) -> bool:
@@ -191,7 +192,7 @@ class Workshop:
         steps = [] if made("fp32", None, GraphForm()) else ["export"]
         steps += [] if form.plain or made("fp32", None, form) else ["rewrite"]
         if precision != "fp32" and not made(precision, preset, form):
-            steps.append("calibrate + convert" if precision == "int8" and preset in STATIC_PRESETS else "convert")
+            steps.append("calibrate + convert" if precision == "int8" and getattr(find_preset(preset), "static", False) else "convert")
         return " + ".join(steps) or ("reuse" if (depth, precision, opset, preset, form, False) in self._models else "cut")
 
     @cached_property
@@ -201,7 +202,7 @@ class Workshop:
         bb = self.backbone(max(self.ckpt.config["exits"]))
         return sum(p.numel() for p in bb.parameters()) * 4 > 1_500_000_000
 
-    def parity_graph(self, depth: int, precision: str, profile) -> tuple[Path, bool]:
+    def parity_graph(self, depth: int, precision: str, profile: Profile) -> tuple[Path, bool]:
         """The graph a candidate's parity is judged on, and whether its outputs carry the exit suffix."""
         if self.too_big_to_cut:
             return self.model(depth, precision, profile), False
@@ -242,7 +243,7 @@ class Workshop:
 # ------------------------------------------------------------------------------------ parity
 
 
-def check_parity(shop: Workshop, depth: int, precision: str, model: Path, profile,
+def check_parity(shop: Workshop, depth: int, precision: str, model: Path, profile: Profile,
                  multi_exit: bool = False) -> ParityResult:
     """ONNX Runtime vs PyTorch at batch 1 and batch n, against the profile's tolerances.
 
@@ -299,7 +300,7 @@ def source_label(result) -> str:
     return f"{result.source} ({result.note})" if result.note else result.source
 
 
-def evaluate_candidates(shop: Workshop, profile, progress: Progress = SILENT) -> list[Trial]:
+def evaluate_candidates(shop: Workshop, profile: Profile, progress: Progress = SILENT) -> list[Trial]:
     """Builds, prunes, checks parity of and times every depth x precision for ``profile``, telling
     ``progress`` each step (stages ``candidates``, ``predict``, ``parity``, ``time``)."""
     from .latency.costmodel import predict_memory
@@ -358,7 +359,8 @@ def evaluate_candidates(shop: Workshop, profile, progress: Progress = SILENT) ->
     return trials
 
 
-def measure_trials(trials: list[Trial], profile, settings: dict | None = None, progress: Progress = SILENT) -> None:
+def measure_trials(trials: list[Trial], profile: Profile, settings: dict | None = None,
+                   progress: Progress = SILENT) -> None:
     """Sets each trial's latency for ``profile``; measured ones are timed in one worker, interleaved.
 
     Where a deeper model comes out faster than a shallower one of the same precision beyond both
@@ -411,7 +413,7 @@ def _inversions(trials: list[Trial], stats: list[str]) -> list[tuple[int, int]]:
         [(t.depth, t.precision, t.latency.stat(stat), t.latency.error(stat) or 0.0) for t in trials])})
 
 
-def to_candidates(trials: list[Trial], profile) -> list:
+def to_candidates(trials: list[Trial], profile: Profile) -> list:
     from .selector import Candidate
 
     stat = profile.budgets.latency_stat

@@ -1,6 +1,6 @@
 """Backbone -> ONNX: one graph per depth, or one graph with an output per exit.
 
-The ONNX contract (DESIGN.md): input ``pixels`` [batch, 3, H, W] float32, normalized as in the
+The ONNX contract (docs/design.md): input ``pixels`` [batch, 3, H, W] float32, normalized as in the
 checkpoint's config; outputs ``tokens`` [batch, N, D] (after the exit's norm) and ``embedding``
 [batch, D] (the backbone's own pooling, ``forward_head(pre_logits=True)``); the batch axis is dynamic
 and named ``batch``; ``metadata_props`` describe the source (depth, exits, profile, precision, mean,

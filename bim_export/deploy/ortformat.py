@@ -25,11 +25,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import ValidationError
 from .parity import ParityResult, compare_outputs, run_onnx, session
+
+if TYPE_CHECKING:
+    from .profiles import Profile
 
 ORT_MODEL, OPS_CONFIG = "model.ort", "required_operators.config"
 # The .ort graph is the .onnx graph after ORT's optimizations: fused kernels round differently, so
@@ -78,7 +82,7 @@ def _quiet(name: str):
         logger.setLevel(level)
 
 
-def optimization_style(profile) -> str:
+def optimization_style(profile: Profile) -> str:
     """``Runtime`` for a profile with a compiling accelerator EP (NNAPI, CoreML), else ``Fixed``."""
     from .usability import checked_eps
 
@@ -86,7 +90,7 @@ def optimization_style(profile) -> str:
 
 
 def make_ort(onnx_model: str | Path, out_dir: str | Path, reference: dict[str, np.ndarray], precision: str,
-             profile) -> OrtFormat:
+             profile: Profile) -> OrtFormat:
     """Writes ``model.ort`` and ``required_operators.config`` for ``onnx_model`` into ``out_dir``.
 
     Args:

@@ -29,8 +29,8 @@ from .bundle import BundleSpec, bundle_kind, write_bundle
 from .candidates import (Trial, Workshop, check_parity, evaluate_candidates, load_images, source_label,
                          to_candidates)
 from .parity import ParityResult
-from .profiles import list_profiles, load_profile
 from .pareto import PlotPoint
+from .profiles import Profile, list_profiles, load_profile
 from .selector import select
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class Outcome:
     latency_source: str = ""
 
 
-def export_profile(shop: Workshop, profile, out: Path, multi_exit: bool = False,
+def export_profile(shop: Workshop, profile: Profile, out: Path, multi_exit: bool = False,
                    progress: Progress = SILENT) -> Outcome:
     """Candidates -> selector -> bundle for one profile, each step told to ``progress``.
 
@@ -124,7 +124,7 @@ def export_profile(shop: Workshop, profile, out: Path, multi_exit: bool = False,
                        latency_source=source_label(choice.latency))
 
 
-def mobile_record(trials: list[Trial], choice: Trial, profile) -> dict | None:
+def mobile_record(trials: list[Trial], choice: Trial, profile: Profile) -> dict | None:
     """For a profile with NNAPI, CoreML or XNNPACK: the graph form, ORT's usability check of the
     chosen file per EP, where it is predicted, and every candidate's check in a line."""
     from .rewrite import form_for
@@ -138,7 +138,7 @@ def mobile_record(trials: list[Trial], choice: Trial, profile) -> dict | None:
                            for t in trials}}
 
 
-def verify_file(shop: Workshop, choice: Trial, model: Path, profile):
+def verify_file(shop: Workshop, choice: Trial, model: Path, profile: Profile):
     """Parity of the very file that ships (candidates were judged on the graph it was cut from)."""
     result = check_parity(shop, choice.depth, choice.precision, model, profile)
     if not result.passed:
@@ -147,7 +147,7 @@ def verify_file(shop: Workshop, choice: Trial, model: Path, profile):
     return result
 
 
-def multi_exit_model(shop: Workshop, choice: Trial, profile) -> tuple[Path, dict[str, ParityResult]]:
+def multi_exit_model(shop: Workshop, choice: Trial, profile: Profile) -> tuple[Path, dict[str, ParityResult]]:
     """The chosen precision as one graph with an output per exit up to the chosen depth, and its
     parity per exit (the single-exit graph passed; a failing exit here is an export bug)."""
     model = shop.model(choice.depth, choice.precision, profile, multi_exit=True)

@@ -11,9 +11,13 @@ which, and why.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .profiles import Profile
 
 
-def predict_on_device(model: Path, usability: dict, profile):
+def predict_on_device(model: Path, usability: dict, profile: Profile):
     """The predicted latency of ``model`` where it runs on ``profile``'s device.
 
     Args:

@@ -30,10 +30,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import BimExportError
+
+if TYPE_CHECKING:
+    from .profiles import Profile
 
 # The op each pass removes, in the order they run.
 REMOVES = {"layernorm": "LayerNormalization", "erf": "Erf", "gather": "Gather"}
@@ -79,7 +83,7 @@ class GraphForm:
         return {"batch": self.batch, "passes": list(self.passes), "description": self.describe()}
 
 
-def form_for(profile, dynamic: bool = False) -> GraphForm:
+def form_for(profile: Profile, dynamic: bool = False) -> GraphForm:
     """The graph form ``profile`` asks for: its batch fixed where it fixes it (``dynamic`` forces
     the batch axis dynamic: the second file a profile may ask for), and the passes that remove the
     ops its NNAPI / CoreML EPs do not list, and those their op builders need beyond their lists

@@ -23,6 +23,10 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .profiles import Profile
 
 from .providers import PROVIDERS, ExecutionProvider
 
@@ -94,18 +98,18 @@ def _provider(ep: str) -> ExecutionProvider:
     return PROVIDERS.get(ep) or ExecutionProvider(ep)
 
 
-def checked_eps(profile) -> list[str]:
+def checked_eps(profile: Profile) -> list[str]:
     """The profile's EPs that ORT's checker knows (its accelerator EPs: NNAPI, CoreML), in the
     profile's order."""
     return [ep for ep in profile.execution_providers if _provider(ep).accelerator]
 
 
-def is_mobile(profile) -> bool:
+def is_mobile(profile: Profile) -> bool:
     """Whether the profile targets ORT Mobile (lists NNAPI, CoreML or XNNPACK)."""
     return any(_provider(ep).mobile for ep in profile.execution_providers)
 
 
-def checker_name(profile, ep: str) -> str:
+def checker_name(profile: Profile, ep: str) -> str:
     """ORT's list for ``ep`` on this profile: ``NNAPI``, or CoreML by its ``ModelFormat`` option."""
     return _provider(ep).checker_list(profile.provider_options.get(ep))
 
@@ -130,7 +134,7 @@ def supported_ops(checker: str) -> frozenset[str]:
     return frozenset(_SupportedOpsChecker(str(_op_list_path(checker)))._ops)
 
 
-def check_model(path: str | Path, profile) -> dict[str, EpCoverage]:
+def check_model(path: str | Path, profile: Profile) -> dict[str, EpCoverage]:
     """ORT's usability check of an ONNX file for each of the profile's accelerator EPs.
 
     Returns:

@@ -201,6 +201,7 @@ def test_fit_factors_recovers_known_factors():
 # ---------------------------------------------------------------------------------- measuring
 
 
+@pytest.mark.timing
 def test_measure_onnx_returns_sane_stats(vits):
     r = measure.measure_onnx(vits[1], batch=2, threads=1, warmup=1, repeats=3, rounds=2)
     assert r.source == "measured" and r.batch == 2
@@ -218,6 +219,7 @@ def test_measure_onnx_returns_sane_stats(vits):
     assert json.loads(json.dumps(r.to_dict()))["source"] == "measured"
 
 
+@pytest.mark.timing
 def test_measure_many_interleaves_and_thread_clock(vits):
     rs = measure.measure_many([(vits[1], 1), (vits[4], 1)], threads=1, warmup=1, repeats=2, rounds=2,
                               clock="thread_cpu")
@@ -230,6 +232,7 @@ def test_measure_many_interleaves_and_thread_clock(vits):
 
 
 @pytest.mark.slow
+@pytest.mark.timing
 def test_busy_machine_is_detected_and_its_error_reaches_the_floor(vits):
     """Other processes spinning on every core: the measurement says so, re-measures, and states an
     error that reaches down to the single-thread floor instead of a tight band around an inflated figure."""
@@ -286,6 +289,7 @@ def test_measure_onnx_bad_input(tmp_path, vits):
         measure.measure_onnx(vits[1], repeats=0)
 
 
+@pytest.mark.timing
 def test_host_profile_is_measured_and_fp16_is_labelled_emulated(tmp_path, vits):
     r = latency.latency_for_profile(vits[1], "host", 1, threads=1, warmup=1, repeats=2, rounds=1)
     assert (r.source, r.profile) == ("measured", "host")
@@ -362,6 +366,7 @@ def _other_machine() -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timing
 def test_calibration_round_trip(calibration_dir, vits, tmp_path):
     profile = _pi_copy(tmp_path, "this-box", _this_machine())
     text = calibrate(profile, specs=[{**TINY, "depth": 1}], batches=[1, 2], threads=1, warmup=1,

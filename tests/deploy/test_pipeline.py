@@ -322,6 +322,7 @@ def test_avg_pooled_register_vit_exports_for_a_shipped_opset_17_profile(reg_avg_
 # ---------------------------------------------------------------------------- measured latency
 
 
+@pytest.mark.timing
 def test_measured_candidates_are_timed_together_with_errors(shop, tmp_path):
     hostlike = _profile(tmp_path, "hostlike", base="host", latency_ms=1000)
     trials = evaluate_candidates(shop, hostlike)
@@ -353,6 +354,7 @@ def _matmul_chain(path: Path, layers: int, width: int = 256) -> Path:
     return path
 
 
+@pytest.mark.timing
 def test_inverted_latency_table_is_remeasured_and_flagged(tmp_path):
     """A 'depth 2' file that really is 40 layers and a 'depth 4' one that is a single Add: the table
     says the deeper one is faster; it is measured again, and the contradiction, which stays, is noted."""
@@ -371,6 +373,7 @@ def test_inverted_latency_table_is_remeasured_and_flagged(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timing
 def test_two_host_exports_of_the_shipped_checkpoint_agree(tmp_path):
     """The same choice twice, and every measured p90 within the stated errors of the other run's:
     on this shared machine too, whose other processes make exactly the noise this must survive."""

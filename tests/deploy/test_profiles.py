@@ -59,7 +59,7 @@ def test_every_alias_resolves_to_its_canonical_name(alias):
     assert alias in profiles.aliases_of(p.name)
 
 
-def test_issue_aliases_exist():
+def test_the_documented_aliases_exist():
     assert {"jetson", "mobile", "edge-cpu", "server-gpu", "server-cpu"} <= set(ALIASES)
     assert ALIASES["jetson"] == "jetson-orin-nano" and ALIASES["edge-cpu"] == "raspberry-pi-5"
     assert load_profile("mobile").device_class == "mobile"

@@ -162,9 +162,9 @@ def test_overlapping_measured_latencies_tie_and_the_smaller_file_wins():
     s = select(cands, _profile(latency_ms=50))
     assert (s.choice.depth, s.choice.precision) == (9, "int8")
     reasons = _reasons(s)
-    assert reasons[(9, "int8")] == ("best within budget "
-                                    "(as fast as depth 9 fp32 within the measurement error, smaller file)")
-    assert reasons[(9, "fp32")] == "tie on latency within the measurement error (5.3 vs 5.6 ms); smaller file"
+    assert reasons[(9, "int8")] == ("best within budget; "
+                                    "tie on latency with depth 9 fp32 (5.6 vs 5.3 ms ±5%): smaller file (5.9 vs 21.6 MB)")
+    assert reasons[(9, "fp32")] == "tie on latency (5.3 vs 5.6 ms ±5%): larger file (21.6 vs 5.9 MB)"
     # the same figures without an error: the faster one, as before
     exact = [_m(9, "fp32", 0.70, 5.3, None, 21.6), _m(9, "int8", 0.70, 5.6, None, 5.9)]
     assert select(exact, _profile(latency_ms=50)).choice.precision == "fp32"
@@ -175,7 +175,7 @@ def test_latency_tie_goes_to_quality_before_size():
     cands = [_m(12, "int8", 0.702, 8.2, 0.10, 6.0), _m(9, "int8", 0.700, 7.9, 0.10, 4.5)]
     s = select(cands, _profile())
     assert s.choice.depth == 12
-    assert _reasons(s)[(9, "int8")].endswith("; higher quality")
+    assert _reasons(s)[(9, "int8")] == "tie on latency (7.9 vs 8.2 ms ±10%): lower quality (70.0% vs 70.2%)"
     # outside the window, quality decides before latency is looked at
     s = select([_m(12, "int8", 0.71, 8.2, 0.10, 6.0), _m(9, "int8", 0.70, 7.9, 0.10, 4.5)], _profile())
     assert s.choice.depth == 12 and _reasons(s)[(9, "int8")].startswith("lower quality")
@@ -204,6 +204,64 @@ def test_predicted_errors_do_not_make_ties():
     cands = [_m(9, "fp16", 0.70, 3.1, 0.5, 8.2, source="predicted"), _m(9, "int8", 0.70, 3.5, 0.5, 4.4,
                                                                          source="predicted")]
     assert select(cands, _profile()).choice.precision == "fp16"
+
+
+def test_predictions_closer_than_their_resolution_tie_and_the_table_says_what_decided():
+    # fp32 and fp16 of a launch-bound graph: 3.681 and 3.676 ms, both shown as 3.68 (+-59 %). The
+    # 0.005 ms between them is below the prediction's resolution: a tie, settled by size.
+    cands = [_m(9, "fp32", 0.744, 3.681, 0.59, 16.3, source="predicted"),
+             _m(9, "fp16", 0.744, 3.676, 0.59, 8.15, source="predicted"),
+             _m(12, "fp32", 0.722, 4.84, 0.59, 21.6, source="predicted")]
+    s = select(cands, _profile(latency_ms=8))
+    assert (s.choice.depth, s.choice.precision) == (9, "fp16")
+    reasons = _reasons(s)
+    assert reasons[(9, "fp32")] == ("tie on latency (3.68 vs 3.68 ms, predicted within 1%): "
+                                    "larger file (16.3 vs 8.15 MB)")
+    assert reasons[(9, "fp16")] == ("best within budget; tie on latency with depth 9 fp32 "
+                                    "(3.68 vs 3.68 ms, predicted within 1%): smaller file (8.15 vs 16.3 MB)")
+    assert reasons[(12, "fp32")] == "lower quality (72.2%, best 74.4%)"
+    assert "slower" not in s.table()
+    # the same tie goes to the better exit first, whatever the sizes
+    s = select([_m(9, "fp16", 0.700, 3.676, 0.59, 8.15, source="predicted"),
+                _m(12, "fp16", 0.702, 3.681, 0.59, 10.0, source="predicted")], _profile())
+    assert s.choice.depth == 12
+    assert _reasons(s)[(9, "fp16")] == ("tie on latency (3.68 vs 3.68 ms, predicted within 1%): "
+                                        "lower quality (70.0% vs 70.2%)")
+
+
+def test_calibrated_predictions_tie_below_the_resolution_too():
+    cands = [_m(9, "fp32", 0.70, 10.05, 0.12, 21.6, source="calibrated"),
+             _m(9, "int8", 0.70, 10.0, 0.12, 5.9, source="calibrated")]
+    s = select(cands, _profile())
+    assert s.choice.precision == "int8"
+    assert _reasons(s)[(9, "fp32")].startswith("tie on latency (10.1 vs 10 ms, predicted within 1%): larger file")
+
+
+def test_a_prediction_apart_by_more_than_its_resolution_is_slower_not_a_tie():
+    # 3.68 vs 3.90 ms (6 %): the prediction tells them apart, so the faster wins and the other is slower
+    cands = [_m(9, "fp32", 0.70, 3.68, 0.59, 16.3, source="predicted"),
+             _m(9, "int8", 0.70, 3.90, 0.59, 16.4, source="predicted")]
+    s = select(cands, _profile())
+    assert s.choice.precision == "fp32"
+    assert _reasons(s)[(9, "int8")] == "slower (3.9 vs 3.68 ms)"
+    assert _reasons(s)[(9, "fp32")] == "best within budget (fastest of the best)"
+
+
+def test_equal_latencies_tie_on_size_then_depth_then_bits():
+    same = dict(latency=2.0, quality=0.70)
+    s = select([_c(9, "fp32", size=4.0, **same), _c(9, "fp16", size=2.0, **same)], _profile())
+    assert _reasons(s)[(9, "fp32")] == "tie on latency (2 ms each): larger file (4 vs 2 MB)"
+    s = select([_c(12, "fp16", size=2.0, **same), _c(12, "int8", size=2.0, **same)], _profile())
+    assert s.choice.precision == "fp16"
+    assert _reasons(s)[(12, "int8")] == "tie on latency (2 ms each): fewer bits (int8 vs fp16)"
+    s = select([_c(9, "int8", size=2.0, **same), _c(12, "int8", size=2.0, **same)], _profile())
+    assert s.choice.depth == 12 and _reasons(s)[(9, "int8")] == "tie on latency (2 ms each): shallower (depth 9 vs 12)"
+
+
+def test_measured_errors_of_different_width_are_both_shown():
+    cands = [_m(9, "fp32", 0.70, 5.3, 0.05, 21.6), _m(9, "int8", 0.70, 5.6, 0.12, 5.9)]
+    s = select(cands, _profile())
+    assert _reasons(s)[(9, "fp32")] == "tie on latency (5.3 ±5% vs 5.6 ±12% ms): larger file (21.6 vs 5.9 MB)"
 
 
 def test_busy_machine_latency_is_checked_against_the_low_end_of_its_error():

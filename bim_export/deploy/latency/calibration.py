@@ -29,7 +29,7 @@ from ... import __version__
 from ...atomic import OutputKind, atomic_write_bytes, check_destination
 from ...errors import InputError
 from ...machine import describe_device, describe_machine, device_mismatches, machine_description
-from ..profiles import load_profile
+from ..profiles import Profile, load_profile
 from .costmodel import graph_cost
 from .measure import available_providers, measure_many
 from .roofline import (MAX_EFFICIENCY, CostFactors, Hardware, default_factors, fit_factors, node_times,
@@ -112,7 +112,7 @@ def model_signature(spec: dict) -> str:
     return "vit-w{embed_dim}-h{num_heads}-d{depth}-p{patch_size}-{img_size}px".format(**spec)
 
 
-def load_calibration(profile, path: str | os.PathLike | None = None) -> Calibration | None:
+def load_calibration(profile: Profile, path: str | os.PathLike | None = None) -> Calibration | None:
     """The profile's calibration, or None when it has none (an explicit ``path`` must exist).
 
     Raises:
@@ -230,8 +230,8 @@ def export_reference_vit(spec: dict, path: str | os.PathLike, opset: int = 17) -
                        metadata={"depth": spec["depth"], "precision": "fp32", "reference": model_signature(spec)})
 
 
-def calibrate(profile, out: str | os.PathLike | None = None, *, force: bool = False, specs=None, batches=None,
-              threads: int | None = None, warmup: int = 5, repeats: int = 20, rounds: int = 5) -> str:
+def calibrate(profile: Profile | str, out: str | os.PathLike | None = None, *, force: bool = False, specs=None,
+              batches=None, threads: int | None = None, warmup: int = 5, repeats: int = 20, rounds: int = 5) -> str:
     """Run on the real device: measures reference ViT graphs and writes the profile's calibration file.
 
     Args:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..profiles import load_profile
+from ..profiles import Profile, load_profile
 from .calibration import load_calibration
 from .costmodel import graph_cost
 from .measure import LatencyResult, measure_many
@@ -39,7 +39,7 @@ _CPU = ("uncalibrated cpu defaults, worst held-out error: each (width, batch) gr
 _UNTIMED = "; {p} was not timed, the fp32 figure stands in"
 # The error an uncalibrated prediction (a device class's default factors on its profile's data-sheet
 # figures) is labelled with, per device class and precision: the worst error of the held-out checks
-# bench/latency_model.py ran on the class's defaults (README, "Latency prediction"). mobile and edge
+# bench/latency_model.py ran on the class's defaults (bench/README.md, "Latency prediction"). mobile and edge
 # devices use the cpu factors.
 UNCALIBRATED_ERRORS: dict[tuple[str, str], ExpectedError] = {
     ("gpu", "fp32"): ExpectedError(0.59, _GPU.format(h200="+43 % and +59 %", extra="")),
@@ -73,7 +73,7 @@ def model_precision(path: str | os.PathLike) -> str:
     return "fp16" if TensorProto.FLOAT16 in types else "fp32"
 
 
-def predict_latency(path: str | os.PathLike, profile, batch: int | None = None, *, factors=None,
+def predict_latency(path: str | os.PathLike, profile: Profile | str, batch: int | None = None, *, factors=None,
                     hardware: Hardware | None = None) -> LatencyResult:
     """Predicts the latency of an ONNX model on a profile's device from its graph.
 
@@ -119,7 +119,7 @@ def predict_latency(path: str | os.PathLike, profile, batch: int | None = None, 
                          expected_error=error, note=note, error_basis=basis)
 
 
-def latency_for_profile(path: str | os.PathLike, profile, batch: int | None = None, *, threads: int | None = None,
+def latency_for_profile(path: str | os.PathLike, profile: Profile | str, batch: int | None = None, *, threads: int | None = None,
                         warmup: int = 5, repeats: int = 20, rounds: int = 5,
                         max_rounds: int | None = None) -> LatencyResult:
     """Measured latency for a measured profile (``host``), predicted for every other.
@@ -131,7 +131,7 @@ def latency_for_profile(path: str | os.PathLike, profile, batch: int | None = No
                                  rounds=rounds, max_rounds=max_rounds)[0]
 
 
-def latencies_for_profile(paths: list[str | os.PathLike], profile, batch: int | None = None, *,
+def latencies_for_profile(paths: list[str | os.PathLike], profile: Profile | str, batch: int | None = None, *,
                           threads: int | None = None, warmup: int = 5, repeats: int = 20, rounds: int = 5,
                           max_rounds: int | None = None) -> list[LatencyResult]:
     """:func:`latency_for_profile` of several models; measured ones are timed interleaved in one worker,

@@ -21,12 +21,16 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ...errors import InputError
 from .costmodel import GraphCost
 from .measure import measure_host_hardware
+
+if TYPE_CHECKING:
+    from ..profiles import Profile
 
 # Classes whose efficiency factors are fitted together, as one scale on their prior ratios (the
 # graphs of a ViT family do not separate softmax from layer-norm time well enough to fit each).
@@ -78,7 +82,7 @@ class Hardware:
         return cls(peak_gflops=peaks, mem_bandwidth_gbs=figures["mem_bandwidth_gbs"])
 
     @classmethod
-    def from_profile(cls, profile) -> Hardware:
+    def from_profile(cls, profile: Profile) -> Hardware:
         """A device's figures: its profile's data-sheet figures, or for a measured profile without
         any (``host``), this machine's measured ones (:meth:`measured`)."""
         hw = profile.hardware
