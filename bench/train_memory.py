@@ -121,7 +121,7 @@ def _resolved(spec: dict) -> tuple[list[int], int]:
 
 
 def _build(spec: dict):
-    from bim_export.architecture import BimConfig
+    from bim_export.model.architecture import BimConfig
     from bim_export.train.model import BimModel
 
     exits, depth = _resolved(spec)
@@ -275,7 +275,7 @@ def machine(device: str, threads: int | None) -> dict:
     import timm
     import torch
 
-    from bim_export.machine import machine_description
+    from bim_export.runtime.machine import machine_description
 
     flags = set()
     try:

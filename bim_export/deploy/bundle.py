@@ -33,12 +33,12 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..atomic import OutputKind, atomic_dir
-from ..machine import sha256_file
-from ..resources import resource_dir
+from ..core.atomic import OutputKind, atomic_dir
+from ..runtime.machine import sha256_file
+from ..core.resources import resource_dir
 from .candidates import ONNX_PROVIDER, Trial, source_label
 from .ortformat import OPS_CONFIG, ORT_MODEL, make_ort
-from .parity import ParityResult
+from ..runtime.parity import ParityResult
 from .report import PlotPoint, plot_pareto, render_report
 
 FORMAT_VERSION = 1
@@ -65,7 +65,7 @@ class BundleSpec:
         choice: the chosen candidate (depth, precision, its file, latency, memory, size, quality).
         parity: parity of the very file that ships.
         checkpoint: config.json of the source checkpoint; ``metrics`` its metrics.json.
-        data: what parity and calibration ran on (:meth:`bim_export.data.Images.describe`).
+        data: what parity and calibration ran on (:meth:`bim_export.model.images.Images.describe`).
         conversion: how the precision was made (QuantInfo as a dict), for the chosen file.
         reference: arrays for reference.npz (pixels, tokens, embedding, labels).
         points: every candidate, for pareto.png.
@@ -118,7 +118,7 @@ def write_bundle(out_dir: str | Path, spec: BundleSpec) -> Path:
 
     Raises:
         InputError: ``out_dir/<profile>`` holds something other than a bundle, or cannot be written
-            (see :func:`bim_export.atomic.check_destination`); nothing is written.
+            (see :func:`bim_export.core.atomic.check_destination`); nothing is written.
     """
     profile = spec.profile
     dest = Path(out_dir) / profile.name
@@ -152,8 +152,8 @@ def write_bundle(out_dir: str | Path, spec: BundleSpec) -> Path:
 def validator_files() -> dict[str, Path]:
     """The bundle's standalone validator and the modules it imports (numpy, onnxruntime and the
     standard library only), by file name."""
-    from .. import knn, machine
-    from . import parity, validate
+    from ..runtime import knn, machine
+    from ..runtime import parity, validate
 
     return {Path(m.__file__).name: Path(m.__file__) for m in (validate, parity, knn, machine)}
 

@@ -4,7 +4,7 @@ A profile says what a device can run (execution providers, opset, precisions, ba
 latency predictor needs to know about its hardware, and the budgets and parity tolerances an export
 for it must meet. Canonical names are the file stems in the shipped ``profiles/`` folder; a user adds
 a device by copying a YAML file and passing its path. Every problem with a profile is raised as one
-:class:`~bim_export.errors.InputError` line naming the file, the field and the value.
+:class:`~bim_export.core.errors.InputError` line naming the file, the field and the value.
 
 Pure Python (pyyaml + pydantic): no torch or onnxruntime import.
 """
@@ -21,9 +21,9 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from ..errors import InputError, close_matches
-from ..resources import resource_dir
-from ..table import format_table
+from ..core.errors import InputError, close_matches
+from ..core.resources import resource_dir
+from ..core.table import format_table
 from .schema_errors import FieldError, describe_validation_error, short_value
 
 PRECISIONS = ("fp32", "fp16", "int8")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BimExportError
+from ..core.errors import BimExportError
 
 # The op each pass removes, in the order they run.
 REMOVES = {"layernorm": "LayerNormalization", "erf": "Erf", "gather": "Gather"}

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import InputError
-from .resources import sample_images_dir
+from ..core.errors import InputError
+from ..core.resources import sample_images_dir
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ within the distance that tolerance allows (so a scaled output cannot pass on dir
 embeddings' neighbour agreement meets its tolerance (and the max absolute error, if a tolerance for
 it is given); every miss is listed in ``failures``.
 
-numpy (+ onnxruntime to run a session) only: this file ships inside every bundle beside
-``validate.py``, with ``knn.py``, so that the device re-checks parity with the same rule.
+numpy (+ onnxruntime to run a session) only: this file ships in every bundle's ``runtime/`` folder,
+so that the device re-checks parity with the same rule.
 """
 
 from __future__ import annotations
@@ -23,10 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-try:  # the package's kNN; in a bundle on a device, its copy beside this file
-    from bim_export.knn import knn_predict
-except ImportError:  # pragma: no cover - exercised by the standalone bundle test
-    from knn import knn_predict
+from .knn import knn_predict
 
 DEFAULT_TOLERANCES = {"cosine": 0.995, "neighbour_agreement": 0.99}
 OUTPUT_KEYS = ("tokens", "embedding")

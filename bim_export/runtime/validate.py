@@ -19,14 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-try:
-    from bim_export.deploy.parity import (DEFAULT_TOLERANCES, OUTPUT_KEYS, compare_outputs, fixed_batch, merge_results,
-                                          run_onnx, session, session_emulation_note)
-    from bim_export.machine import machine_description, sha256_file
-except ImportError:  # pragma: no cover - a bundle on a device: the copies beside this file
-    from machine import machine_description, sha256_file
-    from parity import (DEFAULT_TOLERANCES, OUTPUT_KEYS, compare_outputs, fixed_batch, merge_results, run_onnx,
-                        session, session_emulation_note)
+from .machine import machine_description, sha256_file
+from .parity import (DEFAULT_TOLERANCES, OUTPUT_KEYS, compare_outputs, fixed_batch, merge_results, run_onnx, session,
+                     session_emulation_note)
 
 MANIFEST, REFERENCE, MODEL = "manifest.json", "reference.npz", "model.onnx"
 
@@ -38,7 +33,7 @@ def _error(kind: str, message: str) -> Exception:
     """bim_export's ValidationError / InputError when installed; a stand-in with the same exit code
     when this file runs on its own on a device."""
     try:
-        from bim_export.errors import InputError, ValidationError
+        from bim_export.core.errors import InputError, ValidationError
     except ImportError:
         InputError = type("InputError", (Exception,), {"exit_code": 2})  # noqa: N806
         ValidationError = type("ValidationError", (Exception,), {"exit_code": 4})  # noqa: N806
@@ -82,7 +77,7 @@ def time_in_process(model: Path, batch: int, providers, input_shape, warmup: int
 
 def _write_json_atomic(path: Path, data: dict) -> None:
     # Not tempfile.mkstemp: its 0600 would hide the manifest from the device's other users; mode 0o666
-    # follows the umask. The ".<name>.tmp-" prefix is what bim_export.atomic counts as the bundle's own.
+    # follows the umask. The ".<name>.tmp-" prefix is what bim_export.core.atomic counts as the bundle's own.
     tmp = str(path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:

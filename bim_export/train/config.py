@@ -9,9 +9,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from .. import architecture
-from ..architecture import BimConfig, check_model_name, check_overlap
-from ..errors import InputError
+from ..model import architecture
+from ..model.architecture import BimConfig, check_model_name, check_overlap
+from ..core.errors import InputError
 
 FLAGS = {"data": "--data", "model": "--model", "exits": "--exits", "out": "--out", "eval_data": "--eval-data",
          "init": "--init"}
@@ -222,7 +222,7 @@ def load_train_config(config_file: str | os.PathLike | None = None, overrides: l
 def _stored_settings(out: Path) -> tuple[dict | None, Path | None]:
     """The training settings a checkpoint in ``out`` was made with (config.json ``train``), and that
     file; (None, None) where ``out`` holds no checkpoint."""
-    from .. import checkpoint as ckpt_io
+    from ..model import checkpoint as ckpt_io
 
     if not (out / ckpt_io.CONFIG).is_file():
         return None, None

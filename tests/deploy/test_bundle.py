@@ -12,7 +12,7 @@ from bundle_spec import bundle_spec
 
 from bim_export.deploy import bundle as bundle_mod
 from bim_export.deploy.bundle import file_hashes, write_bundle
-from bim_export.machine import sha256_file
+from bim_export.runtime.machine import sha256_file
 
 EXPECTED = {"model.onnx", "manifest.json", "reference.npz", "report.md", "pareto.png", "infer.py", "common.py", "validate.py",
             "parity.py", "knn.py", "machine.py"}

@@ -19,7 +19,7 @@ from bim_export.deploy.latency.calibration import load_calibration
 from bim_export.cli import main as cli_main
 from bim_export.deploy.latency.costmodel import graph_cost, predict_memory
 from bim_export.deploy.latency.roofline import CostFactors, Hardware, fit_factors, roofline_features, roofline_seconds
-from bim_export.errors import InputError
+from bim_export.core.errors import InputError
 from bim_export.deploy.latency.stats import MIN_ERROR
 from bim_export.deploy.profiles import load_profile
 

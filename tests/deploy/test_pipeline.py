@@ -16,10 +16,10 @@ import yaml
 from bim_export.deploy import candidates as cand
 from bim_export.deploy import pipeline
 from bim_export.deploy.candidates import Workshop, evaluate_candidates, load_images
-from bim_export.checkpoint import load_checkpoint
-from bim_export.errors import InputError, NoCandidateError
+from bim_export.model.checkpoint import load_checkpoint
+from bim_export.core.errors import InputError, NoCandidateError
 from bim_export.deploy.profiles import list_profiles, load_profile
-from bim_export.resources import resource_dir
+from bim_export.core.resources import resource_dir
 from export_cache import memoize_exports
 
 
@@ -207,7 +207,7 @@ def test_user_data_folder_skips_bombs_and_truncated_files_by_name(tiny_checkpoin
     data = _image_folder(tmp_path / "mine", per_class=8)
     write_png_bomb(data / "a" / "bomb.png")  # drawn: the folder has 18 files, the sample takes 32
     write_truncated_jpeg(data / "b" / "cut.jpg")
-    with caplog.at_level("WARNING", logger="bim_export.data"):
+    with caplog.at_level("WARNING", logger="bim_export.model.images"):
         images = load_images(data, load_checkpoint(tiny_checkpoint).config)
     assert images.parity.shape == (16, 3, 32, 32)
     [warning] = [r.getMessage() for r in caplog.records]
@@ -274,7 +274,7 @@ def test_avg_pooled_register_vit_exports_for_a_shipped_opset_17_profile(reg_avg_
     import onnxruntime as ort
     import torch
 
-    from bim_export.backbone import build_backbone
+    from bim_export.model.backbone import build_backbone
 
     profile = load_profile("raspberry-pi-5")
     assert profile.opset == 17

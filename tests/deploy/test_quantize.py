@@ -12,11 +12,11 @@ import timm
 import torch
 
 from bim_export.deploy import quantize
-from bim_export.data import load_image_array, sample_images
-from bim_export.errors import InputError
+from bim_export.model.images import load_image_array, sample_images
+from bim_export.core.errors import InputError
 from bim_export.deploy.export import export_onnx, read_metadata
 from bim_export.deploy.quantize import convert_precision
-from bim_export.deploy.parity import compare_outputs, run_onnx
+from bim_export.runtime.parity import compare_outputs, run_onnx
 
 SIZE = 32
 

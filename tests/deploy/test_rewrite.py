@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from bim_export.checkpoint import load_checkpoint
+from bim_export.model.checkpoint import load_checkpoint
 from bim_export.deploy.candidates import Workshop, load_images
 from bim_export.deploy.profiles import load_profile
 from bim_export.deploy.rewrite import GraphForm, apply_form, form_for

@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 from tiny_onnx import SIZE, write_tiny_onnx
 
-from bim_export.data import preprocess as package_preprocess
-from bim_export.resources import resource_dir, sample_images_dir
+from bim_export.model.images import preprocess as package_preprocess
+from bim_export.core.resources import resource_dir, sample_images_dir
 
 TARGETS = resource_dir("targets")
 

@@ -16,13 +16,13 @@ import timm
 import torch
 
 from bim_export.cli import main as cli_main
-from bim_export.data import load_image_array, sample_images
-from bim_export.errors import InputError, ValidationError
+from bim_export.model.images import load_image_array, sample_images
+from bim_export.core.errors import InputError, ValidationError
 from bim_export.deploy.export import export_onnx
 from bim_export.deploy.bundle import validator_files
-from bim_export.deploy.parity import (compare_outputs, merge_results, run_onnx, session,
+from bim_export.runtime.parity import (compare_outputs, merge_results, run_onnx, session,
                                      session_emulation_note)
-from bim_export.deploy.validate import validate_bundle
+from bim_export.runtime.validate import validate_bundle
 
 SIZE = 32
 

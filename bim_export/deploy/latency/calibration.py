@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ... import __version__
-from ...atomic import OutputKind, atomic_write_bytes, check_destination
-from ...errors import InputError
+from ...core.atomic import OutputKind, atomic_write_bytes, check_destination
+from ...core.errors import InputError
 from ..profiles import load_profile
 from .costmodel import graph_cost
 from .measure import available_providers, measure_many

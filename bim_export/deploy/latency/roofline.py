@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ...errors import InputError
+from ...core.errors import InputError
 from .costmodel import GraphCost
 from .measure import measure_host_hardware
 
