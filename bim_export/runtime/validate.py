@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import BimExportError, InputError, ValidationError
 from .machine import machine_description, sha256_file
 from .parity import (DEFAULT_TOLERANCES, OUTPUT_KEYS, compare_outputs, fixed_batch, merge_results, run_onnx, session,
                      session_emulation_note)
@@ -30,13 +31,7 @@ MANIFEST, REFERENCE, MODEL = "manifest.json", "reference.npz", "model.onnx"
 
 
 def _error(kind: str, message: str) -> Exception:
-    """bim_export's ValidationError / InputError when installed; a stand-in with the same exit code
-    when this file runs on its own on a device."""
-    try:
-        from bim_export.core.errors import InputError, ValidationError
-    except ImportError:
-        InputError = type("InputError", (Exception,), {"exit_code": 2})  # noqa: N806
-        ValidationError = type("ValidationError", (Exception,), {"exit_code": 4})  # noqa: N806
+    """A :class:`ValidationError` (``kind == "validation"``, exit 4) or an :class:`InputError` (exit 2)."""
     return (ValidationError if kind == "validation" else InputError)(message)
 
 
@@ -219,20 +214,18 @@ def validate_bundle(bundle_dir, check_latency: bool | None = None, providers=Non
 
 
 def main(argv=None) -> int:
-    """``python validate.py [BUNDLE_DIR]``: the bundle's own validator (default: this file's folder)."""
-    here = Path(__file__).resolve().parent
+    """``python validate.py [BUNDLE_DIR]``: the bundle's own validator (default: the bundle this
+    file's ``runtime/`` folder sits in)."""
+    here = Path(__file__).resolve().parent.parent
     parser = argparse.ArgumentParser(prog="validate.py", description=main.__doc__)
     parser.add_argument("bundle", nargs="?", type=Path, default=here)
     parser.add_argument("--check-latency", action="store_true", help="fail when the latency misses the budget")
     args = parser.parse_args(argv)
     try:
         print(validate_bundle(args.bundle, check_latency=True if args.check_latency else None))
-    except Exception as e:  # the stand-in error classes carry exit_code; anything else is a bug
-        code = getattr(e, "exit_code", None)
-        if code is None:
-            raise
+    except BimExportError as e:  # anything else is a bug and keeps its traceback
         print(f"error: {e}", file=sys.stderr)
-        return code
+        return e.exit_code
     return 0
 
 
