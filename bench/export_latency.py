@@ -147,7 +147,8 @@ def bench_model(name, backbones, size, mean, std, work: Path, args, gemm, preset
     from bim_export.deploy.export import export_onnx
     from bim_export.deploy.latency.measure import measure_many
     from bim_export.deploy.quantize import convert_precision
-    from bim_export.runtime.parity import compare_outputs, run_onnx
+    from bim_export.runtime.parity import compare_outputs
+    from bim_export.runtime.session import run_onnx
 
     x, labels = load_image_array(sample_images(), size, mean, std, limit=30 if args.quick else None)
     calib, test, test_labels = x[::2], x[1::2], labels[1::2]  # no image both calibrates and tests

@@ -13,7 +13,9 @@ so an interrupted export leaves only what was there before)::
     report.md       the choice and why, for a person
     pareto.png      latency vs quality of every candidate, the budget line, the choice
     infer.py        the inference script for this device class (from targets/), + common.py
-    validate.py     the standalone validator, + the modules it imports (parity.py, knn.py, machine.py)
+    validate.py     the standalone validator (from targets/)
+    runtime/        the device runtime both scripts import (bim_export/runtime, no torch): preprocessing,
+                    sessions and provider fallback, kNN, parity, validation, the machine description
 
 The manifest is built here and only here (:func:`build_manifest`), from what the pipeline chose.
 """
@@ -45,14 +47,16 @@ FORMAT_VERSION = 1
 MODEL, MANIFEST, REFERENCE, REPORT, PARETO = "model.onnx", "manifest.json", "reference.npz", "report.md", "pareto.png"
 DYNAMIC_MODEL = "model.dynamic.onnx"
 INFER, COMMON = "infer.py", "common.py"
-# The standalone validator and the modules it imports, copied beside it (see validator_files).
-VALIDATOR = ("validate.py", "parity.py", "knn.py", "machine.py")
+VALIDATOR, RUNTIME = "validate.py", "runtime"
+# The runtime's modules as loose copies beside validate.py, as bundles of earlier versions shipped them.
+LOOSE_RUNTIME = ("parity.py", "knn.py", "machine.py")
 # What a later export of the same profile may replace: the bundle's files, and what its own scripts
 # add beside them on the device (mobile.py's model.ort, jetson.py's TensorRT engine cache, the
 # bytecode of common.py).
 BUNDLE = OutputKind("bundle", keys=("format_version", "bim_export_version", "profile", "files"), marker=MANIFEST,
                     names=frozenset({MODEL, f"{MODEL}.data", DYNAMIC_MODEL, MANIFEST, REFERENCE, REPORT, PARETO, INFER,
-                                     COMMON, *VALIDATOR, ORT_MODEL, OPS_CONFIG, "trt_cache", "__pycache__"}))
+                                     COMMON, VALIDATOR, RUNTIME, *LOOSE_RUNTIME, ORT_MODEL, OPS_CONFIG, "trt_cache",
+                                     "__pycache__"}))
 
 
 @dataclass
@@ -136,6 +140,7 @@ def write_bundle(out_dir: str | Path, spec: BundleSpec) -> Path:
         shutil.copyfile(targets / f"{profile.target_script}.py", tmp / INFER)
         shutil.copyfile(targets / COMMON, tmp / COMMON)
         for name, src in {**validator_files(), **spec.extra_files}.items():
+            (tmp / name).parent.mkdir(exist_ok=True)
             shutil.copyfile(src, tmp / name)
         budget = profile.budgets.latency_ms
         plot_pareto(spec.points, budget if budget is not None else float("nan"), tmp / PARETO,
@@ -150,12 +155,13 @@ def write_bundle(out_dir: str | Path, spec: BundleSpec) -> Path:
 
 
 def validator_files() -> dict[str, Path]:
-    """The bundle's standalone validator and the modules it imports (numpy, onnxruntime and the
-    standard library only), by file name."""
-    from ..runtime import knn, machine
-    from ..runtime import parity, validate
+    """The bundle's standalone validator and the ``runtime/`` package it and infer.py import (the
+    standard library, numpy, onnxruntime and Pillow only), by path in the bundle."""
+    from .. import runtime
 
-    return {Path(m.__file__).name: Path(m.__file__) for m in (validate, parity, knn, machine)}
+    package = Path(runtime.__file__).parent
+    return {VALIDATOR: resource_dir("targets") / VALIDATOR,
+            **{f"{RUNTIME}/{p.name}": p for p in sorted(package.glob("*.py"))}}
 
 
 def write_model(src: Path, dst: Path, metadata: dict[str, str]) -> None:

@@ -32,7 +32,8 @@ from ..model.images import Images
 from ..model.checkpoint import exit_quality
 from ..core.errors import ValidationError
 from .export import cut_exits
-from ..runtime.parity import ParityResult, compare_outputs, emulation_note, fixed_batch, merge_results, run_onnx
+from ..runtime.parity import ParityResult, compare_outputs, emulation_note, merge_results
+from ..runtime.session import fixed_batch, run_onnx
 from .rewrite import GraphForm, apply_form, form_for
 
 log = logging.getLogger(__name__)

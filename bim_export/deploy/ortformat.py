@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import ValidationError
-from ..runtime.parity import ParityResult, compare_outputs, run_onnx, session
+from ..runtime.parity import ParityResult, compare_outputs
+from ..runtime.session import run_onnx, session
 
 ORT_MODEL, OPS_CONFIG = "model.ort", "required_operators.config"
 # The .ort graph is the .onnx graph after ORT's optimizations: fused kernels round differently, so

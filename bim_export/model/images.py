@@ -3,7 +3,7 @@
 This module owns image-folder loading and the sample/calibration images for the whole package.
 Label convention: ImageFolder style, one sub-folder per class; images directly under the root get
 no label (``-1``). Preprocessing for evaluation, calibration and parity is one function,
-:func:`preprocess`, in PIL + numpy, so the device-side scripts can follow it without torch.
+:func:`bim_export.runtime.preprocess.preprocess` (PIL + numpy), the one a bundle's scripts run on the device.
 """
 
 from __future__ import annotations
@@ -18,16 +18,11 @@ from PIL import Image
 
 from ..core.errors import InputError
 from ..core.resources import sample_images_dir
+from ..runtime.preprocess import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, UNREADABLE_IMAGE, preprocess
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-# What decoding a bad file raises: truncated or corrupt data, and images over Pillow's pixel limit
-# (Image.MAX_IMAGE_PIXELS x 2; a 20000 x 20000 PNG of a few KB would take 1.2 GB as RGB).
-UNREADABLE_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 SKIPPED_NAMED = 5  # skipped files named in the warning
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -173,25 +168,6 @@ def load_rgb(path: str | Path) -> Image.Image:
     """Opens an image as 8-bit RGB."""
     with Image.open(path) as im:
         return im.convert("RGB")
-
-
-def preprocess(
-    img: Image.Image, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD
-) -> np.ndarray:
-    """Evaluation preprocessing: resize the shorter side to ``size`` (bicubic), centre crop, normalize.
-
-    Returns:
-        float32 array [3, size, size].
-    """
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    x = np.asarray(img, dtype=np.float32) / 255.0  # [H, W, 3]
-    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
 def load_image_array(

@@ -21,8 +21,8 @@ import numpy as np
 
 from .errors import BimExportError, InputError, ValidationError
 from .machine import machine_description, sha256_file
-from .parity import (DEFAULT_TOLERANCES, OUTPUT_KEYS, compare_outputs, fixed_batch, merge_results, run_onnx, session,
-                     session_emulation_note)
+from .parity import DEFAULT_TOLERANCES, OUTPUT_KEYS, compare_outputs, merge_results, session_emulation_note
+from .session import fixed_batch, run_onnx, session
 
 MANIFEST, REFERENCE, MODEL = "manifest.json", "reference.npz", "model.onnx"
 

@@ -16,7 +16,8 @@ from bim_export.model.images import load_image_array, sample_images
 from bim_export.core.errors import InputError
 from bim_export.deploy.export import export_onnx, read_metadata
 from bim_export.deploy.quantize import convert_precision
-from bim_export.runtime.parity import compare_outputs, run_onnx
+from bim_export.runtime.parity import compare_outputs
+from bim_export.runtime.session import run_onnx
 
 SIZE = 32
 
