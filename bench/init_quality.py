@@ -62,7 +62,10 @@ def _run(tmp: Path, quick: bool) -> dict:
 
     from bim_export.model.architecture import SETTINGS as MODEL_KEYS
     from bim_export.model.architecture import BimConfig
-    from bim_export.model.images import load_image_array, write_mnist_folder
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from make_assets import write_mnist_folder
+
+    from bim_export.model.images import load_image_array
     from bim_export.runtime.knn import knn_top1
     from bim_export.train.config import TrainConfig
     from bim_export.train.evaluate import extract_features

@@ -86,7 +86,8 @@ def write_sets(root: Path, names) -> dict[str, str]:
     import numpy as np
     from PIL import Image
 
-    from bim_export.model.images import write_mnist_folder
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from make_assets import write_mnist_folder
 
     out = {}
     for name in names:

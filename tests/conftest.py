@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+# tools/ (the builders of the shipped image sets, development only) imports as top-level modules
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 # The test machine is small and shared: one thread avoids OpenMP oversubscription, which makes
 # tiny models tens of times slower than single-threaded.

@@ -73,7 +73,8 @@ def test_scan_labels_come_from_the_first_folder(tmp_path):
 def test_shipped_image_sets_are_rebuilt_exactly_and_share_no_photo(tmp_path):
     """The sample images (training) and the held-out images (the default checkpoint's evaluation)
     come from the wheels' photos as the package's builders make them, and from different photos."""
-    from bim_export.model.images import make_heldout_crops, make_sample_crops, scan_image_folder
+    from make_assets import make_heldout_crops, make_sample_crops
+
     from bim_export.core.resources import heldout_images_dir, sample_images_dir
 
     for make, shipped in ((make_sample_crops, sample_images_dir()), (make_heldout_crops, heldout_images_dir())):

@@ -20,9 +20,9 @@ import random
 import numpy as np
 import pytest
 import torch
+from make_assets import _wheel_photos
 from PIL import Image
 
-from bim_export.model.images import _wheel_photos
 from bim_export.core.resources import sample_images_dir
 from bim_export.train.bad_images import BadImages
 from bim_export.train.distributed import DistInfo

