@@ -1,10 +1,9 @@
 """Re-validation of a finished bundle on any machine: files, parity against reference.npz, latency.
 
-This file is also the bundle's standalone ``validate.py``: a copy of it runs on the device as
-``python validate.py [BUNDLE_DIR]`` with only numpy and onnxruntime installed, beside copies of
-``parity.py``, ``knn.py`` and ``machine.py`` (numpy and the standard library only). When bim-export is
-installed its modules are used instead; ``bim-export validate`` also hands in its separate-process
-latency timer (the measurement protocol of :mod:`bim_export.deploy.latency.measure`).
+A bundle ships this file in its ``runtime/`` package, which its ``validate.py`` runs on the device as
+``python validate.py [BUNDLE_DIR]`` with only numpy and onnxruntime installed. ``bim-export validate``
+runs the same code and hands in its separate-process latency timer (the measurement protocol of
+:mod:`bim_export.deploy.latency.measure`).
 """
 
 from __future__ import annotations
