@@ -143,10 +143,10 @@ def model_sets(quick: bool):
 def bench_model(name, backbones, size, mean, std, work: Path, args, gemm, preset) -> list[dict]:
     import torch
 
-    from bim_export.model.images import load_image_array, sample_images
     from bim_export.deploy.export import export_onnx
     from bim_export.deploy.latency.measure import measure_many
     from bim_export.deploy.quantize import convert_precision
+    from bim_export.model.images import load_image_array, sample_images
     from bim_export.runtime.parity import compare_outputs
     from bim_export.runtime.session import run_onnx
 

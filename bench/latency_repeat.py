@@ -47,9 +47,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def build_candidates(work: Path):
     """(depth, precision, file) of every candidate of the shipped checkpoint, and the checkpoint."""
+    from bim_export.core.resources import default_checkpoint_dir
     from bim_export.deploy.candidates import Workshop, load_images
     from bim_export.model.checkpoint import load_checkpoint
-    from bim_export.core.resources import default_checkpoint_dir
 
     ckpt = load_checkpoint(default_checkpoint_dir())
     shop = Workshop(ckpt, load_images(None, ckpt.config), work)
@@ -174,8 +174,8 @@ def main(argv=None) -> int:
 
     from bim_export.deploy.candidates import MEASURE
     from bim_export.deploy.latency.measure import _run_worker
-    from bim_export.runtime.machine import machine_description
     from bim_export.deploy.latency.stats import QUIET
+    from bim_export.runtime.machine import machine_description
 
     t0 = time.perf_counter()
     reps, per_rep, loads, spun = [], [], [], []

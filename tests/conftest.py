@@ -49,8 +49,8 @@ REG_AVG_MODEL_ARGS = {**TINY_MODEL_ARGS, "class_token": False, "reg_tokens": 2, 
 def reg_avg_checkpoint(tmp_path_factory):
     """A checkpoint of a no-class-token, 2-register, avg-pooled ViT with non-trivial exit norms
     (untrained: the weights are timm's initialization)."""
-    from bim_export.model.checkpoint import save_checkpoint
     from bim_export.model.architecture import BimConfig
+    from bim_export.model.checkpoint import save_checkpoint
     from bim_export.train.model import BimModel
 
     torch.manual_seed(0)

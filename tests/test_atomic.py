@@ -137,8 +137,8 @@ def test_onnx_file_calibration_file_and_work_folder_follow_the_umask(umask, tmp_
     import onnx
     from tiny_onnx import write_tiny_onnx
 
-    from bim_export.deploy.latency.calibration import CALIBRATION
     from bim_export.deploy.export import save_checked
+    from bim_export.deploy.latency.calibration import CALIBRATION
 
     out = tmp_path / "out"
     out.mkdir(mode=0o777 & ~umask)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from bim_export.model.images import list_image_files, scan_image_folder
 from bim_export.core.errors import InputError
 from bim_export.core.resources import sample_images_dir
+from bim_export.model.images import list_image_files, scan_image_folder
 
 
 def _touch(root: Path, *names: str) -> None:

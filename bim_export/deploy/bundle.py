@@ -36,11 +36,11 @@ import numpy as np
 
 from .. import __version__
 from ..core.atomic import OutputKind, atomic_dir
-from ..runtime.machine import sha256_file
 from ..core.resources import resource_dir
+from ..runtime.machine import sha256_file
+from ..runtime.parity import ParityResult
 from .candidates import ONNX_PROVIDER, Trial, source_label
 from .ortformat import OPS_CONFIG, ORT_MODEL, make_ort
-from ..runtime.parity import ParityResult
 from .report import PlotPoint, plot_pareto, render_report
 
 FORMAT_VERSION = 1

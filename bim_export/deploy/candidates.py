@@ -28,12 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from ..model.images import Images
-from ..model.checkpoint import exit_quality
 from ..core.errors import ValidationError
-from .export import cut_exits
+from ..model.checkpoint import exit_quality
+from ..model.images import Images
 from ..runtime.parity import ParityResult, compare_outputs, emulation_note, merge_results
 from ..runtime.session import fixed_batch, run_onnx
+from .export import cut_exits
 from .rewrite import GraphForm, apply_form, form_for
 
 log = logging.getLogger(__name__)

@@ -21,9 +21,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..model.checkpoint import quality_source
 from ..core.errors import NoCandidateError, ValidationError
 from ..core.table import format_table
+from ..model.checkpoint import quality_source
 from .bundle import BundleSpec, bundle_kind, write_bundle
 from .candidates import (Trial, Workshop, check_parity, evaluate_candidates, load_images, source_label,
                          to_candidates)
@@ -179,8 +179,8 @@ def run_export(target: str, checkpoint: Path | None = None, out: Path = Path("ex
     from tqdm import tqdm
 
     from ..core.atomic import check_destination, work_dir
-    from ..model.checkpoint import load_checkpoint
     from ..core.resources import default_checkpoint_dir
+    from ..model.checkpoint import load_checkpoint
 
     profiles = resolve_targets(target)
     ckpt = load_checkpoint(checkpoint if checkpoint is not None else default_checkpoint_dir())

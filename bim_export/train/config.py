@@ -9,9 +9,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from ..core.errors import InputError
 from ..model import architecture
 from ..model.architecture import BimConfig, check_model_name, check_overlap
-from ..core.errors import InputError
 
 FLAGS = {"data": "--data", "model": "--model", "exits": "--exits", "out": "--out", "eval_data": "--eval-data",
          "init": "--init"}

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..model.architecture import BimConfig, create_vit, describe_encoder, exit_tokens
 from ..core.errors import InputError
+from ..model.architecture import BimConfig, create_vit, describe_encoder, exit_tokens
 from .decoder import MaeDecoder
 
 

@@ -32,8 +32,8 @@ from urllib.parse import urlparse
 
 import torch
 
-from ..model.checkpoint import torch_load_safely
 from ..core.errors import InputError, close_matches
+from ..model.checkpoint import torch_load_safely
 from .model import BimModel
 
 FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")

@@ -20,12 +20,12 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ..model import checkpoint as ckpt_io
 from ..core.atomic import check_destination
 from ..core.errors import InputError, TrainingError
+from ..model import checkpoint as ckpt_io
+from .bad_images import BadImages
 from .config import TrainConfig, load_train_config
 from .distributed import DistInfo, average_tensor, barrier, broadcast_parameters, init_distributed, shutdown
-from .bad_images import BadImages
 from .images import resolve_pipeline, training_images
 from .loader import TrainStream, mask_noise
 from .model import BimModel

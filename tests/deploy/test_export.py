@@ -12,10 +12,10 @@ import timm
 import torch
 
 from bim_export import __version__
-from bim_export.deploy import export as export_mod
-from bim_export.model.images import load_image_array, sample_images
 from bim_export.core.errors import BimExportError, InputError
+from bim_export.deploy import export as export_mod
 from bim_export.deploy.export import export_onnx, read_metadata
+from bim_export.model.images import load_image_array, sample_images
 
 SIZE = 32
 META = {"depth": 4, "exits": [2, 4], "profile": "host", "precision": "fp32",

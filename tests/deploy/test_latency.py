@@ -12,14 +12,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from bim_export.cli import main as cli_main
+from bim_export.core.errors import InputError
 from bim_export.deploy.latency import measure
 from bim_export.deploy.latency import predict as latency
 from bim_export.deploy.latency.calibration import calibrate
 from bim_export.deploy.latency.calibration import load_calibration
-from bim_export.cli import main as cli_main
 from bim_export.deploy.latency.costmodel import graph_cost, predict_memory
 from bim_export.deploy.latency.roofline import CostFactors, Hardware, fit_factors, roofline_features, roofline_seconds
-from bim_export.core.errors import InputError
 from bim_export.deploy.latency.stats import MIN_ERROR
 from bim_export.deploy.profiles import load_profile
 

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import yaml
 
+from bim_export.core.errors import InputError, NoCandidateError
+from bim_export.core.resources import resource_dir
 from bim_export.deploy import candidates as cand
 from bim_export.deploy import pipeline
 from bim_export.deploy.candidates import Workshop, evaluate_candidates, load_images
-from bim_export.model.checkpoint import load_checkpoint
-from bim_export.core.errors import InputError, NoCandidateError
 from bim_export.deploy.profiles import list_profiles, load_profile
-from bim_export.core.resources import resource_dir
+from bim_export.model.checkpoint import load_checkpoint
 from export_cache import memoize_exports
 
 

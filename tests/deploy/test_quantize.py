@@ -11,11 +11,11 @@ import pytest
 import timm
 import torch
 
-from bim_export.deploy import quantize
-from bim_export.model.images import load_image_array, sample_images
 from bim_export.core.errors import InputError
+from bim_export.deploy import quantize
 from bim_export.deploy.export import export_onnx, read_metadata
 from bim_export.deploy.quantize import convert_precision
+from bim_export.model.images import load_image_array, sample_images
 from bim_export.runtime.parity import compare_outputs
 from bim_export.runtime.session import run_onnx
 

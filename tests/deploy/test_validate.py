@@ -16,10 +16,10 @@ import timm
 import torch
 
 from bim_export.cli import main as cli_main
-from bim_export.model.images import load_image_array, sample_images
 from bim_export.core.errors import InputError, ValidationError
-from bim_export.deploy.export import export_onnx
 from bim_export.deploy.bundle import validator_files
+from bim_export.deploy.export import export_onnx
+from bim_export.model.images import load_image_array, sample_images
 from bim_export.runtime.parity import compare_outputs, merge_results, session_emulation_note
 from bim_export.runtime.session import run_onnx, session
 from bim_export.runtime.validate import validate_bundle

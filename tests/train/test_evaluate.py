@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bim_export.core.errors import InputError
+from bim_export.model.images import sample_images, scan_image_folder
 from bim_export.train import evaluate as ev
 from bim_export.train import probe, splits
-from bim_export.model.images import sample_images, scan_image_folder
-from bim_export.core.errors import InputError
 
 
 def _clusters(n=400, dim=16, classes=5, spread=0.3, seed=0):
@@ -265,8 +265,8 @@ def test_cli_eval_metrics_out_leaves_the_checkpoint_unchanged(ckpt_copy, tmp_pat
 
 def test_cli_eval_of_a_shipped_checkpoint_only_prints(ckpt_copy, capsys, monkeypatch):
     """Shipped checkpoints are read-only: the figures are printed, the table says nothing was written."""
-    from bim_export.core import atomic
     from bim_export.cli import main
+    from bim_export.core import atomic
     from bim_export.core.resources import sample_images_dir
 
     # where the files that ship live is the installation's business; here, beside the copy

@@ -28,8 +28,8 @@ from bim_export.train.bad_images import BadImages
 from bim_export.train.distributed import DistInfo
 from bim_export.train.images import (Crop, EncodedJpeg, TrainImages, UnreadableImage, crop_pil, crop_tensor,
                                      draw_crop, normalize, resolve_pipeline, training_images)
-from bim_export.train.loader import TrainStream
 from bim_export.core.errors import InputError
+from bim_export.train.loader import TrainStream
 
 MEAN_LEVELS, MAX_LEVELS = 0.5, 16
 

@@ -10,9 +10,9 @@ import timm
 import torch
 from conftest import TINY_MODEL_ARGS, tiny_train_config
 
+from bim_export.core.errors import InputError
 from bim_export.model.architecture import BimConfig
 from bim_export.model.checkpoint import load_checkpoint
-from bim_export.core.errors import InputError
 from bim_export.train.model import BimModel
 from bim_export.train.pretrained import init_encoder
 from bim_export.train.trainer import train

@@ -65,8 +65,8 @@ def _knn_per_exit(model, mnist) -> dict[int, float]:
 def test_every_exit_beats_the_untrained_model_by_10_points(mnist, tmp_path):
     from bim_export.model.architecture import SETTINGS as MODEL_KEYS
     from bim_export.model.architecture import BimConfig
-    from bim_export.train.model import BimModel
     from bim_export.train.config import TrainConfig
+    from bim_export.train.model import BimModel
     from bim_export.train.trainer import train
 
     x, y, tr, va = mnist
