@@ -151,7 +151,7 @@ def test_bundle_end_to_end(exported):
 def test_interrupted_export_leaves_previous_bundle(exported, tiny_checkpoint, monkeypatch):
     out, _ = exported
     bundle = out / "tiny-edge"
-    before = {p.name: p.read_bytes() for p in bundle.iterdir()}
+    before = {p.relative_to(bundle): p.read_bytes() for p in bundle.rglob("*") if p.is_file()}
     from bim_export.deploy import bundle as bundle_mod
 
     def interrupt(*a, **k):
@@ -160,7 +160,7 @@ def test_interrupted_export_leaves_previous_bundle(exported, tiny_checkpoint, mo
     monkeypatch.setattr(bundle_mod, "plot_pareto", interrupt)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_export(str(out.parent / "tiny-edge.yaml"), tiny_checkpoint, out, None)
-    assert {p.name: p.read_bytes() for p in bundle.iterdir()} == before
+    assert {p.relative_to(bundle): p.read_bytes() for p in bundle.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in out.iterdir()) == ["tiny-edge"]
 
 
