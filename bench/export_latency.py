@@ -86,7 +86,7 @@ def optimum_preset_export(fp32: Path, out: Path, preset: str) -> str:
 
 
 def host_preset() -> str:
-    from bim_export.machine import cpu_flags as host_flags
+    from bim_export.runtime.machine import cpu_flags as host_flags
 
     flags = host_flags()
     if flags & {"avx512_vnni", "avx512vnni"}:
@@ -98,7 +98,7 @@ def host_preset() -> str:
 
 def cpu_flags() -> list[str]:
     """The host's vector and matrix-unit flags (AVX*, AMX*, FMA, VNNI), sorted."""
-    from bim_export.machine import cpu_flags as host_flags
+    from bim_export.runtime.machine import cpu_flags as host_flags
 
     return sorted(f for f in host_flags() if f.startswith(("avx", "amx", "fma", "vnni")))
 
@@ -108,7 +108,7 @@ def model_sets(quick: bool):
     import torch
     import timm
 
-    from bim_export.data import IMAGENET_MEAN, IMAGENET_STD
+    from bim_export.model.images import IMAGENET_MEAN, IMAGENET_STD
 
     torch.manual_seed(0)
     full = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0).eval()
@@ -122,12 +122,12 @@ def model_sets(quick: bool):
     yield "vit_small_patch16_224 (random weights)", vits, 224, IMAGENET_MEAN, IMAGENET_STD
     if quick:
         return
-    from bim_export.resources import default_checkpoint_dir
+    from bim_export.core.resources import default_checkpoint_dir
 
     ckpt_dir = default_checkpoint_dir()
     if (ckpt_dir / "config.json").is_file():
-        from bim_export.backbone import build_backbone
-        from bim_export.checkpoint import load_checkpoint
+        from bim_export.model.backbone import build_backbone
+        from bim_export.model.checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(ckpt_dir)
         cfg = ckpt.config
@@ -140,11 +140,12 @@ def model_sets(quick: bool):
 def bench_model(name, backbones, size, mean, std, work: Path, args, gemm, preset) -> list[dict]:
     import torch
 
-    from bim_export.data import load_image_array, sample_images
     from bim_export.deploy.export import export_onnx
     from bim_export.deploy.latency.measure import measure_many
     from bim_export.deploy.quantize import convert_precision
-    from bim_export.deploy.parity import compare_outputs, run_onnx
+    from bim_export.model.images import load_image_array, sample_images
+    from bim_export.runtime.parity import compare_outputs
+    from bim_export.runtime.session import run_onnx
 
     x, labels = load_image_array(sample_images(), size, mean, std, limit=30 if args.quick else None)
     calib, test, test_labels = x[::2], x[1::2], labels[1::2]  # no image both calibrates and tests
@@ -245,7 +246,7 @@ def main(argv=None) -> int:
     import torch
 
     from bim_export.deploy.latency.measure import measure_host_hardware
-    from bim_export.machine import machine_description
+    from bim_export.runtime.machine import machine_description
 
     t0 = time.perf_counter()
     torch.set_num_threads(args.threads)

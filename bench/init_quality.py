@@ -60,10 +60,13 @@ def run(quick: bool, threads: int) -> dict:
 def _run(tmp: Path, quick: bool) -> dict:
     import torch
 
-    from bim_export.architecture import SETTINGS as MODEL_KEYS
-    from bim_export.architecture import BimConfig
-    from bim_export.data import load_image_array, write_mnist_folder
-    from bim_export.knn import knn_top1
+    from bim_export.model.architecture import SETTINGS as MODEL_KEYS
+    from bim_export.model.architecture import BimConfig
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from make_assets import write_mnist_folder
+
+    from bim_export.model.images import load_image_array
+    from bim_export.runtime.knn import knn_top1
     from bim_export.train.config import TrainConfig
     from bim_export.train.evaluate import extract_features
     from bim_export.train.model import BimModel
@@ -129,7 +132,7 @@ LABELS = {"scratch": "scratch", "init": "--init", "init_lr/10": "--init, lr/10"}
 def machine(threads: int) -> dict:
     import torch
 
-    from bim_export.machine import machine_description
+    from bim_export.runtime.machine import machine_description
 
     return {"cpu": machine_description()["cpu"], "threads": threads, "torch": torch.__version__,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M")}

@@ -44,7 +44,7 @@ from bim_export.deploy.latency.measure import measure_many
 from bim_export.deploy.latency.roofline import (DEFAULT_FACTORS, MAX_EFFICIENCY, CostFactors, Hardware,
                                                 default_factors, fit_factors, node_times, predict_seconds,
                                                 prior_factors)
-from bim_export.machine import machine_description
+from bim_export.runtime.machine import machine_description
 
 WIDTHS = {"ViT-Ti": (192, 3), "ViT-S": (384, 6)}
 DEPTHS = (3, 6, 9, 12)

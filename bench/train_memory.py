@@ -121,7 +121,7 @@ def _resolved(spec: dict) -> tuple[list[int], int]:
 
 
 def _build(spec: dict):
-    from bim_export.architecture import BimConfig
+    from bim_export.model.architecture import BimConfig
     from bim_export.train.model import BimModel
 
     exits, depth = _resolved(spec)
@@ -275,7 +275,7 @@ def machine(device: str, threads: int | None) -> dict:
     import timm
     import torch
 
-    from bim_export.machine import cpu_flags, cpu_model
+    from bim_export.runtime.machine import cpu_flags, cpu_model
 
     flags = cpu_flags()
     simd = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16") if f in flags]

@@ -2,7 +2,7 @@
 loader's images/s per worker, and how long a folder of a million files takes to list.
 
 Images: ImageNet-like JPEGs (500 x 375, quality 90) cut at random from the real photos that ship in
-the scikit-image and scikit-learn wheels (``bim_export.data._wheel_photos``), ten class folders.
+the scikit-image and scikit-learn wheels (``tools/make_assets.py``), ten class folders.
 
 * compute-only: the model's training step (BIM forward and per-stage backward, AdamW step) on one
   batch already on the device; images/s from the median step after warm-up.
@@ -70,7 +70,8 @@ def make_jpegs(dest: Path, n: int, seed: int = 0) -> Path:
     import numpy as np
     from PIL import Image
 
-    from bim_export.data import _wheel_photos
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from make_assets import _wheel_photos
 
     if dest.is_dir() and sum(1 for _ in dest.rglob("*.jpg")) == n:
         return dest
@@ -215,7 +216,7 @@ def _in_process(kind: str, spec: dict) -> dict:
 
 
 def listing(n: int, tmp: Path) -> dict:
-    from bim_export.data import list_image_files
+    from bim_export.model.images import list_image_files
 
     tree = tmp / "tree"
     write_s = make_tree(tree, n)
@@ -258,7 +259,7 @@ def filesystem(path: Path) -> dict:
 def machine(device: str) -> dict:
     import torch
 
-    from bim_export.machine import cpu_flags, cpu_model
+    from bim_export.runtime.machine import cpu_flags, cpu_model
 
     info = {"cpu": cpu_model(), "cores": os.cpu_count(),
             "cpu_flags": sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16"}),

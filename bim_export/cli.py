@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import BimExportError, InputError, NoCandidateError
-from .progress import ConsoleProgress, console_logging
+from .core.errors import BimExportError, InputError, NoCandidateError
+from .core.progress import ConsoleProgress, console_logging
 
 SUBCOMMANDS = ("export", "train", "eval", "backbone", "profiles", "calibrate", "validate", "info")
 
@@ -144,7 +144,7 @@ def _cmd_backbone(args) -> int:
     """Save the backbone of one exit depth as safetensors + a timm config.json, loadable with
     timm.create_model(arch, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=...), **model_args)
     (arch and model_args, depth included, from the config.json), or timm.create_model("local-dir:OUT", pretrained=True)."""
-    from .backbone import save_backbone
+    from .model.backbone import save_backbone
 
     print(save_backbone(args.checkpoint, args.depth, args.out))
     return 0
@@ -235,7 +235,7 @@ def _cmd_validate(args) -> int:
     measured figures in the bundle's manifest (exit 4 on a parity failure or a changed file). Needs
     only onnxruntime and numpy; the bundle's own validate.py does the same without bim-export."""
     from .deploy.latency.measure import bundle_timer
-    from .deploy.validate import validate_bundle
+    from .runtime.validate import validate_bundle
 
     print(validate_bundle(args.bundle, check_latency=True if args.check_latency else None, force=args.force,
                           timer=bundle_timer))

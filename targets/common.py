@@ -1,15 +1,15 @@
-"""What every bim-export inference script shares: manifest, preprocessing, sessions, timing, top-k.
+"""What every bim-export inference script shares: manifest, images, timing, top-k.
 
 Ships inside each bundle next to ``infer.py`` and needs only onnxruntime, numpy and Pillow: a
-device never installs bim-export, torch or the checkpoint. Preprocessing follows
-``bim_export.data.preprocess`` exactly (shorter side to ``img_size`` bicubic, centre crop,
-normalize with the manifest's mean/std); a test in the bim-export repository keeps the two equal.
+device never installs bim-export, torch or the checkpoint. Preprocessing and the execution
+providers' fallback come from the bundle's ``runtime/`` package (``bim_export/runtime`` in the
+package), the very code the export's parity check runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import importlib.util
 import json
 import sys
 import time
@@ -17,14 +17,34 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image
 
-# Pillow formats that are not still photos (animation, video, PostScript), as in bim_export.data.
-NOT_STILL_IMAGES = frozenset({"FLI", "MPEG", "EPS"})
-CPU = "CPUExecutionProvider"
-# What decoding a bad file raises: truncated or corrupt data, and images over Pillow's pixel limit
-# (a decompression bomb: a few KB of PNG that would take gigabytes decoded).
-UNREADABLE_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+def _find_runtime() -> None:
+    """Makes ``runtime`` importable. A bundle ships it beside this file (its folder is on the path
+    when a script runs); from ``targets/`` in the repository or an installed package it is the
+    package's ``bim_export/runtime``, loaded under the same name."""
+    here = Path(__file__).resolve().parent
+    if (here / "runtime").is_dir() or "runtime" in sys.modules:
+        return
+    for folder in (here.parent / "runtime", here.parent / "bim_export" / "runtime"):
+        if (folder / "__init__.py").is_file():
+            spec = importlib.util.spec_from_file_location("runtime", folder / "__init__.py",
+                                                          submodule_search_locations=[str(folder)])
+            module = importlib.util.module_from_spec(spec)
+            sys.modules["runtime"] = module
+            spec.loader.exec_module(module)
+            return
+
+
+_find_runtime()
+
+from runtime.preprocess import UNREADABLE_IMAGE, image_extensions, preprocess  # noqa: E402
+from runtime.session import (CPU, choose_providers, fallback_warning, fixed_batch, make_session,  # noqa: E402
+                             provider_name)
+
+__all__ = ["CPU", "UNREADABLE_IMAGE", "choose_providers", "fallback_warning", "fixed_batch", "image_extensions",
+           "make_session", "preprocess", "provider_name"]
 
 # ------------------------------------------------------------------------------ bundle and images
 
@@ -36,34 +56,6 @@ def load_manifest(bundle: str | Path) -> dict:
         raise SystemExit(f"error: {path}: no manifest.json (is {bundle} a bim-export bundle?)")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-@functools.cache
-def image_extensions() -> tuple[str, ...]:
-    """Extensions of every still-image format this Pillow decodes (as ``bim_export.data.image_extensions``)."""
-    Image.init()
-    out = []
-    for ext, fmt in Image.registered_extensions().items():
-        factory = Image.OPEN.get(fmt, (None,))[0]
-        if factory is None or fmt in NOT_STILL_IMAGES:
-            continue
-        if isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile):
-            continue  # decodes only through a handler an application registers
-        out.append(ext.lower())
-    return tuple(sorted(set(out)))
-
-
-def preprocess(img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """Shorter side to ``size`` (bicubic), centre crop, normalize. Returns float32 [3, size, size]."""
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    x = np.asarray(img, dtype=np.float32) / 255.0  # [H, W, 3]
-    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
 def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
@@ -114,48 +106,6 @@ def load_images(paths: Sequence[Path], manifest: dict) -> tuple[list[Path], np.n
 # ------------------------------------------------------------------------------------- sessions
 
 
-def provider_name(spec) -> str:
-    return spec[0] if isinstance(spec, tuple) else spec
-
-
-def choose_providers(preferred: Sequence, available: Sequence[str] | None = None) -> list:
-    """The preferred execution providers this onnxruntime build has, in order, CPU always last.
-
-    Args:
-        preferred: provider names or (name, options) pairs, best first.
-        available: what the runtime offers (default ``onnxruntime.get_available_providers()``);
-            tests inject it to exercise the fallback without the hardware.
-    """
-    if available is None:
-        import onnxruntime as ort
-
-        available = ort.get_available_providers()
-    chosen = [p for p in preferred if provider_name(p) in available and provider_name(p) != CPU]
-    return [*chosen, CPU]
-
-
-def fallback_warning(requested: Sequence, used: Sequence[str]) -> str | None:
-    """A warning line when the session runs without a provider that was asked for (missing from this
-    onnxruntime build, or dropped by onnxruntime when it could not start, which it does silently),
-    or None when it got every one."""
-    missing = [provider_name(p) for p in requested if provider_name(p) not in used and provider_name(p) != CPU]
-    if not missing:
-        return None
-    return (f"warning: {', '.join(missing)} not available here (onnxruntime "
-            f"{'offers' if len(used) != 1 else 'offers only'} {', '.join(used)}); running on {used[0]}")
-
-
-def make_session(model: str | Path, providers: Sequence, threads: int | None = None):
-    """An InferenceSession with full graph optimization and, if given, a fixed intra-op thread count."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(model), sess_options=opts, providers=list(providers))
-
-
 def embedding_output(session, exit_depth: int | None = None) -> str:
     """Name of the pooled-embedding output (``embedding``; ``embedding_<d>`` in a multi-exit graph)."""
     names = [o.name for o in session.get_outputs()]
@@ -202,12 +152,6 @@ class Runner:
             self.times_ms.append((time.perf_counter() - t0) * 1e3)
             out.append(y[:len(y) - short])
         return np.concatenate(out)
-
-
-def fixed_batch(session) -> int | None:
-    """The batch the session's model is fixed to, or None when its batch axis is dynamic."""
-    first = session.get_inputs()[0].shape[0]
-    return first if isinstance(first, int) and first > 0 else None
 
 
 # ------------------------------------------------------------------------------------ .ort models

@@ -9,10 +9,10 @@ from tiny_onnx import SIZE, write_tiny_onnx
 from bim_export.deploy.bundle import BundleSpec
 from bim_export.deploy.candidates import Trial
 from bim_export.deploy.latency.predict import predict_latency
-from bim_export.deploy.parity import ParityResult, merge_results
 from bim_export.deploy.profiles import load_profile
 from bim_export.deploy.pareto import PlotPoint
 from bim_export.deploy.selector import Candidate, select
+from bim_export.runtime.parity import ParityResult, merge_results
 
 
 def parity_result(images, cosine, cosine_min, max_abs, mean_abs, agreement, kind="nearest_neighbour") -> ParityResult:

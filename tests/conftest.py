@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+# tools/ (the builders of the shipped image sets, development only) imports as top-level modules
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 # The test machine is small and shared: one thread avoids OpenMP oversubscription, which makes
 # tiny models tens of times slower than single-threaded.
@@ -28,7 +34,7 @@ def tiny_train_config(out, **overrides):
 def tiny_checkpoint(tmp_path_factory):
     """Path of a checkpoint made by the trainer on the built-in sample images, with per-exit metrics
     (recon_loss, and knn_top1 / linear_probe_top1 on the sample images' 10 classes)."""
-    from bim_export.resources import sample_images_dir
+    from bim_export.core.resources import sample_images_dir
     from bim_export.train.trainer import train
 
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
@@ -43,8 +49,8 @@ REG_AVG_MODEL_ARGS = {**TINY_MODEL_ARGS, "class_token": False, "reg_tokens": 2, 
 def reg_avg_checkpoint(tmp_path_factory):
     """A checkpoint of a no-class-token, 2-register, avg-pooled ViT with non-trivial exit norms
     (untrained: the weights are timm's initialization)."""
-    from bim_export.checkpoint import save_checkpoint
-    from bim_export.architecture import BimConfig
+    from bim_export.model.architecture import BimConfig
+    from bim_export.model.checkpoint import save_checkpoint
     from bim_export.train.model import BimModel
 
     torch.manual_seed(0)
@@ -76,7 +82,7 @@ def write_png_bomb(path, side: int = 20000):
 
 def write_truncated_jpeg(path):
     """The first half of a real JPEG: Pillow opens it, decoding fails."""
-    from bim_export.resources import sample_images_dir
+    from bim_export.core.resources import sample_images_dir
 
     real = sorted(sample_images_dir().rglob("*.jpg"))[0].read_bytes()
     path.write_bytes(real[: len(real) // 2])

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from bim_export import atomic
-from bim_export.atomic import OutputKind, atomic_dir, atomic_write_bytes, check_destination, owned_temp, work_dir
-from bim_export.errors import InputError
-from bim_export.stale import owner_tag
+from bim_export.core import atomic
+from bim_export.core.atomic import OutputKind, atomic_dir, atomic_write_bytes, check_destination, owned_temp, work_dir
+from bim_export.core.errors import InputError
+from bim_export.core.stale import owner_tag
 
 THING = OutputKind("thing", keys=("thing",), marker="thing.json", names=frozenset({"thing.json", "data.bin"}))
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def _assert_modes(root: Path, mask: int) -> None:
 
 
 def test_checkpoint_and_metrics_follow_the_umask(umask, tiny_checkpoint, tmp_path):
-    from bim_export.checkpoint import load_checkpoint, save_checkpoint, update_exit_metrics
+    from bim_export.model.checkpoint import load_checkpoint, save_checkpoint, update_exit_metrics
 
     ck = load_checkpoint(tiny_checkpoint)
     out = tmp_path / "runs" / "c"
@@ -115,7 +115,7 @@ def test_checkpoint_and_metrics_follow_the_umask(umask, tiny_checkpoint, tmp_pat
 
 
 def test_backbone_follows_the_umask(umask, tiny_checkpoint, tmp_path):
-    from bim_export.backbone import save_backbone
+    from bim_export.model.backbone import save_backbone
 
     save_backbone(tiny_checkpoint, 2, tmp_path / "bb")
     _assert_modes(tmp_path / "bb", umask)
@@ -125,7 +125,7 @@ def test_bundle_and_its_revalidated_manifest_follow_the_umask(umask, tmp_path):
     from bundle_spec import bundle_spec
 
     from bim_export.deploy.bundle import write_bundle
-    from bim_export.deploy.validate import _write_json_atomic
+    from bim_export.runtime.validate import _write_json_atomic
 
     dest = write_bundle(tmp_path / "exports", bundle_spec(tmp_path))
     manifest = json.loads((dest / "manifest.json").read_text())
@@ -137,8 +137,8 @@ def test_onnx_file_calibration_file_and_work_folder_follow_the_umask(umask, tmp_
     import onnx
     from tiny_onnx import write_tiny_onnx
 
-    from bim_export.deploy.latency.calibration import CALIBRATION
     from bim_export.deploy.export import save_checked
+    from bim_export.deploy.latency.calibration import CALIBRATION
 
     out = tmp_path / "out"
     out.mkdir(mode=0o777 & ~umask)
@@ -161,7 +161,7 @@ def _python(code: str, *args: str, **kw) -> subprocess.CompletedProcess:
 
 def _left_by_a_finished_run(parent: Path, prefix: str, folder: bool = True) -> Path:
     """An entry that a run of bim-export named and filled, and then died without removing."""
-    code = (f"from bim_export.atomic import owned_temp; "
+    code = (f"from bim_export.core.atomic import owned_temp; "
             f"print(owned_temp({str(parent)!r}, {prefix!r}, folder={folder}))")
     path = Path(_python(code).stdout.strip())
     if folder:
@@ -178,7 +178,7 @@ def _dead_pid() -> int:
 NEXT_RUN = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from bim_export.atomic import OutputKind, atomic_dir, work_dir
+    from bim_export.core.atomic import OutputKind, atomic_dir, work_dir
     parent = Path(sys.argv[1])
     kind = OutputKind("thing", keys=("thing",), marker="thing.json", names=frozenset({"thing.json", "data.bin"}))
     with atomic_dir(parent / "t", kind) as tmp:

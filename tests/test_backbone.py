@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import TINY_MODEL_ARGS
 
-from bim_export.backbone import build_backbone, save_backbone
-from bim_export.checkpoint import load_checkpoint, save_checkpoint
 from bim_export.cli import main
-from bim_export.errors import InputError
-from bim_export.architecture import BimConfig
+from bim_export.core.errors import InputError
+from bim_export.model.architecture import BimConfig
+from bim_export.model.backbone import build_backbone, save_backbone
+from bim_export.model.checkpoint import load_checkpoint, save_checkpoint
 from bim_export.train.model import BimModel
 
 

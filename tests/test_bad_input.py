@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from bim_export.cli import main
-from bim_export.resources import resource_dir, sample_images_dir
+from bim_export.core.resources import resource_dir, sample_images_dir
 
 # ===================================================================================== outputs
 # "Outputs never destroy what is not ours" (DESIGN.md): an --out (or --metrics-out, or a bundle's
@@ -264,7 +264,7 @@ def _run_as_nobody(argv: list[str]) -> tuple[int, str]:
     import select
     import signal
 
-    import bim_export.backbone  # noqa: F401 - the child cannot read the interpreter's own files
+    import bim_export.model.backbone  # noqa: F401 - the child cannot read the interpreter's own files
     import bim_export.train.evaluate  # noqa: F401
     import bim_export.deploy.pipeline  # noqa: F401
     import bim_export.train.trainer  # noqa: F401
@@ -486,7 +486,7 @@ def _profile_opset_too_old_for_the_graph(tmp: Path, ckpt: Path) -> InputCase:
 
 def _foreign_device() -> dict:
     """A device this machine is not, whatever it is: the other architecture."""
-    from bim_export.machine import machine_description
+    from bim_export.runtime.machine import machine_description
 
     other = "aarch64" if machine_description()["architecture"] == "x86_64" else "x86_64"
     return {"architecture": other, "cpu": "Cortex-A76", "logical_cores": 4}

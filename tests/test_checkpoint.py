@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from bim_export.checkpoint import (Checkpoint, load_checkpoint, save_checkpoint, update_exit_metrics)
-from bim_export.errors import InputError
+from bim_export.model.checkpoint import (Checkpoint, load_checkpoint, save_checkpoint, update_exit_metrics)
+from bim_export.core.errors import InputError
 from bim_export.train.model import BimModel
 
 DESIGN_KEYS = ("format_version", "arch", "img_size", "patch_size", "embed_dim", "depth", "num_heads",
@@ -149,7 +149,7 @@ def test_newer_format_is_refused(tiny_checkpoint, tmp_path):
 
 
 def test_shipped_default_checkpoint_matches_its_recipe():
-    from bim_export.resources import default_checkpoint_dir, resource_dir
+    from bim_export.core.resources import default_checkpoint_dir, resource_dir
     from bim_export.train.config import TrainConfig, load_train_config
 
     ck = load_checkpoint(default_checkpoint_dir())

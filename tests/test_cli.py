@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from bim_export.cli import main
-from bim_export.resources import resource_dir
+from bim_export.core.resources import resource_dir
 from export_cache import memoize_exports
 
 
@@ -162,8 +162,8 @@ def test_fp32_parity_failure_exit_4_no_bundle(tmp_path, tiny_checkpoint, capsys,
 
 
 def test_export_removes_work_folders_of_killed_runs_only(tmp_path, tiny_checkpoint, capsys):
-    from bim_export import atomic
-    from bim_export.stale import owner_tag
+    from bim_export.core import atomic
+    from bim_export.core.stale import owner_tag
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

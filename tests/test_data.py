@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from bim_export.data import list_image_files, scan_image_folder
-from bim_export.errors import InputError
-from bim_export.resources import sample_images_dir
+from bim_export.core.errors import InputError
+from bim_export.core.resources import sample_images_dir
+from bim_export.model.images import list_image_files, scan_image_folder
 
 
 def _touch(root: Path, *names: str) -> None:
@@ -73,8 +73,9 @@ def test_scan_labels_come_from_the_first_folder(tmp_path):
 def test_shipped_image_sets_are_rebuilt_exactly_and_share_no_photo(tmp_path):
     """The sample images (training) and the held-out images (the default checkpoint's evaluation)
     come from the wheels' photos as the package's builders make them, and from different photos."""
-    from bim_export.data import make_heldout_crops, make_sample_crops, scan_image_folder
-    from bim_export.resources import heldout_images_dir, sample_images_dir
+    from make_assets import make_heldout_crops, make_sample_crops
+
+    from bim_export.core.resources import heldout_images_dir, sample_images_dir
 
     for make, shipped in ((make_sample_crops, sample_images_dir()), (make_heldout_crops, heldout_images_dir())):
         assert make(tmp_path / shipped.name) == len(scan_image_folder(shipped))
@@ -92,7 +93,7 @@ def test_every_still_image_format_pillow_reads_is_an_image(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from bim_export.data import image_extensions
+    from bim_export.model.images import image_extensions
 
     exts = image_extensions()
     assert {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".tga"} <= set(exts)

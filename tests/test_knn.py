@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from bim_export import knn
+from bim_export.runtime import knn
 
 
 def _clusters(n=400, dim=16, classes=5, spread=0.3, seed=0):
@@ -19,7 +19,7 @@ def _clusters(n=400, dim=16, classes=5, spread=0.3, seed=0):
 
 
 def test_knn_module_imports_without_torch():
-    code = "import sys, bim_export.knn; print('torch' in sys.modules)"
+    code = "import sys, bim_export.runtime.knn; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

@@ -1,17 +1,26 @@
-"""The package's shape: the map in bim_export/__init__.py lists every module, and imports run one way.
+"""The package's shape: the map in bim_export/__init__.py lists every module, and imports follow it.
 
-Imports inside functions count too: a lazy import is still an arrow between two modules.
+The map names the folders (``runtime/``, ``core/``, ``model/``, ``train/``, ``deploy/``) and ``cli``
+bottom up, each with the folders it uses; a module imports only modules of its own folder listed
+above it and modules of the folders its folder uses. Imports inside functions count too: a lazy
+import is still an arrow between two modules.
 """
 
 from __future__ import annotations
 
 import ast
 import re
+import sys
 from pathlib import Path
+
+import pytest
 
 import bim_export
 
 ROOT = Path(bim_export.__file__).parent
+REPO = ROOT.parent
+# What a device has besides the standard library: the runtime may import these and nothing else.
+RUNTIME_THIRD_PARTY = {"numpy", "onnxruntime", "PIL"}
 
 
 def _modules() -> dict[str, Path]:
@@ -46,51 +55,112 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
     return found
 
 
-def _map_order() -> list[str]:
-    """The modules in the order bim_export/__init__.py's map lists them."""
-    order = []
+def _map() -> tuple[list[str], dict[str, set[str]]]:
+    """The modules in the order bim_export/__init__.py's map lists them, and the folders each folder
+    uses. A folder line is ``name/  purpose`` (``cli`` is a folder of its own), the line below it
+    ``uses: a, b`` (or ``uses: nothing else``), its modules indented by four."""
+    order, uses, folder = [], {}, None
     for line in (bim_export.__doc__ or "").splitlines():
-        m = re.match(r"^ {0,4}([a-z_.]+) {2,}(.*)$", line)
-        if not m:
-            continue
-        name, text = m.groups()
-        order.append(name)
-        if name == "deploy.latency":  # its submodules, in the order its line gives
-            order += [f"deploy.latency.{w}" for w in re.findall(r"[a-z_]+", text)]
-    return order
+        if m := re.match(r"^([a-z_]+)/? {2,}\S", line):
+            folder = m.group(1)
+            order.append(folder) if folder == "cli" else None
+            uses[folder] = set()
+        elif m := re.match(r"^ +uses: (.*)$", line):
+            named = m.group(1).split(";")[0]
+            uses[folder] = set() if named.startswith("nothing") else {u.strip() for u in named.split(",")}
+        elif m := re.match(r"^ {4}([a-z_]+) {2,}(.*)$", line):
+            name, text = f"{folder}.{m.group(1)}", m.group(2)
+            order.append(name)
+            if name == "deploy.latency":  # its submodules, in the order its line gives
+                order += [f"deploy.latency.{w}" for w in re.findall(r"[a-z_]+", text)]
+    return order, uses
+
+
+def _folder(name: str) -> str:
+    return name.split(".")[0]
 
 
 def test_the_map_lists_every_module_once():
-    listed = _map_order()
-    packages = {"train", "deploy"}
+    listed, uses = _map()
+    packages = set(uses) - {"cli"}
     assert len(listed) == len(set(listed))
     assert set(listed) | packages == set(_modules())
 
 
 def test_every_import_points_up_the_map():
-    order = {name: i for i, name in enumerate(_map_order())}
+    order = {name: i for i, name in enumerate(_map()[0])}
     modules = _modules()
     known = set(modules)
     wrong = []
     for name, path in modules.items():
-        if name in ("train", "deploy", "deploy.latency"):  # package docstrings only
+        if name not in order:  # package docstrings
             continue
         for target in _imports(name, path, known):
-            if target in ("train", "deploy"):
-                continue
-            if order.get(target, -1) >= order[name]:
+            if target in order and order[target] >= order[name]:
                 wrong.append(f"{name} -> {target}")
     assert wrong == []
 
 
-def test_train_and_deploy_never_import_each_other_and_the_bridge_neither():
+def test_folders_import_only_the_folders_they_use():
+    """train and deploy never import each other, runtime imports nothing but itself, nothing below
+    imports what is above it."""
+    _, uses = _map()
+    assert uses["runtime"] == set() and "deploy" not in uses["train"] and "train" not in uses["deploy"]
     modules = _modules()
     known = set(modules)
+    wrong = [f"{name} -> {target}" for name, path in modules.items() for target in _imports(name, path, known)
+             if _folder(target) != _folder(name) and _folder(target) not in uses[_folder(name)]]
+    assert wrong == []
+
+
+def test_runtime_imports_only_the_stdlib_numpy_onnxruntime_and_pillow():
+    """What a bundle runs on a device: no torch, no timm, nothing of the project outside runtime/
+    (relative imports within it only, so the folder works as a bundle's own ``runtime`` package)."""
+    allowed = set(sys.stdlib_module_names) | RUNTIME_THIRD_PARTY
     wrong = []
-    for name, path in modules.items():
-        half = name.split(".")[0] if "." in name else "bridge"
-        for target in _imports(name, path, known):
-            other = target.split(".")[0] if "." in target or target in ("train", "deploy") else "bridge"
-            if other != "bridge" and other != half and name != "cli":
-                wrong.append(f"{name} -> {target}")
+    for path in sorted((ROOT / "runtime").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                if node.level != 1:
+                    wrong.append(f"{path.name}: from {'.' * node.level}{node.module or ''}")
+                continue
+            names = [node.module] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            wrong += [f"{path.name}: {n}" for n in names if n.split(".")[0] not in allowed]
+    assert wrong == []
+
+
+def _defined(path: Path) -> set[str]:
+    """Names a module defines at its top level (functions, classes, assignments, imports)."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                names |= {n.id for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return names
+
+
+@pytest.mark.parametrize("folder", ["bench", "tools"])
+def test_scripts_outside_the_package_import_what_exists(folder):
+    """Every ``bim_export`` import of the benchmarks and tools names a module and names it defines."""
+    if not (REPO / folder).is_dir():
+        pytest.skip(f"{folder}/ is not here (an installed package)")
+    modules = {"bim_export": ROOT / "__init__.py", **{f"bim_export.{k}": v for k, v in _modules().items()}}
+    wrong = []
+    for path in sorted((REPO / folder).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                wrong += [f"{path.name}: {a.name}" for a in node.names
+                          if a.name.startswith("bim_export") and a.name not in modules]
+            elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("bim_export"):
+                if node.module not in modules:
+                    wrong.append(f"{path.name}: {node.module}")
+                    continue
+                defined = _defined(modules[node.module])
+                wrong += [f"{path.name}: {node.module}.{a.name}" for a in node.names
+                          if a.name not in defined and f"{node.module}.{a.name}" not in modules]
     assert wrong == []

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 
-from bim_export.progress import SILENT, ConsoleProgress, console_logging
+from bim_export.core.progress import SILENT, ConsoleProgress, console_logging
 
 
 class _Terminal(io.StringIO):

@@ -13,7 +13,9 @@ so an interrupted export leaves only what was there before)::
     report.md       the choice and why, for a person
     pareto.png      latency vs quality of every candidate, the budget line, the choice
     infer.py        the inference script for this device class (from targets/), + common.py
-    validate.py     the standalone validator, + the modules it imports (parity.py, knn.py, machine.py)
+    validate.py     the standalone validator (from targets/)
+    runtime/        the device runtime both scripts import (bim_export/runtime, no torch): preprocessing,
+                    sessions and provider fallback, kNN, parity, validation, the machine description
 
 Each kind of output is a :class:`Writer`, registered in the order it runs (:data:`WRITERS`); a new
 output kind (a Triton model repository, an engine build script) is one :func:`register_writer` here
@@ -37,13 +39,13 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..atomic import OutputKind, atomic_dir
-from ..machine import sha256_file
-from ..resources import resource_dir
+from ..core.atomic import OutputKind, atomic_dir
+from ..core.resources import resource_dir
+from ..runtime.machine import sha256_file
+from ..runtime.parity import ParityResult
 from .candidates import ONNX_PROVIDER, Trial, source_label
 from .device_scripts import COMMON, SCRIPTS
 from .ortformat import OPS_CONFIG, ORT_MODEL, make_ort
-from .parity import ParityResult
 from .pareto import PlotPoint, plot_pareto
 from .registry import Registry
 from .report import render_report
@@ -52,8 +54,11 @@ FORMAT_VERSION = 1
 MODEL, MANIFEST, REFERENCE, REPORT, PARETO = "model.onnx", "manifest.json", "reference.npz", "report.md", "pareto.png"
 DYNAMIC_MODEL = "model.dynamic.onnx"
 INFER = "infer.py"
-# The standalone validator and the modules it imports, copied beside it (see validator_files).
-VALIDATOR = ("validate.py", "parity.py", "knn.py", "machine.py")
+# The standalone validator and the runtime/ package it and infer.py import (see validator_files).
+VALIDATOR, RUNTIME = "validate.py", "runtime"
+# The runtime's modules as loose copies beside validate.py, as bundles of earlier versions shipped them:
+# a new export may replace them.
+LOOSE_RUNTIME = ("parity.py", "knn.py", "machine.py")
 # What the bundle's own scripts add beside its files on the device (mobile.py's model.ort,
 # jetson.py's TensorRT engine cache, the bytecode of common.py).
 ADDED_ON_DEVICE = ("trt_cache", "__pycache__")
@@ -69,7 +74,7 @@ class BundleSpec:
         choice: the chosen candidate (depth, precision, its file, latency, memory, size, quality).
         parity: parity of the very file that ships.
         checkpoint: config.json of the source checkpoint; ``metrics`` its metrics.json.
-        data: what parity and calibration ran on (:meth:`bim_export.data.Images.describe`).
+        data: what parity and calibration ran on (:meth:`bim_export.model.images.Images.describe`).
         conversion: how the precision was made (QuantInfo as a dict), for the chosen file.
         reference: arrays for reference.npz (pixels, tokens, embedding, labels).
         points: every candidate, for pareto.png.
@@ -161,7 +166,7 @@ def register_writer(name: str, files: tuple[str, ...]) -> Callable[[Callable[[Bu
 def bundle_kind(spec: BundleSpec | None = None) -> OutputKind:
     """What ``out_dir/<profile>/`` may hold to be replaced by a new bundle: every registered writer's
     files, the manifest, what the bundle's scripts add on the device (and ``spec``'s extra files)."""
-    names = {MANIFEST, *ADDED_ON_DEVICE, *(f for w in WRITERS for f in w.files)}
+    names = {MANIFEST, *ADDED_ON_DEVICE, *LOOSE_RUNTIME, *(f for w in WRITERS for f in w.files)}
     extra = set(spec.extra_files) if spec is not None else set()
     return OutputKind("bundle", keys=("format_version", "bim_export_version", "profile", "files"), marker=MANIFEST,
                       names=frozenset(names | extra))
@@ -173,7 +178,7 @@ def write_bundle(out_dir: str | Path, spec: BundleSpec) -> Path:
 
     Raises:
         InputError: ``out_dir/<profile>`` holds something other than a bundle, or cannot be written
-            (see :func:`bim_export.atomic.check_destination`); nothing is written.
+            (see :func:`bim_export.core.atomic.check_destination`); nothing is written.
     """
     dest = Path(out_dir) / spec.profile.name
     with atomic_dir(dest, bundle_kind(spec)) as tmp:
@@ -220,9 +225,10 @@ def _write_infer_script(draft: BundleDraft) -> None:
     shutil.copyfile(targets / COMMON, draft.dir / COMMON)
 
 
-@register_writer("validator", VALIDATOR)
+@register_writer("validator", (VALIDATOR, RUNTIME))
 def _write_validator(draft: BundleDraft) -> None:
     for name, src in validator_files().items():
+        (draft.dir / name).parent.mkdir(exist_ok=True)
         shutil.copyfile(src, draft.dir / name)
 
 
@@ -252,12 +258,13 @@ BUNDLE = bundle_kind()  # the shipped writers' bundle
 
 
 def validator_files() -> dict[str, Path]:
-    """The bundle's standalone validator and the modules it imports (numpy, onnxruntime and the
-    standard library only), by file name."""
-    from .. import knn, machine
-    from . import parity, validate
+    """The bundle's standalone validator and the ``runtime/`` package it and infer.py import (the
+    standard library, numpy, onnxruntime and Pillow only), by path in the bundle."""
+    from .. import runtime
 
-    return {Path(m.__file__).name: Path(m.__file__) for m in (validate, parity, knn, machine)}
+    package = Path(runtime.__file__).parent
+    return {VALIDATOR: resource_dir("targets") / VALIDATOR,
+            **{f"{RUNTIME}/{p.name}": p for p in sorted(package.glob("*.py"))}}
 
 
 def write_model(src: Path, dst: Path, metadata: dict[str, str]) -> None:

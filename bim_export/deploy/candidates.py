@@ -28,12 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..data import Images
-from ..checkpoint import exit_quality
-from ..errors import ValidationError
-from ..progress import SILENT, Progress
+from ..core.errors import ValidationError
+from ..core.progress import SILENT, Progress
+from ..model.checkpoint import exit_quality
+from ..model.images import Images
+from ..runtime.parity import ParityResult, compare_outputs, emulation_note, merge_results
+from ..runtime.session import fixed_batch, run_onnx
 from .export import cut_exits
-from .parity import ParityResult, compare_outputs, emulation_note, fixed_batch, merge_results, run_onnx
 from .presets import preset as find_preset
 from .rewrite import GraphForm, apply_form, form_for
 
@@ -60,8 +61,8 @@ MEASURE = {"warmup": 3, "repeats": 10, "rounds": 5, "max_rounds": 10}
 
 
 def load_images(data: Path | None, config: dict) -> Images:
-    """The calibration and parity images of an export (see :func:`bim_export.data.load_check_images`)."""
-    from ..data import load_check_images
+    """The calibration and parity images of an export (see :func:`bim_export.model.images.load_check_images`)."""
+    from ..model.images import load_check_images
 
     return load_check_images(data, config, CALIB_IMAGES, PARITY_IMAGES, MIN_PARITY_IMAGES)
 
@@ -84,7 +85,7 @@ class Workshop:
 
     def backbone(self, depth: int):
         if depth not in self._backbones:
-            from ..backbone import build_backbone
+            from ..model.backbone import build_backbone
 
             self._backbones[depth] = build_backbone(self.ckpt, depth)
         return self._backbones[depth]

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BimExportError, InputError
+from ..core.errors import BimExportError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ def save_checked(proto, path: Path) -> None:
 
     weights = sum(len(t.raw_data) for t in proto.graph.initializer)
     external = weights > _PROTOBUF_LIMIT - 64 * 1024**2  # margin for the graph itself
-    from ..atomic import owned_temp
+    from ..core.atomic import owned_temp
 
     # the suffix: onnx.save_model picks the format from the extension
     tmp = owned_temp(path.parent, f".{path.name}.tmp-", folder=False, suffix=".onnx")

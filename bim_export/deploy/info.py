@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..core.errors import InputError
 from .bundle import BUNDLE, MANIFEST
 from .profiles import describe_budgets
 
@@ -57,12 +57,19 @@ def bundle_info(bundle: str | Path) -> str:
 def _files(root: Path, m: dict) -> list[str]:
     listed = m.get("files") or {}
     present = {p.relative_to(root).as_posix(): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
-    rows = []
+    rows, folders = [], {}
     for name in sorted(set(listed) | {MANIFEST} | set(present)):
-        if name not in present:
+        if "/" in name:  # a folder (runtime/, a model repository) is one row: its file count and size
+            folder = folders.setdefault(name.split("/", 1)[0] + "/", [0, 0, 0])
+            folder[0] += 1
+            folder[1] += present.get(name, 0)
+            folder[2] += name not in present
+        elif name not in present:
             rows.append((name, "missing"))
         else:
             rows.append((name, _size(present[name]) + ("" if name in listed or name == MANIFEST else "  (added later)")))
+    for name, (count, size, missing) in folders.items():
+        rows.append((name, f"{_size(size)} in {count} files" + (f", {missing} missing" if missing else "")))
     width = max(len(n) for n, _ in rows)
     return ["files", *(f"  {n:<{width}}  {s}" for n, s in rows)]
 

@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import ValidationError
-from .parity import ParityResult, compare_outputs, run_onnx, session
+from ..core.errors import ValidationError
+from ..runtime.parity import ParityResult, compare_outputs
+from ..runtime.session import run_onnx, session
 
 if TYPE_CHECKING:
     from .profiles import Profile

@@ -21,14 +21,14 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint import quality_source
-from ..errors import NoCandidateError, ValidationError
-from ..progress import SILENT, Progress
-from ..table import format_table
+from ..model.checkpoint import quality_source
+from ..core.errors import NoCandidateError, ValidationError
+from ..core.progress import SILENT, Progress
+from ..core.table import format_table
 from .bundle import BundleSpec, bundle_kind, write_bundle
 from .candidates import (Trial, Workshop, check_parity, evaluate_candidates, load_images, source_label,
                          to_candidates)
-from .parity import ParityResult
+from ..runtime.parity import ParityResult
 from .pareto import PlotPoint
 from .profiles import Profile, list_profiles, load_profile
 from .selector import select
@@ -185,9 +185,9 @@ def run_export(target: str, checkpoint: Path | None = None, out: Path = Path("ex
         NoCandidateError: nothing meets the budget (exit 3; for ``all``, after the other bundles).
         ValidationError: fp32 parity failed (exit 4; no bundle for that profile).
     """
-    from ..atomic import check_destination, work_dir
-    from ..checkpoint import load_checkpoint
-    from ..resources import default_checkpoint_dir
+    from ..core.atomic import check_destination, work_dir
+    from ..model.checkpoint import load_checkpoint
+    from ..core.resources import default_checkpoint_dir
 
     profiles = resolve_targets(target)
     ckpt = load_checkpoint(checkpoint if checkpoint is not None else default_checkpoint_dir())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import InputError
+from ..core.errors import InputError
 from .registry import Registry
 
 ARM64_CPUS = ("aarch64", "arm64")  # platform.machine() of an ARM host

@@ -4,7 +4,7 @@ A profile says what a device can run (execution providers, opset, precisions, ba
 latency predictor needs to know about its hardware, and the budgets and parity tolerances an export
 for it must meet. Canonical names are the file stems in the shipped ``profiles/`` folder; a user adds
 a device by copying a YAML file and passing its path. Every problem with a profile is raised as one
-:class:`~bim_export.errors.InputError` line naming the file, the field and the value.
+:class:`~bim_export.core.errors.InputError` line naming the file, the field and the value.
 
 Pure Python (pyyaml + pydantic): no torch or onnxruntime import.
 """
@@ -21,10 +21,10 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from ..errors import InputError, close_matches
-from ..machine import CPU_FLAGS
-from ..resources import resource_dir
-from ..table import format_table
+from ..core.errors import InputError, close_matches
+from ..runtime.machine import CPU_FLAGS
+from ..core.resources import resource_dir
+from ..core.table import format_table
 from .device_scripts import SCRIPTS
 from .presets import PRESETS, schema_names
 from .providers import PROVIDERS
@@ -87,7 +87,7 @@ class DeviceIdentity(_Strict):
                                                                "board model (case, spaces and punctuation ignored)")
     accelerator: Optional[str] = Field(None, min_length=2, description="occurs in a GPU's name or the board model")
     cpu_flags: list[str] = Field(default_factory=list, description="CPU flags the device has (from "
-                                                                   "bim_export.machine.CPU_FLAGS)")
+                                                                   "bim_export.runtime.machine.CPU_FLAGS)")
     logical_cores: Optional[int] = Field(None, gt=0, description="logical CPUs the OS reports (os.cpu_count())")
 
     @field_validator("cpu_flags")

@@ -38,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
-from ..machine import cpu_flags
+from ..core.errors import InputError
+from ..runtime.machine import cpu_flags
 from .presets import QuantPreset, preset as find_preset
 from .profiles import PRECISIONS
 
@@ -208,7 +208,7 @@ class _ArrayReader:
 def _calibration_images(model, calib_x: np.ndarray | None) -> np.ndarray:
     shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     if calib_x is None:
-        from ..data import load_image_array, sample_images
+        from ..model.images import load_image_array, sample_images
 
         calib_x, _ = load_image_array(sample_images(), size=shape[2])
     calib_x = np.asarray(calib_x, dtype=np.float32)

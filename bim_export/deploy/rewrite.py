@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import BimExportError
+from ..core.errors import BimExportError
 
 if TYPE_CHECKING:
     from .profiles import Profile

@@ -11,7 +11,7 @@ from typing import Any, Optional, Union, get_args, get_origin
 import pydantic
 from pydantic import BaseModel
 
-from ..errors import close_matches
+from ..core.errors import close_matches
 
 
 class FieldError(ValueError):

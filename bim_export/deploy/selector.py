@@ -4,7 +4,7 @@ The rule (docs/design.md, "Selection rule"): a candidate passes only if its pari
 every budget the profile sets (a budget the profile leaves out is not checked). Quality is the exit's
 kNN top-1 (where every candidate has one; otherwise deeper is better). Among passing candidates take
 the best quality; among those within half a point (0.005) of it, the lowest latency. Nothing passes:
-:class:`~bim_export.errors.NoCandidateError` naming the closest candidate and the budget it misses.
+:class:`~bim_export.core.errors.NoCandidateError` naming the closest candidate and the budget it misses.
 
 Latencies within their stated errors tie, and the better quality, then the smaller file, settles the
 tie (then depth, then bits), not the noise. Measured latencies carry a measurement error: two whose
@@ -23,8 +23,8 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional
 
-from ..errors import NoCandidateError
-from ..table import format_table
+from ..core.errors import NoCandidateError
+from ..core.table import format_table
 from .latency.stats import intervals_overlap
 from .profiles import Budgets, Profile, describe_budgets
 

@@ -9,10 +9,10 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from .. import architecture
-from .. import checkpoint as ckpt_io
-from ..architecture import BimConfig, check_loss_weights, check_model_name, check_overlap
-from ..errors import InputError
+from ..model import architecture
+from ..model import checkpoint as ckpt_io
+from ..model.architecture import BimConfig, check_loss_weights, check_model_name, check_overlap
+from ..core.errors import InputError
 
 FLAGS = {"data": "--data", "model": "--model", "exits": "--exits", "out": "--out", "eval_data": "--eval-data",
          "init": "--init"}

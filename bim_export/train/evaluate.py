@@ -1,7 +1,7 @@
 """Quality of every exit: kNN top-1 and linear-probe top-1 on pooled features of a labelled folder.
 
 Features come from the model's exit API (:meth:`BimModel.forward_intermediates`, pooled as each
-backbone pools) or from a timm backbone; the kNN is :mod:`bim_export.knn`, the linear probe
+backbone pools) or from a timm backbone; the kNN is :mod:`bim_export.runtime.knn`, the linear probe
 :mod:`bim_export.train.probe`, and which images are reference and query is
 :mod:`bim_export.train.splits`.
 """
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import IMAGENET_MEAN, IMAGENET_STD, ImageList, load_image_array
-from ..errors import InputError
-from ..knn import KNN_K, knn_loo_top1, knn_top1
-from ..table import format_table
+from ..core.errors import InputError
+from ..core.table import format_table
+from ..model.images import IMAGENET_MEAN, IMAGENET_STD, ImageList, load_image_array
+from ..runtime.knn import KNN_K, knn_loo_top1, knn_top1
 from .probe import linear_probe_kfold_top1, linear_probe_top1
 from .splits import PROBE_FOLDS, EvalData, _subset, load_eval_data, make_eval_data
 
@@ -226,8 +226,8 @@ def evaluate_checkpoint(path: str | Path, data_dir: str | Path, metrics_out: str
         InputError: bad data or checkpoint; ``metrics_out`` is not a metrics file, or the place to
             write cannot be written (checked before evaluating).
     """
-    from .. import checkpoint as ckpt_io
-    from ..atomic import atomic_write_bytes, check_destination, check_writable, is_shipped
+    from ..core.atomic import atomic_write_bytes, check_destination, check_writable, is_shipped
+    from ..model import checkpoint as ckpt_io
 
     data = load_eval_data(data_dir)  # bad data fails before the weights are read
     ckpt = ckpt_io.load_checkpoint(path)

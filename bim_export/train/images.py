@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..data import UNREADABLE_IMAGE, describe_unreadable, list_image_files, unreadable_reason
-from ..errors import InputError
+from ..core.errors import InputError
+from ..model.images import UNREADABLE_IMAGE, describe_unreadable, list_image_files, unreadable_reason
 
 log = logging.getLogger(__name__)
 

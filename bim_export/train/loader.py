@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import InputError
+from ..core.errors import InputError
 from .bad_images import BadImages
 from .distributed import DistInfo
 from .images import Crop, EncodedJpeg, UnreadableImage, crop_tensors, decode_jpegs, decode_pil, normalize

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..architecture import BimConfig, create_vit, describe_encoder, exit_tokens
-from ..errors import InputError
+from ..core.errors import InputError
+from ..model.architecture import BimConfig, create_vit, describe_encoder, exit_tokens
 from .decoder import MaeDecoder
 
 
@@ -112,14 +112,14 @@ class BimModel(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, ckpt) -> BimModel:
-        """The model of a checkpoint (a :class:`~bim_export.checkpoint.Checkpoint` or its path) with its
+        """The model of a checkpoint (a :class:`~bim_export.model.checkpoint.Checkpoint` or its path) with its
         weights, eval mode, float32.
 
         Raises:
             InputError: a config.json no model can be built from, or weights that do not match it
                 (the message names the file).
         """
-        from ..checkpoint import CONFIG, WEIGHTS, Checkpoint, load_checkpoint
+        from ..model.checkpoint import CONFIG, WEIGHTS, Checkpoint, load_checkpoint
 
         ckpt = ckpt if isinstance(ckpt, Checkpoint) else load_checkpoint(ckpt)
         try:

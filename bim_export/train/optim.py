@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..core.errors import InputError
 from .config import TrainConfig
 from .model import BimModel
 

@@ -32,8 +32,8 @@ from urllib.parse import urlparse
 
 import torch
 
-from ..checkpoint import torch_load_safely
-from ..errors import InputError, close_matches
+from ..core.errors import InputError, close_matches
+from ..model.checkpoint import torch_load_safely
 from .model import BimModel
 
 FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
@@ -107,7 +107,7 @@ def _read_file(path: Path, where: str) -> dict[str, torch.Tensor]:
 
 
 def _read_folder(path: Path, where: str) -> dict[str, torch.Tensor]:
-    from ..checkpoint import CONFIG, WEIGHTS, load_checkpoint
+    from ..model.checkpoint import CONFIG, WEIGHTS, load_checkpoint
 
     if (path / CONFIG).is_file() and (path / WEIGHTS).is_file():
         try:

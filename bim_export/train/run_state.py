@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import checkpoint as ckpt_io
-from ..errors import TrainingError
+from ..core.errors import TrainingError
+from ..model import checkpoint as ckpt_io
 from .config import TrainConfig
 from .model import BimModel
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import ImageList, scan_image_folder
-from ..errors import InputError
+from ..core.errors import InputError
+from ..model.images import ImageList, scan_image_folder
 
 VAL_FRACTION = 0.2
 LOO_MAX = 500  # smaller labelled sets are scored leave-one-out: a held-out fifth would be too coarse

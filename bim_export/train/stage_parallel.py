@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..errors import BimExportError, InputError, TrainingError
+from ..core.errors import BimExportError, InputError, TrainingError
 from .distributed import DistInfo
 from .model import BimModel
 from .run_state import saved_step

@@ -20,12 +20,12 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .. import checkpoint as ckpt_io
-from ..atomic import check_destination
-from ..errors import InputError, TrainingError
+from ..core.atomic import check_destination
+from ..core.errors import InputError, TrainingError
+from ..model import checkpoint as ckpt_io
+from .bad_images import BadImages
 from .config import TrainConfig, load_train_config
 from .distributed import DistInfo, average_tensor, barrier, broadcast_parameters, init_distributed, shutdown
-from .bad_images import BadImages
 from .images import resolve_pipeline, training_images
 from .loader import TrainStream, mask_noise
 from .model import BimModel
@@ -265,7 +265,7 @@ def _checkpoint(model: BimModel, cfg: TrainConfig, optimizer: StageOptimizer, st
 def _training_images(cfg: TrainConfig, img_size: int, device: torch.device):
     """The images of ``cfg.data`` (else the built-in sample set), listed, a sample decoded; JPEGs left
     to the GPU on the gpu pipeline."""
-    from ..resources import sample_images_dir
+    from ..core.resources import sample_images_dir
 
     pipeline = resolve_pipeline(cfg.data_pipeline, device, cfg.where("data_pipeline"))
     data = cfg.data if cfg.data is not None else sample_images_dir()

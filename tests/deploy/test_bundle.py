@@ -12,10 +12,12 @@ from bundle_spec import bundle_spec
 
 from bim_export.deploy import bundle as bundle_mod
 from bim_export.deploy.bundle import file_hashes, write_bundle
-from bim_export.machine import sha256_file
+from bim_export.runtime.machine import sha256_file
 
 EXPECTED = {"model.onnx", "manifest.json", "reference.npz", "report.md", "pareto.png", "infer.py", "common.py", "validate.py",
-            "parity.py", "knn.py", "machine.py"}
+            "runtime"}
+RUNTIME = {f"runtime/{name}.py" for name in ("__init__", "errors", "knn", "machine", "parity", "preprocess", "session",
+                                             "validate")}
 
 
 @pytest.fixture
@@ -28,7 +30,7 @@ def test_bundle_has_every_file_and_hashes(tmp_path, spec):
     assert dest == tmp_path / "exports" / "jetson-orin-nano"
     assert {p.name for p in dest.iterdir()} == EXPECTED
     manifest = json.loads((dest / "manifest.json").read_text())
-    assert set(manifest["files"]) == EXPECTED - {"manifest.json"}
+    assert set(manifest["files"]) == EXPECTED - {"manifest.json", "runtime"} | RUNTIME
     for name, digest in manifest["files"].items():
         assert sha256_file(dest / name) == digest
     assert manifest["exporter"] == "torch.onnx (test)"
@@ -88,25 +90,42 @@ def test_failed_first_write_leaves_nothing(tmp_path, spec, monkeypatch):
     assert list((tmp_path / "exports").iterdir()) == []
 
 
+# torch, timm and bim_export made unimportable, as on a device that has only the bundle
+_NO_TORCH = ("import sys, runpy; sys.path.insert(0, '.'); "
+             "sys.modules.update(torch=None, timm=None, bim_export=None, torchvision=None); "
+             "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
 def test_bundle_runs_standalone(tmp_path):
-    """The bundle's infer.py works from the bundle folder with only onnxruntime, numpy, Pillow."""
+    """The bundle's infer.py and validate.py work from the bundle folder with only onnxruntime, numpy,
+    Pillow: no torch, no bim_export."""
     import subprocess
     import sys
 
+    import onnxruntime as ort
     from PIL import Image
 
-    dest = write_bundle(tmp_path / "exports", bundle_spec(tmp_path, profile="raspberry-pi-5"))
+    spec = bundle_spec(tmp_path, profile="raspberry-pi-5")
+    sess = ort.InferenceSession(str(spec.model), providers=["CPUExecutionProvider"])
+    spec.reference["embedding"] = sess.run(["embedding"], {"pixels": spec.reference["pixels"]})[0]  # what it computes
+    dest = write_bundle(tmp_path / "exports", spec)
     img = tmp_path / "x.png"
     Image.fromarray(np.full((40, 50, 3), 128, np.uint8)).save(img)
     done = subprocess.run([sys.executable, "-s", "-E", str(dest / "infer.py"), str(img)], capture_output=True, text=True,
                           cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "(dim 16," in done.stdout
+    for script, said in ((["infer.py", str(img)], "(dim 16,"), (["validate.py"], "PASS")):
+        done = subprocess.run([sys.executable, "-s", "-E", "-c", _NO_TORCH, *script], capture_output=True, text=True,
+                              cwd=dest, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert said in done.stdout
+    assert json.loads((dest / "manifest.json").read_text())["device_validations"][-1]["passed"] is True
 
 
 def test_info_prints_files_choice_and_validations(tmp_path, spec, capsys):
     from bim_export.cli import main
-    from bim_export.deploy.validate import validate_bundle
+    from bim_export.runtime.validate import validate_bundle
 
     dest = write_bundle(tmp_path, spec)
     assert main(["info", str(dest)]) == 0
@@ -124,7 +143,7 @@ def test_info_prints_files_choice_and_validations(tmp_path, spec, capsys):
     assert "  candidates   1 (1 chosen, 0 within budget, 0 rejected" in out
     assert "  parity       passed, worst cosine 0.99700, agreement 100%, max abs 0.02, 8 images" in out
     assert "  on devices   none recorded" in out
-    from bim_export.errors import ValidationError
+    from bim_export.core.errors import ValidationError
 
     with pytest.raises(ValidationError):  # the spec's reference outputs are not the graph's: recorded as failed
         validate_bundle(dest)

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from bim_export.checkpoint import exit_quality, load_checkpoint
+from bim_export.model.checkpoint import exit_quality, load_checkpoint
 from bim_export.deploy import candidates as cand
 from bim_export.deploy.candidates import PRUNE_FACTOR, Trial, Workshop, evaluate_candidates, load_images
 from bim_export.deploy.latency.measure import LatencyResult
 from bim_export.deploy.latency.predict import uncalibrated_error
-from bim_export.deploy.parity import fixed_batch, session
+from bim_export.runtime.session import fixed_batch, session
 from bim_export.deploy.profiles import Budgets, Profile, load_profile
 from export_cache import memoize_exports
 

@@ -12,10 +12,10 @@ import timm
 import torch
 
 from bim_export import __version__
+from bim_export.core.errors import BimExportError, InputError
 from bim_export.deploy import export as export_mod
-from bim_export.data import load_image_array, sample_images
-from bim_export.errors import BimExportError, InputError
 from bim_export.deploy.export import export_onnx, read_metadata
+from bim_export.model.images import load_image_array, sample_images
 
 SIZE = 32
 META = {"depth": 4, "exits": [2, 4], "profile": "host", "precision": "fp32",
@@ -115,8 +115,8 @@ def test_opset_too_old_for_the_graph_is_a_clean_error(tmp_path):
 
 
 def test_multi_exit_graph_equals_each_depths_backbone(tiny_checkpoint, tmp_path, images):
-    from bim_export.backbone import build_backbone
-    from bim_export.checkpoint import load_checkpoint
+    from bim_export.model.backbone import build_backbone
+    from bim_export.model.checkpoint import load_checkpoint
     from bim_export.train.model import BimModel
 
     ckpt = load_checkpoint(tiny_checkpoint)

@@ -12,17 +12,17 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from bim_export.cli import main as cli_main
+from bim_export.core.errors import InputError
 from bim_export.deploy.latency import measure
 from bim_export.deploy.latency import predict as latency
 from bim_export.deploy.latency.calibration import calibrate, describe_calibration, load_calibration
-from bim_export.cli import main as cli_main
 from bim_export.deploy.latency.costmodel import graph_cost, predict_memory
 from bim_export.deploy.latency.roofline import CostFactors, Hardware, fit_factors, roofline_features, roofline_seconds
-from bim_export.errors import InputError
 from bim_export.deploy.latency.stats import FLOOR_MARGIN, MIN_ERROR, QUIET, causes
 from bim_export.deploy.latency.worker import PeakMemory
 from bim_export.deploy.profiles import load_profile, profiles_dir
-from bim_export.machine import machine_description
+from bim_export.runtime.machine import machine_description
 
 TINY = {"embed_dim": 32, "num_heads": 2, "img_size": 32, "patch_size": 8}
 

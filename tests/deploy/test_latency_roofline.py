@@ -10,8 +10,8 @@ from bim_export.deploy.latency.predict import predict_latency
 from bim_export.deploy.latency.roofline import (MAX_EFFICIENCY, CostFactors, Hardware, NodeTimes, default_factors,
                                                 fit_factors, node_times, path_features, predict_seconds,
                                                 roofline_seconds)
+from bim_export.core.errors import InputError
 from bim_export.deploy.profiles import load_profile
-from bim_export.errors import InputError
 
 EFF = {"gemm": 0.6, "matmul": 0.3, "softmax": 0.5, "norm": 0.5, "elementwise": 0.5, "quant": 0.5, "layout": 0.5}
 

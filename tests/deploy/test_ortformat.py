@@ -7,9 +7,9 @@ import onnxruntime as ort
 import pytest
 from tiny_onnx import SIZE, write_tiny_onnx
 
+from bim_export.core.errors import ValidationError
 from bim_export.deploy.ortformat import OPS_CONFIG, ORT_MODEL, make_ort, optimization_style
 from bim_export.deploy.profiles import load_profile
-from bim_export.errors import ValidationError
 
 
 @pytest.fixture

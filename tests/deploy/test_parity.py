@@ -11,8 +11,9 @@ import json
 import numpy as np
 import pytest
 
-from bim_export.deploy.parity import (DEFAULT_TOLERANCES, compare_outputs, emulation_note, fixed_batch,
-                                      merge_results, neighbour_agreement, run_onnx, session)
+from bim_export.runtime.parity import (DEFAULT_TOLERANCES, compare_outputs, emulation_note, merge_results,
+                                      neighbour_agreement)
+from bim_export.runtime.session import fixed_batch, run_onnx, session
 from tiny_onnx import SIZE, write_tiny_onnx
 
 N, T, D = 12, 5, 8  # images, tokens, width

@@ -19,9 +19,9 @@ import onnxruntime as ort
 import pytest
 import yaml
 
+from bim_export.core.resources import resource_dir, sample_images_dir
 from bim_export.deploy.pipeline import run_export
-from bim_export.deploy.validate import validate_bundle
-from bim_export.resources import resource_dir, sample_images_dir
+from bim_export.runtime.validate import validate_bundle
 from export_cache import memoize_exports
 
 

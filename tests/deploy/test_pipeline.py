@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import yaml
 
+from bim_export.core.errors import InputError, NoCandidateError
+from bim_export.core.resources import resource_dir
 from bim_export.deploy import candidates as cand
 from bim_export.deploy import pipeline
 from bim_export.deploy.candidates import Workshop, evaluate_candidates, load_images
-from bim_export.checkpoint import load_checkpoint
-from bim_export.errors import InputError, NoCandidateError
 from bim_export.deploy.profiles import list_profiles, load_profile
-from bim_export.resources import resource_dir
+from bim_export.model.checkpoint import load_checkpoint
 from export_cache import memoize_exports
 
 
@@ -156,7 +156,7 @@ def test_bundle_end_to_end(exported):
 def test_interrupted_export_leaves_previous_bundle(exported, tiny_checkpoint, monkeypatch):
     out, _ = exported
     bundle = out / "tiny-edge"
-    before = {p.name: p.read_bytes() for p in bundle.iterdir()}
+    before = {p.relative_to(bundle): p.read_bytes() for p in bundle.rglob("*") if p.is_file()}
     from bim_export.deploy import bundle as bundle_mod
 
     def interrupt(*a, **k):
@@ -165,7 +165,7 @@ def test_interrupted_export_leaves_previous_bundle(exported, tiny_checkpoint, mo
     monkeypatch.setattr(bundle_mod, "plot_pareto", interrupt)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_export(str(out.parent / "tiny-edge.yaml"), tiny_checkpoint, out, None)
-    assert {p.name: p.read_bytes() for p in bundle.iterdir()} == before
+    assert {p.relative_to(bundle): p.read_bytes() for p in bundle.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in out.iterdir()) == ["tiny-edge"]
 
 
@@ -213,7 +213,7 @@ def test_user_data_folder_skips_bombs_and_truncated_files_by_name(tiny_checkpoin
     data = _image_folder(tmp_path / "mine", per_class=8)
     write_png_bomb(data / "a" / "bomb.png")  # drawn: the folder has 18 files, the sample takes 32
     write_truncated_jpeg(data / "b" / "cut.jpg")
-    with caplog.at_level("WARNING", logger="bim_export.data"):
+    with caplog.at_level("WARNING", logger="bim_export.model.images"):
         images = load_images(data, load_checkpoint(tiny_checkpoint).config)
     assert images.parity.shape == (16, 3, 32, 32)
     [warning] = [r.getMessage() for r in caplog.records]
@@ -227,9 +227,9 @@ def test_manifest_lists_every_unreadable_data_file(tiny_checkpoint, tmp_path, ca
     for name in broken:
         (data / name).write_bytes(b"not an image")
     prof = _profile(tmp_path, "mine-edge", latency_ms=1000, peak_memory_mb=4000, model_size_mb=100)
-    with caplog.at_level("WARNING", logger="bim_export.data"):
+    with caplog.at_level("WARNING", logger="bim_export.model.images"):
         pipeline.run_export(str(prof.path), tiny_checkpoint, tmp_path / "out", data)
-    [warning] = [r.getMessage() for r in caplog.records if r.name == "bim_export.data"]
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "bim_export.model.images"]
     assert "18 of 34 images unreadable and skipped" in warning and "; +13 more" in warning  # the log names 5
     m = json.loads((tmp_path / "out" / "mine-edge" / "manifest.json").read_text())
     assert m["data"]["decoded"] == "every file" and m["data"]["images"] == 34
@@ -295,7 +295,7 @@ def test_avg_pooled_register_vit_exports_for_a_shipped_opset_17_profile(reg_avg_
     import onnxruntime as ort
     import torch
 
-    from bim_export.backbone import build_backbone
+    from bim_export.model.backbone import build_backbone
 
     profile = load_profile("raspberry-pi-5")
     assert profile.opset == 17

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from bim_export import cli
+from bim_export.core.errors import InputError
 from bim_export.deploy import profiles
-from bim_export.errors import InputError
 from bim_export.deploy.plausibility import implausible_figures
 from bim_export.deploy.profiles import ALIASES, Profile, list_profiles, load_profile, load_profile_file
 

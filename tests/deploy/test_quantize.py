@@ -11,12 +11,13 @@ import pytest
 import timm
 import torch
 
+from bim_export.core.errors import InputError
 from bim_export.deploy import quantize
-from bim_export.data import load_image_array, sample_images
-from bim_export.errors import InputError
 from bim_export.deploy.export import export_onnx, read_metadata
 from bim_export.deploy.quantize import convert_precision
-from bim_export.deploy.parity import compare_outputs, run_onnx
+from bim_export.model.images import load_image_array, sample_images
+from bim_export.runtime.parity import compare_outputs
+from bim_export.runtime.session import run_onnx
 
 SIZE = 32
 
@@ -165,7 +166,7 @@ def test_a_registered_preset_is_made_and_labelled_from_its_declaration(fp32_mode
     labels its int8 as host-emulated on the CPUs it does not name."""
     import onnxruntime as ort
 
-    from bim_export.deploy.parity import session_emulation_note
+    from bim_export.runtime.parity import session_emulation_note
     from bim_export.deploy.presets import PRESETS, QuantPreset
 
     monkeypatch.setattr(quantize, "_optimum_available", lambda: False)

@@ -16,11 +16,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from bim_export.checkpoint import load_checkpoint
 from bim_export.deploy.candidates import Workshop, load_images
 from bim_export.deploy.profiles import load_profile
 from bim_export.deploy.rewrite import GraphForm, apply_form, form_for
 from bim_export.deploy.usability import EpCoverage, check_model, runs_on
+from bim_export.model.checkpoint import load_checkpoint
 from export_cache import memoize_exports
 
 ALL = ("layernorm", "erf", "gather", "matmul2d", "qkv4d")

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from bim_export.errors import NoCandidateError
+from bim_export.core.errors import NoCandidateError
 from bim_export.deploy.profiles import Budgets, Profile
 from bim_export.deploy.selector import Candidate, select
 
@@ -288,7 +288,7 @@ def test_table_shows_the_error_of_measured_latencies():
 
 
 def test_the_table_names_the_set_that_scored_the_quality():
-    from bim_export.checkpoint import quality_source
+    from bim_export.model.checkpoint import quality_source
 
     ds = {"name": "heldout_images", "size": 90, "protocol": "leave-one-out kNN, 5-fold linear probe"}
     metrics = {"exits": {"6": {"knn_top1": 0.7, "knn_dataset": ds}, "12": {"knn_top1": 0.8, "knn_dataset": ds}}}

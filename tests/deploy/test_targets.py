@@ -17,15 +17,17 @@ import pytest
 from PIL import Image
 from tiny_onnx import SIZE, write_tiny_onnx
 
-from bim_export.data import preprocess as package_preprocess
-from bim_export.resources import resource_dir, sample_images_dir
+from bim_export.core.resources import resource_dir, sample_images_dir
+from bim_export.deploy.bundle import validator_files
+from bim_export.model import images as package_images
+from bim_export.runtime.preprocess import preprocess as package_preprocess
 
 TARGETS = resource_dir("targets")
 
 
 @pytest.fixture
 def bundle(tmp_path) -> Path:
-    """A minimal bundle: model.onnx, manifest.json, reference.npz, common.py."""
+    """A minimal bundle: model.onnx, manifest.json, reference.npz, common.py and the runtime/ package."""
     b = tmp_path / "bundle"
     b.mkdir()
     write_tiny_onnx(b / "model.onnx")
@@ -35,6 +37,10 @@ def bundle(tmp_path) -> Path:
     }))
     np.savez(b / "reference.npz", pixels=np.random.default_rng(1).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32))
     shutil.copy(TARGETS / "common.py", b / "common.py")
+    for name, src in validator_files().items():
+        if name.startswith("runtime/"):
+            (b / name).parent.mkdir(exist_ok=True)
+            shutil.copy(src, b / name)
     return b
 
 
@@ -63,12 +69,18 @@ def _run_script(bundle: Path, script: str, *args) -> subprocess.CompletedProcess
                           capture_output=True, text=True, cwd=bundle.parent, timeout=120)
 
 
-def test_preprocess_matches_package(common):
-    from bim_export.data import image_extensions
+def test_preprocess_is_one_implementation(common):
+    """The scripts preprocess with the runtime's function, the one the package's parity and
+    calibration images go through, and count the same files as images."""
+    import inspect
+
+    from bim_export.model.images import image_extensions
 
     img = Image.fromarray(np.random.default_rng(3).integers(0, 255, (37, 53, 3), dtype=np.uint8))
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     np.testing.assert_array_equal(common.preprocess(img, 24, mean, std), package_preprocess(img, 24, mean, std))
+    assert inspect.getsourcefile(common.preprocess) == inspect.getsourcefile(package_preprocess)
+    assert package_images.preprocess is package_preprocess
     assert common.image_extensions() == image_extensions()  # the same files are images on both sides
     assert ".tiff" in common.image_extensions()
 

@@ -16,14 +16,14 @@ import timm
 import torch
 
 from bim_export.cli import main as cli_main
-from bim_export.data import load_image_array, sample_images
-from bim_export.errors import InputError, ValidationError
-from bim_export.deploy.export import export_onnx
+from bim_export.core.errors import InputError, ValidationError
 from bim_export.deploy.bundle import validator_files
-from bim_export.deploy.parity import (compare_outputs, merge_results, run_onnx, session,
-                                     session_emulation_note)
-from bim_export.deploy.validate import validate_bundle
-from bim_export.machine import machine_description
+from bim_export.deploy.export import export_onnx
+from bim_export.model.images import load_image_array, sample_images
+from bim_export.runtime.machine import machine_description
+from bim_export.runtime.parity import compare_outputs, merge_results, session_emulation_note
+from bim_export.runtime.session import run_onnx, session
+from bim_export.runtime.validate import validate_bundle
 
 SIZE = 32
 
@@ -187,6 +187,7 @@ def make_bundle(root: Path, onnx_model: Path, reference: dict, profile: str = "h
     shutil.copyfile(onnx_model, root / "model.onnx")
     np.savez(root / "reference.npz", **{k: v[:6] for k, v in reference.items()})
     for name, src in validator_files().items():
+        (root / name).parent.mkdir(exist_ok=True)
         shutil.copyfile(src, root / name)
     manifest = {
         "format_version": 1, "profile": profile, "depth": 4, "precision": "fp32", "opset": 17, "batch": 2,
@@ -194,7 +195,7 @@ def make_bundle(root: Path, onnx_model: Path, reference: dict, profile: str = "h
         "execution_providers": ["TensorrtExecutionProvider", "CPUExecutionProvider"],
         "budgets": {"latency_ms": budget_ms, "latency_stat": "p90"},
         "tolerances": {"cosine": 0.9999, "neighbour_agreement": 0.99},
-        "files": {p.name: _sha(p) for p in sorted(root.iterdir())},
+        "files": {p.relative_to(root).as_posix(): _sha(p) for p in sorted(root.rglob("*")) if p.is_file()},
         "device_validations": [],
     }
     (root / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")

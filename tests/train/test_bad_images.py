@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import tiny_train_config
 
-from bim_export.checkpoint import load_checkpoint
-from bim_export.data import list_image_files
-from bim_export.errors import InputError
-from bim_export.resources import sample_images_dir
+from bim_export.core.errors import InputError
+from bim_export.core.resources import sample_images_dir
+from bim_export.model.checkpoint import load_checkpoint
+from bim_export.model.images import list_image_files
 from bim_export.train.distributed import DistInfo
 from bim_export.train.images import TrainImages
 from bim_export.train.loader import SeededDataset, StepSampler, _mix

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from bim_export.errors import InputError
+from bim_export.core.errors import InputError
 from bim_export.train.config import TrainConfig, load_train_config, parse_overrides, setting_name
 
 

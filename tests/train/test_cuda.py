@@ -29,7 +29,7 @@ def test_cuda_defaults_to_bf16_autocast(tmp_path):
 
 
 def test_cuda_bim_peak_memory_below_end_to_end():
-    from bim_export.architecture import BimConfig
+    from bim_export.model.architecture import BimConfig
     from bim_export.train.model import BimModel
 
     args = {"img_size": 32, "patch_size": 4, "depth": 8, "embed_dim": 64, "num_heads": 2}

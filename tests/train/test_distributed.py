@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from conftest import tiny_train_config
 from test_trainer import assert_same_weights
 
-from bim_export.checkpoint import load_checkpoint
+from bim_export.model.checkpoint import load_checkpoint
 from bim_export.train.trainer import train
 
 STEPS, BATCH = 3, 8

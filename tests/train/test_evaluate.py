@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bim_export.core.errors import InputError
+from bim_export.model.images import sample_images, scan_image_folder
 from bim_export.train import evaluate as ev
 from bim_export.train import probe, splits
-from bim_export.data import sample_images, scan_image_folder
-from bim_export.errors import InputError
 
 
 def _clusters(n=400, dim=16, classes=5, spread=0.3, seed=0):
@@ -103,7 +103,7 @@ def test_train_val_subfolders_are_used_as_given(tmp_path):
 
 
 def test_small_sets_are_scored_leave_one_out_and_large_ones_split():
-    from bim_export.data import ImageList
+    from bim_export.model.images import ImageList
 
     def fake(n):
         return ImageList(Path("digits"), [Path(f"{i}.png") for i in range(n)], [i % 4 for i in range(n)],
@@ -185,7 +185,7 @@ def ckpt_copy(tiny_checkpoint, tmp_path):
 def test_evaluate_checkpoint_updates_metrics_and_keeps_recon_loss(ckpt_copy):
     import json
 
-    from bim_export.resources import sample_images_dir
+    from bim_export.core.resources import sample_images_dir
 
     before = json.loads((ckpt_copy / "metrics.json").read_text())
     summary = ev.evaluate_checkpoint(ckpt_copy, sample_images_dir())
@@ -210,8 +210,8 @@ def test_eval_recon_loss_is_measured_on_the_evaluated_images(ckpt_copy, tmp_path
 
     import torch
 
-    from bim_export.data import load_image_array
-    from bim_export.resources import heldout_images_dir, sample_images_dir
+    from bim_export.model.images import load_image_array
+    from bim_export.core.resources import heldout_images_dir, sample_images_dir
     from bim_export.train.model import BimModel
 
     trained = json.loads((ckpt_copy / "metrics.json").read_text())["exits"]
@@ -240,7 +240,7 @@ def test_eval_features_match_the_exported_backbone(ckpt_copy):
     """The pooled exit features scored here are the embedding the exported backbone will produce."""
     import torch
 
-    from bim_export import backbone
+    from bim_export.model import backbone
     from bim_export.train.model import BimModel
 
     model = BimModel.from_checkpoint(ckpt_copy)
@@ -255,7 +255,7 @@ def test_eval_features_match_the_exported_backbone(ckpt_copy):
 
 def test_cli_eval_prints_table_and_exits_0(ckpt_copy, capsys):
     from bim_export.cli import main
-    from bim_export.resources import sample_images_dir
+    from bim_export.core.resources import sample_images_dir
 
     assert main(["eval", str(ckpt_copy), "--data", str(sample_images_dir())]) == 0
     out = capsys.readouterr().out
@@ -281,7 +281,7 @@ def test_cli_eval_metrics_out_leaves_the_checkpoint_unchanged(ckpt_copy, tmp_pat
     import json
 
     from bim_export.cli import main
-    from bim_export.resources import sample_images_dir
+    from bim_export.core.resources import sample_images_dir
 
     before = _tree(ckpt_copy)
     dest = tmp_path / "figures" / "metrics.json"
@@ -298,9 +298,9 @@ def test_cli_eval_metrics_out_leaves_the_checkpoint_unchanged(ckpt_copy, tmp_pat
 
 def test_cli_eval_of_a_shipped_checkpoint_only_prints(ckpt_copy, capsys, monkeypatch):
     """Shipped checkpoints are read-only: the figures are printed, the table says nothing was written."""
-    from bim_export import atomic
     from bim_export.cli import main
-    from bim_export.resources import sample_images_dir
+    from bim_export.core import atomic
+    from bim_export.core.resources import sample_images_dir
 
     # where the files that ship live is the installation's business; here, beside the copy
     monkeypatch.setattr(atomic, "shipped_roots", lambda: [ckpt_copy.parent.resolve()])
@@ -317,7 +317,7 @@ def test_cli_eval_of_the_shipped_default_checkpoint_writes_elsewhere(tmp_path, c
     import json
 
     from bim_export.cli import main
-    from bim_export.resources import default_checkpoint_dir, resource_dir, sample_images_dir
+    from bim_export.core.resources import default_checkpoint_dir, resource_dir, sample_images_dir
 
     assets = resource_dir("assets")
     before = _tree(assets)

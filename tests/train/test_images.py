@@ -20,16 +20,16 @@ import random
 import numpy as np
 import pytest
 import torch
+from make_assets import _wheel_photos
 from PIL import Image
 
-from bim_export.data import _wheel_photos
-from bim_export.resources import sample_images_dir
+from bim_export.core.resources import sample_images_dir
 from bim_export.train.bad_images import BadImages
 from bim_export.train.distributed import DistInfo
 from bim_export.train.images import (Crop, EncodedJpeg, TrainImages, UnreadableImage, crop_pil, crop_tensor,
                                      draw_crop, normalize, resolve_pipeline, training_images)
+from bim_export.core.errors import InputError
 from bim_export.train.loader import TrainStream
-from bim_export.errors import InputError
 
 MEAN_LEVELS, MAX_LEVELS = 0.5, 16
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bim_export.errors import InputError
+from bim_export.core.errors import InputError
 from pydantic import ValidationError
 
-from bim_export.architecture import BimConfig, backbone_state_dict, default_exits, validate_exits
+from bim_export.model.architecture import BimConfig, backbone_state_dict, default_exits, validate_exits
 from bim_export.train.model import BimModel
 
 ARCH = "vit_tiny_patch16_224"

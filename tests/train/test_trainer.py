@@ -15,12 +15,12 @@ import pytest
 import torch
 from conftest import tiny_train_config
 
-from bim_export.checkpoint import load_checkpoint
 from bim_export.cli import main
-from bim_export.errors import InputError, TrainingError
-from bim_export.architecture import BimConfig
-from bim_export.train.model import BimModel
+from bim_export.core.errors import InputError, TrainingError
+from bim_export.model.architecture import BimConfig
+from bim_export.model.checkpoint import load_checkpoint
 from bim_export.train.config import load_train_config, parse_overrides
+from bim_export.train.model import BimModel
 from bim_export.train.optim import lr_at, param_groups
 from bim_export.train.trainer import train
 
@@ -249,7 +249,7 @@ def test_trains_on_tiff_images(tmp_path):
     """A folder of TIFF photos (a format Pillow reads besides JPEG/PNG) trains like any other."""
     from PIL import Image
 
-    from bim_export.resources import sample_images_dir
+    from bim_export.core.resources import sample_images_dir
 
     data = tmp_path / "tiff"
     for src in sorted(sample_images_dir().rglob("*.jpg"))[:8]:

@@ -10,9 +10,9 @@ import torch
 from conftest import tiny_train_config
 from test_trainer import assert_same_weights
 
-from bim_export.architecture import BimConfig
-from bim_export.checkpoint import load_checkpoint
-from bim_export.errors import InputError
+from bim_export.core.errors import InputError
+from bim_export.model.architecture import BimConfig
+from bim_export.model.checkpoint import load_checkpoint
 from bim_export.train.distributed import DistInfo
 from bim_export.train.model import BimModel
 from bim_export.train.optim import StageOptimizer, param_groups

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ... import __version__
-from ...atomic import OutputKind, atomic_write_bytes, check_destination
-from ...errors import InputError
-from ...machine import describe_device, describe_machine, device_mismatches, machine_description
+from ...core.atomic import OutputKind, atomic_write_bytes, check_destination
+from ...core.errors import InputError
+from ...runtime.machine import describe_device, describe_machine, device_mismatches, machine_description
 from ..profiles import Profile, load_profile
 from .costmodel import graph_cost
 from .measure import available_providers, measure_many

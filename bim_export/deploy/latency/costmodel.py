@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...errors import InputError
+from ...core.errors import InputError
 
 _GEMM_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInteger", "QLinearMatMul", "ConvInteger",
              "QLinearConv", "FusedMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}

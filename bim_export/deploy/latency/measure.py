@@ -19,8 +19,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ...errors import InputError
-from ...machine import machine_description
+from ...core.errors import InputError
+from ...runtime.machine import machine_description
 from .stats import MIN_ERROR, QUIET, Z, percentile, summarize
 
 
@@ -208,7 +208,7 @@ def measure_host_hardware(threads: int | None = None, clock: str = "wall") -> di
 
 
 def bundle_timer(model: Path, batch: int, providers, input_shape) -> dict:
-    """A bundle validator's timer (:func:`bim_export.deploy.validate.validate_bundle`): this module's
+    """A bundle validator's timer (:func:`bim_export.runtime.validate.validate_bundle`): this module's
     separate-process protocol, as a plain dict."""
     r = measure_onnx(model, batch=batch, providers=list(providers or []) or None)
     return {**{k: getattr(r, k) for k in ("p50", "p90", "p99", "mean")}, "providers": list(r.providers),

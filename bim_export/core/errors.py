@@ -3,31 +3,17 @@
 The library raises these; only ``cli.py`` catches :class:`BimExportError`, prints its one-line
 message prefixed with ``error:`` and exits with :attr:`BimExportError.exit_code`. Any other
 exception is a bug and keeps its traceback (exit 1).
+
+The root and the two errors a device can meet (:class:`InputError`, :class:`ValidationError`) are
+defined in :mod:`bim_export.runtime.errors`, so that the device runtime raises these very classes
+without importing the rest of the package; this module adds the others.
 """
 
 from __future__ import annotations
 
+from ..runtime.errors import BimExportError, InputError, ValidationError
 
-class BimExportError(Exception):
-    """Base class of every expected failure. The message is one line naming file/field/value."""
-
-    exit_code = 2
-
-
-class InputError(BimExportError):
-    """Bad input or usage: a broken file, an unknown name, a value out of range (exit 2).
-
-    Attributes:
-        field: the setting at fault, where the raiser knows it but not where the value came from
-            (a model given ``exits`` cannot tell a YAML file from a flag); the caller that knows
-            names the source.
-    """
-
-    exit_code = 2
-
-    def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
-        self.field = field
+__all__ = ["BimExportError", "InputError", "NoCandidateError", "ValidationError", "TrainingError", "close_matches"]
 
 
 class NoCandidateError(BimExportError):
@@ -42,12 +28,6 @@ class NoCandidateError(BimExportError):
     def __init__(self, message: str, table: str = ""):
         super().__init__(message)
         self.table = table
-
-
-class ValidationError(BimExportError):
-    """A finished export failed parity or latency validation (exit 4)."""
-
-    exit_code = 4
 
 
 class TrainingError(BimExportError):

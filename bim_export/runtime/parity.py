@@ -12,8 +12,8 @@ within the distance that tolerance allows (so a scaled output cannot pass on dir
 embeddings' neighbour agreement meets its tolerance (and the max absolute error, if a tolerance for
 it is given); every miss is listed in ``failures``.
 
-numpy (+ onnxruntime to run a session) only: this file ships inside every bundle beside
-``validate.py``, with ``knn.py``, so that the device re-checks parity with the same rule.
+numpy (+ onnxruntime to run a session) only: this file ships in every bundle's ``runtime/`` folder,
+so that the device re-checks parity with the same rule.
 """
 
 from __future__ import annotations
@@ -23,10 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-try:  # the package's kNN; in a bundle on a device, its copy beside this file
-    from bim_export.knn import knn_predict
-except ImportError:  # pragma: no cover - exercised by the standalone bundle test
-    from knn import knn_predict
+from .knn import knn_predict
 
 DEFAULT_TOLERANCES = {"cosine": 0.995, "neighbour_agreement": 0.99}
 OUTPUT_KEYS = ("tokens", "embedding")
@@ -228,42 +225,6 @@ def merge_results(results: list[ParityResult] | dict[str, ParityResult], label: 
         per_output={r.label or str(i): r.per_output for i, r in enumerate(results)},
         label=label, note="; ".join(sorted({r.note for r in results if r.note})), runs=runs,
     )
-
-
-def session(path, providers=None, provider_options=None):
-    """An ONNX Runtime session on the first of ``providers`` available here (else the CPU), each
-    with its ``provider_options`` (``{ep: {key: value}}``, e.g. CoreML's ModelFormat) if any."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    options = provider_options or {}
-    chosen = [(p, dict(options[p])) if p in options else p for p in (providers or []) if p in available]
-    return ort.InferenceSession(str(path), providers=chosen or ["CPUExecutionProvider"])
-
-
-def fixed_batch(session) -> int | None:
-    """The batch a session's model is fixed to (its input's first axis), or None when it is dynamic."""
-    first = session.get_inputs()[0].shape[0]
-    return first if isinstance(first, int) and first > 0 else None
-
-
-def run_onnx(session, x: np.ndarray, batch: int) -> dict[str, np.ndarray]:
-    """Runs ``x`` through a session ``batch`` images at a time; outputs concatenated per name.
-
-    A model with a fixed batch runs at that batch whatever ``batch`` says, its last chunk filled up
-    with copies of the last image (their outputs dropped).
-    """
-    names = [o.name for o in session.get_outputs()]
-    feed = session.get_inputs()[0].name
-    batch = fixed_batch(session) or batch
-    chunks = []
-    for i in range(0, len(x), batch):
-        part = np.ascontiguousarray(x[i:i + batch], dtype=np.float32)
-        short = batch - len(part) if fixed_batch(session) else 0
-        if short:
-            part = np.concatenate([part, np.repeat(part[-1:], short, axis=0)])
-        chunks.append([o[:len(o) - short] for o in session.run(names, {feed: part})])
-    return {n: np.concatenate([c[j] for c in chunks]) for j, n in enumerate(names)}
 
 
 def emulation_note(precision: str | None, preset: str | None, provider: str, machine: str | None = None,

@@ -6,14 +6,14 @@ The rules (docs/design.md, "Outputs never destroy what is not ours"):
 - A destination may be replaced only when it is missing, an empty folder, or an output of the same
   kind that bim-export made earlier, recognised by its files (:class:`OutputKind`) and holding
   nothing else. Anything else, a place inside the files that ship with bim-export, or a folder that
-  cannot be written is an :class:`~bim_export.errors.InputError` raised by
+  cannot be written is an :class:`~bim_export.core.errors.InputError` raised by
   :func:`check_destination` before any work, and nothing is touched.
 - An output is built in a hidden sibling and renamed over the destination only when complete, so a
   failed or interrupted run leaves what was there before, never something that looks finished.
 - New folders and files follow the user's umask (``tempfile``'s 0700 / 0600 would hide a bundle
   from a colleague or a service account).
 
-Hidden siblings and work folders record their owner process in their name (:mod:`bim_export.stale`),
+Hidden siblings and work folders record their owner process in their name (:mod:`bim_export.core.stale`),
 so a later run removes those a killed run left, never a live run's, and never a name it did not make.
 """
 

@@ -1,0 +1,1 @@
+"""Infrastructure every part uses: errors, shipped resources, atomic outputs, tables."""

@@ -1,0 +1,1 @@
+"""The model contract both halves share: image folders, the encoder, checkpoints, backbones."""
