@@ -50,6 +50,17 @@ def test_help_is_fast_and_imports_nothing_heavy():
     assert done.stdout.strip() == ""
 
 
+def test_a_reader_that_leaves_early_is_no_error():
+    """`bim-export profiles show NAME | head -1`: the reader closed the pipe before the command wrote
+    (here: before it even started); the command ends quietly, exit 0, no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "bim_export.cli", "profiles", "show", "raspberry-pi-5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
+
+
 def test_unknown_target_exit_2_with_close_matches(tmp_path, capsys):
     assert main(["--target", "jetsn", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
