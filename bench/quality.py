@@ -31,17 +31,16 @@ import concurrent.futures as cf
 import json
 import os
 import platform
-import shutil
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from quality_report import markdown, summarize
+from quality_runs import activation_peak, run_job, scale_activations, step_times, write_sets
 from results_io import write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MEAN = STD = (0.5, 0.5, 0.5)
 
 # The small ViT of tests/train/test_quality.py: 28 px, patch 7 (16 tokens), width 64, 4 blocks.
 SMALL = dict(model="vit_tiny_patch16_224", exits=[2, 4], decoder=(1, 128, 4), mask_ratio=0.75,
@@ -55,8 +54,6 @@ VARIANTS = {
     "lastdec2": {"last_decoder_depth": 2},
     "overlap1_w": {"overlap": 1, "loss_weights": [0.5, 1.0]},
 }
-LABELS = {"bim": "BIM", "overlap1": "BIM overlap 1", "overlap2": "BIM overlap 2",
-          "lastdec2": "BIM, deepest decoder 2 blocks", "overlap1_w": "BIM overlap 1, loss weights 0.5 / 1"}
 CONFIGS = {
     # 1 x 64 decoders: the decoders, not the 4 small blocks, are most of a step's compute at 16 tokens
     "cpu": dict(SMALL, decoder=(1, 64, 4), device="cpu", steps=500, batch_size=128, lr=2e-3, warmup_steps=40,
@@ -76,169 +73,6 @@ def dry(cfg: dict) -> dict:
     """A configuration's jobs at tiny budgets on the CPU (checks a GPU configuration's machinery)."""
     return dict(cfg, device="cpu", steps=6, batch_size=16, warmup_steps=2, seeds=cfg["seeds"][:2], eval_limit=400,
                 workers=2, threads=1)
-
-
-# ------------------------------------------------------------------------------ data
-
-
-def write_sets(root: Path, names) -> dict[str, str]:
-    """The labelled sets as PNG class folders under ``root``: {name: folder}."""
-    import numpy as np
-    from PIL import Image
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    from make_assets import write_mnist_folder
-
-    out = {}
-    for name in names:
-        dest = root / name
-        if name == "mnist":
-            write_mnist_folder(dest)
-        elif name == "digits":
-            from sklearn.datasets import load_digits
-
-            d = load_digits()
-            for i, (img, label) in enumerate(zip(d.images, d.target)):
-                (dest / str(int(label))).mkdir(parents=True, exist_ok=True)
-                Image.fromarray((img * 255 / 16).astype(np.uint8)).save(dest / str(int(label)) / f"{i:05d}.png")
-        else:
-            raise ValueError(f"unknown set {name!r}")
-        out[name] = str(dest)
-    return out
-
-
-_DATA: dict = {}
-
-
-def _data(folder: str, img_size: int, limit: int | None):
-    """(x, y, reference indices, query indices) of a set folder, cached per process."""
-    key = (folder, img_size, limit)
-    if key not in _DATA:
-        from bim_export.model.images import load_image_array, scan_image_folder
-        from bim_export.train.splits import stratified_indices
-
-        x, y = load_image_array(scan_image_folder(folder, verify=False), img_size, MEAN, STD, limit=limit)
-        _DATA[key] = (x, y, *stratified_indices(y))
-    return _DATA[key]
-
-
-# ------------------------------------------------------------------------------ one run
-
-
-def model_settings(cfg: dict, mode: str, depth: int, variant: dict) -> dict:
-    """Flat model settings of a run: BIM at the configuration's exits, or MAE at ``depth``."""
-    d_depth, d_width, d_heads = cfg["decoder"]
-    exits = cfg["exits"] if mode == "bim" else [depth]
-    return dict(model=cfg["model"], model_args={**cfg["model_args"], "depth": depth}, exits=exits, mode=mode,
-                decoder_depth=d_depth, decoder_width=d_width, decoder_heads=d_heads,
-                mask_ratio=cfg["mask_ratio"], **variant)
-
-
-def run_job(job: dict) -> dict:
-    """Trains (unless ``untrained``) one model and scores its exits: kNN and linear-probe top-1."""
-    import numpy as np
-    import torch
-
-    from bim_export.model.architecture import BimConfig
-    from bim_export.runtime.knn import knn_top1
-    from bim_export.train.config import TrainConfig
-    from bim_export.train.evaluate import extract_features
-    from bim_export.train.model import BimModel
-    from bim_export.train.probe import linear_probe_top1
-    from bim_export.train.trainer import train
-
-    cfg = job["cfg"]
-    if cfg.get("threads"):
-        torch.set_num_threads(cfg["threads"])
-    x, y, tr, va = _data(job["folder"], cfg["model_args"]["img_size"], cfg.get("eval_limit"))
-    settings = model_settings(cfg, job["mode"], job["depth"], job["variant"])
-    out = {k: job[k] for k in ("set", "row", "seed", "steps")}
-    torch.manual_seed(job["seed"])  # the trainer seeds the same way: the untrained model is its start
-    if job["row"] == "untrained":
-        model, out["train_s"], out["step_ms"] = BimModel(BimConfig.from_settings(**settings)), 0.0, None
-    else:
-        run_dir = Path(tempfile.mkdtemp(prefix="bench-quality-"))
-        steps = job["steps"]
-        tc = TrainConfig(out=run_dir / "run", **settings, mean=MEAN, std=STD, steps=steps,
-                         batch_size=cfg["batch_size"], lr=cfg["lr"], seed=job["seed"],
-                         warmup_steps=max(1, round(cfg["warmup_steps"] * steps / cfg["steps"])),
-                         num_workers=0, progress=False, save_every=steps, log_every=1, save_train_state=False,
-                         device=cfg["device"])
-        if cfg["device"] == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        res = train(tc, dataset=torch.utils.data.TensorDataset(torch.from_numpy(x[tr])))
-        if cfg["device"] == "cuda":
-            out["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
-        log = [json.loads(line) for line in (run_dir / "run" / "log.jsonl").read_text().splitlines()]
-        t = [r["elapsed_s"] for r in log]
-        out["step_ms"] = 1000 * statistics.median(np.diff(t[len(t) // 10:])) if len(t) > 3 else None
-        out["train_s"] = res.seconds
-        model = res.model
-        shutil.rmtree(run_dir, ignore_errors=True)
-    ftr, fva = extract_features(model, x[tr], batch_size=500), extract_features(model, x[va], batch_size=500)
-    out["scores"] = {str(d): {"knn": knn_top1(ftr[d], y[tr], fva[d], y[va]),
-                              "probe": linear_probe_top1(ftr[d], y[tr], fva[d], y[va])} for d in ftr}
-    out["data"] = {"images": int(len(y)), "reference": int(len(tr)), "query": int(len(va))}
-    return out
-
-
-def activation_peak(cfg: dict, mode: str, depth: int, variant: dict) -> float:
-    """MiB autograd keeps for backward at its peak in one training step (saved tensors, one batch)."""
-    import torch
-
-    from bim_export.model.architecture import BimConfig
-    from bim_export.train.model import BimModel
-
-    torch.manual_seed(0)
-    model = BimModel(BimConfig.from_settings(**model_settings(cfg, mode, depth, variant)))
-    size = cfg["model_args"]["img_size"]
-    live = peak = 0
-
-    class Held:  # counts a saved tensor's bytes while autograd holds it
-        def __init__(self, t):
-            nonlocal live, peak
-            self.t, self.n = t, t.numel() * t.element_size()
-            live += self.n
-            peak = max(peak, live)
-
-        def __del__(self):
-            nonlocal live
-            live -= self.n
-
-    with torch.autograd.graph.saved_tensors_hooks(Held, lambda h: h.t):
-        model.forward_backward(torch.randn(cfg["batch_size"], 3, size, size), torch.rand(cfg["batch_size"],
-                                                                                         model.num_patches))
-    return peak / 2**20
-
-
-# ------------------------------------------------------------------------------ real photos
-
-
-def _loss_ends(log: list[dict]) -> tuple[dict, dict]:
-    """Mean loss per stage over the first and the last tenth of a run's logged steps."""
-    n = max(1, len(log) // 10)
-    mean = lambda part: {d: sum(r["loss"][d] for r in part) / len(part) for d in part[0]["loss"]}  # noqa: E731
-    return mean(log[:n]), mean(log[-n:])
-
-
-def real_image_losses(device: str, size: dict, exits: list[int], steps: int) -> dict:
-    """A short BIM training of the benchmark model on the built-in real photos (with MAE's
-    augmentation): every stage's loss over the first and the last tenth of the steps."""
-    from bim_export.train.config import TrainConfig
-    from bim_export.train.trainer import train
-
-    with tempfile.TemporaryDirectory(prefix="bench-real-") as tmp:
-        out = Path(tmp) / "run"
-        cfg = TrainConfig(out=out, model=size["arch"], model_args=size["model_args"], exits=exits, steps=steps,
-                          batch_size=size["batch"], base_lr=1.5e-4, warmup_steps=max(1, steps // 10),
-                          precision="bf16" if size["amp"] == "bf16" else "fp32", device=device,
-                          num_workers=min(8, os.cpu_count() or 1), progress=False, save_every=steps,
-                          log_every=1, save_train_state=False)
-        res = train(cfg)
-        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    first, last = _loss_ends(log)
-    return {"steps": steps, "images": "built-in sample photos (real crops)", "first": first, "last": last,
-            "seconds": res.seconds}
 
 
 # ------------------------------------------------------------------------------ the bench
@@ -321,195 +155,12 @@ def bench(cfg: dict, folders: dict[str, str], log: Path | None = None, done: lis
             "variants": {v: variants[v] for v in memory if v in variants}}
 
 
-def step_times(cfg: dict, rows: dict[str, tuple[str, int, dict]], steps: int = 10, repeats: int = 3) -> dict:
-    """ms per training step (forward, every backward, AdamW) of each row's model in this process,
-    the rows interleaved and the lowest of ``repeats`` means kept: on a shared machine the training
-    runs' own step times move with the load, these compare the settings under the same load."""
-    import time as _time
-
-    import torch
-
-    from bim_export.model.architecture import BimConfig
-    from bim_export.train.model import BimModel
-
-    if cfg.get("threads"):
-        torch.set_num_threads(cfg["threads"])
-    device = cfg["device"]
-    models = {}
-    for name, (mode, depth, variant) in rows.items():
-        torch.manual_seed(0)
-        m = BimModel(BimConfig.from_settings(**model_settings(cfg, mode, depth, variant))).to(device)
-        models[name] = (m, torch.optim.AdamW(m.parameters(), lr=1e-4))
-    size, batch = cfg["model_args"]["img_size"], cfg["batch_size"]
-    x = torch.randn(batch, 3, size, size, device=device)
-    best = dict.fromkeys(models, float("inf"))
-
-    def step(m, opt):
-        m.forward_backward(x, torch.rand(batch, m.num_patches))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    for _ in range(repeats):
-        for name, (m, opt) in models.items():
-            step(m, opt)  # warm-up
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = _time.perf_counter()
-            for _ in range(steps):
-                step(m, opt)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            best[name] = min(best[name], 1000 * (_time.perf_counter() - t0) / steps)
-    return best
-
-
 def timed_rows(cfg: dict) -> dict[str, tuple[str, int, dict]]:
     variants = {**VARIANTS, **cfg.get("variants", {})}
     rows = {v: ("bim", cfg["model_args"]["depth"], variants[v])
             for v in dict.fromkeys(v for names in cfg["sets"].values() for v in names)}
     rows.update({f"mae{d}": ("e2e", d, {}) for d in cfg["exits"]})
     return rows
-
-
-SCALE = dict(model="vit_base_patch16_224", model_args={"img_size": 224}, exits=[3, 6, 9, 12], decoder=(1, 128, 4),
-             mask_ratio=0.75, batch_size=4)
-
-
-def scale_activations() -> dict:
-    """Peak saved activations of ViT-B/16 (224 px, exits 3/6/9/12, batch 4) per overlap, against
-    end-to-end MAE with the light decoder and with MAE's 8 x 512 decoder: what overlap costs where
-    activations, not weights, fill the memory."""
-    out = {f"bim_overlap{o}": activation_peak(SCALE, "bim", 12, {"overlap": o}) for o in (0, 1, 2, 3)}
-    out["mae_1x128"] = activation_peak(SCALE, "e2e", 12, {})
-    out["mae_8x512"] = activation_peak(dict(SCALE, decoder=(8, 512, 16)), "e2e", 12, {})
-    return out
-
-
-# ------------------------------------------------------------------------------ summary
-
-
-def _stats(values: list[float]) -> dict:
-    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
-
-
-def summarize(result: dict, cfg: dict) -> dict:
-    """Mean and std over seeds per set, row, exit and score; gaps to MAE; the goal checks per variant."""
-    out: dict = {}
-    for name in cfg["sets"]:
-        runs = [r for r in result["runs"] if r["set"] == name]
-        rows: dict = {}
-        for r in runs:
-            for d, s in r["scores"].items():
-                cell = rows.setdefault(r["row"], {}).setdefault(d, {"knn": [], "probe": []})
-                cell["knn"].append(s["knn"])
-                cell["probe"].append(s["probe"])
-        table = {row: {d: {k: _stats(v) for k, v in cells.items()} for d, cells in exits.items()}
-                 for row, exits in rows.items()}
-        for row in list(table):  # MAE runs are one exit each: gather them by depth
-            if row.startswith("mae"):
-                d = row[3:].split("_")[0]
-                table.setdefault("mae_time" if row.endswith("_time") else "mae", {})[d] = table.pop(row)[d]
-        timing = {}
-        for row in rows:
-            ms = [r["step_ms"] for r in runs if r["row"] == row and r["step_ms"] is not None]
-            secs = [r["train_s"] for r in runs if r["row"] == row]
-            if ms:
-                timing[row] = {"step_ms": statistics.median(ms), "train_s": statistics.mean(secs)}
-        goals = {}
-        for v in (row for row in cfg["sets"][name]):
-            gaps = {d: {k: 100 * (table[v][d][k]["mean"] - table["mae"][d][k]["mean"]) for k in ("knn", "probe")}
-                    for d in table[v]}
-            deepest = str(cfg["exits"][-1])
-            goals[v] = {"gap_points": gaps,
-                        "worst_knn_gap": min(g["knn"] for g in gaps.values()),
-                        "within_1_point_knn": all(g["knn"] >= -1.0 for g in gaps.values()),
-                        "within_1_point_probe": all(g["probe"] >= -1.0 for g in gaps.values()),
-                        "deepest_best_knn": all(table[v][deepest]["knn"]["mean"] >= table[v][d]["knn"]["mean"]
-                                                for d in table[v]),
-                        "deepest_best_probe": all(table[v][deepest]["probe"]["mean"] >= table[v][d]["probe"]["mean"]
-                                                  for d in table[v])}
-        out[name] = {"table": table, "timing": timing, "goals": goals, "data": runs[0]["data"]}
-    return out
-
-
-_SEEDS = [0]  # seeds of the configuration being written (a figure over fewer says how many)
-
-
-def _pm(s: dict) -> str:
-    fewer = f" (n={s['n']})" if s["n"] < len(_SEEDS) else ""
-    return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}{fewer}"
-
-
-def markdown(report: dict) -> str:
-    cfg, summ, m = report["config"], report["summary"], report["machine"]
-    _SEEDS[:] = cfg["seeds"]
-    mem = report["result"]["activation_mib"]
-    lines = [f"# Quality bench ({report['name']}): BIM's exits vs end-to-end MAE of the same depth", "",
-             f"Machine: {m['cpu']} ({', '.join(m['cpu_flags']) or 'no listed flags'}), {m['logical_cores']} "
-             f"logical cores, {cfg['workers']} runs at a time x {cfg.get('threads') or 'default'} torch thread(s), "
-             f"device {m['device']}, torch {m['torch']}; load average before {m['load_before']}, after "
-             f"{report['load_after']}; {m['date']}; {report['wall_s'] / 60:.1f} min.", "",
-             *([report["note"], ""] if report.get("note") else []),
-             f"Model: timm {cfg['model']} with {cfg['model_args']}, exits {cfg['exits']}, decoder "
-             f"{'x'.join(map(str, cfg['decoder'][:2]))} ({cfg['decoder'][2]} heads), mask {cfg['mask_ratio']}; "
-             f"{cfg['steps']} steps x {cfg['batch_size']} images, lr {cfg['lr']} ({cfg['warmup_steps']} warm-up "
-             f"steps, cosine), AdamW; seeds {cfg['seeds']}. MAE: mode e2e at each exit's depth, same decoder and "
-             f"schedule. Figures: top-1 in %, mean ± standard deviation over the seeds.", ""]
-    for name, s in summ.items():
-        t, g, tm = s["table"], s["goals"], s["timing"]
-        exits = sorted(t["untrained"], key=int)
-        variants = list(g)
-        steps_t = ", ".join(f"depth {d}: {report['result']['equal_time_steps'][f'{name}/{d}']}" for d in exits)
-        timed = ("MAE at equal wall-clock time: " + steps_t + " steps, from the first seed's median step times."
-                 if "mae_time" in t else "MAE at equal wall-clock time: not run on this set (the time of the bench).")
-        lines += [f"## {name} ({s['data']['images']} images: {s['data']['reference']} reference, "
-                  f"{s['data']['query']} query)", "", timed, ""]
-        for score, title in (("knn", "kNN top-1 (k = 20)"), ("probe", "linear-probe top-1")):
-            head = ["exit", "untrained", "MAE, equal steps", "MAE, equal time"] + [LABELS.get(v, v) for v in variants]
-            lines += [f"{title}:", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-            for d in exits:
-                timed = t.get("mae_time", {}).get(d)
-                cells = [d, _pm(t["untrained"][d][score]), _pm(t["mae"][d][score]), _pm(timed[score]) if timed else "-"]
-                for v in variants:
-                    gap = 100 * (t[v][d][score]["mean"] - t["mae"][d][score]["mean"])
-                    cells.append(f"{_pm(t[v][d][score])} ({gap:+.1f})")
-                lines.append("| " + " | ".join(map(str, cells)) + " |")
-            lines += ["", "(BIM columns: in brackets, points against MAE at equal steps.)", ""]
-        lines += ["Settings against the goals (each exit within 1 point of MAE at equal steps, kNN; the deepest "
-                  "exit the best of its run):", "",
-                  "| setting | worst exit vs MAE (kNN points) | within 1 point | deepest best (kNN / probe) | "
-                  "peak saved activations MiB | step ms (interleaved) | step ms in its runs | train s |",
-                  "|---|---|---|---|---|---|---|---|"]
-        sm = report.get("step_ms", {})
-        fmt = lambda v: f"{v:.0f}" if v is not None else "-"  # noqa: E731
-        for v in variants:
-            gv = g[v]
-            lines.append(f"| {LABELS.get(v, v)} | {gv['worst_knn_gap']:+.1f} | "
-                         f"{'yes' if gv['within_1_point_knn'] else 'no'} | "
-                         f"{'yes' if gv['deepest_best_knn'] else 'no'} / {'yes' if gv['deepest_best_probe'] else 'no'} "
-                         f"| {mem[v]:.1f} | {fmt(sm.get(v))} | {tm[v]['step_ms']:.0f} | {tm[v]['train_s']:.0f} |")
-        for d in exits:
-            if f"mae{d}" in tm:
-                lines.append(f"| MAE depth {d} (equal steps) | | | | {mem[f'mae{d}']:.1f} | {fmt(sm.get(f'mae{d}'))} | "
-                             f"{tm[f'mae{d}']['step_ms']:.0f} | {tm[f'mae{d}']['train_s']:.0f} |")
-        lines.append("")
-    sa = report.get("scale_activations")
-    if sa:
-        std = sa["mae_8x512"]
-        lines += [f"At scale (ViT-B/16, 224 px, exits 3/6/9/12, 1 x 128 decoders, batch {SCALE['batch_size']}), peak "
-                  "saved activations per step, MiB (x standard MAE with its 8 x 512 decoder):", "",
-                  "| overlap 0 | overlap 1 | overlap 2 | overlap 3 (whole stage) | MAE, 1 x 128 decoder | MAE, 8 x 512 |",
-                  "|---|---|---|---|---|---|",
-                  "| " + " | ".join(f"{sa[k]:.0f} ({sa[k] / std:.2f}x)" for k in (
-                      "bim_overlap0", "bim_overlap1", "bim_overlap2", "bim_overlap3", "mae_1x128", "mae_8x512")) + " |",
-                  ""]
-    lines += ["Step ms (interleaved): every setting's model timed in one process, in turns, lowest of 3 means of "
-              "10 steps (forward, backward, AdamW). Step ms in its runs: the median logged step of the training "
-              "runs, with another run and other work sharing the machine. Peak saved "
-              f"activations are what autograd keeps for backward in one step at batch {cfg['batch_size']} (weights, "
-              "gradients and optimizer state not included).", ""]
-    return "\n".join(lines)
 
 
 def machine(cfg: dict) -> dict:

@@ -63,7 +63,8 @@ deploy/     per-device export
     latency             costmodel -> stats -> measure (+ worker) -> roofline -> calibration -> predict
     placement           a phone candidate's device (its accelerator or the CPU cores) and latency there
     selector            the choice of depth x precision (pure Python)
-    candidates          every depth x precision built once, parity-checked, timed
+    workshop            a run's shared artefacts: check images, graphs built once, reference outputs
+    candidates          every depth x precision for a profile: pruned, parity-checked, timed
     ortformat           model.ort and required_operators.config for apps, checked against model.onnx
     pareto              pareto.png: latency (with its stated error) vs quality of every candidate
     report              report.md: the choice and why
