@@ -281,7 +281,7 @@ def _compact(block: dict) -> dict:
 
 def measure(args) -> dict:
     from bim_export.deploy.candidates import MEASURE
-    from bim_export.deploy.latency.measure import _run_worker
+    from bim_export.deploy.latency.measure import PROCESSES, time_sessions
     from bim_export.deploy.latency.stats import QUIET
     from bim_export.runtime.machine import machine_description
 
@@ -297,9 +297,9 @@ def measure(args) -> dict:
             try:
                 time.sleep(1.0 if spin else 0.0)
                 # the request measure_many sends, kept whole here so both rules see the same samples
-                answer = _run_worker({"task": "sessions", "jobs": [{"path": str(f), "batch": 1} for _, _, f in cands],
+                answer = time_sessions({"task": "sessions", "jobs": [{"path": str(f), "batch": 1} for _, _, f in cands],
                                       "providers": None, "threads": args.threads, "quiet": QUIET, "clock": "wall",
-                                      **settings}, timeout=1800)
+                                      **settings}, PROCESSES, timeout=1800)
             finally:
                 for proc in spinners:
                     proc.kill()
@@ -312,7 +312,7 @@ def measure(args) -> dict:
         import onnxruntime
 
         result = {"machine": {**machine_description(), "onnxruntime": onnxruntime.__version__},
-                  "cpu_flags": cpu_flags(), "threads": args.threads, "settings": settings, "reps": args.reps,
+                  "cpu_flags": cpu_flags(), "threads": args.threads, "settings": {**settings, "processes": PROCESSES}, "reps": args.reps,
                   "load_average_per_rep": loads, "spinners_per_rep": spun, "seconds": time.perf_counter() - t0,
                   "candidates": [{"depth": d, "precision": p, "size_mb": f.stat().st_size / 1e6} for d, p, f in cands],
                   "raw": raw}

@@ -19,7 +19,7 @@ from bim_export.deploy.latency import predict as latency
 from bim_export.deploy.latency.calibration import calibrate, describe_calibration, load_calibration
 from bim_export.deploy.latency.costmodel import graph_cost, predict_memory
 from bim_export.deploy.latency.roofline import CostFactors, Hardware, fit_factors, roofline_features, roofline_seconds
-from bim_export.deploy.latency.stats import FLOOR_MARGIN, MIN_ERROR, QUIET, causes
+from bim_export.deploy.latency.stats import FLOOR_MARGIN, MIN_ERROR, QUIET, causes, stated_error
 from bim_export.deploy.latency.worker import PeakMemory
 from bim_export.deploy.profiles import load_profile, profiles_dir
 from bim_export.runtime.machine import machine_description
@@ -211,7 +211,9 @@ def test_measure_onnx_returns_sane_stats(vits):
     medians, used = r.settings["round_medians_ms"], r.settings["rounds_used"]
     assert 2 <= len(medians) <= r.settings["max_rounds"] == 4 and 2 <= len(used) <= len(medians)  # every quiet round
     assert r.p50 == pytest.approx(statistics.median(medians[i] for i in used))  # not the lowest: unbiased
-    assert set(r.errors) == {"p50", "p90", "p99", "mean"} and min(r.errors.values()) >= MIN_ERROR
+    assert r.settings["processes"] == measure.PROCESSES  # rounds from several workers, each its own level shift
+    floor = stated_error(0.0, r.settings["processes"])
+    assert set(r.errors) == {"p50", "p90", "p99", "mean"} and min(r.errors.values()) >= floor
     assert r.expected_error == max(r.errors["p50"], r.errors["p90"]) and r.error("p90") == r.errors["p90"]
     assert r.note == ("busy machine" if r.disturbed else "")
     assert r.peak_memory_mb is None or r.peak_memory_mb > 0  # a real peak or none, never 0.0

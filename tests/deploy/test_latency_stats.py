@@ -10,7 +10,8 @@ import pytest
 
 from bim_export.deploy.latency.stats import (FLOOR_MARGIN, LEVEL_SHIFT, MIN_ERROR, QUIET, Z, causes,
                                              depth_inversions, describe_disturbance, disturbing_causes,
-                                             intervals_overlap, percentile, round_stats, standard_error, summarize)
+                                             intervals_overlap, percentile, round_stats, standard_error, stated_error,
+                                             summarize)
 
 
 def _block(ms, score=0.0, wait=0.0, others=0.0):
@@ -126,7 +127,7 @@ def test_a_tail_whose_rounds_disagree_states_a_wide_error():
     for r, stall in zip(body, (6.0, 9.0, 5.2, 12.0, 7.0)):  # each round's slowest run: the p99's
         r[-1] = stall
     s = summarize([_block(ms) for ms in body], rounds=5)
-    assert s.errors["p50"] < 0.1 < 0.3 < s.errors["p99"]
+    assert s.errors["p50"] < 1.1 * MIN_ERROR < 0.3 < s.errors["p99"]  # the body at the floor, the tail wide
 
 
 def test_one_round_uses_its_samples_as_the_units():
@@ -177,3 +178,20 @@ def test_every_quiet_round_counts_once_there_are_enough():
     assert s.used == list(range(7)) and not s.disturbed  # the busy block is left out, every quiet one counts
     assert s.values["p50"] == pytest.approx(5.0)
     assert s.errors["p50"] < summarize(blocks[:5], rounds=5).errors["p50"]  # more rounds, a tighter error
+
+
+def test_a_level_shift_between_processes_widens_the_error():
+    """The same round values read as one process, or as two processes of which one ran 30 % slower
+    throughout: only the second shows the shift, and its error covers it."""
+    fast, slow = [5.0, 5.1, 4.9], [6.5, 6.6, 6.4]
+    one = summarize([_block([v] * 5) for v in fast + slow], rounds=6)
+    two = summarize([{**_block([v] * 5), "process": k} for k, vs in enumerate((fast, slow)) for v in vs], rounds=6)
+    assert two.errors["p50"] > one.errors["p50"]
+    assert two.errors["p50"] * two.values["p50"] >= (6.5 - 5.0) / 2  # each process's figure within the error
+
+
+def test_the_unseen_level_shift_shrinks_with_the_processes_pooled():
+    assert stated_error(0.0, 1) == pytest.approx(MIN_ERROR)
+    assert stated_error(0.0, 2) == pytest.approx(MIN_ERROR / 2 ** 0.5)
+    two = summarize([{**_block([5.0] * 5), "process": k} for k in (0, 1) for _ in range(3)], rounds=6)
+    assert two.errors["p50"] == pytest.approx(stated_error(0.0, 2))  # processes that agree: the floor

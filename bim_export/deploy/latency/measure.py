@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ...core.errors import InputError
 from ...runtime.machine import machine_description
-from .stats import MIN_ERROR, QUIET, Z, percentile, summarize
+from .stats import QUIET, Z, percentile, stated_error, summarize
 
 
 @dataclass
@@ -107,14 +107,43 @@ def _run_worker(request: dict, timeout: float) -> dict:
     return json.loads(proc.stdout)
 
 
+# Worker processes one measurement pools, one after another, each with its share of the rounds:
+# every process has a level shift of its own (memory layout, thread placement, a shared host's slow
+# spells) that its rounds cannot show, and between processes it shows (stats.round_errors). On a
+# quiet 2-core VM (bench/results/latency_repeat*.md) one process stated p50 errors of ±14-19 % that
+# held for 78-98 % of pairs; two, ±26 % (a bootstrap over two processes is coarse); three, ±16 %
+# that held for 100 %, for about 20 % more time.
+PROCESSES = 3
+
+
+def time_sessions(request: dict, processes: int = PROCESSES, timeout: float = 1800) -> dict:
+    """Runs a worker's ``sessions`` request in ``processes`` workers one after another, the rounds
+    (and extra rounds) shared out between them; one answer, each model's rounds tagged ``process``.
+    """
+    processes = max(1, int(processes))
+    rounds = -(-int(request["rounds"]) // processes)  # at least the rounds asked for, in all
+    share = {"rounds": rounds, "max_rounds": max(rounds, int(request.get("max_rounds") or 0) // processes)}
+    answers = [_run_worker({**request, **share}, timeout) for _ in range(processes)]
+    results = []
+    for per_job in zip(*(a["results"] for a in answers)):
+        floors = [r["floor_ms"] for r in per_job if r.get("floor_ms") is not None]
+        peaks = [r["peak_memory_mb"] for r in per_job if r.get("peak_memory_mb") is not None]
+        results.append({**per_job[0], "rounds": [{**b, "process": k} for k, r in enumerate(per_job) for b in r["rounds"]],
+                        "floor_ms": min(floors) if floors else None, "peak_memory_mb": max(peaks) if peaks else None})
+    return {**answers[0], "results": results, "processes": processes,
+            "load_average": [answers[0]["load_average"][0], answers[-1]["load_average"][1]]}
+
+
 def _default_threads(threads: int | None) -> int:
     return int(threads) if threads else (os.cpu_count() or 1)
 
 
 def measure_many(jobs: list[tuple[str | os.PathLike, int]], providers: list[str] | None = None,
                  threads: int | None = None, warmup: int = 5, repeats: int = 20, rounds: int = 5,
-                 timeout: float = 1800, clock: str = "wall", max_rounds: int | None = None) -> list[LatencyResult]:
-    """Times several (model, batch) pairs in one worker, interleaved round by round.
+                 timeout: float = 1800, clock: str = "wall", max_rounds: int | None = None,
+                 processes: int = PROCESSES) -> list[LatencyResult]:
+    """Times several (model, batch) pairs in ``processes`` workers, one after another, interleaved
+    round by round in each (the rounds shared out between the workers).
 
     Interleaving spreads slow spells of a shared machine over every model instead of one. A model
     whose block of a round was disturbed (its threads waited for a core, or other processes used
@@ -141,13 +170,14 @@ def measure_many(jobs: list[tuple[str | os.PathLike, int]], providers: list[str]
     req = {"task": "sessions", "jobs": [{"path": os.fspath(p), "batch": int(b)} for p, b in jobs],
            "providers": providers, "threads": threads, "warmup": warmup, "repeats": repeats, "rounds": rounds,
            "max_rounds": max_rounds, "quiet": QUIET, "clock": clock}
-    answer = _run_worker(req, timeout)
+    answer = time_sessions(req, processes, timeout)
     machine = {**machine_description(), "onnxruntime": answer["onnxruntime"]}
     settings = {"threads": threads, "warmup": warmup, "repeats": repeats, "rounds": rounds, "max_rounds": max_rounds,
-                "clock": clock, "interleaved_with": len(jobs),
+                "processes": answer["processes"], "clock": clock, "interleaved_with": len(jobs),
                 "statistic": "each of p50/p90/p99/mean is the median over the quietest rounds of that round's value "
                              f"(a round's p99 of {repeats} runs is little more than its slowest run)",
-                "error": f"{Z:g} standard errors: a bootstrap over the rounds and the level shift between processes"}
+                "error": f"{Z:g} standard errors: a bootstrap over the processes and their rounds, and the level "
+                         "shift no process can see"}
     out = []
     for (path, batch), r in zip(jobs, answer["results"]):
         blocks = r["rounds"]
@@ -169,8 +199,9 @@ def measure_many(jobs: list[tuple[str | os.PathLike, int]], providers: list[str]
                                  note="busy machine" if s.disturbed else "",
                                  error_basis=("measured on a busy machine: the error reaches down to the quiet "
                                               "floor" if s.disturbed else f"measured: {Z:g} standard errors of "
-                                              f"{len(s.used)} quiet rounds (bootstrap) and of the level shift "
-                                              f"between processes (at least {MIN_ERROR:.0%})")))
+                                              f"{len(s.used)} quiet rounds in {answer['processes']} processes "
+                                              f"(bootstrap) and of the level shift no process can see "
+                                              f"(at least {stated_error(0.0, answer['processes']):.0%})")))
     return out
 
 
