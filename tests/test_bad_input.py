@@ -23,7 +23,7 @@ from bim_export.cli import main
 from bim_export.core.resources import resource_dir, sample_images_dir
 
 # ===================================================================================== outputs
-# "Outputs never destroy what is not ours" (DESIGN.md): an --out (or --metrics-out, or a bundle's
+# "Outputs never destroy what is not ours" (docs/design.md): an --out (or --metrics-out, or a bundle's
 # OUT/<profile>) that holds anything but an earlier output of the same kind, lies inside the shipped
 # files, or cannot be written is exit 2 with one `error:` line naming it, before any work, and
 # nothing there changes.
