@@ -139,7 +139,7 @@ def test_verbose_shows_bim_exports_log_not_the_libraries(tmp_path, tiny_checkpoi
     assert main(["-v", *args]) == 3
     err = capsys.readouterr().err.splitlines()
     records = [line for line in err if not _progress_lines(line) and not line.startswith("error: ")]
-    assert any(line.startswith("INFO bim_export.deploy.candidates: exporting exits [2, 4]") for line in records)
+    assert any(line.startswith("INFO bim_export.deploy.workshop: exporting exits [2, 4]") for line in records)
     assert records and all(line.split(" ")[1].startswith("bim_export.") for line in records)
     assert main(args) == 3  # without -v: progress and the error line only
     err = capsys.readouterr().err.splitlines()
