@@ -145,7 +145,7 @@ def round_errors(samples: list[list[float]], names: tuple[str, ...] = STATS,
                 for name in names}
     per_round = [round_stats(ms) for ms in samples]
     tags = sorted(set(processes or []))
-    if len(tags) > 1 and all(sum(t == p for p in processes) >= 1 for t in tags):
+    if len(tags) > 1:
         return {name: stated_error(nested_standard_error([[r[name] for r, p in zip(per_round, processes) if p == t]
                                                           for t in tags]), len(tags)) for name in names}
     return {name: stated_error(standard_error([r[name] for r in per_round], statistics.median)) for name in names}
