@@ -28,6 +28,7 @@ model/      the model contract both halves share: images in, the encoder, checkp
     images              image folders, the sample images, the images checks of an export run on
     architecture        BimConfig, the timm encoder, the exit API (exit_tokens)
     checkpoint          checkpoint directories: save, load, metrics (and what scored them)
+    classifier          fine-tuned checkpoints: heads on the exits, labels, joint or per-exit weights
     backbone            a depth's plain timm ViT out of a checkpoint
 train/      BIM pretraining
             uses: model, core, runtime

@@ -135,3 +135,25 @@ def test_printed_load_lines_run(tiny_checkpoint, tmp_path):
         model = eval(call, {"timm": timm}).eval()  # noqa: S307 - the line the command prints
         with torch.no_grad():
             assert torch.allclose(model.forward_features(x), ref.forward_features(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["joint", "per_exit"])
+def test_finetuned_backbone_is_a_timm_classifier_with_its_exits_head(mode, tmp_path):
+    """A fine-tuned checkpoint's backbone carries that exit's head: forward gives the logits, which
+    are the head applied to the embedding; every layout gives the same encoder as its source."""
+    from finetuned import make_finetuned
+
+    from bim_export.core.resources import default_checkpoint_dir
+    from bim_export.model import classifier
+
+    ckpt = load_checkpoint(make_finetuned(tmp_path / "ft", mode))
+    assert classifier.labels(ckpt.config) == ["cat", "dog", "fish"] and classifier.mode(ckpt.config) == mode
+    size = ckpt.config["model_args"]["img_size"]
+    x = torch.randn(2, 3, size, size)
+    for depth in ckpt.exits:
+        clf, plain = build_backbone(ckpt, depth), build_backbone(default_checkpoint_dir(), depth)
+        assert clf.num_classes == 3 and plain.num_classes == 0
+        with torch.no_grad():
+            emb = clf.forward_head(clf.forward_features(x), pre_logits=True)
+            torch.testing.assert_close(emb, plain.forward_head(plain.forward_features(x), pre_logits=True))
+            torch.testing.assert_close(clf(x), clf.head(emb))

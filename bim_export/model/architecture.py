@@ -205,8 +205,9 @@ def encoder_args(model_args: dict) -> dict:
     return {"fc_norm": False, **model_args}
 
 
-def create_vit(arch: str, model_args: dict | None = None, **overrides):
-    """A headless timm VisionTransformer ``arch`` with ``model_args`` (+ ``overrides``), no weights.
+def create_vit(arch: str, model_args: dict | None = None, num_classes: int = 0, **overrides):
+    """A timm VisionTransformer ``arch`` with ``model_args`` (+ ``overrides``), no weights; headless
+    unless ``num_classes`` (a fine-tuned checkpoint's linear head).
 
     Raises:
         InputError: unknown name (close names suggested), not a plain VisionTransformer, bad
@@ -221,7 +222,7 @@ def create_vit(arch: str, model_args: dict | None = None, **overrides):
         raise InputError(f"model '{arch}' (from {module}) is not a plain timm VisionTransformer "
                          f"(pick a vit_* model, e.g. vit_tiny_patch16_224)", field="model")
     try:
-        vit = timm.create_model(arch, pretrained=False, num_classes=0, **encoder_args(model_args or {}), **overrides)
+        vit = timm.create_model(arch, pretrained=False, num_classes=num_classes, **encoder_args(model_args or {}), **overrides)
     except (TypeError, ValueError, AssertionError, RuntimeError) as e:
         raise InputError(f"model '{arch}' with model_args {model_args}: {e}", field="model_args") from e
     if not isinstance(vit, VisionTransformer) or type(vit.patch_embed).__name__ != "PatchEmbed":

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from ..core.atomic import OutputKind, atomic_dir, check_destination
 from ..core.errors import InputError
-from .architecture import backbone_state_dict, create_vit, encoder_args
+from . import classifier
+from .architecture import create_vit, encoder_args
 from .checkpoint import CONFIG as CHECKPOINT_CONFIG
 from .checkpoint import WEIGHTS as CHECKPOINT_WEIGHTS
 from .checkpoint import Checkpoint, load_checkpoint
@@ -46,7 +47,9 @@ def _check_depth(ckpt: Checkpoint, depth: int) -> None:
 def build_backbone(ckpt_or_path: Checkpoint | str | os.PathLike, depth: int):
     """The depth-``depth`` backbone of a checkpoint: a timm VisionTransformer, eval mode, float32.
 
-    Built from the checkpoint's encoder weights and that exit's norm alone (no decoders).
+    Built from the checkpoint's encoder weights and that exit's norm alone (no decoders); a
+    fine-tuned checkpoint's backbone also has that exit's head (``num_classes`` = its labels), so
+    ``forward`` gives the logits.
     ``forward_features(x)`` gives the exit's normed tokens [B, N, D]; ``forward_head(t, pre_logits=True)``
     the pooled embedding [B, D] (the checkpoint's ``global_pool``).
 
@@ -58,11 +61,12 @@ def build_backbone(ckpt_or_path: Checkpoint | str | os.PathLike, depth: int):
     _check_depth(ckpt, depth)
     config = ckpt.bim_config
     try:
-        model = create_vit(config.arch, {**config.model_args, "depth": depth})
+        model = create_vit(config.arch, {**config.model_args, "depth": depth},
+                           num_classes=classifier.num_classes(ckpt.config))
     except InputError as e:  # model_args that no model can be built from
         raise InputError(f"{ckpt.path / CHECKPOINT_CONFIG}: {e}") from None
     try:
-        model.load_state_dict(backbone_state_dict(ckpt.state_dict, config, depth), strict=True)
+        model.load_state_dict(classifier.timm_state_dict(ckpt.state_dict, ckpt.config, config, depth), strict=True)
     except RuntimeError as e:  # missing, unexpected or mis-shaped weights
         raise InputError(f"{ckpt.path / CHECKPOINT_WEIGHTS}: weights do not match config.json "
                          f"({str(e).splitlines()[-1].strip()[:200]})") from None
@@ -90,15 +94,16 @@ def save_backbone(ckpt_or_path: Checkpoint | str | os.PathLike, depth: int, out:
     size = list(model.patch_embed.img_size)
     timm_config = {
         "architecture": cfg["arch"],
-        "num_classes": 0,
+        "num_classes": model.num_classes,
         "num_features": model.num_features,
         "global_pool": model.global_pool,
         "model_args": model_args,
         "pretrained_cfg": {
             "input_size": [3, *size], "fixed_input_size": True, "interpolation": "bicubic",
             "crop_pct": 1.0, "crop_mode": "center", "mean": list(cfg["mean"]), "std": list(cfg["std"]),
-            "num_classes": 0, "first_conv": "patch_embed.proj", "classifier": "head",
+            "num_classes": model.num_classes, "first_conv": "patch_embed.proj", "classifier": "head",
         },
+        **({"label_names": classifier.labels(cfg)} if classifier.labels(cfg) else {}),
         "bim_export": {"source_checkpoint": str(Path(ckpt.path).resolve().name), "depth": depth,
                        "exits": ckpt.exits, "step": cfg.get("step"),
                        "metrics": ckpt.metrics.get("exits", {}).get(str(depth), {})},
@@ -110,6 +115,6 @@ def save_backbone(ckpt_or_path: Checkpoint | str | os.PathLike, depth: int, out:
     args = ", ".join(f"{k}={v!r}" for k, v in model_args.items())
     n_params = sum(p.numel() for p in model.parameters())
     return (f"{out}: depth-{depth} backbone of {cfg['arch']} ({n_params / 1e6:.2f} M parameters)\n"
-            f"load: timm.create_model({cfg['arch']!r}, pretrained=True, num_classes=0, "
+            f"load: timm.create_model({cfg['arch']!r}, pretrained=True, num_classes={model.num_classes}, "
             f"pretrained_cfg_overlay=dict(file={str(out / WEIGHTS)!r}), {args})\n"
             f"  or: timm.create_model({'local-dir:' + str(out)!r}, pretrained=True)")
