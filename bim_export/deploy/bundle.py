@@ -41,6 +41,8 @@ import numpy as np
 from .. import __version__
 from ..core.atomic import OutputKind, atomic_dir
 from ..core.resources import resource_dir
+from ..model import classifier
+from ..model.checkpoint import quality_dataset, quality_metric
 from ..runtime.machine import sha256_file
 from ..runtime.parity import ParityResult
 from .candidates import ONNX_PROVIDER, Trial, source_label
@@ -49,6 +51,7 @@ from .ortformat import OPS_CONFIG, ORT_MODEL, make_ort
 from .pareto import PlotPoint, plot_pareto
 from .registry import Registry
 from .report import render_report
+from .selector import quality_label
 
 FORMAT_VERSION = 1
 MODEL, MANIFEST, REFERENCE, REPORT, PARETO = "model.onnx", "manifest.json", "reference.npz", "report.md", "pareto.png"
@@ -245,7 +248,8 @@ def _write_pareto(draft: BundleDraft) -> None:
     stat = profile.budgets.latency_stat
     plot_pareto(draft.spec.points, budget if budget is not None else float("nan"), draft.dir / PARETO,
                 title=f"{profile.name}: latency ({stat}) vs quality", stat=stat,
-                quality_source=draft.spec.selection.quality_source)
+                quality_source=draft.spec.selection.quality_source,
+                quality_metric=draft.spec.selection.quality_metric)
 
 
 @register_writer("report", (REPORT,))
@@ -327,8 +331,8 @@ def build_manifest(spec: BundleSpec, model: Path) -> dict[str, Any]:
                     "budget_ms": profile.budgets.latency_ms},
         "conversion": spec.conversion,
         "memory_mb": choice.memory_mb, "size_mb": choice.size_mb,
-        "quality": {"metric": "knn_top1", "value": choice.quality,
-                    "dataset": spec.metrics.get("exits", {}).get(str(choice.depth), {}).get("knn_dataset")},
+        "quality": _quality(spec.metrics, choice),
+        **_labels(cfg),
         "candidates": spec.selection.to_dict(),
         "onnx_metadata": meta,
         "device_validations": [],
@@ -339,6 +343,20 @@ def build_manifest(spec: BundleSpec, model: Path) -> dict[str, Any]:
         manifest["dynamic_model"] = {"model": DYNAMIC_MODEL, "input_shape": onnx_io(spec.dynamic_model)["input_shape"],
                                      "parity": spec.dynamic_parity.to_dict() if spec.dynamic_parity else None}
     return manifest
+
+
+def _quality(metrics: dict, choice: Trial) -> dict[str, Any]:
+    """The chosen exit's quality: which metric (held-out task top-1 of a fine-tuned checkpoint, else
+    kNN top-1), its value and the set that scored it."""
+    metric = quality_metric(metrics) or "knn_top1"
+    return {"metric": metric, "label": quality_label(metric), "value": choice.quality,
+            "dataset": quality_dataset(metrics, choice.depth)}
+
+
+def _labels(cfg: dict) -> dict[str, Any]:
+    """A classifier's class names in logit order and their count (nothing for an embedding model)."""
+    names = classifier.labels(cfg)
+    return {"labels": names, "num_classes": len(names)} if names else {}
 
 
 def pooling(meta: dict[str, str], cfg: dict) -> dict[str, Any]:
