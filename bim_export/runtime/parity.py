@@ -28,7 +28,8 @@ import numpy as np
 
 from .knn import knn_predict
 
-DEFAULT_TOLERANCES = {"cosine": 0.995, "neighbour_agreement": 0.99, "top1_agreement": 0.99}
+DEFAULT_TOLERANCES = {"cosine": 0.995, "neighbour_agreement": 0.99}
+CLASSIFIER_TOLERANCES = {"top1_agreement": 0.99}  # of a classifier's logits, beside the above
 OUTPUT_KEYS = ("tokens", "embedding", "logits")  # reference outputs; logits only of a classifier
 
 
@@ -97,11 +98,12 @@ class ParityResult:
 
 
 def _tolerance(tolerances, key: str):
+    default = {**DEFAULT_TOLERANCES, **CLASSIFIER_TOLERANCES}.get(key)
     if tolerances is None:
-        return DEFAULT_TOLERANCES.get(key)
+        return default
     if isinstance(tolerances, dict):
-        return tolerances.get(key, DEFAULT_TOLERANCES.get(key))
-    return getattr(tolerances, key, DEFAULT_TOLERANCES.get(key))
+        return tolerances.get(key, default)
+    return getattr(tolerances, key, default)
 
 
 def _as_outputs(outputs) -> dict[str, np.ndarray]:
@@ -165,7 +167,8 @@ def compare_outputs(ref, test, tolerances=None, labels=None, label: str = "", no
         label, note: carried into the result (what was compared; e.g. host-emulated fp16).
     """
     ref, test = _as_outputs(ref), _as_outputs(test)
-    tol = {k: _tolerance(tolerances, k) for k in ("cosine", "neighbour_agreement", "top1_agreement", "max_abs")}
+    figures = ("cosine", "neighbour_agreement", "max_abs") + (("top1_agreement",) if any(map(is_logits, ref)) else ())
+    tol = {k: _tolerance(tolerances, k) for k in figures}
     failures: list[str] = []
     per_output: dict[str, dict] = {}
     abs_max, abs_sum, count = 0.0, 0.0, 0
