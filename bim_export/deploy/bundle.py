@@ -79,7 +79,7 @@ class BundleSpec:
         checkpoint: config.json of the source checkpoint; ``metrics`` its metrics.json.
         data: what parity and calibration ran on (:meth:`bim_export.model.images.Images.describe`).
         conversion: how the precision was made (QuantInfo as a dict), for the chosen file.
-        reference: arrays for reference.npz (pixels, tokens, embedding, labels).
+        reference: arrays for reference.npz (pixels, tokens, embedding, a classifier's logits, labels).
         points: every candidate, for pareto.png.
         why: one or two sentences on the choice.
         model_path: the ONNX file to ship (default: the choice's; a multi-exit graph replaces it).
@@ -297,6 +297,7 @@ def build_manifest(spec: BundleSpec, model: Path) -> dict[str, Any]:
     tolerances = profile.tolerance(choice.precision).model_dump()
     meta = read_metadata(model)
     io = onnx_io(model)
+    metric, labels = quality_metric(spec.metrics) or "knn_top1", classifier.labels(cfg)
     parity = {**spec.parity.to_dict(), "batch_n": spec.parity.runs["batchN"].images, "provider": ONNX_PROVIDER,
               "tolerances": tolerances}
     if spec.multi_exit:
@@ -331,8 +332,11 @@ def build_manifest(spec: BundleSpec, model: Path) -> dict[str, Any]:
                     "budget_ms": profile.budgets.latency_ms},
         "conversion": spec.conversion,
         "memory_mb": choice.memory_mb, "size_mb": choice.size_mb,
-        "quality": _quality(spec.metrics, choice),
-        **_labels(cfg),
+        # held-out task top-1 of a fine-tuned checkpoint, else kNN top-1; the set that scored it
+        "quality": {"metric": metric, "label": quality_label(metric), "value": choice.quality,
+                    "dataset": quality_dataset(spec.metrics, choice.depth)},
+        # a classifier's class names in logit order (none for an embedding model)
+        **({"labels": labels, "num_classes": len(labels)} if labels else {}),
         "candidates": spec.selection.to_dict(),
         "onnx_metadata": meta,
         "device_validations": [],
@@ -343,20 +347,6 @@ def build_manifest(spec: BundleSpec, model: Path) -> dict[str, Any]:
         manifest["dynamic_model"] = {"model": DYNAMIC_MODEL, "input_shape": onnx_io(spec.dynamic_model)["input_shape"],
                                      "parity": spec.dynamic_parity.to_dict() if spec.dynamic_parity else None}
     return manifest
-
-
-def _quality(metrics: dict, choice: Trial) -> dict[str, Any]:
-    """The chosen exit's quality: which metric (held-out task top-1 of a fine-tuned checkpoint, else
-    kNN top-1), its value and the set that scored it."""
-    metric = quality_metric(metrics) or "knn_top1"
-    return {"metric": metric, "label": quality_label(metric), "value": choice.quality,
-            "dataset": quality_dataset(metrics, choice.depth)}
-
-
-def _labels(cfg: dict) -> dict[str, Any]:
-    """A classifier's class names in logit order and their count (nothing for an embedding model)."""
-    names = classifier.labels(cfg)
-    return {"labels": names, "num_classes": len(names)} if names else {}
 
 
 def pooling(meta: dict[str, str], cfg: dict) -> dict[str, Any]:
