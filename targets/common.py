@@ -1,4 +1,5 @@
-"""What every bim-export inference script shares: manifest, images, timing, top-k.
+"""What every bim-export inference script shares: manifest, images, timing, top-k (labels of a
+classifier, or nearest gallery images).
 
 Ships inside each bundle next to ``infer.py`` and needs only onnxruntime, numpy and Pillow: a
 device never installs bim-export, torch or the checkpoint. Preprocessing and the execution
@@ -106,20 +107,26 @@ def load_images(paths: Sequence[Path], manifest: dict) -> tuple[list[Path], np.n
 # ------------------------------------------------------------------------------------- sessions
 
 
-def embedding_output(session, exit_depth: int | None = None) -> str:
-    """Name of the pooled-embedding output (``embedding``; ``embedding_<d>`` in a multi-exit graph)."""
+def embedding_output(session, exit_depth: int | None = None, kind: str = "embedding") -> str:
+    """Name of the pooled-embedding output (``embedding``; ``embedding_<d>`` in a multi-exit graph,
+    the deepest unless ``exit_depth``); with ``kind="logits"``, of a classifier's logits."""
     names = [o.name for o in session.get_outputs()]
-    emb = [n for n in names if n.startswith("embedding")]
+    found = [n for n in names if n == kind or n.startswith(f"{kind}_")]
     if exit_depth is not None:
-        wanted = f"embedding_{exit_depth}"
+        wanted = f"{kind}_{exit_depth}"
         if wanted not in names:
             raise SystemExit(f"error: the model has no exit {exit_depth} (outputs: {', '.join(names)})")
         return wanted
-    if "embedding" in names:
-        return "embedding"
-    if not emb:
-        raise SystemExit(f"error: the model has no embedding output (outputs: {', '.join(names)})")
-    return max(emb, key=lambda n: int(n.rsplit("_", 1)[-1]) if n.rsplit("_", 1)[-1].isdigit() else -1)
+    if kind in names:
+        return kind
+    if not found:
+        raise SystemExit(f"error: the model has no {kind} output (outputs: {', '.join(names)})")
+    return max(found, key=lambda n: int(n.rsplit("_", 1)[-1]) if n.rsplit("_", 1)[-1].isdigit() else -1)
+
+
+def has_output(session, kind: str) -> bool:
+    """Whether the model has an output ``kind`` (or ``kind_<d>``), e.g. a classifier's ``logits``."""
+    return any(o.name == kind or o.name.startswith(f"{kind}_") for o in session.get_outputs())
 
 
 class Runner:
@@ -235,6 +242,22 @@ def cosine_topk(query: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndar
     return idx, np.take_along_axis(sim, idx, axis=1)
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Class probabilities [N, C] of logits [N, C] (shifted by the row maximum: no overflow)."""
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def label_report(paths: Sequence[Path], logits: np.ndarray, labels: Sequence[str], k: int = 5) -> str:
+    """The top-k labels of each image with their probabilities (softmax of the logits), most likely first."""
+    probs = softmax(logits)
+    k = max(1, min(k, probs.shape[1]))
+    idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return "\n".join(f"{p}: " + ", ".join(f"{labels[j]} {probs[i, j]:.3f}" for j in row)
+                     for i, (p, row) in enumerate(zip(paths, idx)))
+
+
 def report(paths: Sequence[Path], emb: np.ndarray, gallery_paths=None, gallery=None, k: int = 5,
            show: int = 6) -> str:
     """Embeddings (first ``show`` values) per image, or the top-k gallery neighbours per image."""
@@ -255,23 +278,31 @@ def report(paths: Sequence[Path], emb: np.ndarray, gallery_paths=None, gallery=N
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(description=description, epilog=(
+        "A classifier's bundle (manifest.json lists its labels) prints each image's top-k labels with their "
+        "probabilities; any other prints the embeddings, or with --gallery the nearest gallery images."))
     p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--bundle", type=Path, default=None,
                    help="bundle folder holding model.onnx and manifest.json (default: this script's folder)")
     p.add_argument("--model", type=Path, default=None, help="model file (default: the bundle's model.onnx)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: the profile's)")
     p.add_argument("--gallery", type=Path, default=None, help="folder of images: print the top-k nearest instead")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=int, default=5,
+                   help="labels per image of a classifier (at most its classes), or gallery neighbours (default 5)")
+    p.add_argument("--embeddings", action="store_true",
+                   help="of a classifier: print the embeddings instead of its labels")
     p.add_argument("--exit", dest="exit_depth", type=int, default=None, help="exit depth of a multi-exit model")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's)")
-    p.add_argument("--save", type=Path, default=None, help="also write the embeddings to this .npy file")
+    p.add_argument("--save", type=Path, default=None,
+                   help="also write the outputs to this .npy file (a classifier's logits, else the embeddings)")
     return p
 
 
 def run_main(args: argparse.Namespace, providers: Sequence, *, runner_factory=None, script_dir: Path,
              requested: Sequence | None = None) -> int:
-    """Loads the bundle, embeds the images (and gallery) and prints embeddings or top-k, then timing.
+    """Loads the bundle, runs the images (and gallery) and prints a classifier's top-k labels with their
+    probabilities (when the manifest has ``labels``), else the embeddings or the top-k gallery
+    neighbours, then timing.
 
     Args:
         args: parsed :func:`build_parser` arguments.
@@ -290,7 +321,9 @@ def run_main(args: argparse.Namespace, providers: Sequence, *, runner_factory=No
     warning = fallback_warning(requested if requested is not None else providers, used)
     if warning:
         print(warning, file=sys.stderr)
-    output = embedding_output(session, args.exit_depth)
+    labels = manifest.get("labels")
+    classify = bool(labels) and args.gallery is None and not args.embeddings and has_output(session, "logits")
+    output = embedding_output(session, args.exit_depth, "logits" if classify else "embedding")
     runner = (runner_factory or Runner)(session, output)
     paths, x = load_images(collect_images(args.images), manifest)
     runner(x[:batch], batch)  # warm-up: engine builds and allocations happen here, not in the timing
@@ -300,9 +333,11 @@ def run_main(args: argparse.Namespace, providers: Sequence, *, runner_factory=No
     if args.gallery is not None:
         gallery_paths, gallery_x = load_images(collect_images([args.gallery]), manifest)
         gallery = runner(gallery_x, batch)
-    print(report(paths, emb, gallery_paths, gallery, args.top_k))
+    print(label_report(paths, emb, labels, args.top_k) if classify
+          else report(paths, emb, gallery_paths, gallery, args.top_k))
     pooled = f", {manifest['pooling']} pooling" if manifest.get("pooling") else ""
-    print(f"model: {model} ({manifest.get('precision', '?')}, depth {manifest.get('depth', '?')}{pooled})")
+    classes = f", classifier of {len(labels)} labels" if classify else ""
+    print(f"model: {model} ({manifest.get('precision', '?')}, depth {manifest.get('depth', '?')}{pooled}{classes})")
     print(timing_line(runner.times_ms, batch, used))
     if args.save is not None:
         np.save(args.save, emb)

@@ -393,6 +393,15 @@ def _unknown_arch_export(tmp: Path, ckpt: Path) -> InputCase:
                       "closest: vit_tiny_patch16_224"], absent=[tmp / "out"])
 
 
+def _multi_exit_of_a_per_exit_checkpoint(tmp: Path, ckpt: Path) -> InputCase:
+    from finetuned import make_finetuned
+
+    per_exit = make_finetuned(tmp / "per_exit", "per_exit", source=ckpt)
+    return InputCase(["export", "--target", "raspberry-pi-5", "--checkpoint", str(per_exit), "--out",
+                      str(tmp / "out"), "--multi-exit"],
+                     [f"{per_exit / 'config.json'}: finetune.mode is per_exit", "--multi-exit"], absent=[tmp / "out"])
+
+
 def _unknown_arch_backbone(tmp: Path, ckpt: Path) -> InputCase:
     bad = _in_checkpoint_copy(ckpt, tmp / "ckpt", arch="no_such_vit")
     return InputCase(["backbone", str(bad), "--depth", "2", "--out", str(tmp / "bb")],
@@ -553,6 +562,7 @@ INPUT_CASES = [
     pytest.param(_info_of_a_checkpoint, id="info-a-foreign-manifest-json"),
     pytest.param(_info_of_a_missing_folder, id="info-no-such-folder"),
     pytest.param(_unknown_arch_export, id="export-checkpoint-config-arch-unknown"),
+    pytest.param(_multi_exit_of_a_per_exit_checkpoint, id="export-multi-exit-of-a-per-exit-finetuned-checkpoint"),
     pytest.param(_unknown_arch_backbone, id="backbone-checkpoint-config-arch-unknown"),
     pytest.param(_unknown_arch_eval, id="eval-checkpoint-config-arch-unknown"),
     pytest.param(_unknown_model_train, id="train-model-unknown-names-5-closest"),

@@ -41,6 +41,8 @@ import numpy as np
 from .. import __version__
 from ..core.atomic import OutputKind, atomic_dir
 from ..core.resources import resource_dir
+from ..model import classifier
+from ..model.checkpoint import quality_dataset, quality_metric
 from ..runtime.machine import sha256_file
 from ..runtime.parity import ParityResult
 from .candidates import ONNX_PROVIDER, Trial, source_label
@@ -49,6 +51,7 @@ from .ortformat import OPS_CONFIG, ORT_MODEL, make_ort
 from .pareto import PlotPoint, plot_pareto
 from .registry import Registry
 from .report import render_report
+from .selector import quality_label
 
 FORMAT_VERSION = 1
 MODEL, MANIFEST, REFERENCE, REPORT, PARETO = "model.onnx", "manifest.json", "reference.npz", "report.md", "pareto.png"
@@ -76,7 +79,7 @@ class BundleSpec:
         checkpoint: config.json of the source checkpoint; ``metrics`` its metrics.json.
         data: what parity and calibration ran on (:meth:`bim_export.model.images.Images.describe`).
         conversion: how the precision was made (QuantInfo as a dict), for the chosen file.
-        reference: arrays for reference.npz (pixels, tokens, embedding, labels).
+        reference: arrays for reference.npz (pixels, tokens, embedding, a classifier's logits, labels).
         points: every candidate, for pareto.png.
         why: one or two sentences on the choice.
         model_path: the ONNX file to ship (default: the choice's; a multi-exit graph replaces it).
@@ -245,7 +248,8 @@ def _write_pareto(draft: BundleDraft) -> None:
     stat = profile.budgets.latency_stat
     plot_pareto(draft.spec.points, budget if budget is not None else float("nan"), draft.dir / PARETO,
                 title=f"{profile.name}: latency ({stat}) vs quality", stat=stat,
-                quality_source=draft.spec.selection.quality_source)
+                quality_source=draft.spec.selection.quality_source,
+                quality_metric=draft.spec.selection.quality_metric)
 
 
 @register_writer("report", (REPORT,))
@@ -293,6 +297,7 @@ def build_manifest(spec: BundleSpec, model: Path) -> dict[str, Any]:
     tolerances = profile.tolerance(choice.precision).model_dump()
     meta = read_metadata(model)
     io = onnx_io(model)
+    metric, labels = quality_metric(spec.metrics) or "knn_top1", classifier.labels(cfg)
     parity = {**spec.parity.to_dict(), "batch_n": spec.parity.runs["batchN"].images, "provider": ONNX_PROVIDER,
               "tolerances": tolerances}
     if spec.multi_exit:
@@ -327,8 +332,11 @@ def build_manifest(spec: BundleSpec, model: Path) -> dict[str, Any]:
                     "budget_ms": profile.budgets.latency_ms},
         "conversion": spec.conversion,
         "memory_mb": choice.memory_mb, "size_mb": choice.size_mb,
-        "quality": {"metric": "knn_top1", "value": choice.quality,
-                    "dataset": spec.metrics.get("exits", {}).get(str(choice.depth), {}).get("knn_dataset")},
+        # held-out task top-1 of a fine-tuned checkpoint, else kNN top-1; the set that scored it
+        "quality": {"metric": metric, "label": quality_label(metric), "value": choice.quality,
+                    "dataset": quality_dataset(spec.metrics, choice.depth)},
+        # a classifier's class names in logit order (none for an embedding model)
+        **({"labels": labels, "num_classes": len(labels)} if labels else {}),
         "candidates": spec.selection.to_dict(),
         "onnx_metadata": meta,
         "device_validations": [],

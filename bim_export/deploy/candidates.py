@@ -50,7 +50,7 @@ def check_parity(shop: Workshop, depth: int, precision: str, model: Path, profil
                  multi_exit: bool = False) -> ParityResult:
     """ONNX Runtime vs PyTorch at batch 1 and batch n, against the profile's tolerances.
 
-    With ``multi_exit``, compares the graph's ``tokens_<depth>`` / ``embedding_<depth>`` outputs.
+    With ``multi_exit``, compares the graph's ``tokens_<depth>`` / ``embedding_<depth>`` (/ ``logits_<depth>``) outputs.
 
     Returns:
         The merged result; its runs ``batch1`` and ``batchN`` hold each batch size's figures.

@@ -2,9 +2,10 @@
 
 The ONNX contract (docs/design.md): input ``pixels`` [batch, 3, H, W] float32, normalized as in the
 checkpoint's config; outputs ``tokens`` [batch, N, D] (after the exit's norm) and ``embedding``
-[batch, D] (the backbone's own pooling, ``forward_head(pre_logits=True)``); the batch axis is dynamic
-and named ``batch``; ``metadata_props`` describe the source (depth, exits, profile, precision, mean,
-std, exporter, bim_export version).
+[batch, D] (the backbone's own pooling, ``forward_head(pre_logits=True)``), and for a fine-tuned
+backbone (one with a head) ``logits`` [batch, classes] after them; the batch axis is dynamic and named
+``batch``; ``metadata_props`` describe the source (depth, exits, profile, precision, mean, std,
+exporter, bim_export version; a classifier's ``labels`` as a JSON list).
 
 Exporter choice (torch 2.14, timm ViTs): ``torch.onnx.export(..., dynamo=True)`` (torch.export +
 onnxscript). Both exporters still work and give the same outputs (max abs error ~5e-6 on ViT-S/16),
@@ -44,16 +45,24 @@ log = logging.getLogger(__name__)
 
 INPUT_NAME = "pixels"
 OUTPUT_NAMES = ("tokens", "embedding")
+LOGITS = "logits"  # a classifier's third output
 BATCH_AXIS = "batch"
 EXPORTER_OPSET = 18  # the opset torch's ONNX ops are written for; lower ones are converted down
 _PROTOBUF_LIMIT = 2 * 1024**3  # a ModelProto above 2 GB cannot be serialized in one piece
 
 
-def output_names(exits: list[int] | None = None) -> list[str]:
-    """The graph's output names: ``tokens, embedding``, or ``tokens_<d>, embedding_<d>`` per exit."""
+def output_names(exits: list[int] | None = None, logits: bool = False) -> list[str]:
+    """The graph's output names: ``tokens, embedding`` (``, logits`` with a head), or
+    ``tokens_<d>, embedding_<d>`` (``, logits_<d>``) per exit."""
+    names = (*OUTPUT_NAMES, LOGITS) if logits else OUTPUT_NAMES
     if not exits:
-        return list(OUTPUT_NAMES)
-    return [f"{name}_{d}" for d in exits for name in OUTPUT_NAMES]
+        return list(names)
+    return [f"{name}_{d}" for d in exits for name in names]
+
+
+def has_head(backbone) -> bool:
+    """Whether a timm ViT backbone carries a classification head (a fine-tuned checkpoint's)."""
+    return int(getattr(backbone, "num_classes", 0) or 0) > 0
 
 
 def export_onnx(
@@ -69,16 +78,18 @@ def export_onnx(
     """Exports a timm ViT backbone (or several exits of one) to a checked ONNX file.
 
     Args:
-        backbone: a timm ``VisionTransformer`` without head (``num_classes=0``), e.g. from
-            ``backbone.build_backbone(ckpt, depth)``. With ``multi_exit``, the deepest backbone: its
-            patch embedding and blocks are shared by every exit.
+        backbone: a timm ``VisionTransformer``, e.g. from ``backbone.build_backbone(ckpt, depth)``;
+            with a head (``num_classes > 0``, a fine-tuned checkpoint's) the graph also outputs
+            ``logits``. With ``multi_exit``, the deepest backbone: its patch embedding and blocks are
+            shared by every exit.
         path: the ``.onnx`` file to write (its folder must exist). Written under a temporary name and
             renamed when checked, so a failure leaves no file that looks finished.
         opset: the ONNX opset of the graph (the profile's).
         img_size: input height and width (int for square).
         metadata: stored as ``metadata_props`` (values that are not strings as JSON), e.g. depth,
             exits, profile, precision, mean, std. ``exporter`` and ``bim_export_version`` are added.
-        multi_exit: write one graph with outputs ``tokens_<d>``, ``embedding_<d>`` for every exit.
+        multi_exit: write one graph with outputs ``tokens_<d>``, ``embedding_<d>`` (and ``logits_<d>``)
+            for every exit.
         exits: with ``multi_exit``, ``{depth: backbone of that depth}``: each exit's norm and pooling
             come from its own backbone, the blocks from ``backbone``.
 
@@ -97,10 +108,10 @@ def export_onnx(
         if not exits:
             raise InputError("multi-exit export needs the exit backbones ({depth: backbone})")
         module = MultiExit(backbone, dict(exits))
-        names = output_names(sorted(exits))
+        names = output_names(sorted(exits), module.logits)
     else:
         module = SingleExit(backbone)
-        names = list(OUTPUT_NAMES)
+        names = output_names(None, has_head(backbone))
     module.eval()
     # batch 2, not 1: torch.export specializes a dimension whose example size is 1
     example = torch.zeros(2, 3, h, w, dtype=torch.float32)
@@ -273,21 +284,25 @@ def read_metadata(model) -> dict[str, str]:
 
 
 class SingleExit(torch.nn.Module):
-    """backbone -> (tokens [B, N, D], embedding [B, D]), the ONNX contract's two outputs."""
+    """backbone -> (tokens [B, N, D], embedding [B, D]), the ONNX contract's two outputs, and
+    logits [B, classes] where the backbone has a head."""
 
     def __init__(self, backbone):
         super().__init__()
         self.backbone = backbone
+        self.logits = has_head(backbone)
 
     def forward(self, x):  # x: [B, 3, H, W]
         tokens = self.backbone.forward_features(x)  # [B, N, D], after the exit's norm
-        return tokens, self.backbone.forward_head(tokens, pre_logits=True)
+        emb = self.backbone.forward_head(tokens, pre_logits=True)  # [B, D]
+        return (tokens, emb, self.backbone.head(emb)) if self.logits else (tokens, emb)
 
 
 class MultiExit(torch.nn.Module):
     """One pass through the shared blocks; at each exit that exit's norm and pooling.
 
-    Outputs, in order of depth: tokens_<d> [B, N, D], embedding_<d> [B, D] for every exit d.
+    Outputs, in order of depth: tokens_<d> [B, N, D], embedding_<d> [B, D] (and logits_<d>
+    [B, classes] where the exits have heads) for every exit d.
     """
 
     def __init__(self, backbone, exits: dict[int, object]):
@@ -302,6 +317,10 @@ class MultiExit(torch.nn.Module):
             mine, theirs = backbone.blocks[d - 1].state_dict(), exits[d].blocks[d - 1].state_dict()
             if any(not torch.equal(mine[k], theirs[k]) for k in mine):
                 raise InputError(f"exit {d}: its backbone's blocks differ from the shared backbone's")
+        heads = {d: has_head(exits[d]) for d in depths}
+        if len(set(heads.values())) > 1:
+            raise InputError(f"exits {[d for d, h in heads.items() if h]} have a head and the others not")
+        self.logits = heads[depths[0]]
 
     def forward(self, x):  # x: [B, 3, H, W]
         b = self.stem
@@ -314,7 +333,8 @@ class MultiExit(torch.nn.Module):
             done = d
             head = self.heads[str(d)]
             tokens = head.norm(x)
-            outputs += [tokens, head.forward_head(tokens, pre_logits=True)]
+            emb = head.forward_head(tokens, pre_logits=True)
+            outputs += [tokens, emb, head.head(emb)] if self.logits else [tokens, emb]
         return tuple(outputs)
 
 
@@ -325,8 +345,9 @@ def cut_exits(src: Path, dst: Path, depths: list[int], single: bool) -> Path:
     """Writes the part of a multi-exit graph that computes the exits ``depths``.
 
     Only the nodes and weights those outputs need are kept (blocks up to the deepest, each exit's
-    norm and pooling). With ``single``, the one exit's outputs ``tokens_<d>`` / ``embedding_<d>``
-    are renamed to the contract's ``tokens`` / ``embedding``. metadata_props are carried over with
+    norm, pooling and head). With ``single``, the one exit's outputs ``tokens_<d>`` / ``embedding_<d>``
+    (/ ``logits_<d>``) are renamed to the contract's ``tokens`` / ``embedding`` (/ ``logits``).
+    metadata_props are carried over with
     ``depth`` (and ``graph_exits``) updated; the result is full-checked.
     """
     import json
@@ -336,10 +357,11 @@ def cut_exits(src: Path, dst: Path, depths: list[int], single: bool) -> Path:
 
     model = onnx.load(str(src))
     meta = read_metadata(model)
-    outputs = [f"{name}_{d}" for d in depths for name in ("tokens", "embedding")]
+    names = output_names(None, any(o.name.startswith(f"{LOGITS}_") for o in model.graph.output))
+    outputs = [f"{name}_{d}" for d in depths for name in names]
     part = Extractor(model).extract_model(["pixels"], outputs)
     if single:
-        rename = {f"{name}_{depths[0]}": name for name in ("tokens", "embedding")}
+        rename = {f"{name}_{depths[0]}": name for name in names}
         for node in part.graph.node:
             node.input[:] = [rename.get(n, n) for n in node.input]
             node.output[:] = [rename.get(n, n) for n in node.output]

@@ -87,9 +87,14 @@ def _choice(m: dict) -> list[str]:
         model.append(f"{prefix} prefix token{'s' * (prefix != 1)}")
     if shape:
         model.append(f"input [{', '.join(map(str, shape))}]")
+    labels = m.get("labels")
+    if labels:
+        shown = ", ".join(labels[:5]) + (", ..." if len(labels) > 5 else "")
+        model.append(f"classifier of {len(labels)} labels ({shown})")
     q = m.get("quality") or {}
     ds = q.get("dataset") or {}
-    quality = "-" if q.get("value") is None else f"kNN top-1 {q['value']:.1%}"
+    name = q.get("label") or ("held-out task top-1" if q.get("metric") == "task_top1" else "kNN top-1")
+    quality = "-" if q.get("value") is None else f"{name} {q['value']:.1%}"
     if ds:
         quality += f" on {ds.get('name', '?')} ({ds.get('size', '?')} images)"
     lat = m.get("latency") or {}

@@ -38,7 +38,7 @@ class PlotPoint:
         depth: the exit depth.
         precision: fp32, fp16 or int8.
         latency_ms: the latency used for the budget check (None if never estimated).
-        quality: the exit's quality (kNN top-1 in [0, 1]), or None.
+        quality: the exit's quality (held-out task top-1 or kNN top-1, in [0, 1]), or None.
         rejected: the reason it was rejected, or None if it met every budget.
         chosen: whether this is the selected candidate.
         source: ``measured`` / ``predicted`` / ...
@@ -60,17 +60,17 @@ class PlotPoint:
 
 
 def plot_pareto(points: list[PlotPoint], budget_ms: float, path: Path, title: str = "",
-                quality_source: str | None = None, stat: str = "") -> None:
+                quality_source: str | None = None, stat: str = "", quality_metric: str = "knn_top1") -> None:
     """Writes :func:`pareto_figure` to ``path`` (PNG)."""
     import matplotlib.pyplot as plt
 
-    fig = pareto_figure(points, budget_ms, title, quality_source, stat)
+    fig = pareto_figure(points, budget_ms, title, quality_source, stat, quality_metric)
     fig.savefig(path)
     plt.close(fig)
 
 
 def pareto_figure(points: list[PlotPoint], budget_ms: float, title: str = "", quality_source: str | None = None,
-                  stat: str = "") -> Any:
+                  stat: str = "", quality_metric: str = "knn_top1") -> Any:
     """The figure of every candidate: latency (log x) against quality (y from 0).
 
     Each candidate with a latency is one marker whose ``gid`` is its label (``d6 fp16``); each
@@ -83,6 +83,7 @@ def pareto_figure(points: list[PlotPoint], budget_ms: float, title: str = "", qu
         title: the figure's title.
         quality_source: the images and protocol that scored the quality (for the caption).
         stat: the latency statistic plotted (p50, p90, ...), for the axis label.
+        quality_metric: what the quality is (``task_top1``, ``knn_top1``; see selector.QUALITY_LABELS).
 
     Returns:
         A matplotlib Figure (Agg backend; the caller closes it).
@@ -93,6 +94,10 @@ def pareto_figure(points: list[PlotPoint], budget_ms: float, title: str = "", qu
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
     from matplotlib.transforms import ScaledTranslation
+
+    from .selector import quality_label
+
+    metric = quality_label(quality_metric)
 
     pts = [p for p in points if p.latency_ms is not None]
     have_quality = bool(pts) and all(p.quality is not None for p in pts)
@@ -149,13 +154,13 @@ def pareto_figure(points: list[PlotPoint], budget_ms: float, title: str = "", qu
     else:
         ax.set_ylim(0, max((p.depth for p in pts), default=1) + 1)
     ax.set_xlabel(f"latency{' ' + stat if stat else ''} (ms, log scale)")
-    ax.set_ylabel("kNN top-1 of the exit (%)" if have_quality else "exit depth (no quality figures: deeper is better)")
+    ax.set_ylabel(f"{metric} of the exit (%)" if have_quality else "exit depth (no quality figures: deeper is better)")
     if title:
         ax.set_title(title, fontsize=10)
     ax.legend(handles=_legend(plt, order, pts), loc="lower left", fontsize=7.5, title="d6: exit depth 6",
               title_fontsize=7.5)
     ax.grid(True, which="both", alpha=0.3)
-    fig.text(0.01, 0.01, _caption(points, have_quality, quality_source), fontsize=7, va="bottom", ha="left")
+    fig.text(0.01, 0.01, _caption(points, have_quality, quality_source, metric), fontsize=7, va="bottom", ha="left")
     fig.tight_layout(rect=(0, 0.09, 1, 1))
     return fig
 
@@ -186,10 +191,11 @@ def _legend(plt, order: list[str], pts: list[PlotPoint]) -> list:
     return handles
 
 
-def _caption(points: list[PlotPoint], have_quality: bool, quality_source: str | None) -> str:
+def _caption(points: list[PlotPoint], have_quality: bool, quality_source: str | None,
+             metric: str = "kNN top-1") -> str:
     parts = []
     if have_quality:
-        parts.append(f"Quality: the exit's kNN top-1 on {quality_source or 'an evaluation set metrics.json does not name'}"
+        parts.append(f"Quality: the exit's {metric} on {quality_source or 'an evaluation set metrics.json does not name'}"
                      "; the axis starts at 0 %.")
     parts.append(f"The precisions of one depth are drawn {DODGE_X_PT:g} pt apart sideways (in the legend's order, "
                  f"left to right) and their error bars {DODGE_Y_PT:g} pt apart, so none hides another. Error bars: "

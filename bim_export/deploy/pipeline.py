@@ -21,8 +21,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..model.checkpoint import quality_source
-from ..core.errors import NoCandidateError, ValidationError
+from ..model.checkpoint import quality_metric, quality_source
+from ..core.errors import InputError, NoCandidateError, ValidationError
 from ..core.progress import SILENT, Progress
 from ..core.table import format_table
 from .bundle import BundleSpec, bundle_kind, write_bundle
@@ -31,7 +31,7 @@ from .candidates import (Trial, Workshop, check_parity, evaluate_candidates, loa
 from ..runtime.parity import ParityResult
 from .pareto import PlotPoint
 from .profiles import Profile, list_profiles, load_profile
-from .selector import select
+from .selector import quality_label, select
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,9 @@ def export_profile(shop: Workshop, profile: Profile, out: Path, multi_exit: bool
         ValidationError: fp32 parity failed (an export bug); nothing is written.
     """
     trials = evaluate_candidates(shop, profile, progress)
-    selection = select(to_candidates(trials, profile), profile, quality_source(shop.ckpt.metrics))
+    metrics = shop.ckpt.metrics
+    selection = select(to_candidates(trials, profile), profile, quality_source(metrics),
+                       quality_metric(metrics) or "knn_top1")
     choice = next(t for t in trials if (t.depth, t.precision) == (selection.choice.depth, selection.choice.precision))
     stat, budget = profile.budgets.latency_stat, profile.budgets.latency_ms
     with progress.stage("bundle", 2 + bool(profile.dynamic_batch_file) + multi_exit, profile.name) as st:
@@ -87,8 +89,9 @@ def export_profile(shop: Workshop, profile: Profile, out: Path, multi_exit: bool
         shipped = verify_file(shop, choice, choice.model, profile)
         n = min(REFERENCE_IMAGES, len(shop.images.parity))
         ref = shop.reference(choice.depth)
-        reference = {"pixels": shop.images.parity[:n], "tokens": ref["tokens"][:n],
-                     "embedding": ref["embedding"][:n], "labels": shop.images.labels[:n]}
+        # pixels, tokens, embedding (and a classifier's logits), and the images' labels
+        reference = {"pixels": shop.images.parity[:n], **{k: v[:n] for k, v in ref.items()},
+                     "labels": shop.images.labels[:n]}
         dynamic, dynamic_parity = None, None
         if profile.dynamic_batch_file:  # the second file the profile asks for: same graph, batch axis dynamic
             st.step(f"{item}: its dynamic-batch file", "check")
@@ -111,7 +114,9 @@ def export_profile(shop: Workshop, profile: Profile, out: Path, multi_exit: bool
                f"{_error_text(choice.latency, stat)} ({source_label(choice.latency)})"
                + (f" against a budget of {budget:g} ms" if budget else "")
                + f"; parity {choice.parity.brief()}. The rule: among candidates that pass parity and every budget, "
-               "the best quality (the exit's kNN top-1); within half a point of it, the lowest latency.")
+               + ("the deepest (no quality figure for every exit)" if selection.quality_metric == "depth" else
+                  f"the best quality (the exit's {quality_label(selection.quality_metric)}); within half a point of "
+                  "it, the lowest latency."))
         spec = BundleSpec(profile=profile, selection=selection, choice=choice, parity=shipped,
                           checkpoint=shop.ckpt.config, metrics=shop.ckpt.metrics, data=shop.images.describe(),
                           conversion=shop.conversions.get(choice.model, {"precision": "fp32", "method": "export"}),
@@ -191,6 +196,8 @@ def run_export(target: str, checkpoint: Path | None = None, out: Path = Path("ex
 
     profiles = resolve_targets(target)
     ckpt = load_checkpoint(checkpoint if checkpoint is not None else default_checkpoint_dir())
+    if multi_exit:
+        check_multi_exit(ckpt)
     out = Path(out)
     for profile in profiles:  # every bundle's place, before minutes of work
         check_destination(out / profile.name, bundle_kind())
@@ -222,6 +229,16 @@ def run_export(target: str, checkpoint: Path | None = None, out: Path = Path("ex
         raise NoCandidateError(f"no candidate met the budget for {', '.join(o.profile for o in failed)} "
                                f"(the other bundles were written)", text)
     return text
+
+
+def check_multi_exit(ckpt) -> None:
+    """Raises InputError for a checkpoint one multi-exit graph cannot serve: a per-exit fine-tuned one."""
+    from ..model.classifier import mode
+
+    if mode(ckpt.config) == "per_exit":
+        raise InputError(f"{ckpt.path / 'config.json'}: finetune.mode is per_exit: its depths were fine-tuned "
+                         "separately and share no weights, so no multi-exit graph serves them; export without "
+                         "--multi-exit, or fine-tune with mode joint")
 
 
 def describe(o: Outcome) -> str:

@@ -121,10 +121,14 @@ class ParityTolerance(_Strict):
     cosine: float = Field(0.995, gt=0, le=1, description="minimum cosine similarity of the embeddings")
     neighbour_agreement: float = Field(0.99, ge=0, le=1,
                                        description="minimum fraction of kNN top-1 predictions that agree")
+    top1_agreement: float = Field(0.99, ge=0, le=1,
+                                  description="of a classifier: minimum fraction of images whose top-1 class "
+                                              "(argmax of the logits) agrees")
 
 
 class ParityTolerances(_Strict):
-    """Parity tolerances per precision (defaults: cosine >= 0.995, neighbour agreement >= 0.99)."""
+    """Parity tolerances per precision (defaults: cosine >= 0.995, neighbour agreement >= 0.99, a
+    classifier's top-1 agreement >= 0.99)."""
 
     fp32: ParityTolerance = Field(default_factory=ParityTolerance, description="fp32 tolerances")
     fp16: ParityTolerance = Field(default_factory=ParityTolerance, description="fp16 tolerances")

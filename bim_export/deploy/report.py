@@ -35,14 +35,18 @@ def render_report(manifest: dict[str, Any], table: str, why: str) -> str:
         "## Parity (ONNX Runtime vs PyTorch on real images)",
         "",
     ]
-    lines += ["| run | images | cosine mean / min | neighbour agreement | max abs | mean abs | passed |",
-              "|---|---|---|---|---|---|---|"]
+    labels = m.get("labels") or []
     runs = [("batch 1", par.get("batch1")), (f"batch {par.get('batch_n', 'n')}", par.get("batchN"))]
     runs += [(f"exit {d} (multi-exit graph)", r.get("batchN")) for d, r in (par.get("exits") or {}).items()]
-    lines += [_parity_row(name, r) for name, r in runs if isinstance(r, dict)]
+    top1 = any(isinstance(r, dict) and r.get("top1_agreement") is not None for _, r in runs)
+    lines += ["| run | images | cosine mean / min | neighbour agreement | " + ("top-1 agreement | " if top1 else "")
+              + "max abs | mean abs | passed |", "|---|---|---|---|---|---|---|" + ("---|" if top1 else "")]
+    lines += [_parity_row(name, r, top1) for name, r in runs if isinstance(r, dict)]
     tol = par.get("tolerances") or m.get("tolerances") or {}
     lines += ["", f"Tolerances ({m.get('precision')}): cosine >= {tol.get('cosine')}, neighbour agreement >= "
-              f"{tol.get('neighbour_agreement')}. Run with ONNX Runtime's {par.get('provider', 'CPU')} here."]
+              f"{tol.get('neighbour_agreement')}"
+              + (f", top-1 agreement of the logits >= {tol.get('top1_agreement', 0.99)}" if labels else "")
+              + f". Run with ONNX Runtime's {par.get('provider', 'CPU')} here."]
     data = m.get("data")
     if isinstance(data, dict):
         lines.append(f"Images: {data.get('parity_images')} for parity, {data.get('calibration_images')} for "
@@ -50,6 +54,11 @@ def render_report(manifest: dict[str, Any], table: str, why: str) -> str:
                      + (f"`{data['folder']}` (--data)." if data.get("folder") else "the built-in sample set."))
     if par.get("note"):
         lines.append(f"Note: {par['note']}.")
+    if labels:
+        shown = ", ".join(labels[:10]) + (", ..." if len(labels) > 10 else "")
+        lines += ["", f"Classifier: `logits` over {len(labels)} labels ({shown}; all of them in manifest.json "
+                  "`labels`, in logit order); their cosine and top-1 agreement with PyTorch are checked beside "
+                  "the embedding's."]
     lines += [
         "",
         "## Latency",
@@ -74,7 +83,8 @@ def render_report(manifest: dict[str, Any], table: str, why: str) -> str:
         "```sh",
         f"pip install {device.runtime if device else 'onnxruntime'} numpy pillow"
         + (f"   # {device.install_note}" if device and device.install_note else ""),
-        "python infer.py path/to/images/            # embeddings, with timing",
+        ("python infer.py path/to/images/            # top-5 labels with probabilities, with timing" if labels
+         else "python infer.py path/to/images/            # embeddings, with timing"),
         "python infer.py query.jpg --gallery gallery/ --top-k 5",
         "python validate.py .                        # parity vs reference.npz + latency, on this machine",
         "```",
@@ -91,10 +101,12 @@ def render_report(manifest: dict[str, Any], table: str, why: str) -> str:
     return "\n".join(lines)
 
 
-def _parity_row(name: str, r: dict) -> str:
-    """One markdown table row of a ParityResult dict."""
+def _parity_row(name: str, r: dict, top1: bool = False) -> str:
+    """One markdown table row of a ParityResult dict (with ``top1``, its logits' top-1 agreement)."""
     agree = r.get("neighbour_agreement")
     agree_text = "n/a" if agree is None else f"{agree:.1%} ({r.get('agreement_kind', '?')})"
+    if top1:
+        agree_text += " | " + ("n/a" if r.get("top1_agreement") is None else f"{r['top1_agreement']:.1%}")
     nan = float("nan")
     return (f"| {name} | {r.get('images', '?')} | {r.get('cosine', nan):.6f} / {r.get('cosine_min', nan):.6f} | "
             f"{agree_text} | {r.get('max_abs', nan):.3g} | {r.get('mean_abs', nan):.3g} | "
@@ -172,7 +184,10 @@ def app_usage_lines(m: dict[str, Any]) -> list[str]:
             f"(value / 255 - mean) / std with mean {pre.get('mean')} and std {pre.get('std')}")
     threads = m.get("threads") or 4
     lines = ["## Use it in an app", "", f"Input `{name}`: float32 [{dims}], {prep}. Output `{out}`: float32 "
-             "[batch, D], the embedding (cosine similarity compares two).", ""]
+             "[batch, D], the embedding (cosine similarity compares two)."
+             + (f" Output `{out.replace('embedding', 'logits')}`: float32 [batch, {len(m['labels'])}], the class "
+                "scores in the order of manifest.json `labels` (softmax gives probabilities)." if m.get("labels")
+                else ""), ""]
     if "NnapiExecutionProvider" in eps or "XnnpackExecutionProvider" in eps:
         lines += ["Android (Kotlin, `com.microsoft.onnxruntime:onnxruntime-android`):", "", "```kotlin",
                   "val env = OrtEnvironment.getEnvironment()",

@@ -2,7 +2,8 @@
 
 The rule (docs/design.md, "Selection rule"): a candidate passes only if its parity passed and it is within
 every budget the profile sets (a budget the profile leaves out is not checked). Quality is the exit's
-kNN top-1 (where every candidate has one; otherwise deeper is better). Among passing candidates take
+held-out task top-1 for a fine-tuned checkpoint, else its kNN top-1 (where every candidate has one;
+otherwise deeper is better). Among passing candidates take
 the best quality; among those within half a point (0.005) of it, the lowest latency. Nothing passes:
 :class:`~bim_export.core.errors.NoCandidateError` naming the closest candidate and the budget it misses.
 
@@ -28,7 +29,9 @@ from ..core.table import format_table
 from .latency.stats import intervals_overlap
 from .profiles import Budgets, Profile, describe_budgets
 
-QUALITY_WINDOW = 0.005  # half a point of kNN top-1: within it, latency decides
+QUALITY_WINDOW = 0.005  # half a point of top-1: within it, latency decides
+# What the quality column can be, as the table, report.md, pareto.png and the manifest name it.
+QUALITY_LABELS = {"task_top1": "held-out task top-1 (fine-tuned)", "knn_top1": "kNN top-1"}
 # Two predictions (or calibrated predictions) of one device closer than this fraction tie. A prediction
 # sums per-node roofline times with factors fitted on measurements that repeat within 10 % at best, and
 # its held-out checks err by 5 % or more: a difference of under 1 % (fp16 and fp32 of a launch-bound
@@ -44,7 +47,7 @@ class Candidate:
 
     depth: int
     precision: str  # fp32 | fp16 | int8
-    quality: Optional[float] = None  # kNN top-1 of this exit in [0, 1]; None when not measured
+    quality: Optional[float] = None  # top-1 of this exit in [0, 1] (Selection.quality_metric); None: not measured
     parity_passed: bool = True
     parity_note: str = ""  # e.g. "cosine 0.981 < 0.995"
     latency_ms: Optional[float] = None  # at latency_stat, at the profile's batch
@@ -82,7 +85,7 @@ class Selection:
     profile: str
     budgets: dict[str, Any]
     rows: list[Row]
-    quality_metric: str  # "knn_top1" or "depth" (deeper is better)
+    quality_metric: str  # "task_top1", "knn_top1" or "depth" (deeper is better)
     quality_source: str | None = None  # the set and protocol that scored the quality column
 
     @property
@@ -107,19 +110,27 @@ class Selection:
                     f"other's error, and predicted ones within {PREDICTION_RESOLUTION:.0%} of each other, are "
                     "ties, settled by quality, then the smaller file",
             "quality_metric": self.quality_metric,
-            "quality_source": self.quality_source if self.quality_metric == "knn_top1" else None,
+            "quality_label": quality_label(self.quality_metric),
+            "quality_source": self.quality_source if self.quality_metric in QUALITY_LABELS else None,
             "choice": None if choice is None else {"depth": choice.depth, "precision": choice.precision},
             "candidates": [row.to_dict() for row in self.rows],
         }
 
 
-def select(candidates: list[Candidate], profile: Profile, quality_source: str | None = None) -> Selection:
+def quality_label(metric: str) -> str:
+    """How the table, report.md, pareto.png and the manifest name a quality metric."""
+    return QUALITY_LABELS.get(metric, "exit depth (deeper is better)" if metric == "depth" else metric)
+
+
+def select(candidates: list[Candidate], profile: Profile, quality_source: str | None = None,
+           quality_metric: str = "knn_top1") -> Selection:
     """Picks the best candidate within the profile's budgets.
 
     Args:
         candidates: every depth x precision considered; latency at the profile's statistic.
         profile: the device (only ``name`` and ``budgets`` are read).
         quality_source: which images scored the quality, and how (shown under the table).
+        quality_metric: what the candidates' quality is (:data:`QUALITY_LABELS`).
 
     Returns:
         The selection; ``.choice`` is the chosen candidate.
@@ -135,9 +146,9 @@ def select(candidates: list[Candidate], profile: Profile, quality_source: str | 
         if budgets.latency_ms is not None and c.latency_ms is not None and c.latency_stat != budgets.latency_stat:
             raise ValueError(f"{c.label}: latency is {c.latency_stat}, the budget is {budgets.latency_stat}")
         if c.quality is not None and not 0.0 <= c.quality <= 1.0:
-            raise ValueError(f"{c.label}: quality is a kNN top-1 fraction in [0, 1] (got {c.quality})")
+            raise ValueError(f"{c.label}: quality is a top-1 fraction in [0, 1] (got {c.quality})")
     use_quality = bool(candidates) and all(c.quality is not None for c in candidates)
-    metric = "knn_top1" if use_quality else "depth"
+    metric = quality_metric if use_quality else "depth"
     checked = [(c, *_check(c, budgets)) for c in candidates]
     passing = [c for c, failures, _, _ in checked if not failures]
 
@@ -374,7 +385,8 @@ def candidate_table(rows: list[Row], quality_metric: str = "knn_top1", quality_s
                       c.latency_source, _num(c.memory_mb), _num(c.size_mb), r.status, r.reason))
     out = format_table(head, lines)
     if quality_metric == "depth":
-        out += "\nquality: no kNN top-1 for every depth, so deeper is better"
+        out += "\nquality: no top-1 figure for every depth, so deeper is better"
     else:
-        out += f"\nquality: the exit's kNN top-1 on {quality_source or 'an evaluation set metrics.json does not name'}"
+        out += (f"\nquality: the exit's {quality_label(quality_metric)} on "
+                f"{quality_source or 'an evaluation set metrics.json does not name'}")
     return out

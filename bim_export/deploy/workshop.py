@@ -70,26 +70,36 @@ class Workshop:
         return self._backbones[depth]
 
     def reference(self, depth: int) -> dict[str, np.ndarray]:
-        """PyTorch fp32 outputs of the depth-d backbone on the parity images."""
+        """PyTorch fp32 outputs of the depth-d backbone on the parity images (``tokens``,
+        ``embedding``, and a classifier's ``logits``)."""
         if depth not in self._refs:
             import torch
+
+            from .export import has_head
 
             bb = self.backbone(depth)
             with torch.inference_mode():
                 tokens = bb.forward_features(torch.from_numpy(self.images.parity))
                 emb = bb.forward_head(tokens, pre_logits=True)
-            self._refs[depth] = {"tokens": tokens.numpy(), "embedding": emb.numpy()}
+                self._refs[depth] = {"tokens": tokens.numpy(), "embedding": emb.numpy()}
+                if has_head(bb):
+                    self._refs[depth]["logits"] = bb.head(emb).numpy()
         return self._refs[depth]
 
     def metadata(self, precision: str) -> dict[str, Any]:
         """metadata_props of the exported graphs: the source, the preprocessing, and how the
         ``embedding`` output pools the tokens (``token`` / ``avg``) and how many of the ``tokens``
-        output's leading tokens are prefix tokens (class and register tokens)."""
+        output's leading tokens are prefix tokens (class and register tokens); a classifier's
+        ``labels`` (JSON list, in logit order)."""
+        from ..model.classifier import labels_json
+
         cfg = self.ckpt.config
         bb = self.backbone(max(cfg["exits"]))
-        return {"depth": max(cfg["exits"]), "exits": list(cfg["exits"]), "precision": precision,
+        meta = {"depth": max(cfg["exits"]), "exits": list(cfg["exits"]), "precision": precision,
                 "mean": list(cfg["mean"]), "std": list(cfg["std"]), "resolution": cfg["img_size"],
                 "pooling": bb.global_pool, "prefix_tokens": int(bb.num_prefix_tokens)}
+        labels = labels_json(cfg)
+        return {**meta, "labels": labels} if labels else meta
 
     @staticmethod
     def _graph(precision: str, profile: Profile, dynamic: bool = False) -> tuple[str, int, str | None, GraphForm]:
@@ -150,7 +160,7 @@ class Workshop:
         path = self.work / ("-".join(str(k) for k in (f"d{depth}", precision, opset, preset, form.key) if k)
                             + ("-multi" if multi_exit else "") + ".onnx")
         depths = [d for d in self.ckpt.config["exits"] if d <= depth] if multi_exit else [depth]
-        if self.too_big_to_cut:
+        if self.separate_exits:
             self._export_depth(depth, depths, precision, opset, preset, form, multi_exit, path)
         else:
             full = self._full(precision, opset, preset, form)
@@ -182,9 +192,17 @@ class Workshop:
         bb = self.backbone(max(self.ckpt.config["exits"]))
         return sum(p.numel() for p in bb.parameters()) * 4 > 1_500_000_000
 
+    @cached_property
+    def separate_exits(self) -> bool:
+        """Whether each depth is exported on its own rather than cut out of one all-exits graph: a
+        graph too big to cut, or a per-exit fine-tuned checkpoint (its depths share no weights)."""
+        from ..model.classifier import mode
+
+        return mode(self.ckpt.config) == "per_exit" or self.too_big_to_cut
+
     def parity_graph(self, depth: int, precision: str, profile: Profile) -> tuple[Path, bool]:
         """The graph a candidate's parity is judged on, and whether its outputs carry the exit suffix."""
-        if self.too_big_to_cut:
+        if self.separate_exits:
             return self.model(depth, precision, profile), False
         return self.full_graph(precision, profile), True
 

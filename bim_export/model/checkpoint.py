@@ -185,18 +185,42 @@ def update_exit_metrics(path: str | os.PathLike, per_exit: dict[int | str, dict]
     return metrics
 
 
+def quality_metric(metrics: dict) -> str | None:
+    """What scores the exits' quality in metrics.json: ``task_top1`` (held-out accuracy of a
+    fine-tuned checkpoint) when any exit has it, else ``knn_top1`` when any exit has that, else None.
+
+    One metric for the whole checkpoint, so that two exits are never ranked on different measures.
+    """
+    exits = [e for e in metrics.get("exits", {}).values() if isinstance(e, dict)]
+    for metric in ("task_top1", "knn_top1"):
+        if any(e.get(metric) is not None for e in exits):
+            return metric
+    return None
+
+
 def exit_quality(metrics: dict, depth: int) -> float | None:
-    """The exit's kNN top-1 from metrics.json, or None when the checkpoint has none."""
-    entry = metrics.get("exits", {}).get(str(depth), {})
-    q = entry.get("knn_top1")
+    """The exit's quality from metrics.json: its held-out task top-1 when the checkpoint is
+    fine-tuned (has task metrics), else its kNN top-1; None when the exit lacks that figure."""
+    metric = quality_metric(metrics)
+    q = metrics.get("exits", {}).get(str(depth), {}).get(metric) if metric else None
     return float(q) if q is not None else None
 
 
+def quality_dataset(metrics: dict, depth: int) -> dict | None:
+    """The set that scored the exit's quality (``task_dataset`` or ``knn_dataset``), or None."""
+    metric = quality_metric(metrics)
+    entry = metrics.get("exits", {}).get(str(depth), {})
+    ds = entry.get("task_dataset" if metric == "task_top1" else "knn_dataset") if metric else None
+    return ds if isinstance(ds, dict) else None
+
+
 def quality_source(metrics: dict) -> str | None:
-    """Which set scored the exits' kNN top-1 in metrics.json, and how: ``heldout_images (90 images;
-    leave-one-out kNN ...)``; None when no exit names one."""
-    sets = {json.dumps(e["knn_dataset"], sort_keys=True) for e in metrics.get("exits", {}).values()
-            if isinstance(e, dict) and isinstance(e.get("knn_dataset"), dict)}
+    """Which set scored the exits' quality in metrics.json, and how: ``heldout_images (90 images;
+    leave-one-out kNN ...)`` (the ``task_dataset`` of a fine-tuned checkpoint, else the
+    ``knn_dataset``); None when no exit names one."""
+    key = "task_dataset" if quality_metric(metrics) == "task_top1" else "knn_dataset"
+    sets = {json.dumps(e[key], sort_keys=True) for e in metrics.get("exits", {}).values()
+            if isinstance(e, dict) and isinstance(e.get(key), dict)}
     if not sets:
         return None
     names = []

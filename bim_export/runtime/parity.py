@@ -7,10 +7,13 @@ Figures (per output, then overall):
   even-indexed images as the bank, odd ones as queries) is the same from the reference and from the
   tested features; without labels, the fraction whose nearest other image is the same.
 - per output (tokens too): mean cosine and mean relative error ||test - ref|| / ||ref|| per image.
+- a classifier's ``logits`` / ``logits_<d>``: top-1 agreement, the fraction of images whose top class
+  (argmax of the logits) is the same from the reference and from the tested outputs; the logits'
+  cosine is their per-output cosine above.
 ``passed`` holds when every output's mean cosine meets the cosine tolerance, its relative error stays
 within the distance that tolerance allows (so a scaled output cannot pass on direction alone), the
-embeddings' neighbour agreement meets its tolerance (and the max absolute error, if a tolerance for
-it is given); every miss is listed in ``failures``.
+embeddings' neighbour agreement and the logits' top-1 agreement meet their tolerances (and the max
+absolute error, if a tolerance for it is given); every miss is listed in ``failures``.
 
 numpy (+ onnxruntime to run a session) only: this file ships in every bundle's ``runtime/`` folder,
 so that the device re-checks parity with the same rule.
@@ -26,7 +29,8 @@ import numpy as np
 from .knn import knn_predict
 
 DEFAULT_TOLERANCES = {"cosine": 0.995, "neighbour_agreement": 0.99}
-OUTPUT_KEYS = ("tokens", "embedding")
+CLASSIFIER_TOLERANCES = {"top1_agreement": 0.99}  # of a classifier's logits, beside the above
+OUTPUT_KEYS = ("tokens", "embedding", "logits")  # reference outputs; logits only of a classifier
 
 
 @dataclass
@@ -41,6 +45,7 @@ class ParityResult:
         neighbour_agreement: see the module docstring; None with fewer than 3 images.
         agreement_kind: ``knn_top1`` (labels given) or ``nearest_neighbour``.
         images: number of images compared.
+        top1_agreement: of a classifier, the worst logits output's top-1 agreement; None without logits.
         tolerances: the tolerances applied.
         failures: one line per miss, naming the output and the figure.
         per_output: max_abs / mean_abs (and cosine for embeddings) per output name.
@@ -63,6 +68,7 @@ class ParityResult:
     label: str = ""
     note: str = ""
     runs: dict[str, ParityResult] = field(default_factory=dict)
+    top1_agreement: float | None = None
 
     @property
     def cosine_mean(self) -> float:
@@ -79,30 +85,33 @@ class ParityResult:
         if not self.passed:
             return "; ".join(self.failures)
         agree = "" if self.neighbour_agreement is None else f", agreement {self.neighbour_agreement:.0%}"
-        return f"cosine {self.cosine:.5f}{agree}" + (f" ({self.note})" if self.note else "")
+        top1 = "" if self.top1_agreement is None else f", top-1 agreement {self.top1_agreement:.0%}"
+        return f"cosine {self.cosine:.5f}{agree}{top1}" + (f" ({self.note})" if self.note else "")
 
     def summary(self) -> str:
         agree = "n/a" if self.neighbour_agreement is None else f"{self.neighbour_agreement:.1%}"
         head = f"{self.label}: " if self.label else ""
+        top1 = "" if self.top1_agreement is None else f", top-1 agreement {self.top1_agreement:.1%}"
         text = (f"{head}{'PASS' if self.passed else 'FAIL'} cosine {self.cosine:.5f} (min {self.cosine_min:.5f}), "
-                f"neighbour agreement {agree}, max abs {self.max_abs:.3g}, mean abs {self.mean_abs:.3g}")
+                f"neighbour agreement {agree}{top1}, max abs {self.max_abs:.3g}, mean abs {self.mean_abs:.3g}")
         return text + (f" [{self.note}]" if self.note else "")
 
 
 def _tolerance(tolerances, key: str):
+    default = {**DEFAULT_TOLERANCES, **CLASSIFIER_TOLERANCES}.get(key)
     if tolerances is None:
-        return DEFAULT_TOLERANCES.get(key)
+        return default
     if isinstance(tolerances, dict):
-        return tolerances.get(key, DEFAULT_TOLERANCES.get(key))
-    return getattr(tolerances, key, DEFAULT_TOLERANCES.get(key))
+        return tolerances.get(key, default)
+    return getattr(tolerances, key, default)
 
 
 def _as_outputs(outputs) -> dict[str, np.ndarray]:
     if isinstance(outputs, dict):
         return {k: np.asarray(v) for k, v in outputs.items()}
     outputs = list(outputs)
-    if len(outputs) != 2:
-        raise ValueError("outputs given as a sequence must be (tokens, embedding)")
+    if len(outputs) not in (2, 3):
+        raise ValueError("outputs given as a sequence must be (tokens, embedding) or (tokens, embedding, logits)")
     return dict(zip(OUTPUT_KEYS, (np.asarray(o) for o in outputs)))
 
 
@@ -134,6 +143,16 @@ def neighbour_agreement(ref: np.ndarray, test: np.ndarray, labels=None) -> tuple
     return float(np.mean(_nearest_other(ref) == _nearest_other(test))), "nearest_neighbour"
 
 
+def is_logits(name: str) -> bool:
+    """Whether an output is a classifier's logits (``logits``, or ``logits_<d>`` of a multi-exit graph)."""
+    return name == "logits" or name.startswith("logits_")
+
+
+def top1_agreement(ref: np.ndarray, test: np.ndarray) -> float:
+    """The fraction of images [N, classes] whose top class is the same in ``ref`` and ``test``."""
+    return float(np.mean(np.argmax(ref.reshape(len(ref), -1), 1) == np.argmax(test.reshape(len(test), -1), 1)))
+
+
 def compare_outputs(ref, test, tolerances=None, labels=None, label: str = "", note: str = "") -> ParityResult:
     """Compares tested outputs with reference outputs, collecting every miss.
 
@@ -141,13 +160,15 @@ def compare_outputs(ref, test, tolerances=None, labels=None, label: str = "", no
         ref, test: ``{output name: array}`` (or ``(tokens, embedding)``), the same images in the same
             order. Every reference output must be in ``test``. Embeddings are the outputs named
             ``embedding`` / ``embedding_<d>``; with none, the first output, flattened per image.
-        tolerances: ``{"cosine", "neighbour_agreement", optional "max_abs"}`` or an object with
-            those attributes (a profile's parity tolerance); default cosine 0.995, agreement 0.99.
+        tolerances: ``{"cosine", "neighbour_agreement", "top1_agreement", optional "max_abs"}`` or an
+            object with those attributes (a profile's parity tolerance); default cosine 0.995,
+            neighbour agreement 0.99, top-1 agreement 0.99 (outputs named ``logits`` / ``logits_<d>``).
         labels: class per image, for kNN top-1 agreement; else nearest-neighbour agreement.
         label, note: carried into the result (what was compared; e.g. host-emulated fp16).
     """
     ref, test = _as_outputs(ref), _as_outputs(test)
-    tol = {k: _tolerance(tolerances, k) for k in ("cosine", "neighbour_agreement", "max_abs")}
+    figures = ("cosine", "neighbour_agreement", "max_abs") + (("top1_agreement",) if any(map(is_logits, ref)) else ())
+    tol = {k: _tolerance(tolerances, k) for k in figures}
     failures: list[str] = []
     per_output: dict[str, dict] = {}
     abs_max, abs_sum, count = 0.0, 0.0, 0
@@ -175,7 +196,7 @@ def compare_outputs(ref, test, tolerances=None, labels=None, label: str = "", no
     # distance of two unit vectors at the cosine tolerance, sqrt(2 (1 - cos)): what the cosine
     # tolerance allows in direction, allowed in length too, so a scaled output cannot pass.
     max_rel = float(np.sqrt(2 * (1 - tol["cosine"])))
-    cos_all, agree_all, kind = [], [], "nearest_neighbour"
+    cos_all, agree_all, top1_all, kind = [], [], [], "nearest_neighbour"
     for name in per_output:
         r, t = ref[name].reshape(len(ref[name]), -1), test[name].reshape(len(test[name]), -1)
         cos = np.sum(_normalize(r) * _normalize(t), axis=1)
@@ -185,6 +206,12 @@ def compare_outputs(ref, test, tolerances=None, labels=None, label: str = "", no
             failures.append(f"{name}: cosine {cos.mean():.5f} < {tol['cosine']} (worst image {cos.min():.5f})")
         if rel.mean() > max_rel:
             failures.append(f"{name}: relative error {rel.mean():.3g} > {max_rel:.3g} (the cosine tolerance's)")
+        if is_logits(name):
+            top1 = top1_agreement(r, t)
+            per_output[name]["top1_agreement"] = top1
+            top1_all.append(top1)
+            if top1 < tol["top1_agreement"]:
+                failures.append(f"{name}: top-1 agreement {top1:.1%} < {tol['top1_agreement']:.1%}")
         if name not in emb_names:
             continue
         cos_all.append(cos)
@@ -203,7 +230,7 @@ def compare_outputs(ref, test, tolerances=None, labels=None, label: str = "", no
         cosine_min=float(cos.min()) if cos.size else float("nan"),
         neighbour_agreement=min(agree_all) if agree_all else None, agreement_kind=kind,
         images=int(len(next(iter(ref.values())))), tolerances=tol, failures=failures,
-        per_output=per_output, label=label, note=note,
+        per_output=per_output, label=label, note=note, top1_agreement=min(top1_all) if top1_all else None,
     )
 
 
@@ -215,6 +242,7 @@ def merge_results(results: list[ParityResult] | dict[str, ParityResult], label: 
     runs = dict(results) if isinstance(results, dict) else {}
     results = list(results.values()) if isinstance(results, dict) else list(results)
     agrees = [r.neighbour_agreement for r in results if r.neighbour_agreement is not None]
+    top1s = [r.top1_agreement for r in results if r.top1_agreement is not None]
     return ParityResult(
         passed=all(r.passed for r in results), max_abs=max(r.max_abs for r in results),
         mean_abs=max(r.mean_abs for r in results), cosine=min(r.cosine for r in results),
@@ -224,6 +252,7 @@ def merge_results(results: list[ParityResult] | dict[str, ParityResult], label: 
         failures=[f"{r.label}: {f}" if r.label else f for r in results for f in r.failures],
         per_output={r.label or str(i): r.per_output for i, r in enumerate(results)},
         label=label, note="; ".join(sorted({r.note for r in results if r.note})), runs=runs,
+        top1_agreement=min(top1s) if top1s else None,
     )
 
 

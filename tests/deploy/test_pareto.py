@@ -96,6 +96,20 @@ def test_quality_axis_starts_at_zero_and_names_its_metric_and_set(figure):
     assert "heldout_images (90 images)" in caption and "starts at 0 %" in caption
 
 
+def test_a_finetuned_checkpoints_axis_and_caption_name_the_task_top1():
+    import matplotlib.pyplot as plt
+
+    fig = pareto_figure(_points(), 4.0, quality_source="pets (30 images; given validation folder)",
+                        quality_metric="task_top1")
+    try:
+        assert fig.axes[0].get_ylabel() == "held-out task top-1 (fine-tuned) of the exit (%)"
+        caption = " ".join(t.get_text() for t in fig.texts).replace("\n", " ")
+        assert "Quality: the exit's held-out task top-1 (fine-tuned) on pets (30 images;" in caption
+        assert "kNN" not in caption
+    finally:
+        plt.close(fig)
+
+
 def test_legend_matches_the_markers(figure):
     from matplotlib.markers import MarkerStyle
 

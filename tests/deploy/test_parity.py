@@ -200,3 +200,21 @@ def test_run_onnx_fills_up_a_fixed_batch_and_drops_the_copies(graphs):
 def test_session_falls_back_to_the_cpu_for_providers_not_here(graphs):
     sess = session(graphs[0], providers=["NoSuchExecutionProvider"])
     assert sess.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_logits_are_held_to_top1_agreement_and_cosine(ref):
+    # top class i % 3 at 4.0, the next one at 3.9: a near tie
+    logits = np.stack([np.eye(3)[i % 3] * 4 + np.eye(3)[(i + 1) % 3] * 3.9 for i in range(N)]).astype(np.float32)
+    r = compare_outputs({**ref, "logits": logits}, {**_copy(ref), "logits": logits.copy()})
+    assert r.passed and r.top1_agreement == 1.0 and r.tolerances["top1_agreement"] == 0.99
+    assert r.per_output["logits"]["cosine"] == pytest.approx(1.0) and "top-1 agreement 100%" in r.brief()
+    # one image's two top classes swapped: cosine barely moves, the verdict changes
+    flipped = logits.copy()
+    flipped[0, [0, 1]] = flipped[0, [1, 0]]
+    r = compare_outputs({**ref, "logits": logits}, {**_copy(ref), "logits": flipped})
+    assert not r.passed and r.top1_agreement == pytest.approx(11 / 12)
+    assert r.failures == ["logits: top-1 agreement 91.7% < 99.0%"]
+    assert compare_outputs({**ref, "logits": logits}, {**_copy(ref), "logits": flipped},
+                           {"top1_agreement": 0.9}).passed
+    merged = merge_results([compare_outputs(ref, _copy(ref)), r])
+    assert merged.top1_agreement == r.top1_agreement and not merged.passed

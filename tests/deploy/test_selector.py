@@ -320,3 +320,19 @@ def test_lower_precision_no_smaller_or_faster_says_why():
     # as large and as slow, but no figure says why: the columns speak for themselves
     bare = [replace(c, launch_share=None, float_weight_share=None) for c in (fp32, int8)]
     assert _reasons(select(bare, _profile(latency_ms=8)))[(9, "int8")] == "slower (3.9 vs 3.68 ms)"
+
+
+def test_a_finetuned_checkpoint_is_ranked_and_named_by_its_task_top1():
+    from bim_export.model.checkpoint import exit_quality, quality_metric, quality_source
+
+    task = {"name": "pets", "size": 40, "protocol": "given validation folder"}
+    # kNN prefers depth 12, the fine-tuned heads depth 6: the selector follows the task
+    metrics = {"exits": {"6": {"knn_top1": 0.6, "task_top1": 0.9, "task_dataset": task},
+                         "12": {"knn_top1": 0.8, "task_top1": 0.7, "task_dataset": task}}}
+    metric, source = quality_metric(metrics), quality_source(metrics)
+    cands = [_c(d, quality=exit_quality(metrics, d), latency=d / 6) for d in (6, 12)]
+    s = select(cands, _profile(), source, metric)
+    assert s.choice.depth == 6 and s.to_dict()["quality_metric"] == "task_top1"
+    assert s.table().splitlines()[-2] == ("quality: the exit's held-out task top-1 (fine-tuned) on "
+                                          "pets (40 images; given validation folder)")
+    assert s.to_dict()["quality_label"] == "held-out task top-1 (fine-tuned)"

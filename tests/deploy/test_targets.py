@@ -185,6 +185,16 @@ def test_cosine_topk(common):
     assert idx[0, 0] == 2 and sim[0, 0] == pytest.approx(1 / np.sqrt(1.01), rel=1e-5)
 
 
+def test_label_report_is_softmax_top_k_capped_at_the_classes(common):
+    logits = np.array([[2.0, 0.0, 1.0], [1000.0, 1001.0, -1000.0]], np.float32)  # no overflow at any scale
+    probs = common.softmax(logits)
+    np.testing.assert_allclose(probs.sum(1), 1.0)
+    np.testing.assert_allclose(probs[0], np.exp([2, 0, 1]) / np.exp([2, 0, 1]).sum(), rtol=1e-6)
+    text = common.label_report([Path("a.jpg"), Path("b.jpg")], logits, ["cat", "dog", "fish"], k=5)
+    assert text.splitlines() == ["a.jpg: cat 0.665, fish 0.245, dog 0.090", "b.jpg: dog 0.731, cat 0.269, fish 0.000"]
+    assert common.label_report([Path("a.jpg")], logits[:1], ["cat", "dog", "fish"], k=1) == "a.jpg: cat 0.665"
+
+
 @pytest.mark.parametrize("script", ["cpu.py", "jetson.py", "server_gpu.py"])
 def test_script_prints_embeddings_matching_onnxruntime(bundle, images, script, common):
     out = bundle / "emb.npy"
