@@ -199,3 +199,20 @@ def test_infer_early_exit_reports_the_exit_and_label_per_image(bundle):
     for line, d, c in zip(lines, r.exit_depth, r.logits.argmax(1)):
         assert f": exit {d}, {LABELS[c]} (" in line
     assert "exits taken (depth: images): 2: " in done.stdout
+
+
+def test_segments_in_a_phone_profiles_form(segments, pixels, tmp_path):
+    """Fixed batch and the ops NNAPI lacks rewritten, as the phone profile's bundle gets them."""
+    from bim_export.deploy.profiles import load_profile
+    from bim_export.deploy.rewrite import form_for
+
+    ckpt, backbones, _ = segments
+    form = form_for(load_profile("android-snapdragon-8-gen-2"))
+    assert form.batch and form.passes
+    graphs = export_segments(backbones.get, ckpt.exits, tmp_path, opset=17, img_size=ckpt.config["img_size"], form=form)
+    cascade = Cascade([g.path for g in graphs], ckpt.exits, [None, 0.0])
+    assert [s.get_inputs()[0].shape[0] for s in cascade.sessions] == [form.batch] * 2
+    ref = classifier_reference(backbones.get, ckpt.exits, pixels)
+    for d, got in zip(ckpt.exits, cascade.run_all(pixels[:5], form.batch)):
+        assert np.abs(got["logits"] - ref[f"logits_{d}"][:5]).max() <= 1e-3  # erf in tanh form: |error| < 5e-4
+        assert (got["logits"].argmax(1) == ref[f"logits_{d}"][:5].argmax(1)).all()
