@@ -14,6 +14,7 @@ runtime/    the device runtime: what a bundle runs without torch (stdlib, numpy,
     knn                 kNN on features (numpy)
     session             ONNX Runtime sessions: provider fallback (and its warning), batched runs
     parity              ONNX Runtime vs reference outputs: ParityResult
+    early_exit          the stage segments run in turn, each image leaving at its first confident exit
     validate            re-checking a finished bundle
 core/       infrastructure: errors, shipped files, atomic outputs, tables
             uses: runtime
@@ -66,6 +67,8 @@ deploy/     per-device export
     selector            the choice of depth x precision (pure Python)
     workshop            a run's shared artefacts: check images, graphs built once, reference outputs
     candidates          every depth x precision for a profile: pruned, parity-checked, timed
+    thresholds          early exit's confidence thresholds, fitted on held-out images (numpy)
+    early_exit          early exit: one graph per stage segment, thresholds, accuracy vs host latency
     ortformat           model.ort and required_operators.config for apps, checked against model.onnx
     pareto              pareto.png: latency (with its stated error) vs quality of every candidate
     report              report.md: the choice and why

@@ -51,6 +51,13 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                         "only if it is an earlier bundle")
     p.add_argument("--data", type=Path, default=None, help="images for calibration and parity (default: built-in sample set)")
     p.add_argument("--multi-exit", action="store_true", help="one ONNX graph with an output per exit")
+    p.add_argument("--early-exit", nargs="?", type=float, const=0.5, default=None, metavar="POINTS",
+                   help="joint fine-tuned checkpoint: also one graph per stage segment, each image stopping at the first "
+                        "confident exit; thresholds lose at most POINTS of held-out accuracy against the deepest exit "
+                        "(default 0.5)")
+    p.add_argument("--eval-data", type=Path, default=None,
+                   help="with --early-exit: labelled folder to fit the thresholds on (default: the checkpoint's "
+                        "held-out split)")
 
 
 def _cmd_export(args) -> int:
@@ -59,7 +66,8 @@ def _cmd_export(args) -> int:
     from .deploy.pipeline import run_export
 
     summary = run_export(target=args.target, checkpoint=args.checkpoint, out=args.out,
-                         data=args.data, multi_exit=args.multi_exit, progress=args.progress)
+                         data=args.data, multi_exit=args.multi_exit, progress=args.progress,
+                         early_exit=args.early_exit, eval_data=args.eval_data)
     print(summary)
     return 0
 

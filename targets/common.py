@@ -295,6 +295,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's)")
     p.add_argument("--save", type=Path, default=None,
                    help="also write the outputs to this .npy file (a classifier's logits, else the embeddings)")
+    p.add_argument("--early-exit", action="store_true",
+                   help="run the bundle's stage segments in turn, each image stopping at its first confident exit; "
+                        "prints the exit taken and the label per image (bundles exported with --early-exit)")
     return p
 
 
@@ -314,6 +317,8 @@ def run_main(args: argparse.Namespace, providers: Sequence, *, runner_factory=No
     """
     bundle = args.bundle or script_dir
     manifest = load_manifest(bundle)
+    if getattr(args, "early_exit", False):
+        return early_exit_main(args, bundle, manifest, providers)
     model = args.model or Path(bundle) / "model.onnx"
     batch = args.batch or int(manifest.get("batch", 1))
     session = make_session(model, providers, args.threads)
@@ -341,6 +346,31 @@ def run_main(args: argparse.Namespace, providers: Sequence, *, runner_factory=No
     print(timing_line(runner.times_ms, batch, used))
     if args.save is not None:
         np.save(args.save, emb)
+    return 0
+
+
+def early_exit_main(args: argparse.Namespace, bundle: Path, manifest: dict, providers: Sequence) -> int:
+    """``infer.py --early-exit``: the segments in turn; per image the exit taken, the label and its
+    probability; then how many images left at each exit, and timing."""
+    from runtime.early_exit import Cascade
+    from runtime.errors import InputError
+
+    try:
+        cascade = Cascade.from_manifest(bundle, manifest, providers, args.threads)
+    except InputError as e:
+        raise SystemExit(f"error: {e}") from None
+    labels = manifest["early_exit"].get("labels") or []
+    batch = args.batch or int(manifest.get("batch", 1))
+    paths, x = load_images(collect_images(args.images), manifest)
+    cascade(x[:batch], batch)  # warm-up
+    result = cascade(x, batch)
+    for p, d, i, c in zip(paths, result.exit_depth, result.logits.argmax(-1), result.confidence):
+        name = labels[i] if i < len(labels) else str(i)
+        print(f"{p}: exit {d}, {name} ({c:.3f})")
+    shares = ", ".join(f"{d}: {int((result.exit_depth == d).sum())}" for d in cascade.exits)
+    print(f"exits taken (depth: images): {shares}")
+    print(f"timing: {len(x)} images in {result.ms:.1f} ms ({result.ms / len(x):.2f} ms per image) at batch <= {batch} "
+          f"on {', '.join(cascade.providers)}")
     return 0
 
 

@@ -554,6 +554,31 @@ def _info_of_a_missing_folder(tmp: Path, ckpt: Path) -> InputCase:
     return InputCase(["info", str(tmp / "exports" / "jetson")], [f"{tmp / 'exports' / 'jetson'}: no such bundle folder"])
 
 
+
+def _early_exit_on_a_per_exit_checkpoint(tmp: Path, ckpt: Path) -> InputCase:
+    from finetuned import make_finetuned
+
+    per_exit = make_finetuned(tmp / "per-exit", "per_exit", ("cat", "dog"), source=ckpt)
+    return InputCase(["--target", "raspberry-pi-5", "--checkpoint", str(per_exit), "--early-exit", "--out",
+                      str(tmp / "out")],
+                     [f"{per_exit / 'config.json'}: --early-exit needs a joint fine-tuned checkpoint",
+                      "fine-tuned per exit"], absent=[tmp / "out"], unchanged=[per_exit / "config.json"])
+
+
+def _early_exit_on_a_pretrained_checkpoint(tmp: Path, ckpt: Path) -> InputCase:
+    return InputCase(["export", "--target", "raspberry-pi-5", "--checkpoint", str(ckpt), "--early-exit", "1",
+                      "--out", str(tmp / "out")],
+                     ["--early-exit needs a joint fine-tuned checkpoint", "not fine-tuned"], absent=[tmp / "out"])
+
+
+def _early_exit_without_held_out_images(tmp: Path, ckpt: Path) -> InputCase:
+    from finetuned import make_finetuned
+
+    joint = make_finetuned(tmp / "joint", "joint", ("cat", "dog"), source=ckpt)  # its split names no files
+    return InputCase(["export", "--target", "raspberry-pi-5", "--checkpoint", str(joint), "--early-exit",
+                      "--out", str(tmp / "out")],
+                     ["finetune.split names no held-out images", "--eval-data DIR"], absent=[tmp / "out"])
+
 INPUT_CASES = [
     pytest.param(_calibrate_on_another_device, id="calibrate-on-a-machine-that-is-not-the-device"),
     pytest.param(_validate_latency_on_another_device, id="validate-check-latency-on-a-machine-that-is-not-the-device"),
@@ -561,6 +586,9 @@ INPUT_CASES = [
     pytest.param(_info_of_a_user_folder, id="info-a-folder-that-is-not-a-bundle"),
     pytest.param(_info_of_a_checkpoint, id="info-a-foreign-manifest-json"),
     pytest.param(_info_of_a_missing_folder, id="info-no-such-folder"),
+    pytest.param(_early_exit_on_a_per_exit_checkpoint, id="export-early-exit-on-a-per-exit-checkpoint"),
+    pytest.param(_early_exit_on_a_pretrained_checkpoint, id="export-early-exit-on-a-checkpoint-not-fine-tuned"),
+    pytest.param(_early_exit_without_held_out_images, id="export-early-exit-no-held-out-images-nor-eval-data"),
     pytest.param(_unknown_arch_export, id="export-checkpoint-config-arch-unknown"),
     pytest.param(_multi_exit_of_a_per_exit_checkpoint, id="export-multi-exit-of-a-per-exit-finetuned-checkpoint"),
     pytest.param(_unknown_arch_backbone, id="backbone-checkpoint-config-arch-unknown"),

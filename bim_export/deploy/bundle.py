@@ -16,6 +16,7 @@ so an interrupted export leaves only what was there before)::
     validate.py     the standalone validator (from targets/)
     runtime/        the device runtime both scripts import (bim_export/runtime, no torch): preprocessing,
                     sessions and provider fallback, kNN, parity, validation, the machine description
+    early_exit/     with --early-exit: one graph per stage segment and their reference outputs
 
 Each kind of output is a :class:`Writer`, registered in the order it runs (:data:`WRITERS`); a new
 output kind (a Triton model repository, an engine build script) is one :func:`register_writer` here
@@ -47,6 +48,7 @@ from ..runtime.machine import sha256_file
 from ..runtime.parity import ParityResult
 from .candidates import ONNX_PROVIDER, Trial, source_label
 from .device_scripts import COMMON, SCRIPTS
+from .early_exit import FOLDER as EARLY_EXIT
 from .ortformat import OPS_CONFIG, ORT_MODEL, make_ort
 from .pareto import PlotPoint, plot_pareto
 from .registry import Registry
@@ -89,6 +91,8 @@ class BundleSpec:
             each candidate is predicted (``pipeline.mobile_record``); ``model.ort`` and
             ``required_operators.config`` are then made and checked here.
         dynamic_model: the profile's second, dynamic-batch file, and ``dynamic_parity`` its parity.
+        early_exit: with ``--early-exit``, the segment graphs and their record
+            (:class:`~bim_export.deploy.early_exit.EarlyExit`).
     """
 
     profile: Any
@@ -108,6 +112,7 @@ class BundleSpec:
     mobile: dict | None = None
     dynamic_model: Path | None = None
     dynamic_parity: ParityResult | None = None
+    early_exit: Any = None
 
     @property
     def model(self) -> Path:
@@ -239,6 +244,12 @@ def _write_validator(draft: BundleDraft) -> None:
 def _write_extra_files(draft: BundleDraft) -> None:
     for name, src in draft.spec.extra_files.items():
         shutil.copyfile(src, draft.dir / name)
+
+
+@register_writer("early_exit", (EARLY_EXIT,))
+def _write_early_exit(draft: BundleDraft) -> None:
+    if draft.spec.early_exit is not None:
+        draft.manifest[EARLY_EXIT] = draft.spec.early_exit.write(draft.dir)
 
 
 @register_writer("pareto", (PARETO,))

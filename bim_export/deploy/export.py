@@ -30,6 +30,7 @@ turns attention into the fused ``Attention`` op.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -125,6 +126,50 @@ def export_onnx(
         program = torch.onnx.export(
             module, (example,), input_names=[INPUT_NAME], output_names=names,
             dynamic_shapes={"x": {0: torch.export.Dim(BATCH_AXIS)}},
+            opset_version=max(opset, EXPORTER_OPSET), dynamo=True, optimize=True, verbose=False,
+        )
+    proto = program.model_proto
+    exported = _onnx_opset(proto)
+    if exported > opset:
+        proto = convert_opset(proto, opset)
+        meta["exporter"] += f", opset {exported} converted to {opset} by onnx.version_converter"
+    if _onnx_opset(proto) != opset:
+        raise BimExportError(f"the ONNX exporter produced opset {_onnx_opset(proto)}, not the requested {opset}")
+    set_metadata(proto, meta)
+    proto.producer_name = "bim-export"
+    save_checked(proto, path)
+    return path
+
+
+def export_graph(module, example, path: str | os.PathLike, *, input_name: str, output_names: list[str],
+                 opset: int, metadata: Mapping[str, object] | None = None) -> Path:
+    """Exports a module of one batched input to a checked ONNX file as :func:`export_onnx` does (the
+    batch axis dynamic and named ``batch``, converted to ``opset``, ``metadata_props`` stamped),
+    for graphs outside the backbone contract (an early-exit segment takes another segment's tokens).
+
+    Args:
+        module: the ``torch.nn.Module`` to export (put in eval mode here).
+        example: an input of the right shape, batch >= 2 (torch.export specializes a size-1 axis).
+        path: the ``.onnx`` file to write (written atomically, full-checked).
+        input_name, output_names: the graph's input and output names.
+        opset: the ONNX opset of the graph.
+        metadata: ``metadata_props``; ``exporter`` and ``bim_export_version`` are added.
+
+    Raises:
+        BimExportError: the exporter could not produce a valid graph at this opset.
+    """
+    from .. import __version__
+
+    path = Path(path)
+    module.eval()
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in dict(metadata or {}).items()}
+    meta.setdefault("exporter", f"torch.onnx.export(dynamo=True) torch {torch.__version__}")
+    meta.setdefault("bim_export_version", __version__)
+    arg = next(iter(inspect.signature(module.forward).parameters))
+    with torch.no_grad(), _quiet_exporter():
+        program = torch.onnx.export(
+            module, (example,), input_names=[input_name], output_names=list(output_names),
+            dynamic_shapes={arg: {0: torch.export.Dim(BATCH_AXIS)}},
             opset_version=max(opset, EXPORTER_OPSET), dynamo=True, optimize=True, verbose=False,
         )
     proto = program.model_proto

@@ -70,8 +70,9 @@ class Outcome:
 
 
 def export_profile(shop: Workshop, profile: Profile, out: Path, multi_exit: bool = False,
-                   progress: Progress = SILENT) -> Outcome:
-    """Candidates -> selector -> bundle for one profile, each step told to ``progress``.
+                   progress: Progress = SILENT, early_exit: tuple | None = None) -> Outcome:
+    """Candidates -> selector -> bundle for one profile, each step told to ``progress``; with
+    ``early_exit`` (held-out images, accuracy loss in points), the stage segments beside the choice.
 
     Raises:
         NoCandidateError: nothing meets the budgets (with the candidate table).
@@ -108,6 +109,11 @@ def export_profile(shop: Workshop, profile: Profile, out: Path, multi_exit: bool
                             source="" if t.latency is None else source_label(t.latency),
                             error=None if t.latency is None else t.latency.error(stat))
                   for t in trials]
+        early = None
+        if early_exit is not None:
+            from .early_exit import build_early_exit
+
+            early = build_early_exit(shop, profile, *early_exit, progress=progress)
         chosen_row = next(r for r in selection.rows if r.status == "chosen")
         lat_ms = choice.latency.stat(stat)
         why = (f"Depth {choice.depth} in {choice.precision}: {chosen_row.reason}. Its latency is {lat_ms:.2f} ms {stat}"
@@ -122,7 +128,7 @@ def export_profile(shop: Workshop, profile: Profile, out: Path, multi_exit: bool
                           conversion=shop.conversions.get(choice.model, {"precision": "fp32", "method": "export"}),
                           reference=reference, points=points, why=why, model_path=model, exit_parity=exit_parity,
                           mobile=mobile_record(trials, choice, profile), dynamic_model=dynamic,
-                          dynamic_parity=dynamic_parity)
+                          dynamic_parity=dynamic_parity, early_exit=early)
         st.step(f"{item} to {Path(out) / profile.name}", "write")
         bundle = write_bundle(out, spec)
         return Outcome(profile.name, bundle, choice, table=selection.table(), stat=stat, budget_ms=budget,
@@ -177,9 +183,14 @@ def _rejection(selection, trial: Trial) -> str | None:
 
 
 def run_export(target: str, checkpoint: Path | None = None, out: Path = Path("exports"),
-               data: Path | None = None, multi_exit: bool = False, progress: Progress = SILENT) -> str:
+               data: Path | None = None, multi_exit: bool = False, progress: Progress = SILENT,
+               early_exit: float | None = None, eval_data: Path | None = None) -> str:
     """Exports the best backbone for ``target`` (a profile, alias, YAML path or ``all``), telling
     ``progress`` each stage of the work (silent by default).
+
+    With ``early_exit`` (the held-out accuracy, in points, the cascade may lose against the deepest
+    exit) a joint fine-tuned checkpoint's stage segments go into each bundle, with thresholds fitted
+    on its held-out split, or on the labelled folder ``eval_data``.
 
     Returns:
         A human summary: the bundle(s), choice, latency with its source, parity.
@@ -201,6 +212,14 @@ def run_export(target: str, checkpoint: Path | None = None, out: Path = Path("ex
     out = Path(out)
     for profile in profiles:  # every bundle's place, before minutes of work
         check_destination(out / profile.name, bundle_kind())
+    heldout = None
+    if early_exit is not None:  # before any work: a checkpoint that cannot, or no images to fit on
+        from .early_exit import check_joint, heldout_images
+
+        check_joint(ckpt)
+        if early_exit < 0:
+            raise InputError(f"--early-exit: the accuracy loss must be >= 0 points (got {early_exit:g})")
+        heldout = (heldout_images(ckpt, eval_data), early_exit)
     images = load_images(data, ckpt.config)
     out.mkdir(parents=True, exist_ok=True)
     work = work_dir(out)  # scratch exports of this run; those of killed runs are removed first
@@ -212,7 +231,7 @@ def run_export(target: str, checkpoint: Path | None = None, out: Path = Path("ex
                 if len(profiles) > 1:
                     st.step(profile.name)
                 try:
-                    outcomes.append(export_profile(shop, profile, out, multi_exit, progress))
+                    outcomes.append(export_profile(shop, profile, out, multi_exit, progress, heldout))
                 except NoCandidateError as e:
                     if len(profiles) == 1:
                         raise

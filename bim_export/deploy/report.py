@@ -78,6 +78,7 @@ def render_report(manifest: dict[str, Any], table: str, why: str) -> str:
         "`python validate.py .` on the device to measure them there (recorded in manifest.json).",
         "",
         *mobile_lines(m),
+        *early_exit_lines(m),
         "## Run it on the device",
         "",
         "```sh",
@@ -99,6 +100,38 @@ def render_report(manifest: dict[str, Any], table: str, why: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def early_exit_lines(m: dict[str, Any]) -> list[str]:
+    """report.md's early-exit section: held-out accuracy against mean host latency, the cascade beside
+    every fixed depth, the thresholds and where each was fitted."""
+    ee = m.get("early_exit")
+    if not isinstance(ee, dict):
+        return []
+    exits, lat, acc = ee.get("exits") or [], ee.get("latency") or {}, ee.get("accuracy") or {}
+    held, share = (ee.get("fit") or {}).get("held_out") or {}, ee.get("exit_distribution") or {}
+    cascade, fixed = lat.get("cascade") or {}, lat.get("fixed") or []
+    thresholds = " / ".join("never" if t is None else f"{t:.3f}" for t in (ee.get("thresholds") or [])[:-1])
+    lines = ["## Early exit", "",
+             f"{len(exits)} segment graphs in `early_exit/` ({ee.get('precision')}), exits at blocks "
+             f"{', '.join(map(str, exits))}: an image leaves at the first exit whose {ee.get('confidence')} reaches "
+             f"its threshold ({thresholds}; the last exit takes the rest). Thresholds fitted on "
+             f"{held.get('name')} ({held.get('size')} images, {held.get('protocol')}) for at most "
+             f"{(ee.get('fit') or {}).get('accuracy_loss_points')} point of accuracy below the deepest exit, "
+             "at the least measured compute.", "",
+             f"| model | held-out top-1 | mean latency (host, batch {lat.get('batch')}) | images leaving at each exit |",
+             "|---|---|---|---|",
+             f"| early exit | {acc.get('cascade', float('nan')):.1%} | {cascade.get('mean_ms', float('nan')):.2f} ms | "
+             + ", ".join(f"{d}: {share.get(str(d), 0):.0%}" for d in exits) + " |"]
+    lines += [f"| depth {d} | {(acc.get('fixed') or {}).get(str(d), float('nan')):.1%} | {f.get('mean_ms', float('nan')):.2f} ms"
+              " | |" for d, f in zip(exits, fixed)]
+    machine = lat.get("machine") or {}
+    lines += ["", f"Latency measured here ({machine.get('cpu', '?')}, {machine.get('logical_cores', '?')} logical cores, "
+              f"CPU flags {' '.join(machine.get('cpu_flags') or []) or 'none listed'}): every segment and every fixed-depth "
+              "graph timed together, interleaved; the cascade's mean is each held-out image's segments summed, "
+              "averaged." + (" Some timings were disturbed by other processes." if lat.get("disturbed") else ""),
+              "Run it: `python infer.py images/ --early-exit` (the exit taken and the label per image).", ""]
+    return lines
 
 
 def _parity_row(name: str, r: dict, top1: bool = False) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import early_exit
 from .errors import BimExportError, InputError, ValidationError
 from .machine import describe_device, describe_machine, device_mismatches, machine_description, sha256_file
 from .parity import DEFAULT_TOLERANCES, OUTPUT_KEYS, compare_outputs, merge_results, session_emulation_note
@@ -194,6 +195,10 @@ def validate_bundle(bundle_dir, check_latency: bool | None = None, providers=Non
     model = path
     parity = merge_results(runs, label=str(manifest.get("precision", "")))
     failures += parity.failures
+    segments = None
+    if isinstance(manifest.get(early_exit.SECTION), dict):  # --early-exit: each segment, chained, vs its reference
+        segments = early_exit.check_bundle(root, manifest, providers, tolerances)
+        failures += [f"early-exit segments: {f}" for f in segments.failures]
 
     budgets = manifest.get("budgets") or {}
     stat = budgets.get("latency_stat") or (manifest.get("latency") or {}).get("stat") or "p50"
@@ -222,6 +227,7 @@ def validate_bundle(bundle_dir, check_latency: bool | None = None, providers=Non
         "machine": here, "on_profile_device": not mismatch, "forced": forced, "providers": sess.get_providers(),
         "onnxruntime": __import__("onnxruntime").__version__,
         "parity": parity.to_dict(), "latency": latency, "latency_checked": bool(check_latency),
+        **({"early_exit_parity": segments.to_dict()} if segments is not None else {}),
         "passed": not failures, "failures": failures,
     }
     manifest.setdefault("device_validations", []).append(record)
@@ -230,6 +236,8 @@ def validate_bundle(bundle_dir, check_latency: bool | None = None, providers=Non
     lines = [f"{root}: {manifest.get('profile', '?')} depth {manifest.get('depth', '?')} "
              f"{manifest.get('precision', '?')} on {record['machine'].get('cpu', '?')} ({', '.join(record['providers'])})",
              "  parity  " + parity.summary(),
+             *([f"  early exit {len(manifest[early_exit.SECTION]['segments'])} segments: {segments.summary()}"]
+               if segments is not None else []),
              f"  latency {stat} {latency[stat]:.2f} ms at batch {batch} (measured"
              + (f" on another machine, not the profile's device{', forced' if forced else ''}" if mismatch else "")
              + (f", budget {budget} ms{'' if check_latency else ', not checked here'}" if budget is not None else "")
