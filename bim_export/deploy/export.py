@@ -101,9 +101,6 @@ def export_onnx(
         InputError: multi-exit without exits, or exits deeper than ``backbone``.
         BimExportError: the exporter could not produce a valid graph at this opset.
     """
-    from .. import __version__
-
-    path = Path(path)
     h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     if multi_exit:
         if not exits:
@@ -113,32 +110,12 @@ def export_onnx(
     else:
         module = SingleExit(backbone)
         names = output_names(None, has_head(backbone))
-    module.eval()
+    meta = dict(metadata or {})
+    if multi_exit:
+        meta.setdefault("graph_exits", sorted(exits))
     # batch 2, not 1: torch.export specializes a dimension whose example size is 1
     example = torch.zeros(2, 3, h, w, dtype=torch.float32)
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in dict(metadata or {}).items()}
-    meta.setdefault("exporter", f"torch.onnx.export(dynamo=True) torch {torch.__version__}")
-    meta.setdefault("bim_export_version", __version__)
-    if multi_exit:
-        meta.setdefault("graph_exits", json.dumps(sorted(exits)))
-
-    with torch.no_grad(), _quiet_exporter():
-        program = torch.onnx.export(
-            module, (example,), input_names=[INPUT_NAME], output_names=names,
-            dynamic_shapes={"x": {0: torch.export.Dim(BATCH_AXIS)}},
-            opset_version=max(opset, EXPORTER_OPSET), dynamo=True, optimize=True, verbose=False,
-        )
-    proto = program.model_proto
-    exported = _onnx_opset(proto)
-    if exported > opset:
-        proto = convert_opset(proto, opset)
-        meta["exporter"] += f", opset {exported} converted to {opset} by onnx.version_converter"
-    if _onnx_opset(proto) != opset:
-        raise BimExportError(f"the ONNX exporter produced opset {_onnx_opset(proto)}, not the requested {opset}")
-    set_metadata(proto, meta)
-    proto.producer_name = "bim-export"
-    save_checked(proto, path)
-    return path
+    return export_graph(module, example, path, input_name=INPUT_NAME, output_names=names, opset=opset, metadata=meta)
 
 
 def export_graph(module, example, path: str | os.PathLike, *, input_name: str, output_names: list[str],
