@@ -32,7 +32,7 @@ from .distributed import DistInfo, GradientReducer, average_tensor, barrier, bro
     shutdown
 from .finetune_config import FinetuneConfig, load_finetune_config
 from .finetune_data import AugmentedImages, HeldOut, LabelledSplit, load_labelled, train_transform
-from .finetune_model import build_classifier, finetuned_arch
+from .finetune_model import build_classifier, finetuned_arch, probe_heads
 from .loader import StepSampler, _mix
 from .task import task_metrics
 
@@ -145,6 +145,9 @@ def _run(cfg: FinetuneConfig, src: ckpt_io.Checkpoint, prev: ckpt_io.Checkpoint 
     torch.manual_seed(cfg.seed)
     model = build_classifier(start, cfg.mode, exits, n_classes, keep or prev is not None, cfg.drop_path, cfg.seed)
     model.to(device).train()
+    if prev is None and not keep and cfg.head_init == "probe":
+        train_images = HeldOut(split.train, model.img_size, mean, std)
+        probe_heads(model, train_images.batches(), train_images.labels, n_classes)
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
 
@@ -154,10 +157,11 @@ def _run(cfg: FinetuneConfig, src: ckpt_io.Checkpoint, prev: ckpt_io.Checkpoint 
     schedule = CosineLRScheduler(optimizer, t_initial=steps, lr_min=cfg.min_lr, warmup_t=warmup,
                                  warmup_lr_init=cfg.min_lr, t_in_epochs=False)
     step, log_lines = 0, []
+    window: list[tuple[list[float], list[float]]] = []  # (losses, top-1) per exit of each step since the last log line
     if prev is not None:
         state = prev.load_train_state()
         optimizer.load_state_dict(state["optimizer"])
-        step = int(state["step"])
+        step, window = int(state["step"]), [tuple(w) for w in state.get("window", [])]
         log_lines = (prev.path / ckpt_io.LOG).read_text().splitlines() if (prev.path / ckpt_io.LOG).exists() else []
     broadcast_parameters(model, info)
     img_size = model.img_size
@@ -172,7 +176,7 @@ def _run(cfg: FinetuneConfig, src: ckpt_io.Checkpoint, prev: ckpt_io.Checkpoint 
     epochs = math.ceil(steps / per_epoch)
     epoch_end = lambda k: min(steps, k * per_epoch)  # noqa: E731 - the step that ends epoch k
     done_epochs = sum(epoch_end(k) <= step for k in range(1, epochs + 1))
-    window: list[tuple[list[float], list[float]]] = []
+    epoch_window: list[tuple[list[float], list[float]]] = []  # for the progress line
     t0 = time.perf_counter()
     with progress.stage("fine-tune", total=epochs, scope=f"{out.name}: {cfg.mode}") as stage:
         stage.done = done_epochs
@@ -203,14 +207,16 @@ def _run(cfg: FinetuneConfig, src: ckpt_io.Checkpoint, prev: ckpt_io.Checkpoint 
                                     f"{optimizer.param_groups[-1]['lr']:.3g}) or fine-tune in fp32; {kept}")
             step += 1
             window.append((figures[0], figures[1]))
+            epoch_window.append((figures[0], figures[1]))
             if step % cfg.log_every == 0 or step == steps:
-                record.log(step, optimizer.param_groups[-1]["lr"], window[-cfg.log_every:], time.perf_counter() - t0)
+                record.log(step, optimizer.param_groups[-1]["lr"], window, time.perf_counter() - t0)
+                window = []
             if step == epoch_end(done_epochs + 1):
                 done_epochs += 1
                 scores = _score(model, heldout, exits, device) if heldout is not None and (
                     cfg.eval_each_epoch or step == steps) else None
-                stage.step(_epoch_line(done_epochs, epochs, window[-per_epoch:], scores, exits),
-                           what="epoch")
+                stage.step(_epoch_line(done_epochs, epochs, epoch_window, scores, exits), what="epoch")
+                epoch_window = []
             if step % cfg.save_every == 0 or step == steps:
                 final = step == steps
                 if info.is_main:
@@ -292,19 +298,22 @@ class _Record:
             self.source = {"checkpoint": Path(start.path).resolve().name, "step": start.config.get("step")}
         self.arch = finetuned_arch(start.config, exits)
         self.pending: list[str] = []
+        self.last_loss: dict[str, float] = {}  # of the last log line
 
     def log(self, step: int, lr: float, window, seconds: float) -> None:
+        self.last_loss = {str(d): round(float(np.mean([w[0][i] for w in window])), 6) for i, d in enumerate(self.exits)}
         self.pending.append(json.dumps({
-            "step": step, "lr": lr, "elapsed_s": round(seconds, 3),
-            "loss": {str(d): round(float(np.mean([w[0][i] for w in window])), 6) for i, d in enumerate(self.exits)},
+            "step": step, "lr": lr, "elapsed_s": round(seconds, 3), "loss": self.last_loss,
             "train_top1": {str(d): round(float(np.mean([w[1][i] for w in window])), 6)
                            for i, d in enumerate(self.exits)}}))
 
     def save(self, model, optimizer, step: int, window, scores: dict | None) -> None:
         self.lines += self.pending
         self.pending = []
-        recent = window[-self.cfg.log_every:]
-        exits = {str(d): {"train_loss": float(np.mean([w[0][i] for w in recent]))} for i, d in enumerate(self.exits)}
+        if not self.last_loss and self.lines:
+            self.last_loss = json.loads(self.lines[-1]).get("loss", {})
+        exits = {str(d): ({"train_loss": self.last_loss[str(d)]} if str(d) in self.last_loss else {})
+                 for d in self.exits}
         split = self.split.record
         for d, m in (scores or {}).items():
             exits[str(d)].update(m, task_dataset={"name": split["name"], "size": split["size"],
@@ -312,7 +321,7 @@ class _Record:
         config = classifier.finetuned_config(self.arch, mode=self.cfg.mode, labels=self.split.classes,
                                              source=self.source, split=split,
                                              settings=self.cfg.model_dump(mode="json"), step=step)
-        state = {"optimizer": optimizer.state_dict(), "step": step}
+        state = {"optimizer": optimizer.state_dict(), "step": step, "window": [list(w) for w in window]}
         ckpt_io.save_checkpoint(self.out, model.checkpoint_state(), config, {"step": step, "exits": exits}, state,
                                 self.lines)
         self.saved = True

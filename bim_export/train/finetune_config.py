@@ -2,8 +2,9 @@
 
 The recipe is the field's (BEiT / MAE fine-tuning, built from timm's parts): AdamW with layer-wise
 learning-rate decay, linear warm-up then cosine, label smoothing, drop path; Mixup / CutMix and
-RandAugment are there but off by default, since they slow learning on a few hundred images. The
-defaults learn a small labelled set in a few epochs.
+RandAugment are there but off by default, since they slow learning on a few hundred images. New
+heads start as linear probes of the frozen exits (LP-FT), so a short run starts from what the
+frozen features give.
 """
 
 from __future__ import annotations
@@ -36,10 +37,16 @@ class FinetuneConfig(BaseModel):
     head: Literal["keep", "new"] = Field(
         "keep", description="a checkpoint fine-tuned before: keep continues from its heads (its labels must be "
         "the data's); new starts fresh heads (any labels)")
+    head_init: Literal["probe", "zero"] = Field(
+        "probe", description="how a new head starts. probe: a linear probe fitted on the frozen exit's features of "
+        "the training images (LP-FT, Kumar et al. 2022): fine-tuning starts from the frozen features' accuracy, "
+        "which a few hundred images and steps need, since masked-image-modeling features vary little "
+        "between images; zero: near-zero weights (MAE)")
     # -- schedule
     epochs: float = Field(10.0, gt=0, description="passes over the training images")
     batch_size: int = Field(32, ge=1, description="images per optimizer step over all processes (global batch)")
-    lr: float = Field(1e-3, gt=0, description="peak learning rate of the last layer and the heads")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate of the last layer and the heads (higher rates "
+                      "undo a pretrained encoder's features on a few hundred images)")
     layer_decay: float = Field(0.75, gt=0, le=1, description="layer-wise learning-rate decay: block i of L gets "
                                "lr x layer_decay^(L + 1 - i); the patch embedding the least (1: no decay)")
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not on norms, biases, tokens, "
@@ -49,13 +56,17 @@ class FinetuneConfig(BaseModel):
     grad_clip: Optional[float] = Field(None, gt=0, description="clip the gradient norm to this (off by default)")
     # -- regularization and augmentation
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing of the cross-entropy")
-    drop_path: float = Field(0.1, ge=0, lt=1, description="stochastic depth rate of the deepest block")
+    drop_path: float = Field(0.0, ge=0, lt=1, description="stochastic depth rate of the deepest block (0.1 for "
+                             "sets of thousands of images; on a few hundred it shifts the features the heads "
+                             "start from)")
     mixup: float = Field(0.0, ge=0, description="Mixup alpha (0: off)")
     cutmix: float = Field(0.0, ge=0, description="CutMix alpha (0: off)")
     randaugment: Optional[str] = Field(None, description="timm RandAugment config, e.g. rand-m9-mstd0.5-inc1 "
                                        "(null: off)")
-    crop_scale: tuple[float, float] = Field((0.35, 1.0), description="random-resized-crop area range "
-                                            "(fractions of the image)")
+    crop_scale: Optional[tuple[float, float]] = Field(
+        None, description="random-resized-crop area range (fractions of the image), e.g. [0.35, 1]; null: no crop, "
+        "the images as deployed (resized, centre crop). Crops help sets of thousands of images; on a few hundred "
+        "they move the features more than the classes differ")
     hflip: float = Field(0.5, ge=0, le=1, description="horizontal flip probability (0 for digits or text)")
     # -- held-out split (without --val-data)
     val_fraction: float = Field(0.2, gt=0, lt=1, description="fraction of each class held out")
@@ -73,8 +84,8 @@ class FinetuneConfig(BaseModel):
 
     @field_validator("crop_scale")
     @classmethod
-    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not 0 < v[0] <= v[1] <= 1:
+    def _range(cls, v: Optional[tuple[float, float]]) -> Optional[tuple[float, float]]:
+        if v is not None and not 0 < v[0] <= v[1] <= 1:
             raise ValueError(f"expected 0 < low <= high <= 1 (got {list(v)})")
         return v
 

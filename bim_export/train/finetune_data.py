@@ -125,10 +125,39 @@ class AugmentedImages(torch.utils.data.Dataset):
         return x, self.images.labels[i]
 
 
+class DeployedView:
+    """The evaluation preprocessing (:func:`~bim_export.runtime.preprocess.preprocess`, what the device
+    runs) of an image flipped at random and, when set, RandAugment-ed: training that adds no crop."""
+
+    def __init__(self, img_size: int, mean, std, hflip: float, randaugment: str | None):
+        self.size, self.mean, self.std, self.hflip = img_size, tuple(mean), tuple(std), hflip
+        self.augment = None
+        if randaugment:
+            from timm.data.auto_augment import rand_augment_transform
+
+            fill = tuple(round(255 * m) for m in self.mean)
+            self.augment = rand_augment_transform(randaugment, {"translate_const": int(img_size * 0.45),
+                                                                "img_mean": fill})
+
+    def __call__(self, img) -> torch.Tensor:
+        from PIL import ImageOps
+
+        from ..runtime.preprocess import preprocess
+
+        if self.augment is not None:
+            img = self.augment(img)
+        if self.hflip and random.random() < self.hflip:
+            img = ImageOps.mirror(img)
+        return torch.from_numpy(preprocess(img, self.size, self.mean, self.std))
+
+
 def train_transform(img_size: int, mean, std, crop_scale, hflip: float, randaugment: str | None):
-    """timm's training transform: random-resized crop (bicubic), flip, RandAugment when set, normalize."""
+    """timm's training transform: random-resized crop (bicubic), flip, RandAugment when set, normalize;
+    without ``crop_scale``, the deployed preprocessing with flip and RandAugment (:class:`DeployedView`)."""
     from timm.data import create_transform
 
+    if crop_scale is None:
+        return DeployedView(img_size, mean, std, hflip, randaugment)
     return create_transform(img_size, is_training=True, scale=tuple(crop_scale), hflip=hflip, color_jitter=None,
                             auto_augment=randaugment, interpolation="bicubic", mean=tuple(mean), std=tuple(std))
 

@@ -52,6 +52,14 @@ class JointClassifier(nn.Module):
         tokens = exit_tokens(self.encoder, x, self.exits, self.exit_norms)
         return [head(self.encoder.forward_head(t, pre_logits=True)) for head, t in zip(self.heads, tokens)]
 
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The pooled embedding [B, D] of every exit (what each head sees)."""
+        tokens = exit_tokens(self.encoder, x, self.exits, self.exit_norms)
+        return [self.encoder.forward_head(t, pre_logits=True) for t in tokens]
+
+    def head(self, j: int) -> nn.Linear:
+        return self.heads[j]
+
     def group_matcher(self, coarse: bool = False) -> dict:
         """timm's layer grouping of the encoder; exit norms and heads with the last layer."""
         return dict(stem=r"^encoder\.(?:cls_token|reg_token|pos_embed|patch_embed|norm_pre)",
@@ -83,6 +91,14 @@ class PerExitClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [self.models[str(d)](x) for d in self.exits]
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The pooled embedding [B, D] of every exit (what each head sees)."""
+        return [m.forward_head(m.forward_features(x), pre_logits=True) for m in map(self.models.__getitem__,
+                                                                                   map(str, self.exits))]
+
+    def head(self, j: int) -> nn.Linear:
+        return self.models[str(self.exits[j])].head
 
     def param_groups(self, weight_decay: float, layer_decay: float) -> list[dict]:
         from timm.optim import param_groups_layer_decay
@@ -139,6 +155,29 @@ def build_classifier(src: Checkpoint, mode: str, exits: list[int], classes: int,
                 if keep_heads else fresh_head(encoder.embed_dim, classes, seed, d))
         model.heads[j].load_state_dict(head)
     return model
+
+
+def probe_heads(model: JointClassifier | PerExitClassifier, batches, labels, classes: int) -> None:
+    """Sets every head to a linear probe (:func:`~bim_export.train.probe.linear_probe_head`) fitted on
+    the frozen exits' embeddings of ``batches`` (preprocessed images [B, 3, H, W], labels in order)."""
+    from .probe import linear_probe_head
+
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    feats: list[list[torch.Tensor]] = []
+    with torch.inference_mode():
+        for x in batches:
+            got = model.features(torch.as_tensor(x).to(device))
+            feats = feats or [[] for _ in got]
+            for acc, f in zip(feats, got):
+                acc.append(f.float().cpu())
+    model.train(was)
+    for j, f in enumerate(feats):
+        weight, bias = linear_probe_head(torch.cat(f).numpy(), labels, classes)
+        with torch.no_grad():
+            model.head(j).weight.copy_(weight)
+            model.head(j).bias.copy_(bias)
 
 
 def finetuned_arch(source_config: dict, exits: list[int]) -> dict:
