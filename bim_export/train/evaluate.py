@@ -233,7 +233,8 @@ def evaluate_checkpoint(path: str | Path, data_dir: str | Path, metrics_out: str
 
     ckpt = ckpt_io.load_checkpoint(path, weights=False)
     finetuned = classifier.finetune_info(ckpt.config) is not None
-    data = task_data(ckpt, data_dir) if finetuned else load_eval_data(data_dir)  # bad data fails before the weights are read
+    # bad data fails before the weights are read
+    data = task_data(ckpt, data_dir) if finetuned else load_eval_data(data_dir)
     ckpt.load_weights()
     shipped = metrics_out is None and is_shipped(ckpt.path)
     if metrics_out is not None:

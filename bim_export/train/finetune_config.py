@@ -45,8 +45,9 @@ class FinetuneConfig(BaseModel):
     # -- schedule
     epochs: float = Field(10.0, gt=0, description="passes over the training images")
     batch_size: int = Field(32, ge=1, description="images per optimizer step over all processes (global batch)")
-    lr: float = Field(1e-4, gt=0, description="peak learning rate of the last layer and the heads (higher rates "
-                      "undo a pretrained encoder's features on a few hundred images)")
+    lr: float = Field(3e-5, gt=0, description="peak learning rate of the last layer and the heads (AdamW moves "
+                      "every weight by about this much a step; 1e-4 already undoes the features a probe-started "
+                      "head reads on a few hundred images)")
     layer_decay: float = Field(0.75, gt=0, le=1, description="layer-wise learning-rate decay: block i of L gets "
                                "lr x layer_decay^(L + 1 - i); the patch embedding the least (1: no decay)")
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not on norms, biases, tokens, "

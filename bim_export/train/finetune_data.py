@@ -89,7 +89,8 @@ def load_labelled(data: str | Path, val_data: str | Path | None, val_fraction: f
         diff = "; ".join(filter(None, [f"missing: {', '.join(missing[:5])}" if missing else "",
                                        f"not in --data: {', '.join(extra[:5])}" if extra else ""]))
         raise InputError(f"{val_root}: --val-data classes differ from {data}'s ({diff})")
-    record = {**common, "val_data": str(val_root.resolve()), "size": len(heldout), "protocol": "given validation folder",
+    record = {**common, "val_data": str(val_root.resolve()), "size": len(heldout),
+              "protocol": "given validation folder",
               "seed": seed, "val_fraction": None, "heldout_files": _relative(heldout.paths, val_root)}
     return LabelledSplit(list(images.classes), images, heldout, record)
 

@@ -243,3 +243,35 @@ def test_resume_auto_starts_and_a_finished_run_stays(tiny_checkpoint, digits, tm
     assert (out / "weights.safetensors").read_bytes() == first
     with pytest.raises(Exception, match="finetune.mode: the run in it differs"):
         finetune(tiny_checkpoint, digits, out, config=FinetuneConfig(**{**FAST, "mode": "per_exit"}), resume=True)
+
+
+# ------------------------------------------------------------------------------ torchrun
+
+
+def _rank_main(rank: int, world: int, port: int, ckpt: str, data: str, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    finetune(ckpt, data, out, config=FinetuneConfig(**dict(FAST, epochs=1)))
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_one_process(tiny_checkpoint, digits, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    single = finetune(tiny_checkpoint, digits, tmp_path / "single", config=FinetuneConfig(**dict(FAST, epochs=1)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    double = tmp_path / "double"
+    mp.spawn(_rank_main, args=(2, port, str(tiny_checkpoint), str(digits), str(double)), nprocs=2, join=True)
+    a, b = load_checkpoint(single), load_checkpoint(double)  # the same global batch: the same steps
+    assert a.config["step"] == b.config["step"] and a.state_dict.keys() == b.state_dict.keys()
+    for k in a.state_dict:
+        x, y = a.state_dict[k], b.state_dict[k]
+        if k.endswith("attn.qkv.bias"):  # the key bias has no gradient (softmax ignores a constant per
+            d = len(x) // 3  # query), so AdamW steps on its rounding noise: compare queries and values only
+            x, y = torch.cat([x[:d], x[2 * d:]]), torch.cat([y[:d], y[2 * d:]])
+        assert torch.allclose(x, y, atol=1e-6), (k, (x - y).abs().max())
