@@ -275,3 +275,18 @@ def test_two_gloo_ranks_match_one_process(tiny_checkpoint, digits, tmp_path):
             d = len(x) // 3  # query), so AdamW steps on its rounding noise: compare queries and values only
             x, y = torch.cat([x[:d], x[2 * d:]]), torch.cat([y[:d], y[2 * d:]])
         assert torch.allclose(x, y, atol=1e-6), (k, (x - y).abs().max())
+
+
+def test_mixup_cutmix_randaugment_and_bf16_run(tiny_checkpoint, digits, tmp_path):
+    """The recipe's optional parts (timm's Mixup / CutMix with soft targets, RandAugment, crops) and
+    bf16 autocast train to finite losses; bf16 changes the figures (autocast ran)."""
+    heavy = dict(FAST, epochs=1, mixup=0.8, cutmix=1.0, randaugment="rand-m9-mstd0.5", crop_scale=(0.35, 1.0),
+                 hflip=0.5, drop_path=0.1, log_every=1)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        out = finetune(tiny_checkpoint, digits, tmp_path / precision, config=FinetuneConfig(**heavy, precision=precision))
+        lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+        losses[precision] = [v for line in lines for v in line["loss"].values()]
+        assert all(np.isfinite(losses[precision])) and len(lines) == load_checkpoint(out).config["step"]
+    assert losses["bf16"] != losses["fp32"]
+    assert losses["bf16"][0] == pytest.approx(losses["fp32"][0], rel=0.1)
