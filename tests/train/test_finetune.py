@@ -203,6 +203,7 @@ _CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_same_weights(tiny_checkpoint, digits, tmp_path):
     settings = dict(FAST, epochs=2, save_every=1, drop_path=0.1, crop_scale=(0.5, 1.0))  # drop path: its seeds must resume too
     ref, out = tmp_path / "ref", tmp_path / "killed"
