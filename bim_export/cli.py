@@ -16,7 +16,7 @@ from . import __version__
 from .core.errors import BimExportError, InputError, NoCandidateError
 from .core.progress import ConsoleProgress, console_logging
 
-SUBCOMMANDS = ("export", "train", "eval", "backbone", "profiles", "calibrate", "validate", "info")
+SUBCOMMANDS = ("export", "train", "finetune", "eval", "backbone", "profiles", "calibrate", "validate", "info")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -115,11 +115,49 @@ def _resume_mode(text: str) -> str:
     return text
 
 
+# ----------------------------------------------------------------------------------- finetune
+
+
+def _add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune every exit of a checkpoint on labelled images (a classifier)",
+                       description=_cmd_finetune.__doc__)
+    p.add_argument("checkpoint", type=Path, help="a bim-export checkpoint (pretrained, or fine-tuned before)")
+    p.add_argument("--data", type=Path, required=True, help="labelled image folder: one sub-folder per class")
+    p.add_argument("--out", type=Path, required=True,
+                   help="fine-tuned checkpoint directory, e.g. runs/NAME: new, empty, or a run to --resume")
+    p.add_argument("--val-data", type=Path, default=None,
+                   help="held-out images, same class sub-folders (default: a stratified part of --data, recorded)")
+    p.add_argument("--config", type=Path, default=None, help="YAML file of fine-tuning settings")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any fine-tuning setting (FinetuneConfig in bim_export/train/finetune_config.py), "
+                        "e.g. --set mode=per_exit --set epochs=20 --set head=new")
+    p.add_argument("--resume", nargs="?", const=True, default=None, type=_resume_mode, metavar="auto",
+                   help="continue the run in --out (an error if there is none) with the settings stored in it; "
+                        "--config and --set change only what they name. '--resume auto': continue if there "
+                        "is one, else start (for requeued jobs)")
+    p.set_defaults(func=_cmd_finetune)
+
+
+def _cmd_finetune(args) -> int:
+    """Fine-tune every exit of a checkpoint on labelled images (class sub-folders): that depth's
+    backbone plus a classification head, with AdamW, layer-wise learning-rate decay, warm-up + cosine,
+    label smoothing and drop path. mode joint (default): one encoder, a head per exit, the losses
+    summed; mode per_exit: each depth on its own. Without --val-data a stratified part of every class
+    is held out and recorded; metrics.json gets each exit's held-out top-1 and calibration error
+    (ECE). Works under torchrun; --resume continues a killed run."""
+    from .train.finetune import finetune_from_cli
+
+    print(finetune_from_cli(args.checkpoint, args.data, args.out, val_data=args.val_data, config_file=args.config,
+                            overrides=args.overrides, resume=args.resume, progress=args.progress))
+    return 0
+
+
 # --------------------------------------------------------------------------------------- eval
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="kNN and linear probe of every exit on a labelled folder", description=_cmd_eval.__doc__)
+    p = sub.add_parser("eval", help="kNN and linear probe of every exit on a labelled folder (task top-1 and ECE "
+                       "of a fine-tuned checkpoint)", description=_cmd_eval.__doc__)
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--data", type=Path, required=True, help="labelled image folder (one sub-folder per class)")
     p.add_argument("--metrics-out", type=Path, default=None, metavar="FILE",
@@ -128,8 +166,9 @@ def _add_eval(sub) -> None:
 
 
 def _cmd_eval(args) -> int:
-    """kNN top-1 and linear-probe top-1 of every exit of a checkpoint on a labelled image folder;
-    the figures are written into the checkpoint's metrics.json, or to --metrics-out FILE. The
+    """kNN top-1 and linear-probe top-1 of every exit of a checkpoint on a labelled image folder (of
+    a fine-tuned checkpoint: its classifiers' top-1 and calibration error, ECE, on every image of the
+    folder, whose classes must be its labels); the figures are written into the checkpoint's metrics.json, or to --metrics-out FILE. The
     checkpoint that ships with bim-export is never rewritten: without --metrics-out its figures
     are only printed."""
     from .train.evaluate import evaluate_checkpoint
@@ -281,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="-v: bim-export's own log; -vv: the libraries' too (torch, onnx, onnxruntime, ...)")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
-    for add in (_add_export, _add_train, _add_eval, _add_backbone, _add_profiles, _add_calibrate, _add_validate,
+    for add in (_add_export, _add_train, _add_finetune, _add_eval, _add_backbone, _add_profiles, _add_calibrate, _add_validate,
                 _add_info):
         add(sub)
     return parser

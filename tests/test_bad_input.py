@@ -821,3 +821,82 @@ def test_unsafe_pickle_error_comes_alone_on_stderr(tmp_path):
 
 
 # ===================================================================== end training data and --init
+
+
+# ====================================================================================== finetune
+# What `finetune` reads: a labelled folder (one sub-folder per class, at least two classes, enough
+# images in each to hold some out), an optional validation folder with the same classes, and a
+# checkpoint that may already be fine-tuned (on the same labels, unless its heads are replaced).
+# Same rule: exit 2, one `error:` line naming the folder or file and what is wrong, nothing written.
+
+
+def _in_labelled(root: Path, counts: dict[str, int]) -> Path:
+    """A folder of real JPEGs: ``counts[name]`` images in sub-folder ``name`` ("" = directly in it)."""
+    photos = sorted(sample_images_dir().rglob("*.jpg"))
+    k = 0
+    for name, n in counts.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for _ in range(n):
+            shutil.copy(photos[k % len(photos)], root / name / f"img{k:03d}.jpg")
+            k += 1
+    return root
+
+
+def _finetune_cmd(tmp: Path, ckpt: Path, data: Path, *extra: str) -> list[str]:
+    return ["finetune", str(ckpt), "--data", str(data), "--out", str(tmp / "run"), "--set", "num_workers=0", *extra]
+
+
+def _finetune_unlabelled(tmp: Path, ckpt: Path) -> InputCase:
+    data = _in_labelled(tmp / "photos", {"": 6})
+    return InputCase(_finetune_cmd(tmp, ckpt, data),
+                     [f"{data}: fine-tuning needs one sub-folder per class", "found 6 images directly in it"],
+                     absent=[tmp / "run"])
+
+
+def _finetune_single_class(tmp: Path, ckpt: Path) -> InputCase:
+    data = _in_labelled(tmp / "photos", {"cat": 6})
+    return InputCase(_finetune_cmd(tmp, ckpt, data), [f"{data}: fine-tuning needs at least 2 classes", "found 1: cat"],
+                     absent=[tmp / "run"])
+
+
+def _finetune_class_too_small(tmp: Path, ckpt: Path) -> InputCase:
+    data = _in_labelled(tmp / "photos", {"cat": 6, "dog": 1})
+    return InputCase(_finetune_cmd(tmp, ckpt, data),
+                     [f"{data}: class dog (1 image): the held-out split needs at least 2 images per class"],
+                     absent=[tmp / "run"])
+
+
+def _finetune_val_classes_differ(tmp: Path, ckpt: Path) -> InputCase:
+    data = _in_labelled(tmp / "photos", {"cat": 3, "dog": 3})
+    val = _in_labelled(tmp / "val", {"cat": 2, "fox": 2})
+    return InputCase(_finetune_cmd(tmp, ckpt, data, "--val-data", str(val)),
+                     [f"{val}: --val-data classes differ from {data}'s (missing: dog; not in --data: fox)"],
+                     absent=[tmp / "run"])
+
+
+def _finetune_other_labels(tmp: Path, ckpt: Path) -> InputCase:
+    from finetuned import make_finetuned
+
+    tuned = make_finetuned(tmp / "tuned", labels=("cat", "dog", "fish"), source=ckpt)
+    data = _in_labelled(tmp / "photos", {"cat": 3, "dog": 3})
+    return InputCase(_finetune_cmd(tmp, ckpt, data)[:1] + [str(tuned)] + _finetune_cmd(tmp, ckpt, data)[2:],
+                     [f"{tuned / 'config.json'}: finetune.labels: the checkpoint is already fine-tuned on other labels "
+                      "(gone: fish); pass --set head=new"],
+                     absent=[tmp / "run"], unchanged=[tuned / "config.json", tuned / "weights.safetensors"])
+
+
+FINETUNE_INPUT_CASES = [
+    pytest.param(_finetune_unlabelled, id="finetune-data-without-class-sub-folders"),
+    pytest.param(_finetune_single_class, id="finetune-data-a-single-class"),
+    pytest.param(_finetune_class_too_small, id="finetune-data-class-too-small-to-split-named"),
+    pytest.param(_finetune_val_classes_differ, id="finetune-val-data-classes-differ-listed"),
+    pytest.param(_finetune_other_labels, id="finetune-checkpoint-fine-tuned-on-other-labels"),
+]
+
+
+@pytest.mark.parametrize("build", FINETUNE_INPUT_CASES)
+def test_bad_finetune_input_is_one_error_line_and_touches_nothing(build, tmp_path, tiny_checkpoint, capsys):
+    test_bad_input_is_one_error_line_and_touches_nothing(build, tmp_path, tiny_checkpoint, capsys)
+
+
+# ================================================================================== end finetune

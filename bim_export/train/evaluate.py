@@ -19,7 +19,7 @@ from ..core.table import format_table
 from ..model.images import IMAGENET_MEAN, IMAGENET_STD, ImageList, load_image_array
 from ..runtime.knn import KNN_K, knn_loo_top1, knn_top1
 from .probe import linear_probe_kfold_top1, linear_probe_top1
-from .splits import PROBE_FOLDS, EvalData, _subset, load_eval_data, make_eval_data
+from .splits import PROBE_FOLDS, EvalData, _require_labelled, _subset, load_eval_data, make_eval_data
 
 log = logging.getLogger(__name__)
 
@@ -229,8 +229,13 @@ def evaluate_checkpoint(path: str | Path, data_dir: str | Path, metrics_out: str
     from ..core.atomic import atomic_write_bytes, check_destination, check_writable, is_shipped
     from ..model import checkpoint as ckpt_io
 
-    data = load_eval_data(data_dir)  # bad data fails before the weights are read
-    ckpt = ckpt_io.load_checkpoint(path)
+    from ..model import classifier
+
+    ckpt = ckpt_io.load_checkpoint(path, weights=False)
+    finetuned = classifier.finetune_info(ckpt.config) is not None
+    # bad data fails before the weights are read
+    data = task_data(ckpt, data_dir) if finetuned else load_eval_data(data_dir)
+    ckpt.load_weights()
     shipped = metrics_out is None and is_shipped(ckpt.path)
     if metrics_out is not None:
         metrics_out = check_destination(metrics_out, ckpt_io.METRICS_FILE)
@@ -241,11 +246,14 @@ def evaluate_checkpoint(path: str | Path, data_dir: str | Path, metrics_out: str
             raise InputError(f"{e}; pass --metrics-out FILE to write the figures elsewhere") from None
     from .model import BimModel
 
-    model = BimModel.from_checkpoint(ckpt)
     cfg = ckpt.config
-    img_size = model.encoder.patch_embed.img_size[0]
-    results = evaluate_model(model, data, img_size, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD),
-                             recon=True)
+    if finetuned:
+        results = evaluate_classifier(ckpt, data)
+    else:
+        model = BimModel.from_checkpoint(ckpt)
+        img_size = model.encoder.patch_embed.img_size[0]
+        results = evaluate_model(model, data, img_size, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD),
+                                 recon=True)
     if metrics_out is not None:
         metrics = ckpt_io.merge_exit_metrics(ckpt.metrics, results)
         atomic_write_bytes(metrics_out, (json.dumps(metrics, indent=2) + "\n").encode(), ckpt_io.METRICS_FILE)
@@ -258,9 +266,75 @@ def evaluate_checkpoint(path: str | Path, data_dir: str | Path, metrics_out: str
         metrics = ckpt_io.update_exit_metrics(ckpt.path, results)
         where = f"written to {Path(ckpt.path) / ckpt_io.METRICS}"
 
+    if finetuned:
+        ds = next(iter(results.values()))["task_dataset"]
+        rows = [(d, f"{m['task_top1']:.4f}", f"{m['task_ece']:.4f}") for d, m in
+                sorted(metrics.get("exits", {}).items(), key=lambda kv: int(kv[0])) if "task_top1" in m]
+        table = format_table(("exit", "task top-1", "ECE"), rows, align="rrr")
+        return f"{ckpt.path}: {ds['name']} ({ds['size']} images; {ds['protocol']})\n{table}\n{where}"
     ds = next(iter(results.values()))["knn_dataset"]
     title = f"{ckpt.path}: {ds['name']} ({ds['size']} images; {ds['protocol']}), kNN k={KNN_K}"
     table = format_metrics_table(metrics.get("exits", {}), title, recon="eval_recon_loss")
     note = (f"recon loss: each exit's masked-patch loss on these {ds['size']} images "
             f"(mask ratio {model.config.mask_ratio:g}, masks seeded {RECON_SEED})")
     return f"{table}\n{note}\n{where}"
+
+
+# ------------------------------------------------------------------------------ fine-tuned checkpoints
+
+
+def task_data(ckpt, data_dir: str | Path) -> EvalData:
+    """The labelled images a fine-tuned checkpoint is scored on: of the folder it was fine-tuned on,
+    only the held-out files it recorded; of any other, every image (its classes must be labels).
+
+    Raises:
+        InputError: an unlabelled folder, or a class that is not one of the checkpoint's labels.
+    """
+    from ..model import classifier
+    from ..model.images import scan_image_folder
+
+    root = Path(data_dir)
+    split = classifier.finetune_info(ckpt.config).get("split") or {}
+    labels = classifier.labels(ckpt.config)
+    images = scan_image_folder(root)
+    _require_labelled(images)
+    unknown = sorted(set(images.classes) - set(labels))
+    if unknown:
+        raise InputError(f"{root}: classes that are not labels of {ckpt.path}: {', '.join(unknown[:5])} "
+                         f"(its labels: {', '.join(labels[:10])}{', ...' if len(labels) > 10 else ''})")
+    index = [labels.index(c) for c in images.classes]
+    images = ImageList(images.root, images.paths, [index[lbl] for lbl in images.labels], list(labels),
+                       images.unreadable)
+    name, protocol = root.resolve().name, "every image of the folder"
+    if split.get("data") == str(root.resolve()) and split.get("val_data") is None and split.get("heldout_files"):
+        held = set(split["heldout_files"])
+        keep = [i for i, p in enumerate(images.paths) if p.relative_to(root).as_posix() in held]
+        images, protocol = _subset(images, keep), f"{split.get('protocol')} (the images held out in fine-tuning)"
+    return EvalData(name, images, None, np.arange(len(images)), protocol)
+
+
+def classifier_logits(model, x, batch_size: int = 256) -> np.ndarray:
+    """Logits [N, C] of a timm classifier on preprocessed images ``x`` [N, 3, H, W], eval mode, fp32."""
+    import torch
+
+    with torch.inference_mode():
+        return np.concatenate([model(torch.as_tensor(x[s:s + batch_size])).float().numpy()
+                               for s in range(0, len(x), batch_size)])
+
+
+def evaluate_classifier(ckpt, data: EvalData) -> dict[str, dict]:
+    """Task top-1 and ECE of every exit of a fine-tuned checkpoint (its depth's timm classifier,
+    :func:`~bim_export.model.backbone.build_backbone`) on ``data``'s query images."""
+    from ..model.backbone import build_backbone
+    from .task import task_metrics
+
+    cfg = ckpt.config
+    model = build_backbone(ckpt, ckpt.exits[0])
+    x, y = load_image_array(_subset(data.images, data.val_idx), model.patch_embed.img_size[0],
+                            cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
+    dataset = {"name": data.name, "size": len(y), "protocol": data.protocol}
+    out = {}
+    for d in ckpt.exits:
+        model = build_backbone(ckpt, d)
+        out[str(d)] = {**task_metrics(classifier_logits(model, x), y), "task_dataset": dict(dataset)}
+    return out
