@@ -147,7 +147,7 @@ def _run(cfg: FinetuneConfig, src: ckpt_io.Checkpoint, prev: ckpt_io.Checkpoint 
     model.to(device).train()
     if prev is None and not keep and cfg.head_init == "probe":
         train_images = HeldOut(split.train, model.img_size, mean, std)
-        probe_heads(model, train_images.batches(), train_images.labels, n_classes)
+        probe_heads(model, train_images.batches(), train_images.labels, n_classes, cfg.label_smoothing)
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
 

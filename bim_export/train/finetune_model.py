@@ -14,6 +14,7 @@ layer-wise learning-rate decay (:func:`timm.optim.param_groups_layer_decay`).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -157,9 +158,11 @@ def build_classifier(src: Checkpoint, mode: str, exits: list[int], classes: int,
     return model
 
 
-def probe_heads(model: JointClassifier | PerExitClassifier, batches, labels, classes: int) -> None:
+def probe_heads(model: JointClassifier | PerExitClassifier, batches, labels, classes: int,
+                label_smoothing: float = 0.0) -> None:
     """Sets every head to a linear probe (:func:`~bim_export.train.probe.linear_probe_head`) fitted on
-    the frozen exits' embeddings of ``batches`` (preprocessed images [B, 3, H, W], labels in order)."""
+    the frozen exits' embeddings of ``batches`` (preprocessed images [B, 3, H, W], labels in order),
+    scaled to the training loss (:func:`loss_scale`)."""
     from .probe import linear_probe_head
 
     device = next(model.parameters()).device
@@ -174,10 +177,24 @@ def probe_heads(model: JointClassifier | PerExitClassifier, batches, labels, cla
                 acc.append(f.float().cpu())
     model.train(was)
     for j, f in enumerate(feats):
-        weight, bias = linear_probe_head(torch.cat(f).numpy(), labels, classes)
+        feats_j = torch.cat(f)
+        weight, bias = linear_probe_head(feats_j.numpy(), labels, classes)
+        scale = loss_scale(feats_j @ weight.T + bias, torch.as_tensor(labels), label_smoothing)
+        weight, bias = weight * scale, bias * scale
         with torch.no_grad():
             model.head(j).weight.copy_(weight)
             model.head(j).bias.copy_(bias)
+
+
+def loss_scale(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> float:
+    """The factor of a head's logits that minimises the (label-smoothed) cross-entropy on its own
+    training features: a probe fitted to separate the classes is overconfident (its logits reach
+    tens), and fine-tuning from it would spend its first steps shrinking them, moving the encoder
+    to do so; scaled, it starts at the loss fine-tuning optimises (temperature scaling, Guo et al. 2017)."""
+    scales = torch.logspace(-3, 3, 121)
+    losses = [torch.nn.functional.cross_entropy(logits * s, labels, label_smoothing=label_smoothing).item()
+              for s in scales]
+    return float(scales[int(np.argmin(losses))])
 
 
 def finetuned_arch(source_config: dict, exits: list[int]) -> dict:
