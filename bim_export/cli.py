@@ -121,8 +121,11 @@ def _resume_mode(text: str) -> str:
 def _add_finetune(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune every exit of a checkpoint on labelled images (a classifier)",
                        description=_cmd_finetune.__doc__)
-    p.add_argument("checkpoint", type=Path, help="a bim-export checkpoint (pretrained, or fine-tuned before)")
-    p.add_argument("--data", type=Path, required=True, help="labelled image folder: one sub-folder per class")
+    p.add_argument("checkpoint", type=Path, nargs="?", default=None,
+                   help="a bim-export checkpoint, pretrained or fine-tuned before (default: the shipped one)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="labelled image folder: one sub-folder per class (default: the shipped labelled photos, "
+                        "9 classes x 10, for a first run)")
     p.add_argument("--out", type=Path, required=True,
                    help="fine-tuned checkpoint directory, e.g. runs/NAME: new, empty, or a run to --resume")
     p.add_argument("--val-data", type=Path, default=None,
@@ -145,8 +148,15 @@ def _cmd_finetune(args) -> int:
     summed; mode per_exit: each depth on its own. Without --val-data a stratified part of every class
     is held out and recorded; metrics.json gets each exit's held-out top-1 and calibration error
     (ECE). Works under torchrun; --resume continues a killed run."""
+    from .core.resources import default_checkpoint_dir, heldout_images_dir
     from .train.finetune import finetune_from_cli
 
+    if args.checkpoint is None:
+        args.checkpoint = default_checkpoint_dir()
+    if args.data is None:
+        args.data = heldout_images_dir()
+        print(f"data: the shipped labelled photos ({', '.join(sorted(p.name for p in args.data.iterdir() if p.is_dir()))}); "
+              "pass --data DIR for your own", file=sys.stderr)
     print(finetune_from_cli(args.checkpoint, args.data, args.out, val_data=args.val_data, config_file=args.config,
                             overrides=args.overrides, resume=args.resume, progress=args.progress))
     return 0
