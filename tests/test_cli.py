@@ -189,3 +189,17 @@ def test_export_removes_work_folders_of_killed_runs_only(tmp_path, tiny_checkpoi
     assert main(["--target", str(yaml_path), "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 0
     assert _leftovers(out) == sorted(["tiny-edge", live.name])
     assert _leftovers(live) == ["d2-fp32-17.onnx"]
+
+
+@pytest.mark.slow
+def test_finetune_defaults_to_the_shipped_checkpoint_and_labelled_photos(tmp_path, capsys):
+    """The README's first fine-tuning command: no CHECKPOINT, no --data; the classifier's labels are
+    the shipped labelled photos' classes, and its held-out split is theirs."""
+    from bim_export.core.resources import heldout_images_dir
+    from bim_export.model import classifier
+    from bim_export.model.checkpoint import load_checkpoint
+
+    assert main(["finetune", "--out", str(tmp_path / "demo"), "--set", "epochs=1"]) == 0
+    cfg = load_checkpoint(tmp_path / "demo", weights=False).config
+    assert classifier.labels(cfg) == sorted(p.name for p in heldout_images_dir().iterdir() if p.is_dir())
+    assert cfg["finetune"]["split"]["name"] == "heldout_images" and "shipped labelled photos" in capsys.readouterr().err
