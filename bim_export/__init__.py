@@ -63,7 +63,8 @@ deploy/     per-device export
     schema_errors       one line for a profile file's schema errors (field, problem, value)
     profiles            device profiles: schema, loading, budgets
     plausibility        hardware figures no real device has (per watt, per core, per memory type)
-    export              backbone -> ONNX at the profile's opset, metadata, graph surgery
+    export              backbone -> ONNX at the profile's opset, metadata
+    subgraph            the part of a multi-exit graph that computes some exits (a candidate's graph)
     usability           ONNX Runtime's mobile usability checker: what NNAPI / CoreML take of a graph
     rewrite             graph forms: the batch fixed, ops an accelerator lacks in ops it has
     quantize            fp16 / int8 conversion

@@ -18,9 +18,9 @@ import numpy as np
 
 from ..model.images import Images
 from ..runtime.session import fixed_batch, run_onnx
-from .export import cut_exits
 from .presets import preset as find_preset
 from .rewrite import GraphForm, apply_form, form_for
+from .subgraph import cut_exits
 
 if TYPE_CHECKING:
     from .profiles import Profile
