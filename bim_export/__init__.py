@@ -33,6 +33,7 @@ model/      the model contract both halves share: images in, the encoder, checkp
 train/      BIM pretraining
             uses: model, core, runtime
     config              TrainConfig (nests BimConfig), from YAML, flags and --set
+    finetune_config     FinetuneConfig: the fine-tuning recipe, from YAML and --set
     distributed         torchrun process groups, gradient averaging
     images              training image files: listing, decoding (CPU or GPU), crops
     bad_images          unreadable images met in training: replaced, counted, reported
@@ -46,8 +47,12 @@ train/      BIM pretraining
     stage_parallel      stages over groups of ranks: the cut, forward tokens between groups, faults
     splits              the evaluation protocol (reference / query split)
     probe               linear probe
-    evaluate            kNN / linear probe of every exit
+    task                a classifier's task metrics: top-1, calibration error (ECE)
+    evaluate            kNN / linear probe of every exit; task metrics of a fine-tuned one
     trainer             the training loop, resume, checkpoints
+    finetune_data       labelled folders: checks, the recorded held-out split, the augmented stream
+    finetune_model      the classifiers fine-tuned (joint or per exit), from and to checkpoints
+    finetune            the fine-tuning loop, resume, torchrun, task metrics per exit
 deploy/     per-device export
             uses: model, core, runtime
     registry            named extension points (timm's register_model style)
