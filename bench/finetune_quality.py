@@ -48,12 +48,17 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # Pretraining: the quality bench's configuration. Fine-tuning: the library's recipe (``finetune``
 # settings on top of FinetuneConfig's defaults), with a budget per label regime.
 CONFIGS = {
-    "cpu": dict(PRETRAIN["cpu"], seeds=[0, 1, 2, 3, 4], sets=["mnist", "digits"], few=10, finetune={},
-                finetune_all={"epochs": 10, "batch_size": 128}, finetune_few={"epochs": 60, "batch_size": 32}),
+    "cpu": dict(PRETRAIN["cpu"], seeds=[0, 1, 2, 3, 4], sets=["mnist", "digits"], few=10,
+                # digits are not mirror images, and a 28-px digit cropped to a third of its area is no
+                # longer the same digit (the default crop range: 60 % instead of 82 % top-1, MNIST, seed 0);
+                # no saves or per-epoch scoring a bench would not read
+                finetune={"hflip": 0.0, "crop_scale": [1.0, 1.0], "num_workers": 0, "eval_each_epoch": False,
+                          "save_every": 10**6},
+                finetune_all={"epochs": 10, "batch_size": 64}, finetune_few={"epochs": 50, "batch_size": 16}),
 }
 CONFIGS["tiny"] = dict(CONFIGS["cpu"], **{k: PRETRAIN["tiny"][k] for k in ("steps", "batch_size", "warmup_steps",
                                                                            "eval_limit")},
-                       seeds=[0, 1], finetune_all={"epochs": 1, "batch_size": 64},
+                       seeds=[0], finetune_all={"epochs": 1, "batch_size": 64},
                        finetune_few={"epochs": 2, "batch_size": 32})
 
 
