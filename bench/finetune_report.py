@@ -130,6 +130,16 @@ def _met(t: dict) -> str:
     return f"{'met' if t['met'] else '**missed**'} ({t['points']:+.1f}; margin {t['margin']:+.1f})"
 
 
+def _pretrain_line(pre: list[dict]) -> str:
+    """What the pretraining checkpoints cost when they were trained (the cache keeps the figure)."""
+    by: dict = {}
+    for r in pre:
+        by.setdefault(r["start"], []).append(r["train_s"])
+    each = ", ".join(f"{s} {statistics.mean(v):.0f} s" for s, v in by.items() if s != "none")
+    return (f"Pretraining: {len(pre)} checkpoints, {sum(map(sum, by.values())) / 60:.0f} min of worker time when "
+            f"trained (2 at a time); per run, mean: {each}.")
+
+
 def markdown(report: dict) -> str:
     cfg, summ, m = report["config"], report["summary"], report["machine"]
     n = len(cfg["seeds"])
@@ -141,6 +151,7 @@ def markdown(report: dict) -> str:
              f"{m['date']}; {report['wall_s'] / 60:.1f} min ({report['pretrain_s'] / 60:.1f} of them pretraining, "
              f"{report['pretrained_cached']} of {report['pretrained_total']} checkpoints from the cache).", "",
              *([report["note"], ""] if report.get("note") else []),
+             _pretrain_line(report["result"]["pretrain"]), "",
              f"Model: timm {cfg['model']} with {cfg['model_args']}, exits {cfg['exits']}. Pretraining: "
              f"{cfg['steps']} steps x {cfg['batch_size']} images of the reference part, lr {cfg['lr']}, decoder "
              f"{'x'.join(map(str, cfg['decoder'][:2]))}, mask {cfg['mask_ratio']}; BIM one run, MAE `mode: e2e` "

@@ -158,8 +158,9 @@ def finetune_job(job: dict) -> dict:
     cfg = job["cfg"]
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
-    settings = dict(cfg["finetune"], **cfg["finetune_" + job["labels"]], mode=job["mode"], seed=job["seed"],
-                    device="cpu")
+    budget = cfg["finetune_" + job["labels"]]
+    budget = budget.get(job["set"], budget)  # per set, or the same for every set
+    settings = dict(cfg["finetune"], **budget, mode=job["mode"], seed=job["seed"], device="cpu")
     out = {k: job[k] for k in ("set", "start", "mode", "labels", "seed")}
     with tempfile.TemporaryDirectory(prefix="bench-ft-") as tmp:
         t0 = time.perf_counter()
