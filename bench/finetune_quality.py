@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from finetune_report import markdown, summarize
+from finetune_report import compact, markdown, summarize
 from finetune_runs import finetune_job, knn_job, labelled_folders, pretrain_job
 from quality import CONFIGS as PRETRAIN, machine
 from quality_runs import write_sets
@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.render is not None:
         report = json.loads(args.render.read_text())
+        compact(report["result"])
+        report["summary"] = summarize(report["result"], report["config"])
+        args.render.write_text(json.dumps(report, indent=2) + "\n")
         args.render.with_suffix(".md").write_text(markdown(report))
         print(markdown(report))
         return 0
@@ -181,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     report["pretrained_total"] = len(report["result"]["pretrain"])
     report["pretrained_cached"] = sum(r["cached"] for r in report["result"]["pretrain"])
     report["load_after"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    compact(report["result"])
     report["summary"] = summarize(report["result"], cfg)
     write_results(args.out, stem, report, markdown)
     return 0

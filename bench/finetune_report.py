@@ -67,6 +67,14 @@ def early_exit(q: dict) -> dict:
             "blocks_fraction": res["blocks"] / int(exits[-1])}
 
 
+def compact(result: dict) -> None:
+    """Replaces each run's per-image predictions by its early-exit figures (joint runs) in place."""
+    for r in result["finetune"]:
+        q = r.pop("query", None)
+        if q is not None and r["mode"] == "joint":
+            r["early_exit"] = early_exit(q)
+
+
 # ------------------------------------------------------------------------------ summary
 
 
@@ -90,7 +98,7 @@ def summarize(result: dict, cfg: dict) -> dict:
                         knn.setdefault(start, {}).setdefault(d, []).append(v[key])
             cost = {row: _stats([sum(r["train_s"] for r in runs if _row(r) == row and r["seed"] == seed)
                                  for seed in cfg["seeds"]]) for row in cells}  # per seed, every exit
-            early = [early_exit(r["query"]) for r in runs if _row(r) == "bim_joint"]
+            early = [r["early_exit"] for r in runs if r.get("early_exit")]
             out[name][regime] = {
                 "table": table, "knn": {s: {d: _stats(v) for d, v in e.items()} for s, e in knn.items()},
                 "train_s": cost, "targets": targets(table),

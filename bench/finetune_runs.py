@@ -146,8 +146,8 @@ def labelled_folders(root: Path, name: str, folder: str, cfg: dict) -> dict:
 def finetune_job(job: dict) -> dict:
     """Fine-tunes one start (``job``: set, cfg, checkpoint, start, mode, labels, seed, data, query,
     folder) and scores it: the fine-tuned checkpoint's held-out top-1 per exit (the query part), its
-    training time, and per exit the top-1 and confidence of every query image (for the early-exit
-    figures)."""
+    training time, and for a joint model per exit the top-1 and confidence of every query image
+    (for the early-exit figures)."""
     import numpy as np
     import torch
 
@@ -170,7 +170,10 @@ def finetune_job(job: dict) -> dict:
         metrics = json.loads((Path(path) / "metrics.json").read_text())
         out["task_top1"] = {d: m["task_top1"] for d, m in metrics["exits"].items() if "task_top1" in m}
         out["task_ece"] = {d: m.get("task_ece") for d, m in metrics["exits"].items() if "task_top1" in m}
-        # every query image's prediction per exit, from the fine-tuned backbones (the bench's arrays)
+        if job["mode"] != "joint":
+            return out
+        # a joint model's every query image's prediction per exit, from the fine-tuned backbones (the
+        # bench's arrays), for the early-exit figures
         x, y, _, va = _data(job["folder"], cfg["model_args"]["img_size"], cfg.get("eval_limit"))
         out["query"] = {}
         for d in out["task_top1"]:
