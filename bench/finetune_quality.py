@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the configuration's)")
     ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--resume", action="store_true", help="keep the fine-tuning runs an interrupted bench logged")
+    ap.add_argument("--resume", action="store_true", help="keep the fine-tuning runs an interrupted bench logged, "
+                    "else those of the last report (e.g. to add seeds with --seeds)")
     ap.add_argument("--render", type=Path, default=None, help="rewrite the .md of an existing report .json")
     ap.add_argument("--pretrain-only", action="store_true", help="fill the pretraining cache and stop")
     args = ap.parse_args(argv)
@@ -168,7 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     stem = "finetune_quality" + ("" if args.config == "cpu" else f"_{args.config}")
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / f"{stem}_runs.jsonl"
-    done = [json.loads(line) for line in log.read_text().splitlines()] if args.resume and log.exists() else []
+    done = []
+    if args.resume and log.exists():
+        done = [json.loads(line) for line in log.read_text().splitlines()]
+    elif args.resume and (args.out / f"{stem}.json").exists():  # a finished bench, given more seeds
+        done = json.loads((args.out / f"{stem}.json").read_text())["result"]["finetune"]
     if not args.resume:
         log.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-ft-sets-") as tmp:
