@@ -115,9 +115,10 @@ def targets(t: dict) -> dict:
             continue
         exits = sorted(t[row], key=int)
         m = {d: 100 * t[row][d]["mean"] for d in exits}
-        above = min(m[d] - 100 * t["none"][d]["mean"] for d in exits)
-        vs_mae = min(m[d] - 100 * t["mae"][d]["mean"] for d in exits)
-        deepest = m[exits[-1]] - max(m[d] for d in exits[:-1])
+        # points, rounded to far below a query image's weight so that float sums do not decide a tie
+        above = round(min(m[d] - 100 * t["none"][d]["mean"] for d in exits), 6)
+        vs_mae = round(min(m[d] - 100 * t["mae"][d]["mean"] for d in exits), 6)
+        deepest = round(m[exits[-1]] - max(m[d] for d in exits[:-1]), 6)
         out[row] = {"above_none": {"margin": above - 1.0, "met": above >= 1.0, "points": above},
                     "vs_mae": {"margin": vs_mae + 1.0, "met": vs_mae >= -1.0, "points": vs_mae},
                     "deepest_best": {"margin": deepest, "met": deepest >= 0.0, "points": deepest}}
@@ -135,7 +136,7 @@ def _pm(s: dict | None, n: int) -> str:
 
 
 def _met(t: dict) -> str:
-    return f"{'met' if t['met'] else '**missed**'} ({t['points']:+.1f}; margin {t['margin']:+.1f})"
+    return f"{'met' if t['met'] else '**missed**'} ({t['points']:+.1f}; margin {t['margin']:+.2f})"
 
 
 def _pretrain_line(pre: list[dict]) -> str:
