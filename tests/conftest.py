@@ -117,6 +117,24 @@ def pytest_runtest_protocol(item, nextitem):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def pytest_configure(config):
+    """The controller names the run (xdist's ``--testrunuid``), so that it knows the lock file's name."""
+    if not hasattr(config, "workerinput") and hasattr(config.option, "testrunuid") and not config.option.testrunuid:
+        import uuid
+
+        config.option.testrunuid = uuid.uuid4().hex
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The controller removes the run's lock file once its workers are done (it is empty)."""
+    import tempfile
+    from pathlib import Path
+
+    run = getattr(session.config.option, "testrunuid", None)
+    if run and not hasattr(session.config, "workerinput"):
+        (Path(tempfile.gettempdir()) / f"bim-export-tests-{run}.lock").unlink(missing_ok=True)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` run wherever CUDA is available and are skipped, saying so, elsewhere."""
     if torch.cuda.is_available():
