@@ -171,6 +171,24 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+
+def read_settings_file(config_file: str | os.PathLike) -> dict:
+    """A YAML file of settings, as a mapping.
+
+    Raises:
+        InputError: the file cannot be read, is not YAML, or is not a mapping (the message names it).
+    """
+    path = Path(config_file)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise InputError(f"{path}: cannot read config file ({e.strerror or e})") from e
+    except yaml.YAMLError as e:
+        raise InputError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
+    return raw
+
 def load_train_config(config_file: str | os.PathLike | None = None, overrides: list[str] | None = None,
                       resume: bool = False, **fields) -> TrainConfig:
     """Builds a :class:`TrainConfig`: the YAML file, then ``fields`` (flags; None = not given), then ``--set``.
@@ -186,16 +204,8 @@ def load_train_config(config_file: str | os.PathLike | None = None, overrides: l
     source = "training settings"
     origins: dict[str, str] = {}
     if config_file is not None:
-        path = Path(config_file)
-        source = str(path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except OSError as e:
-            raise InputError(f"{path}: cannot read config file ({e.strerror or e})") from e
-        except yaml.YAMLError as e:
-            raise InputError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
-        if not isinstance(raw, dict):
-            raise InputError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
+        source = str(config_file)
+        raw = read_settings_file(config_file)
         origins = dict.fromkeys(map(str, raw), source)
     flags = {k: v for k, v in fields.items() if v is not None}
     origins.update({k: FLAGS.get(k, f"--{k}") for k in flags})

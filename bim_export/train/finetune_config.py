@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import Literal, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from ..core.errors import InputError
-from .config import _merge, _where, parse_overrides
+from .config import _merge, _where, parse_overrides, read_settings_file
 
 
 class FinetuneConfig(BaseModel):
@@ -121,16 +119,8 @@ def load_finetune_config(config_file: str | os.PathLike | None = None, overrides
     origins: dict[str, str] = dict.fromkeys(raw, f"{stored_from} (finetune.settings)") if stored else {}
     source = "fine-tuning settings"
     if config_file is not None:
-        path = Path(config_file)
-        source = str(path)
-        try:
-            given = yaml.safe_load(path.read_text()) or {}
-        except OSError as e:
-            raise InputError(f"{path}: cannot read config file ({e.strerror or e})") from e
-        except yaml.YAMLError as e:
-            raise InputError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
-        if not isinstance(given, dict):
-            raise InputError(f"{path}: expected a mapping of settings, got {type(given).__name__}")
+        source = str(config_file)
+        given = read_settings_file(config_file)
         origins.update(dict.fromkeys(map(str, given), source))
         raw = _merge(raw, given)
     overridden = parse_overrides(overrides or [])
