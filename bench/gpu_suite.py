@@ -213,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("no CUDA device here: run on the GPU machine, or --dry-run for the sequence on the CPU")
     if args.dry_run:  # the steps run in this process: one thread, as in each variant's process
         torch.set_num_threads(1)
+    try:  # every step trains: the package's training dependencies must be here (a bare GPU image lacks some)
+        import bim_export.train.trainer  # noqa: F401
+    except ImportError as e:
+        ap.error(f"the training code cannot be imported here ({e}): install the project's dependencies, "
+                 "or put them on PYTHONPATH")
     out = args.out or (Path(tempfile.mkdtemp(prefix="gpu-suite-dry-")) if args.dry_run else OUT)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu-suite-") as tmp:
