@@ -66,7 +66,7 @@ _MS[(VITB, "bim_stage_ckpt_compile")] = _MS[(VITB, "bim_stage_ckpt")]
 VITB_MS_256 = 64.7
 VITL_MS_256 = MEASURED[VITL]["bim"][1] * VITB_MS_256 / MEASURED[VITB]["bim"][1]
 # the train CLI: compute-only (a fresh process: 8 s, + 23 steps), two CLI runs (start, listing, 15
-# workers: ~12 s each, + 50 steps), 600 JPEGs written at ~10 ms each (8 ms on the 2-core EPYC)
+# workers: ~12 s each, + 50 steps), 600 JPEGs written at ~10 ms each (13-15 ms on the 2-core EPYC at load 7.5)
 THROUGHPUT = dict(images=600, steps=50, warm=20, log_every=5, compute_steps=20)
 THROUGHPUT_S = 8 + 23 * VITB_MS_256 / 1e3 + 2 * (12 + 50 * VITB_MS_256 / 1e3) + 600 * 0.010
 # per-stage times: two models built and moved (~5 s each), 4 passes of each stage, CUDA start here (3 s)

@@ -134,3 +134,17 @@ def test_targets_are_judged_on_what_was_measured():
     assert got["cli_gpu"]["verdict"] == "missed by 0.4"
     assert got["stage4_vitb"]["verdict"] == "not measured"  # skipped, not missed
     assert got["vitb_stage_peak"]["verdict"] == "not measured"
+
+
+def test_jpegs_are_generated_where_the_wheels_photos_are_missing(tmp_path, monkeypatch):
+    import train_throughput
+    from PIL import Image
+
+    monkeypatch.setitem(sys.modules, "skimage", None)  # a bare GPU image: no scikit-image
+    photos, source = train_throughput.photos()
+    assert source.startswith("generated") and len(photos) == 8
+    folder = train_throughput.make_jpegs(tmp_path / "jpegs", 12)
+    files = sorted(folder.rglob("*.jpg"))
+    assert len(files) == 12 and len({f.parent for f in files}) == 10
+    with Image.open(files[0]) as im:
+        assert im.size == (500, 375) and im.mode == "RGB"
