@@ -2,7 +2,7 @@
 it is measured, and whatever would start past its time share skipped and marked.
 
 A step's share is its estimated seconds: it may start only while ``elapsed + estimate <= budget``
-(its latest start is ``budget - estimate``). A step that ran over its estimate thus takes time from
+(its latest start is ``budget - estimate``), and one still running when the budget ends is stopped. A step that ran over its estimate thus takes time from
 the steps after it, which are worth less; a skipped step leaves its time to the next ones. The plan
 is the steps that fit the budget one after the other, in order of value; steps past it are kept as
 extras, run only where the planned ones left them the time.
@@ -14,8 +14,11 @@ mid-way keeps every step it finished.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -59,6 +62,31 @@ def plan_table(planned: list[Step], extras: list[Step], budget_s: float) -> str:
     return "\n".join(rows) + "\n"
 
 
+class OutOfTime(Exception):
+    """The budget ran out while a step was running."""
+
+
+@contextlib.contextmanager
+def _stop_at(seconds: float):
+    """Raises :class:`OutOfTime` in the running step after ``seconds`` (SIGALRM, main thread, POSIX),
+    so that the suite ends within its budget: a step's subprocess (``subprocess.run``) is killed on
+    the way out. Python code is interrupted between bytecodes, so a long native call ends first."""
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def alarm(signum, frame):
+        raise OutOfTime()
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.001))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def _missing(modules: tuple[str, ...]) -> list[str]:
     import importlib.util
 
@@ -87,7 +115,8 @@ def run_steps(steps: list[Step], budget_s: float, out: Path, stem: str, ctx: dic
     ``budget_s`` is in the seconds of the steps' estimates: a dry run on another machine, whose
     seconds are not those, passes a larger one.
 
-    ``ctx`` goes to each step, with ``deadline_s`` (seconds left in the budget when it starts) added.
+    ``ctx`` goes to each step, with ``deadline_s`` (seconds left in the budget when it starts) added;
+    a step still running when the budget ends is stopped and marked.
     After each step, ``STEM.jsonl`` gets its line and ``STEM.json`` the whole record, with
     ``report(record)`` merged in (the targets judged on what is measured so far). A step's failure
     (an exception, or a bench's SystemExit) is recorded and the run goes on; an interrupt (Ctrl-C,
@@ -113,7 +142,11 @@ def run_steps(steps: list[Step], budget_s: float, out: Path, stem: str, ctx: dic
         else:
             print(f"== {s.name} (estimated {s.est_s:.0f} s, {start:.0f} s elapsed): {s.what}", flush=True)
             try:
-                entry.update(status="measured", result=s.run({**ctx, "deadline_s": budget_s - start}))
+                with _stop_at(budget_s - start):
+                    entry.update(status="measured", result=s.run({**ctx, "deadline_s": budget_s - start}))
+            except OutOfTime:
+                entry.update(status="stopped", reason=f"the budget ran out after {clock() - t0 - start:.0f} s of "
+                                                      f"the step (estimated {s.est_s:.0f} s)")
             except (Exception, SystemExit) as e:  # one step's failure must not lose the others
                 msg = str(e).strip().splitlines()
                 entry.update(status="failed", error=f"{type(e).__name__}: {msg[-1] if msg else ''}"[:300],

@@ -80,9 +80,28 @@ def test_a_step_past_its_share_is_skipped_and_each_result_is_on_disk_before_the_
     assert all(t["verdict"] == "not measured" for t in on_disk["targets"])
 
 
+def test_a_step_still_running_when_the_budget_ends_is_stopped_and_its_process_killed(tmp_path):
+    pid_file = tmp_path / "pid"
+
+    def outlives_the_budget(ctx):  # a bench's subprocess that would run for a minute
+        subprocess.run([sys.executable, "-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+                        "time.sleep(60)"], check=True)
+
+    steps = [Step("long", "runs past the budget", 1, "-", outlives_the_budget),
+             Step("next", "would start after the budget", 1, "-", lambda ctx: {"ran": True})]
+    record = run_steps(steps, 3.0, tmp_path, "suite", {})
+    assert record["steps"]["long"]["status"] == "stopped"
+    assert "budget ran out" in record["steps"]["long"]["reason"]
+    assert record["steps"]["next"]["status"] == "skipped"
+    pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):  # subprocess.run killed and reaped its child on the way out
+        os.kill(pid, 0)
+
+
 _KILLED_RUN = """
-import sys, train_memory
+import sys, torch, train_memory
 from pathlib import Path
+torch.set_num_threads(1)
 from suite_budget import Step, run_steps
 import gpu_suite
 steps = [Step("gemm", "fp32 GEMM rate", 1, "-", lambda ctx: train_memory.gemm_rate("cpu")),
