@@ -16,9 +16,9 @@ The steps, in order of value (each one a function of the bench that owns it; not
 6. if time is left: a shortened GPU quality configuration (``bench/quality.py``: one seed, MNIST).
 
 Each result is written as soon as it is measured (``gpu_suite.jsonl``, and ``gpu_suite.json`` rewritten
-after every step), a step that would start past its time share is skipped and marked
-(``bench/suite_budget.py``), and the run ends with one table: each target, its figure, met or missed
-(``TARGETS`` below; ``gpu_suite.md``).
+after every step), a step that would start past its time share is skipped and marked, one still
+running when the budget ends is stopped (``bench/suite_budget.py``), and the run ends with one
+table: each target, its figure, met or missed (``bench/suite_targets.py``; ``gpu_suite.md``).
 
 Usage::
 
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_memory  # noqa: E402
 from results_io import write_results  # noqa: E402
 from suite_budget import Step, plan, plan_table, run_steps  # noqa: E402
-from suite_targets import TARGETS, judge, markdown  # noqa: E402
+from suite_targets import judge, markdown  # noqa: E402
 from train_projection import MEASURED  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "gpu_suite"
@@ -131,6 +131,10 @@ def _stages(ctx: dict) -> dict:
         m = sp.stage_times("vit_tiny_patch16_224", 2, "cpu") if ctx["dry"] else sp.stage_times(arch, 256, "cuda")
         p = sp.projection(m, None)
         out[arch] = {**p, "speedup_4": p[f"{ctx['device']}_speedup_4_stage_ranks"], "measured": m}
+    if ctx["device"] == "cuda":  # the next steps' processes share the card: hand back what this one cached
+        import torch
+
+        torch.cuda.empty_cache()
     return out
 
 
@@ -193,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                                                            "(results to a temporary folder unless --out)")
     ap.add_argument("--plan", action="store_true", help="print the plan and exit")
     ap.add_argument("--only", default=None, help="comma-separated step names, in the plan's order")
-    ap.add_argument("--out", type=Path, default=None, help=f"results folder (default {OUT.relative_to(Path.cwd()) if OUT.is_relative_to(Path.cwd()) else OUT})")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results folder (default: bench/results/gpu_suite/; a temporary one with --dry-run)")
     args = ap.parse_args(argv)
     all_steps = steps()
     if args.only:
@@ -214,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:  # the steps run in this process: one thread, as in each variant's process
         torch.set_num_threads(1)
     try:  # every step trains: the package's training dependencies must be here (a bare GPU image lacks some)
-        import bim_export.train.trainer  # noqa: F401
+        import bim_export.train.trainer  # noqa: F401  (the import is the check)
     except ImportError as e:
         ap.error(f"the training code cannot be imported here ({e}): install the project's dependencies, "
                  "or put them on PYTHONPATH")

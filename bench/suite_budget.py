@@ -2,12 +2,13 @@
 it is measured, and whatever would start past its time share skipped and marked.
 
 A step's share is its estimated seconds: it may start only while ``elapsed + estimate <= budget``
-(its latest start is ``budget - estimate``), and one still running when the budget ends is stopped. A step that ran over its estimate thus takes time from
-the steps after it, which are worth less; a skipped step leaves its time to the next ones. The plan
-is the steps that fit the budget one after the other, in order of value; steps past it are kept as
-extras, run only where the planned ones left them the time.
+(its latest start is ``budget - estimate``), and one still running when the budget ends is stopped.
+A step that ran over its estimate thus takes time from the steps after it, which are worth less; a
+skipped step leaves its time to the next ones. The plan is the steps that fit the budget one after
+the other, in order of value; steps past it are kept as extras, run only where the planned ones
+left them the time.
 
-Results: ``STEM.jsonl`` gets one line per step as it ends (measured, failed or skipped), and
+Results: ``STEM.jsonl`` gets one line per step as it ends (measured, failed, stopped or skipped), and
 ``STEM.json`` is rewritten (atomically) after every step with everything so far, so a run killed
 mid-way keeps every step it finished.
 """
