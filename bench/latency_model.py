@@ -313,7 +313,7 @@ def run_gpu(args, rec: dict | None = None) -> dict:
             "wall_s": time.time() - t0}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="ViT-Ti only, 112 px, fewer repeats (< 1 min)")
     ap.add_argument("--device", choices=("cpu", "cuda", "torch-cpu"), default="cpu")
@@ -327,7 +327,7 @@ def main() -> int:
     ap.add_argument("--profile", default=None,
                     help="profile whose hardware figures are used for GPU runs (default: server-gpu, or the record's)")
     ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     load_before = os.getloadavg()
     if args.recorded:
         rec = load_recorded(args.recorded)

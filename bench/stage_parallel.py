@@ -219,7 +219,7 @@ def projection(measured: dict, h100: dict | None) -> dict:
            "bytes_per_boundary_per_step": boundary, "bytes_sent_per_step": 3 * boundary,
            # data parallel on 4 GPUs for comparison: a ring all-reduce of the fp32 gradients
            "data_parallel_bytes_per_gpu_per_step": 2 * 3 / 4 * measured["params"] * 4}
-    out["cpu_speedup_4_stage_ranks"] = total / max(stage_256)
+    out[f"{measured['device']}_speedup_4_stage_ranks"] = total / max(stage_256)
     if h100 is not None:
         ms = h100["ms"] * h100.get("ratio", 1.0)
         out["h100_step_ms_one_gpu"] = ms

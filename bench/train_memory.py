@@ -172,8 +172,8 @@ def run_worker(spec: dict) -> dict:
                       betas=(0.9, 0.95))
     update, _ = resolve_update(cfg)
     stepper = Stepper(StageOptimizer(model, cfg), DistInfo(), update)
-    if spec["compile"]:
-        model.compile_blocks()
+    if spec["compile"]:  # compile_options: e.g. a lighter backend for a check of the machinery on a CPU
+        model.compile_blocks(**spec.get("compile_options", {}))
     imgs = torch.randn(spec["batch"], 3, *model.encoder.patch_embed.img_size, device=device)
     amp = torch.bfloat16 if spec["amp"] == "bf16" else None
     times, losses = [], {}
@@ -242,6 +242,20 @@ def _subprocess(args: list[str], what: str, timeout: float | None = None) -> dic
 def measure(spec: dict, timeout: float | None = None) -> dict:
     """Runs :func:`run_worker` for ``spec`` in a fresh Python process and returns its figures."""
     return _subprocess(["--worker", json.dumps(spec)], f"variant {spec['name']}", timeout)
+
+
+def measure_variant(spec: dict, timeout: float | None = None) -> dict:
+    """One variant's figures (:func:`measure`, then :func:`model_flops`), or ``{"error": ...}`` when its
+    process failed or timed out (a compile, say), so that one failure does not lose the other variants;
+    prints one line."""
+    try:
+        r = {**measure(spec, timeout), **model_flops(spec)}
+    except RuntimeError as e:
+        r = {"name": spec["name"], "error": "failed: " + str(e).splitlines()[-1][:200]}
+    peak = (f"{r['peak_gib']:.2f} GiB" if "peak_gib" in r else f"{r['peak_above_base_mib']:.0f} MiB"
+            if "peak_above_base_mib" in r else r["error"])
+    print(f"{spec['name']:<24} {peak:>12} {r.get('ms_per_step', float('nan')):9.1f} ms/step", flush=True)
+    return r
 
 
 _FLOPS: dict[str, dict] = {}
@@ -337,15 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         labels[v["name"]] = v["label"]
         if args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:
             results[v["name"]] = {"name": v["name"], "error": "skipped (time budget)"}
+            print(f"{v['name']:<24} {results[v['name']]['error']}", flush=True)
         else:
-            try:
-                results[v["name"]] = {**measure(spec, args.variant_timeout_s), **model_flops(spec)}
-            except RuntimeError as e:  # one variant's failure (e.g. a compile) must not lose the others
-                results[v["name"]] = {"name": v["name"], "error": "failed: " + str(e).splitlines()[-1][:200]}
-        r = results[v["name"]]
-        peak = (f"{r['peak_gib']:.2f} GiB" if "peak_gib" in r else f"{r['peak_above_base_mib']:.0f} MiB"
-                if "peak_above_base_mib" in r else r["error"])
-        print(f"{v['name']:<24} {peak:>12} {r.get('ms_per_step', float('nan')):9.1f} ms/step", flush=True)
+            results[v["name"]] = measure_variant(spec, args.variant_timeout_s)
     report = {"device": args.device, "mode": mode, "size": size_, "suites": suites,
               "machine": machine(args.device, args.threads), "labels": labels, "variants": results,
               "summary": summarize(results, args.device)}

@@ -2,7 +2,8 @@
 loader's images/s per worker, and how long a folder of a million files takes to list.
 
 Images: ImageNet-like JPEGs (500 x 375, quality 90) cut at random from the real photos that ship in
-the scikit-image and scikit-learn wheels (``tools/make_assets.py``), ten class folders.
+the scikit-image and scikit-learn wheels (``tools/make_assets.py``), ten class folders; where those
+wheels are not installed, from generated images (see :func:`photos`).
 
 * compute-only: the model's training step (BIM forward and per-stage backward, AdamW step) on one
   batch already on the device; images/s from the median step after warm-up.
@@ -65,20 +66,43 @@ SIZES = {
 # ------------------------------------------------------------------------------ inputs
 
 
-def make_jpegs(dest: Path, n: int, seed: int = 0) -> Path:
-    """``n`` 500 x 375 JPEGs (quality 90) cut from the wheels' photos, ten class folders; kept if there."""
+def photos(seed: int = 0) -> tuple[list, str]:
+    """The real photos that ship in the scikit-image and scikit-learn wheels, or where those are not
+    installed (a bare GPU image), generated ones: smooth random colour fields with pixel noise, so
+    that a JPEG of them costs about what a photo's does to decode. Returns (name, array) pairs and
+    which of the two it is."""
     import numpy as np
     from PIL import Image
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     from make_assets import _wheel_photos
 
+    from bim_export.core.errors import InputError
+
+    try:
+        return list(_wheel_photos().items()), "real photos from the scikit-image and scikit-learn wheels"
+    except InputError:
+        rng = np.random.default_rng(seed)
+        out = []
+        for k in range(8):
+            field = Image.fromarray(rng.integers(0, 256, (9, 12, 3), dtype=np.uint8)).resize((800, 600), Image.BICUBIC)
+            arr = np.asarray(field, dtype=np.int16) + rng.normal(0, 8, (600, 800, 3)).astype(np.int16)
+            out.append((f"generated{k}", arr.clip(0, 255).astype(np.uint8)))
+        return out, "generated images (smooth colour fields with noise; the wheels' photos are not installed)"
+
+
+def make_jpegs(dest: Path, n: int, seed: int = 0) -> Path:
+    """``n`` 500 x 375 JPEGs (quality 90) cut from :func:`photos`, ten class folders; kept if there."""
+    import numpy as np
+    from PIL import Image
+
     if dest.is_dir() and sum(1 for _ in dest.rglob("*.jpg")) == n:
         return dest
-    photos = list(_wheel_photos().items())
+    photos_, _ = photos(seed)
+    photos_ = list(photos_)
     rng = np.random.default_rng(seed)
     for k in range(n):
-        name, arr = photos[k % len(photos)]
+        name, arr = photos_[k % len(photos_)]
         img = Image.fromarray(arr).convert("RGB")
         w, h = img.size
         s = rng.uniform(0.5, 1.0)
@@ -215,6 +239,24 @@ def _in_process(kind: str, spec: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def training_rates(size: dict, data: Path, tmp: Path, loader: bool = True) -> dict:
+    """Compute-only, then per data pipeline the loader alone (with ``loader``) and the train CLI, each
+    in a fresh process. Where the CLI cannot run a pipeline (gpu without CUDA), the loader's tensor
+    path is measured instead, as a check of its code."""
+    spec = {**size, "data": str(data)}
+    out = {"compute": _in_process("compute", spec), "pipelines": {}}
+    print(f"compute-only {out['compute']['img_per_s']:.1f} img/s", flush=True)
+    for p in list(size["pipelines"]) + (["gpu"] if size["device"] == "cpu" else []):
+        r = {}
+        if loader or p not in size["pipelines"]:
+            r["loader"] = _in_process("loader", {**spec, "pipeline": p})
+        if p in size["pipelines"]:
+            r["cli"] = cli_rate({**spec, "pipeline": p}, tmp)
+        out["pipelines"][p] = r
+        print(f"{p}: " + ", ".join(f"{k} {v['img_per_s']:.1f} img/s" for k, v in r.items()), flush=True)
+    return out
+
+
 def listing(n: int, tmp: Path) -> dict:
     from bim_export.model.images import list_image_files
 
@@ -284,8 +326,9 @@ def markdown(report: dict) -> str:
                   "| pipeline | loader img/s | per worker | train CLI img/s | CLI / compute-only |", "|---|---|---|---|---|"]
         for p, r in report["pipelines"].items():
             cli = r.get("cli")
+            ld = r.get("loader")
             lines.append(f"| {p}{' (tensor path on the CPU)' if p == 'gpu' and report['device'] == 'cpu' else ''} | "
-                         f"{r['loader']['img_per_s']:.1f} | {r['loader']['img_per_s_per_worker']:.1f} | "
+                         + (f"{ld['img_per_s']:.1f} | {ld['img_per_s_per_worker']:.1f} | " if ld else "- | - | ")
                          + (f"{cli['img_per_s']:.1f} | {cli['img_per_s'] / c['img_per_s']:.0%} |" if cli else "- | - |"))
     ls = report.get("listing")
     if ls:
@@ -325,18 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         if not args.skip_training:
             data = make_jpegs(args.images or tmp / "jpegs", size["images"])
-            spec = {**size, "data": str(data)}
-            report["compute"] = _in_process("compute", spec)
-            print(f"compute-only {report['compute']['img_per_s']:.1f} img/s", flush=True)
-            pipelines = list(size["pipelines"]) + (["gpu"] if size["device"] == "cpu" else [])
-            report["pipelines"] = {}
-            for p in pipelines:
-                r = {"loader": _in_process("loader", {**spec, "pipeline": p})}
-                if p in size["pipelines"]:
-                    r["cli"] = cli_rate({**spec, "pipeline": p}, tmp)
-                report["pipelines"][p] = r
-                print(f"{p}: loader {r['loader']['img_per_s']:.1f} img/s"
-                      + (f", CLI {r['cli']['img_per_s']:.1f} img/s" if "cli" in r else ""), flush=True)
+            report.update(training_rates(size, data, tmp))
         if not args.skip_listing:
             report["listing"] = listing(args.list_files or size["list_files"], tmp)
             print(f"listing {report['listing']['files']:,} files: {report['listing']['list_s']:.1f} s", flush=True)
