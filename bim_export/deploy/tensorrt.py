@@ -94,6 +94,7 @@ TRTEXEC="${{TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)
 
 def engine_notes(profile: Profile, precision: str, need: dict[str, Any], command: list[str]) -> str:
     """trt_engine.md: the TensorRT the graph needs, how to build the engine, how infer.py runs it."""
+    shapes = "".join(f"{a} " for a in command if a.startswith("--shapes="))
     because = "\n".join(f"- {k}: TensorRT >= {v}" for k, v in need["because"].items())
     named = f"The profile names TensorRT {profile.tensorrt}." if profile.tensorrt else \
         "The profile names no TensorRT version (it is taken to be 8.6 or later)."
@@ -133,7 +134,7 @@ on ONNX Runtime (TensorRT provider, then CUDA, then CPU) as before.
 
     polygraphy inspect model model.onnx                      # the ops TensorRT will see
     polygraphy run model.onnx --trt --onnxrt --fp16          # TensorRT vs ONNX Runtime outputs
-    trtexec --loadEngine={ENGINE} --shapes=... --iterations=200   # engine latency on the device
+    trtexec --loadEngine={ENGINE} {shapes}--iterations=500   # engine latency on the device
 """
 
 

@@ -31,7 +31,7 @@ from bim_export.deploy.profiles import load_profile
 from bim_export.runtime.machine import sha256_file
 
 REPO = Path(__file__).resolve().parents[2]
-SERVER = Path(__file__).with_name("triton_server.py")
+SERVER = REPO / "tools" / "triton_server.py"
 
 
 @pytest.fixture(scope="module", autouse=True)
