@@ -149,10 +149,8 @@ def write_engine_files(root: Path, profile: Profile, precision: str, model: Path
              for d in first.type.tensor_type.shape.dim]
     command = engine_command(profile, precision, first.name, shape)
     need = needed(model)
-    script = root / SCRIPT
+    script = root / SCRIPT  # run as `bash build_engine.sh`: like every bundle file, its mode is the umask's
     script.write_text(engine_script(profile, precision, first.name, shape), encoding="utf-8")
-    mode = script.stat().st_mode
-    script.chmod(mode | (mode & 0o444) >> 2)  # executable by whoever may read it (the umask holds)
     (root / NOTES).write_text(engine_notes(profile, precision, need, command), encoding="utf-8")
     return {"script": SCRIPT, "notes": NOTES, "engine": ENGINE, "trtexec": command, "needs": need,
             "profile_tensorrt": profile.tensorrt}

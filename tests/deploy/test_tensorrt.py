@@ -84,7 +84,6 @@ def test_build_engine_script_is_valid_bash_with_the_profiles_settings(jetsons):
     bundle = jetsons["8.6"]
     script = bundle / "build_engine.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
-    assert script.stat().st_mode & 0o100  # executable
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["files"]["build_engine.sh"] == sha256_file(script)
     text = script.read_text()
