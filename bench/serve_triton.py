@@ -145,8 +145,11 @@ def markdown(report: dict) -> str:
         f"- server: tritonserver {report['tritonserver']} (PyTriton), model `{b['model']}` from the server-gpu bundle "
         f"(depth {b['depth']}, {b['precision']}, {b['img_size']} px), max_batch_size {b['max_batch_size']}, "
         f"preferred batches {b['preferred']}, queue delay {b['queue_delay_us']} us; onnxruntime "
-        f"{report['onnxruntime']} on the CPU runs the model (no GPU here: no TensorRT figure)",
-        f"- load: {report['clients']} clients, each its own connection, {report['requests']} requests each, back to back",
+        f"{report['onnxruntime']} on the CPU runs the model (no GPU here: no TensorRT figure"
+        + ("; an fp16 graph on the CPU execution provider is host-emulated fp16" if b["precision"] == "fp16" else "")
+        + ")",
+        f"- load: {report['clients']} clients, each its own connection, requests back to back; per client: "
+        f"{report['requests']}",
         "", "| protocol | batch | requests/s | images/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         lines.append(f"| {r['protocol']} | {r['batch']} | {r['requests_per_s']:.1f} | {r['images_per_s']:.0f} | "
@@ -161,7 +164,11 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=None, help="per client and run (default 200 at batch 1; quick 20)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--render", type=Path, default=None, help="re-render the .md of a results .json, measure nothing")
     args = parser.parse_args()
+    if args.render is not None:
+        write_results(args.render.parent, args.render.stem, json.loads(args.render.read_text()), markdown)
+        return 0
     python = triton_python()
     started = time.time()
     bundle = server_gpu_bundle(args.bundle)
