@@ -66,6 +66,8 @@ deploy/     per-device export
     export              backbone -> ONNX at the profile's opset, metadata
     subgraph            the part of a multi-exit graph that computes some exits (a candidate's graph)
     usability           ONNX Runtime's mobile usability checker: what NNAPI / CoreML take of a graph
+    triton              a Triton model repository: config.pbtxt from the graph and the profile
+    tensorrt            build_engine.sh (trtexec) and trt_engine.md: the TensorRT a graph needs
     rewrite             graph forms: the batch fixed, ops an accelerator lacks in ops it has
     quantize            fp16 / int8 conversion
     latency             costmodel -> stats -> measure (+ worker) -> roofline -> calibration -> predict

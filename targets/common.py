@@ -302,7 +302,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 
 
 def run_main(args: argparse.Namespace, providers: Sequence, *, runner_factory=None, script_dir: Path,
-             requested: Sequence | None = None) -> int:
+             requested: Sequence | None = None, session_factory=None) -> int:
     """Loads the bundle, runs the images (and gallery) and prints a classifier's top-k labels with their
     probabilities (when the manifest has ``labels``), else the embeddings or the top-k gallery
     neighbours, then timing.
@@ -314,6 +314,8 @@ def run_main(args: argparse.Namespace, providers: Sequence, *, runner_factory=No
         script_dir: the folder of the calling script (the bundle, when run from one).
         requested: the providers the device should run on, best first (default: ``providers``); one
             the session runs without is named on stderr (:func:`fallback_warning`).
+        session_factory: optional ``(model, providers, threads) -> session`` (a TensorRT engine behind
+            the session's calls); default an onnxruntime session.
     """
     bundle = args.bundle or script_dir
     manifest = load_manifest(bundle)
@@ -321,7 +323,7 @@ def run_main(args: argparse.Namespace, providers: Sequence, *, runner_factory=No
         return early_exit_main(args, bundle, manifest, providers)
     model = args.model or Path(bundle) / "model.onnx"
     batch = args.batch or int(manifest.get("batch", 1))
-    session = make_session(model, providers, args.threads)
+    session = (session_factory or make_session)(model, providers, args.threads)
     used = session.get_providers()
     warning = fallback_warning(requested if requested is not None else providers, used)
     if warning:

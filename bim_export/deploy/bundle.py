@@ -17,6 +17,8 @@ so an interrupted export leaves only what was there before)::
     runtime/        the device runtime both scripts import (bim_export/runtime, no torch): preprocessing,
                     sessions and provider fallback, kNN, parity, validation, the machine description
     early_exit/     with --early-exit: one graph per stage segment and their reference outputs
+    triton/         GPU profiles: a Triton model repository, triton/<model>/config.pbtxt + 1/model.onnx
+    build_engine.sh Jetson profiles: the trtexec line that builds model.engine; trt_engine.md beside it
 
 Each kind of output is a :class:`Writer`, registered in the order it runs (:data:`WRITERS`); a new
 output kind (a Triton model repository, an engine build script) is one :func:`register_writer` here
@@ -54,6 +56,7 @@ from .pareto import PlotPoint, plot_pareto
 from .registry import Registry
 from .report import render_report
 from .selector import quality_label
+from . import tensorrt, triton
 
 FORMAT_VERSION = 1
 MODEL, MANIFEST, REFERENCE, REPORT, PARETO = "model.onnx", "manifest.json", "reference.npz", "report.md", "pareto.png"
@@ -244,6 +247,25 @@ def _write_validator(draft: BundleDraft) -> None:
 def _write_extra_files(draft: BundleDraft) -> None:
     for name, src in draft.spec.extra_files.items():
         shutil.copyfile(src, draft.dir / name)
+
+
+@register_writer("triton", (triton.FOLDER,))
+def _write_triton_repository(draft: BundleDraft) -> None:
+    """GPU profiles (and any with ``triton: true``): the model repository, of the dynamic-batch file where one ships."""
+    spec = draft.spec
+    if spec.profile.serves_triton:
+        model = draft.dir / (DYNAMIC_MODEL if spec.dynamic_model is not None else MODEL)
+        draft.manifest["triton"] = triton.write_repository(draft.dir, spec.profile, spec.choice.precision, model,
+                                                           classifier.labels(spec.checkpoint))
+
+
+@register_writer("tensorrt", (tensorrt.SCRIPT, tensorrt.NOTES))
+def _write_engine_files(draft: BundleDraft) -> None:
+    """Jetson profiles: build_engine.sh (trtexec) and trt_engine.md."""
+    spec = draft.spec
+    if spec.profile.target_script == "jetson":
+        draft.manifest["tensorrt"] = tensorrt.write_engine_files(draft.dir, spec.profile, spec.choice.precision,
+                                                                 draft.dir / MODEL)
 
 
 @register_writer("early_exit", (EARLY_EXIT,))

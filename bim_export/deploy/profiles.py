@@ -169,6 +169,11 @@ class Profile(_Strict):
     accelerators: dict[str, HardwareFigures] = Field(
         default_factory=dict, description="figures of the device an accelerator EP (NNAPI, CoreML) runs on; a "
                                           "candidate the EP takes whole is predicted on them, any other on `hardware`")
+    triton: Optional[bool] = Field(None, description="ship a Triton Inference Server model repository in the bundle "
+                                                    "(triton/<model>/); default: true for device_class gpu")
+    tensorrt: Optional[str] = Field(None, pattern=r"^[0-9]+\.[0-9]+$",
+                                    description="TensorRT version on the device, quoted (\"8.5\"): below 8.6 "
+                                                "LayerNormalization ships decomposed; default: 8.6 or later")
     budgets: Budgets = Field(default_factory=Budgets, description="latency, memory and size budgets")
     parity: ParityTolerances = Field(default_factory=ParityTolerances, description="parity tolerances per precision")
     measured: bool = Field(False, description="latency measured on the machine running the command "
@@ -185,6 +190,11 @@ class Profile(_Strict):
     def batch_is_fixed(self) -> bool:
         """Whether the exported graph's batch axis is fixed to :attr:`batch`."""
         return self.device_class == "mobile" if self.fixed_batch is None else self.fixed_batch
+
+    @property
+    def serves_triton(self) -> bool:
+        """Whether the bundle carries a Triton model repository."""
+        return self.device_class == "gpu" if self.triton is None else self.triton
 
     @property
     def uses_gpu(self) -> bool:

@@ -87,8 +87,10 @@ def form_for(profile: Profile, dynamic: bool = False) -> GraphForm:
     """The graph form ``profile`` asks for: its batch fixed where it fixes it (``dynamic`` forces
     the batch axis dynamic: the second file a profile may ask for), and the passes that remove the
     ops its NNAPI / CoreML EPs do not list, and those their op builders need beyond their lists
-    (:attr:`bim_export.deploy.providers.ExecutionProvider.passes`)."""
+    (:attr:`bim_export.deploy.providers.ExecutionProvider.passes`); and LayerNormalization decomposed
+    for a TensorRT older than its parser of the op (:func:`bim_export.deploy.tensorrt.decompose_layernorm`)."""
     from .providers import PROVIDERS
+    from .tensorrt import decompose_layernorm
     from .usability import checked_eps, checker_name, supported_ops
 
     needed = set()
@@ -96,6 +98,8 @@ def form_for(profile: Profile, dynamic: bool = False) -> GraphForm:
         ops = supported_ops(checker_name(profile, ep))
         needed |= {name for name, op in REMOVES.items() if f"ai.onnx:{op}" not in ops}
         needed |= set(PROVIDERS[ep].passes)
+    if decompose_layernorm(profile):  # a TensorRT older than its LayerNormalization parser
+        needed.add("layernorm")
     batch = None if dynamic or not profile.batch_is_fixed else profile.batch
     return GraphForm(batch, tuple(p for p in PASS_ORDER if p in needed))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import onnx
@@ -15,7 +16,8 @@ from bim_export.deploy.bundle import file_hashes, write_bundle
 from bim_export.runtime.machine import sha256_file
 
 EXPECTED = {"model.onnx", "manifest.json", "reference.npz", "report.md", "pareto.png", "infer.py", "common.py", "validate.py",
-            "runtime"}
+            "runtime", "triton", "build_engine.sh", "trt_engine.md"}  # a Jetson's: Triton repository, trtexec script
+TRITON = {"triton/jetson-orin-nano/config.pbtxt", "triton/jetson-orin-nano/1/model.onnx"}
 RUNTIME = {f"runtime/{name}.py" for name in ("__init__", "errors", "knn", "machine", "parity", "preprocess", "session",
                                              "early_exit", "validate")}
 
@@ -30,7 +32,7 @@ def test_bundle_has_every_file_and_hashes(tmp_path, spec):
     assert dest == tmp_path / "exports" / "jetson-orin-nano"
     assert {p.name for p in dest.iterdir()} == EXPECTED
     manifest = json.loads((dest / "manifest.json").read_text())
-    assert set(manifest["files"]) == EXPECTED - {"manifest.json", "runtime"} | RUNTIME
+    assert set(manifest["files"]) == EXPECTED - {"manifest.json", "runtime", "triton"} | RUNTIME | TRITON
     for name, digest in manifest["files"].items():
         assert sha256_file(dest / name) == digest
     assert manifest["exporter"] == "torch.onnx (test)"
@@ -133,7 +135,8 @@ def test_info_prints_files_choice_and_validations(tmp_path, spec, capsys):
     manifest = json.loads((dest / "manifest.json").read_text())
     assert out.startswith(f"{dest}: bundle for jetson-orin-nano (bim-export ")
     size = (dest / "model.onnx").stat().st_size
-    assert f"  model.onnx     {size / 1e3:.1f} kB" in out and "  reference.npz  " in out
+    assert re.search(rf"\n  model\.onnx +{size / 1e3:.1f} kB\n", out) and re.search(r"\n  reference\.npz +", out)
+    assert re.search(r"\n  triton/ +[0-9.]+ kB in 2 files\n", out)
     lat = manifest["latency"]
     assert "  model        depth 4 of exits 2, 4, int8, opset 17" in out
     assert "  quality      kNN top-1 60.0%" in out
@@ -156,25 +159,25 @@ def test_info_prints_files_choice_and_validations(tmp_path, spec, capsys):
 
 
 def test_a_registered_writer_is_one_more_output_kind(tmp_path, spec):
-    """A new output kind (here a Triton model repository) is one registered writer: written after the
+    """A new output kind (here a model card folder) is one registered writer: written after the
     others, hashed in the manifest, and replaceable by the next export."""
 
-    @bundle_mod.register_writer("triton", ("triton",))
-    def write_triton(draft):
-        folder = draft.dir / "triton" / "bim" / "1"
+    @bundle_mod.register_writer("card", ("card",))
+    def write_card(draft):
+        folder = draft.dir / "card" / "bim" / "1"
         folder.mkdir(parents=True)
         (folder / "model.onnx").write_bytes((draft.dir / "model.onnx").read_bytes())
-        (draft.dir / "triton" / "bim" / "config.pbtxt").write_text('platform: "onnxruntime_onnx"\n')
-        draft.manifest["triton"] = {"model": "bim"}
+        (draft.dir / "card" / "bim" / "card.md").write_text("# bim\n")
+        draft.manifest["card"] = {"model": "bim"}
 
     try:
-        assert bundle_mod.WRITERS.names()[-1] == "triton" and "triton" in bundle_mod.bundle_kind().names
+        assert bundle_mod.WRITERS.names()[-1] == "card" and "card" in bundle_mod.bundle_kind().names
         dest = write_bundle(tmp_path / "exports", spec)
         manifest = json.loads((dest / "manifest.json").read_text())
-        assert manifest["triton"] == {"model": "bim"}
-        assert {"triton/bim/config.pbtxt", "triton/bim/1/model.onnx"} <= set(manifest["files"])
-        assert manifest["files"]["triton/bim/1/model.onnx"] == manifest["files"]["model.onnx"]
+        assert manifest["card"] == {"model": "bim"}
+        assert {"card/bim/card.md", "card/bim/1/model.onnx"} <= set(manifest["files"])
+        assert manifest["files"]["card/bim/1/model.onnx"] == manifest["files"]["model.onnx"]
         assert write_bundle(tmp_path / "exports", spec) == dest  # the next export replaces it
     finally:
-        bundle_mod.WRITERS.unregister("triton")
-    assert "triton" not in bundle_mod.bundle_kind().names
+        bundle_mod.WRITERS.unregister("card")
+    assert "card" not in bundle_mod.bundle_kind().names
