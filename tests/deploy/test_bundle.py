@@ -17,7 +17,7 @@ from bim_export.runtime.machine import sha256_file
 EXPECTED = {"model.onnx", "manifest.json", "reference.npz", "report.md", "pareto.png", "infer.py", "common.py", "validate.py",
             "runtime"}
 RUNTIME = {f"runtime/{name}.py" for name in ("__init__", "errors", "knn", "machine", "parity", "preprocess", "session",
-                                             "early_exit", "validate")}
+                                             "labels", "early_exit", "validate", "batcher", "serve")}
 
 
 @pytest.fixture
