@@ -22,7 +22,6 @@ import binascii
 import io
 import json
 import socket
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -289,7 +288,8 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(model: ServedModel, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
-    """Serves ``model`` until interrupted (SIGINT / SIGTERM), then finishes the queued requests.
+    """Serves ``model`` until interrupted (SIGINT / SIGTERM): uvicorn finishes the requests in flight
+    (10 s at most), then re-raises the signal, so the process ends as its parent asked.
 
     Prints ``serving: http://HOST:PORT`` (the port bound, when 0 was asked) once it listens.
     """
@@ -312,4 +312,3 @@ def serve(model: ServedModel, host: str = "127.0.0.1", port: int = 8000, log_lev
     finally:
         model.batcher.close()
         sock.close()
-        print("stopped", file=sys.stderr, flush=True)
