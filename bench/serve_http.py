@@ -138,12 +138,15 @@ def measure(bundle: Path, batch: int, clients: int, requests: int, max_wait_ms: 
     formed = {k: v - before["batches"].get(k, 0) for k, v in after["batches"].items()
               if v - before["batches"].get(k, 0) > 0}
     n_batches = sum(formed.values())
+    run_ms = sum(v - before["run_ms"].get(k, 0) for k, v in after["run_ms"].items())
     lat_a = np.asarray(lat)
     return {"batch": batch, "clients": clients, "requests": len(lat), "max_wait_ms": max_wait_ms,
             "requests_per_s": len(lat) / wall, "p50_ms": float(np.percentile(lat_a, 50)),
             "p99_ms": float(np.percentile(lat_a, 99)), "mean_ms": float(lat_a.mean()), "wall_s": wall,
             "batches_formed": dict(sorted(formed.items(), key=lambda kv: int(kv[0]))),
-            "mean_batch": len(lat) / n_batches if n_batches else None}
+            "mean_batch": len(lat) / n_batches if n_batches else None,
+            "server_run_ms_per_batch": run_ms / n_batches if n_batches else None,
+            "server_busy_share": run_ms / 1e3 / wall}
 
 
 def markdown(report: dict) -> str:
@@ -161,18 +164,21 @@ def markdown(report: dict) -> str:
         f"Load average (1/5/15 min) before {' '.join(f'{v:.2f}' for v in report['load_before'])}, after "
         f"{' '.join(f'{v:.2f}' for v in report['load_after'])}: a shared machine; the clients run on it too.", "",
         "| server batch | concurrent clients | requests | requests/s | p50 ms | p99 ms | batches formed (size: count) "
-        "| mean batch | model alone: ms per batch (images/s) |",
-        "|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "| mean batch | server: ms per run (share of wall time running) | model alone: ms per batch (images/s) |",
+        "|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in report["rows"]:
         formed = ", ".join(f"{k}: {v}" for k, v in r["batches_formed"].items())
         lines.append(f"| {r['batch']} | {r['clients']} | {r['requests']} | {r['requests_per_s']:.1f} | "
                      f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {formed} | {r['mean_batch']:.1f} | "
+                     f"{r['server_run_ms_per_batch']:.1f} ({r['server_busy_share'] * 100:.0f} %) | "
                      f"{r['model_alone_ms']:.1f} ({r['batch'] / r['model_alone_ms'] * 1e3:.1f}) |")
     lines += ["", "Latency is a client's: sending the JPEG, decoding and preprocessing on the server, waiting in "
               f"the queue and for the batch to fill (at most {report['rows'][-1]['max_wait_ms']:g} ms), the run, "
               "the JSON answer. `model alone` is one onnxruntime run at that batch in the bench's process, no "
-              "HTTP (median of 7): the ceiling the server approaches. These are CPU figures of this host: a "
+              "HTTP (median of 7): the ceiling the server approaches. `server: ms per run` is the inference "
+              "thread's own time in onnxruntime per batch during the load, and the share of the wall time it "
+              "spent there (100 %: the model is the bottleneck, not HTTP). These are CPU figures of this host: a "
               "GPU's are another device's and are not measured here.", ""]
     return "\n".join(lines)
 

@@ -70,6 +70,7 @@ class MicroBatcher:
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=self.queue_size)
         self._lock = threading.Lock()
         self.batch_sizes: Counter[int] = Counter()  # batch size -> batches run
+        self.run_ms: Counter[int] = Counter()  # batch size -> ms spent in ``run`` on such batches
         self.refused = self.failed = 0
         self._thread = threading.Thread(target=self._loop, name="inference", daemon=True)
         self._thread.start()
@@ -95,10 +96,12 @@ class MicroBatcher:
         self._thread.join(timeout)
 
     def stats(self) -> dict:
-        """Batches run by size, requests answered, refused (queue full) and failed, and the queue now."""
+        """Batches run by size (and the ms their runs took in all), requests answered, refused (queue
+        full) and failed, and the queue now."""
         with self._lock:
             sizes = dict(sorted(self.batch_sizes.items()))
             return {"batches": {str(k): v for k, v in sizes.items()},
+                    "run_ms": {str(k): round(self.run_ms[k], 3) for k in sizes},
                     "requests": sum(k * v for k, v in sizes.items()), "refused": self.refused,
                     "failed": self.failed, "queued": self._queue.qsize(), "max_batch": self.batch,
                     "max_wait_ms": self.max_wait_s * 1e3, "queue_size": self.queue_size}
@@ -124,6 +127,7 @@ class MicroBatcher:
         short = self.fixed_batch - len(jobs) if self.fixed_batch else 0
         if short > 0:
             x = np.concatenate([x, np.repeat(x[-1:], short, axis=0)])
+        t0 = time.perf_counter()
         try:
             outputs = [np.asarray(o) for o in self.run(x)]
         except Exception as e:  # noqa: BLE001 - one failed batch fails its requests, never the worker
@@ -134,6 +138,7 @@ class MicroBatcher:
             return
         with self._lock:
             self.batch_sizes[len(jobs)] += 1
+            self.run_ms[len(jobs)] += (time.perf_counter() - t0) * 1e3
         for i, j in enumerate(jobs):
             j.future.set_result(BatchResult(tuple(o[i] for o in outputs), len(jobs)))
 

@@ -228,7 +228,8 @@ def test_batcher_fills_a_fixed_batch_and_keeps_rows_apart():
     batcher.close()
     assert seen == [4]  # three requests, filled up to the model's fixed batch
     assert [(float(r.outputs[0]), float(r.outputs[1]), r.batch) for r in results] == [(12 * i, 2 * i, 3) for i in range(3)]
-    assert batcher.stats()["batches"] == {"3": 1}
+    stats = batcher.stats()
+    assert stats["batches"] == {"3": 1} and list(stats["run_ms"]) == ["3"] and stats["run_ms"]["3"] > 0
 
 
 def test_full_queue_answers_503_and_a_failed_batch_500_without_stopping(backbone):
