@@ -281,3 +281,21 @@ def test_full_queue_answers_503_and_a_failed_batch_500_without_stopping(backbone
         thread.join(30)
         batcher.close()
         sock.close()
+
+
+def test_the_listening_socket_is_tcp_and_a_taken_port_is_one_error():
+    """asyncio turns Nagle's algorithm off only on sockets that say they are TCP; with it on, each
+    keep-alive answer waited 40 ms for the client's delayed ACK."""
+    import socket
+
+    from bim_export.runtime.errors import InputError
+    from bim_export.runtime.serve import bind
+
+    sock = bind("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+        port = sock.getsockname()[1]
+        with pytest.raises(InputError, match=f"--host 127.0.0.1 --port {port}: cannot listen there: "):
+            bind("127.0.0.1", port)
+    finally:
+        sock.close()
