@@ -299,3 +299,8 @@ def test_the_listening_socket_is_tcp_and_a_taken_port_is_one_error():
             bind("127.0.0.1", port)
     finally:
         sock.close()
+
+
+def test_the_report_says_how_to_serve(backbone):
+    report = (backbone / "report.md").read_text()
+    assert "`python infer.py --serve --port 8000`" in report and "`pip install starlette uvicorn`" in report
