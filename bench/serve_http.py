@@ -14,7 +14,7 @@ formed (from GET /v1/model). The clients share the CPU with the server: on a mac
 they take part of it, so the figures are the whole loop's, client included, as a load test's are.
 
     python bench/serve_http.py                        # bench/results/serve_http.{json,md}
-    python bench/serve_http.py --bundle exports/h100-sxm --requests 400 --stem serve_http_quick
+    python bench/serve_http.py --bundle exports/h100-sxm --rounds 1 --requests 160 --stem serve_http_quick
 """
 
 from __future__ import annotations
@@ -149,6 +149,23 @@ def measure(bundle: Path, batch: int, clients: int, requests: int, max_wait_ms: 
             "server_busy_share": run_ms / 1e3 / wall}
 
 
+def median_row(runs: list[dict], alone_ms: float) -> dict:
+    """One setting over its rounds: each figure's median across rounds, the batches formed summed,
+    the requests/s range, and every round kept under ``rounds``."""
+    row = {k: runs[0][k] for k in ("batch", "clients", "max_wait_ms")}
+    for k in ("requests_per_s", "p50_ms", "p99_ms", "mean_ms", "mean_batch", "server_run_ms_per_batch",
+              "server_busy_share"):
+        row[k] = float(np.median([r[k] for r in runs]))
+    formed: dict[str, int] = {}
+    for r in runs:
+        for k, v in r["batches_formed"].items():
+            formed[k] = formed.get(k, 0) + v
+    row.update(requests=sum(r["requests"] for r in runs), batches_formed=dict(sorted(formed.items(), key=lambda kv: int(kv[0]))),
+               requests_per_s_range=[min(r["requests_per_s"] for r in runs), max(r["requests_per_s"] for r in runs)],
+               model_alone_ms=alone_ms, rounds=runs)
+    return row
+
+
 def markdown(report: dict) -> str:
     b = report["bundle"]
     lines = [
@@ -163,20 +180,23 @@ def markdown(report: dict) -> str:
         f"intra-op threads {report['threads'] or 'onnxruntime default'}.",
         f"Load average (1/5/15 min) before {' '.join(f'{v:.2f}' for v in report['load_before'])}, after "
         f"{' '.join(f'{v:.2f}' for v in report['load_after'])}: a shared machine; the clients run on it too.", "",
-        "| server batch | concurrent clients | requests | requests/s | p50 ms | p99 ms | batches formed (size: count) "
+        f"Each setting ran {report['rounds']} times, the settings interleaved; each figure is the median across "
+        "rounds (requests/s with its range), the batches formed are summed over the rounds.", "",
+        "| server batch | concurrent clients | requests | requests/s (range) | p50 ms | p99 ms | batches formed (size: count) "
         "| mean batch | server: ms per run (share of wall time running) | model alone: ms per batch (images/s) |",
         "|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in report["rows"]:
         formed = ", ".join(f"{k}: {v}" for k, v in r["batches_formed"].items())
-        lines.append(f"| {r['batch']} | {r['clients']} | {r['requests']} | {r['requests_per_s']:.1f} | "
+        lo, hi = r["requests_per_s_range"]
+        lines.append(f"| {r['batch']} | {r['clients']} | {r['requests']} | {r['requests_per_s']:.1f} ({lo:.1f}–{hi:.1f}) | "
                      f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {formed} | {r['mean_batch']:.1f} | "
                      f"{r['server_run_ms_per_batch']:.1f} ({r['server_busy_share'] * 100:.0f} %) | "
                      f"{r['model_alone_ms']:.1f} ({r['batch'] / r['model_alone_ms'] * 1e3:.1f}) |")
     lines += ["", "Latency is a client's: sending the JPEG, decoding and preprocessing on the server, waiting in "
               f"the queue and for the batch to fill (at most {report['rows'][-1]['max_wait_ms']:g} ms), the run, "
               "the JSON answer. `model alone` is one onnxruntime run at that batch in the bench's process, no "
-              "HTTP (median of 7): the ceiling the server approaches. `server: ms per run` is the inference "
+              "HTTP (median of 7 runs, median across rounds): the ceiling the server approaches. `server: ms per run` is the inference "
               "thread's own time in onnxruntime per batch during the load, and the share of the wall time it "
               "spent there (100 %: the model is the bottleneck, not HTTP). These are CPU figures of this host: a "
               "GPU's are another device's and are not measured here.", ""]
@@ -186,7 +206,8 @@ def markdown(report: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bundle", type=Path, default=None, help="a server-gpu bundle (default: export the shipped one)")
-    p.add_argument("--requests", type=int, default=640, help="requests per setting (default 640)")
+    p.add_argument("--requests", type=int, default=320, help="requests per setting and round (default 320)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds, the settings interleaved (default 3)")
     p.add_argument("--clients", type=int, default=None, help="concurrent clients (default 2 x the profile's batch)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="the server's batch wait (default 5 ms)")
     p.add_argument("--threads", type=int, default=None, help="the server's intra-op threads (default: onnxruntime's)")
@@ -217,12 +238,16 @@ def main(argv=None) -> int:
         load_before = list(os.getloadavg())
         settings = [(1, 1, max(50, args.requests // 4)), (1, clients, args.requests),
                     (profile_batch, clients, args.requests)]
-        alone = {b: model_alone(bundle, b, args.threads) for b in sorted({1, profile_batch})}
-        rows = []
-        for batch, c, n in settings:
-            print(f"batch {batch}, {c} clients, {n} requests ...", file=sys.stderr, flush=True)
-            rows.append(measure(bundle, batch, c, n, args.max_wait_ms, args.threads, images, dim))
-            rows[-1]["model_alone_ms"] = alone[batch]
+        alone: dict[int, list[float]] = {b: [] for b in {1, profile_batch}}
+        rounds: list[list[dict]] = [[] for _ in settings]
+        for r in range(args.rounds):  # interleaved: a busy spell of the machine hits every setting alike
+            for b in alone:
+                alone[b].append(model_alone(bundle, b, args.threads))
+            for i, (batch, c, n) in enumerate(settings):
+                print(f"round {r + 1}/{args.rounds}: batch {batch}, {c} clients, {n} requests ...", file=sys.stderr,
+                      flush=True)
+                rounds[i].append(measure(bundle, batch, c, n, args.max_wait_ms, args.threads, images, dim))
+        rows = [median_row(runs, float(np.median(alone[runs[0]["batch"]]))) for runs in rounds]
     report = {"machine": machine_description(), "cpu_flags": cpu_flags(), "threads": args.threads,
               "load_before": load_before, "load_after": list(os.getloadavg()), "providers": info["providers"],
               "versions": {"onnxruntime": onnxruntime.__version__, "starlette": starlette.__version__,
@@ -230,7 +255,7 @@ def main(argv=None) -> int:
               "bundle": {"profile": manifest.get("profile"), "depth": manifest.get("depth"),
                          "precision": manifest.get("precision"), "img_size": manifest["preprocessing"]["img_size"],
                          "dim": dim, "profile_batch": profile_batch},
-              "rows": rows, "wall_s": time.perf_counter() - t0}
+              "rounds": args.rounds, "rows": rows, "wall_s": time.perf_counter() - t0}
     write_results(args.out, args.stem, report, markdown)
     return 0
 
