@@ -160,7 +160,8 @@ def median_row(runs: list[dict], alone_ms: float) -> dict:
     for r in runs:
         for k, v in r["batches_formed"].items():
             formed[k] = formed.get(k, 0) + v
-    row.update(requests=sum(r["requests"] for r in runs), batches_formed=dict(sorted(formed.items(), key=lambda kv: int(kv[0]))),
+    row.update(requests=sum(r["requests"] for r in runs),
+               batches_formed=dict(sorted(formed.items(), key=lambda kv: int(kv[0]))),
                requests_per_s_range=[min(r["requests_per_s"] for r in runs), max(r["requests_per_s"] for r in runs)],
                model_alone_ms=alone_ms, rounds=runs)
     return row
@@ -182,21 +183,24 @@ def markdown(report: dict) -> str:
         f"{' '.join(f'{v:.2f}' for v in report['load_after'])}: a shared machine; the clients run on it too.", "",
         f"Each setting ran {report['rounds']} times, the settings interleaved; each figure is the median across "
         "rounds (requests/s with its range), the batches formed are summed over the rounds.", "",
-        "| server batch | concurrent clients | requests | requests/s (range) | p50 ms | p99 ms | batches formed (size: count) "
+        "| server batch | concurrent clients | requests | requests/s (range) | p50 ms | p99 ms "
+        "| batches formed (size: count) "
         "| mean batch | server: ms per run (share of wall time running) | model alone: ms per batch (images/s) |",
         "|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in report["rows"]:
         formed = ", ".join(f"{k}: {v}" for k, v in r["batches_formed"].items())
         lo, hi = r["requests_per_s_range"]
-        lines.append(f"| {r['batch']} | {r['clients']} | {r['requests']} | {r['requests_per_s']:.1f} ({lo:.1f}–{hi:.1f}) | "
+        lines.append(f"| {r['batch']} | {r['clients']} | {r['requests']} | "
+                     f"{r['requests_per_s']:.1f} ({lo:.1f}–{hi:.1f}) | "
                      f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {formed} | {r['mean_batch']:.1f} | "
                      f"{r['server_run_ms_per_batch']:.1f} ({r['server_busy_share'] * 100:.0f} %) | "
                      f"{r['model_alone_ms']:.1f} ({r['batch'] / r['model_alone_ms'] * 1e3:.1f}) |")
     lines += ["", "Latency is a client's: sending the JPEG, decoding and preprocessing on the server, waiting in "
               f"the queue and for the batch to fill (at most {report['rows'][-1]['max_wait_ms']:g} ms), the run, "
               "the JSON answer. `model alone` is one onnxruntime run at that batch in the bench's process, no "
-              "HTTP (median of 7 runs, median across rounds): the ceiling the server approaches. `server: ms per run` is the inference "
+              "HTTP (median of 7 runs, median across rounds): the ceiling the server approaches. "
+              "`server: ms per run` is the inference "
               "thread's own time in onnxruntime per batch during the load, and the share of the wall time it "
               "spent there (100 %: the model is the bottleneck, not HTTP). These are CPU figures of this host: a "
               "GPU's are another device's and are not measured here.", ""]

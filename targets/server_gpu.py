@@ -111,8 +111,9 @@ def serve_main(argv, available=None) -> int:
     if manifest.get("labels") and has_output(session, "logits"):
         outputs.append(embedding_output(session, args.exit_depth, "logits"))
     fixed = fixed_batch(session)
-    batcher = MicroBatcher(bound_run(session, outputs, args.device), fixed or args.batch or int(manifest.get("batch", 1)),
-                           args.max_wait_ms, args.queue, fixed_batch=fixed)
+    batch = fixed or args.batch or int(manifest.get("batch", 1))
+    batcher = MicroBatcher(bound_run(session, outputs, args.device), batch, args.max_wait_ms, args.queue,
+                           fixed_batch=fixed)
     limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels)
     try:
         serve(ServedModel(manifest, outputs, batcher, limits, used), args.host, args.port, args.log_level)

@@ -91,7 +91,7 @@ def _server(bundle: Path, *flags) -> Iterator[str]:
                             cwd=bundle, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
-        assert line.startswith("serving: http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() is not None else "")
+        assert line.startswith("serving: http://127.0.0.1:"), (line, proc.poll() is not None and proc.stderr.read())
         yield line.split()[1]
     finally:
         proc.terminate()
@@ -148,8 +148,8 @@ def test_classifier_answers_top_k_labels_with_probabilities(classifier, photos):
         with ThreadPoolExecutor(3) as pool:
             answers = list(pool.map(lambda p: _call(url + "/v1/infer", p.read_bytes(), "image/jpeg", "?top_k=2"),
                                     picks))
-        status, as_json = _call(url + "/v1/infer", json.dumps({"image": base64.b64encode(picks[0].read_bytes()).decode(),
-                                                               "output": "embedding"}).encode(), "application/json")
+        doc = {"image": base64.b64encode(picks[0].read_bytes()).decode(), "output": "embedding"}
+        status, as_json = _call(url + "/v1/infer", json.dumps(doc).encode(), "application/json")
         _, model = _call(url + "/v1/model")
     probs = softmax(logits)
     for (code, body), row in zip(answers, probs):
@@ -227,7 +227,8 @@ def test_batcher_fills_a_fixed_batch_and_keeps_rows_apart():
     results = [f.result(timeout=10) for f in futures]
     batcher.close()
     assert seen == [4]  # three requests, filled up to the model's fixed batch
-    assert [(float(r.outputs[0]), float(r.outputs[1]), r.batch) for r in results] == [(12 * i, 2 * i, 3) for i in range(3)]
+    got = [(float(r.outputs[0]), float(r.outputs[1]), r.batch) for r in results]
+    assert got == [(12 * i, 2 * i, 3) for i in range(3)]
     stats = batcher.stats()
     assert stats["batches"] == {"3": 1} and list(stats["run_ms"]) == ["3"] and stats["run_ms"]["3"] > 0
 
