@@ -108,11 +108,12 @@ def load(port: int, images: list[bytes], clients: int, per_client: int, dim: int
     return [t for part in times for t in part], wall
 
 
-def model_alone(bundle: Path, batch: int, threads: int | None, reps: int = 7) -> float:
-    """Median ms of one onnxruntime run of the bundle's model at ``batch``, in this process (no HTTP)."""
-    from bim_export.runtime.session import CPU, make_session
+def model_alone(bundle: Path, batch: int, threads: int | None, providers: list[str], reps: int = 7) -> float:
+    """Median ms of one onnxruntime run of the bundle's model at ``batch`` on the server's providers,
+    in this process (no HTTP)."""
+    from bim_export.runtime.session import make_session
 
-    session = make_session(bundle / "model.onnx", [CPU], threads)
+    session = make_session(bundle / "model.onnx", providers, threads)
     size = session.get_inputs()[0].shape[-1]
     x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
     session.run(None, {"pixels": x})
@@ -246,7 +247,7 @@ def main(argv=None) -> int:
         rounds: list[list[dict]] = [[] for _ in settings]
         for r in range(args.rounds):  # interleaved: a busy spell of the machine hits every setting alike
             for b in alone:
-                alone[b].append(model_alone(bundle, b, args.threads))
+                alone[b].append(model_alone(bundle, b, args.threads, info["providers"]))
             for i, (batch, c, n) in enumerate(settings):
                 print(f"round {r + 1}/{args.rounds}: batch {batch}, {c} clients, {n} requests ...", file=sys.stderr,
                       flush=True)
