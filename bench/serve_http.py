@@ -170,8 +170,10 @@ def median_row(runs: list[dict], alone_ms: float) -> dict:
 
 def markdown(report: dict) -> str:
     b = report["bundle"]
+    on_cpu = report["providers"][0] == "CPUExecutionProvider"
     lines = [
-        "# A bundle served over HTTP on the host CPU (`infer.py --serve`)", "",
+        f"# A bundle served over HTTP on {'the host CPU' if on_cpu else report['providers'][0]} (`infer.py --serve`)",
+        "",
         f"Bundle: {b['profile']} profile, the shipped checkpoint at depth {b['depth']} {b['precision']} "
         f"({b['img_size']} px, embedding width {b['dim']}), its batch {b['profile_batch']}; "
         f"run on {', '.join(report['providers'])}" + (" (fp16 on the CPU is host-emulated)"
@@ -203,8 +205,9 @@ def markdown(report: dict) -> str:
               "HTTP (median of 7 runs, median across rounds): the ceiling the server approaches. "
               "`server: ms per run` is the inference "
               "thread's own time in onnxruntime per batch during the load, and the share of the wall time it "
-              "spent there (100 %: the model is the bottleneck, not HTTP). These are CPU figures of this host: a "
-              "GPU's are another device's and are not measured here.", ""]
+              "spent there (100 %: the model is the bottleneck, not HTTP). "
+              + ("These are CPU figures of this host: a GPU's are another device's and are not measured here."
+                 if on_cpu else f"Machine's GPUs: {', '.join(report['machine'].get('accelerators') or ['?'])}."), ""]
     return "\n".join(lines)
 
 
