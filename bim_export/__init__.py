@@ -6,16 +6,20 @@ function counts); within a folder a module imports only modules listed above it.
 ``deploy`` never import each other, ``runtime`` imports nothing of the project but itself, and
 nothing imports upward (tests/test_layout.py checks all of it).
 
-runtime/    the device runtime: what a bundle runs without torch (stdlib, numpy, onnxruntime, Pillow)
+runtime/    the device runtime: what a bundle runs without torch (stdlib, numpy, onnxruntime, Pillow;
+            serving adds starlette + uvicorn)
             uses: nothing else; ships in every bundle as its runtime/ package
     errors              the root of the error hierarchy and the errors a device meets (exit codes)
     machine             machine description (CPU, GPUs), is it a profile's device; sha256
     preprocess          evaluation preprocessing: one implementation for the package and the devices
     knn                 kNN on features (numpy)
+    labels              a classifier's answer: softmax probabilities, the top-k labels
     session             ONNX Runtime sessions: provider fallback (and its warning), batched runs
     parity              ONNX Runtime vs reference outputs: ParityResult
     early_exit          the stage segments run in turn, each image leaving at its first confident exit
     validate            re-checking a finished bundle
+    batcher             micro-batching of served requests: a bounded queue, one inference thread
+    serve               the HTTP endpoint of a bundle (starlette + uvicorn, optional): requests, answers
 core/       infrastructure: errors, shipped files, atomic outputs, tables
             uses: runtime
     errors              the one error hierarchy; exit codes

@@ -40,12 +40,13 @@ def _find_runtime() -> None:
 
 _find_runtime()
 
+from runtime.labels import softmax, top_labels  # noqa: E402
 from runtime.preprocess import UNREADABLE_IMAGE, image_extensions, preprocess  # noqa: E402
 from runtime.session import (CPU, choose_providers, fallback_warning, fixed_batch, make_session,  # noqa: E402
                              provider_name)
 
 __all__ = ["CPU", "UNREADABLE_IMAGE", "choose_providers", "fallback_warning", "fixed_batch", "image_extensions",
-           "make_session", "preprocess", "provider_name"]
+           "make_session", "preprocess", "provider_name", "softmax", "top_labels"]
 
 # ------------------------------------------------------------------------------ bundle and images
 
@@ -242,20 +243,10 @@ def cosine_topk(query: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndar
     return idx, np.take_along_axis(sim, idx, axis=1)
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Class probabilities [N, C] of logits [N, C] (shifted by the row maximum: no overflow)."""
-    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def label_report(paths: Sequence[Path], logits: np.ndarray, labels: Sequence[str], k: int = 5) -> str:
     """The top-k labels of each image with their probabilities (softmax of the logits), most likely first."""
-    probs = softmax(logits)
-    k = max(1, min(k, probs.shape[1]))
-    idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return "\n".join(f"{p}: " + ", ".join(f"{labels[j]} {probs[i, j]:.3f}" for j in row)
-                     for i, (p, row) in enumerate(zip(paths, idx)))
+    return "\n".join(f"{p}: " + ", ".join(f"{name} {prob:.3f}" for name, prob in row)
+                     for p, row in zip(paths, top_labels(logits, labels, k)))
 
 
 def report(paths: Sequence[Path], emb: np.ndarray, gallery_paths=None, gallery=None, k: int = 5,

@@ -50,7 +50,9 @@ register_script(DeviceScript(
 register_script(DeviceScript(
     "server_gpu", "onnxruntime-gpu",
     "infer.py runs on the CUDA execution provider with IO binding (inputs copied to the GPU once, outputs "
-    "fetched at the end), else on the CPU."))
+    "fetched at the end), else on the CPU. `python infer.py --serve --port 8000` serves it over HTTP instead "
+    "(`pip install starlette uvicorn`; POST /v1/infer, GET /health, GET /v1/model), batching concurrent requests "
+    "up to the profile's batch."))
 register_script(DeviceScript(
     "mobile", "onnxruntime",
     "infer.py runs the bundle's model.ort (what onnxruntime-android loads) after checking it against model.onnx "

@@ -19,19 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .labels import softmax
 from .parity import compare_outputs, merge_results
 from .session import CPU, make_session, run_onnx
 
 SECTION = "early_exit"  # manifest.json key
 NEXT = "next_hidden"  # a segment's output that the next segment takes as its input
 OUTPUTS = ("tokens", "embedding", "logits")
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis, computed stably in float64."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = np.exp(z - z.max(axis=-1, keepdims=True))
-    return z / z.sum(axis=-1, keepdims=True)
 
 
 def confidence(logits: np.ndarray) -> np.ndarray:

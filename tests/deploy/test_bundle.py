@@ -19,7 +19,7 @@ EXPECTED = {"model.onnx", "manifest.json", "reference.npz", "report.md", "pareto
             "runtime", "triton", "build_engine.sh", "trt_engine.md"}  # a Jetson's: Triton repository, trtexec script
 TRITON = {"triton/jetson-orin-nano/config.pbtxt", "triton/jetson-orin-nano/1/model.onnx"}
 RUNTIME = {f"runtime/{name}.py" for name in ("__init__", "errors", "knn", "machine", "parity", "preprocess", "session",
-                                             "early_exit", "validate")}
+                                             "labels", "early_exit", "validate", "batcher", "serve")}
 
 
 @pytest.fixture
