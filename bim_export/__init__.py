@@ -30,7 +30,9 @@ model/      the model contract both halves share: images in, the encoder, checkp
     architecture        BimConfig, the timm encoder, the exit API (exit_tokens)
     checkpoint          checkpoint directories: save, load, metrics (and what scored them)
     classifier          fine-tuned checkpoints: heads on the exits, labels, joint or per-exit weights
-    backbone            a depth's plain timm ViT out of a checkpoint
+    splits              the evaluation protocol (reference / query split; a fine-tuned one's held-out images)
+    backbone            a depth's plain timm ViT out of a checkpoint (at its own or another resolution)
+    quality             a backbone's quality measured at a resolution (kNN or task top-1, by that protocol)
 train/      BIM pretraining
             uses: model, core, runtime
     config              TrainConfig (nests BimConfig), from YAML, flags and --set
@@ -46,7 +48,6 @@ train/      BIM pretraining
     update              when parameters step: per stage (exact) or per step, and the fallback rules
     run_state           a step's checkpoint and the state a resumed run continues with
     stage_parallel      stages over groups of ranks: the cut, forward tokens between groups, faults
-    splits              the evaluation protocol (reference / query split)
     probe               linear probe
     task                a classifier's task metrics: top-1, calibration error (ECE)
     evaluate            kNN / linear probe of every exit; task metrics of a fine-tuned one
