@@ -71,9 +71,10 @@ deploy/     per-device export
     quantize            fp16 / int8 conversion
     latency             costmodel -> stats -> measure (+ worker) -> roofline -> calibration -> predict
     placement           a phone candidate's device (its accelerator or the CPU cores) and latency there
-    selector            the choice of depth x precision (pure Python)
+    selector            the choice of (checkpoint, resolution,) depth x precision (pure Python)
     workshop            a run's shared artefacts: check images, graphs built once, reference outputs
-    candidates          every depth x precision for a profile: pruned, parity-checked, timed
+    sources             a run's checkpoints x resolutions: their workshops, quality that compares
+    candidates          every (checkpoint, resolution) depth x precision for a profile: pruned, parity-checked, timed
     thresholds          early exit's confidence thresholds, fitted on held-out images (numpy)
     early_exit          early exit: one graph per stage segment, thresholds, accuracy vs host latency
     ortformat           model.ort and required_operators.config for apps, checked against model.onnx
