@@ -25,7 +25,7 @@ from ..core.errors import InputError, NoCandidateError, ValidationError
 from ..core.progress import SILENT, Progress
 from ..core.table import format_table
 from .bundle import BundleSpec, bundle_kind, write_bundle
-from .candidates import (Trial, Workshop, check_parity, evaluate_candidates, load_images, source_label,
+from .candidates import (Trial, Workshop, check_parity, evaluate_candidates, source_label,
                          to_candidates)
 from ..runtime.parity import ParityResult
 from .pareto import PlotPoint
@@ -264,7 +264,7 @@ def run_export(target: str, checkpoint: Path | list[Path] | None = None, out: Pa
         if early_exit < 0:
             raise InputError(f"--early-exit: the accuracy loss must be >= 0 points (got {early_exit:g})")
         heldout = (heldout_images(ckpt, eval_data), early_exit)
-    load_images(data, ckpt.config)  # a bad --data folder is exit 2 before any work
+    sources.images(0, ckpt.config["img_size"])  # a bad --data folder is exit 2 before any work
     labelled = sources.labelled(profiles)
     out.mkdir(parents=True, exist_ok=True)
     sources.work = work_dir(out)  # scratch exports of this run; those of killed runs are removed first

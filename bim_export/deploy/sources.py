@@ -98,6 +98,7 @@ class Sources:
     rescore: bool = False
     planned: tuple = ()  # every (checkpoint index, resolution) some profile of the run asks for
     _shops: dict = field(default_factory=dict)
+    _images: dict = field(default_factory=dict)
 
     def sizes(self, profile, i: int) -> list[int]:
         """The resolutions of checkpoint ``i`` for ``profile``, in px, first listed first."""
@@ -112,6 +113,16 @@ class Sources:
                     for s in self.sizes(p, i))
         return len(self.ckpts) > 1, other
 
+    def images(self, i: int, resolution: int):
+        """The check images of checkpoint ``i`` at ``resolution``, read once per run.
+
+        Raises:
+            InputError: a bad ``--data`` folder.
+        """
+        if (i, resolution) not in self._images:
+            self._images[(i, resolution)] = load_images(self.data, {**self.ckpts[i].config, "img_size": resolution})
+        return self._images[(i, resolution)]
+
     def workshops(self, profile) -> list[Workshop]:
         """One workshop per (checkpoint, resolution) of ``profile``, each made once per run."""
         return [self.workshop(i, r) for i in range(len(self.ckpts)) for r in self.sizes(profile, i)]
@@ -123,7 +134,6 @@ class Sources:
 
             ckpt = self.ckpts[i]
             native = resolution == ckpt.config["img_size"]
-            config = {**ckpt.config, "img_size": resolution}
             measured = None
             if self.rescore:
                 measured = measure_quality(ckpt, resolution, Path(self.eval_data))
@@ -134,7 +144,7 @@ class Sources:
             work = self.work / f"{i}-{resolution}px"
             work.mkdir(parents=True, exist_ok=True)
             name = self.names[i] if len(self.ckpts) > 1 else ""
-            self._shops[key] = Workshop(ckpt, load_images(self.data, config), work, resolution, name, measured)
+            self._shops[key] = Workshop(ckpt, self.images(i, resolution), work, resolution, name, measured)
         return self._shops[key]
 
     def _other_sizes(self, i: int) -> bool:
