@@ -224,3 +224,26 @@ def test_checkpoints_scored_on_different_sets_need_eval_data(tiny_checkpoint, tm
     sources = open_sources([tiny_checkpoint, other], [load_profile("raspberry-pi-5")], None, tmp_path / "w",
                            eval_data=sample_images_dir())
     assert sources.rescore and sources.names == ["tiny", "other"]
+
+
+@pytest.mark.slow
+def test_fine_tuned_quality_at_a_resolution_is_the_task_top1_evaluation_computes(tmp_path):
+    """At its own size the measured figure is `bim-export eval`'s task top-1 on the same folder; at
+    another it is measured there, on the same images."""
+    from finetuned import make_finetuned
+
+    from bim_export.model.quality import measure_quality
+    from bim_export.model.splits import task_data
+    from bim_export.train.evaluate import evaluate_classifier
+
+    labels = ("brick", "coins", "moon")
+    folder = tmp_path / "task"
+    for c in labels:
+        shutil.copytree(resource_dir("assets") / "heldout_images" / c, folder / c)
+    ckpt = load_checkpoint(make_finetuned(tmp_path / "ft", labels=labels))
+    expected = evaluate_classifier(ckpt, task_data(ckpt, folder))
+    own = measure_quality(ckpt, 64, folder)
+    assert own.metric == "task_top1"
+    assert own.top1 == {d: pytest.approx(expected[str(d)]["task_top1"]) for d in ckpt.exits}
+    small = measure_quality(ckpt, 48, folder)
+    assert small.dataset == own.dataset and small.resolution == 48
