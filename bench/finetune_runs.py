@@ -92,7 +92,7 @@ def _split_paths(folder: str, limit: int | None):
     import numpy as np
 
     from bim_export.model.images import scan_image_folder
-    from bim_export.train.splits import stratified_indices
+    from bim_export.model.splits import stratified_indices
 
     images = scan_image_folder(folder, verify=False)
     idx = np.arange(len(images))

@@ -71,7 +71,7 @@ def _run(tmp: Path, quick: bool) -> dict:
     from bim_export.train.evaluate import extract_features
     from bim_export.train.model import BimModel
     from bim_export.train.pretrained import init_encoder
-    from bim_export.train.splits import stratified_indices
+    from bim_export.model.splits import stratified_indices
     from bim_export.train.trainer import train
 
     settings = dict(SETTINGS, batch_size=QUICK["batch_size"]) if quick else dict(SETTINGS)

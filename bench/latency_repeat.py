@@ -96,7 +96,7 @@ RULES = {"before": before, "now": now}
 
 def choice(rows: list[dict], rule: str, cands, ckpt) -> str:
     """The host profile's pick from one repetition's table."""
-    from bim_export.deploy.candidates import exit_quality
+    from bim_export.model.checkpoint import exit_quality
     from bim_export.deploy.profiles import load_profile
     from bim_export.deploy.selector import Candidate, select
 

@@ -54,7 +54,7 @@ def _data(folder: str, img_size: int, limit: int | None):
     key = (folder, img_size, limit)
     if key not in _DATA:
         from bim_export.model.images import load_image_array, scan_image_folder
-        from bim_export.train.splits import stratified_indices
+        from bim_export.model.splits import stratified_indices
 
         x, y = load_image_array(scan_image_folder(folder, verify=False), img_size, MEAN, STD, limit=limit)
         _DATA[key] = (x, y, *stratified_indices(y))

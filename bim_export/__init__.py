@@ -34,7 +34,9 @@ model/      the model contract both halves share: images in, the encoder, checkp
     architecture        BimConfig, the timm encoder, the exit API (exit_tokens)
     checkpoint          checkpoint directories: save, load, metrics (and what scored them)
     classifier          fine-tuned checkpoints: heads on the exits, labels, joint or per-exit weights
-    backbone            a depth's plain timm ViT out of a checkpoint
+    splits              the evaluation protocol (reference / query split; a fine-tuned one's held-out images)
+    backbone            a depth's plain timm ViT out of a checkpoint (at its own or another resolution)
+    quality             a backbone's quality measured at a resolution (kNN or task top-1, by that protocol)
 train/      BIM pretraining
             uses: model, core, runtime
     config              TrainConfig (nests BimConfig), from YAML, flags and --set
@@ -50,7 +52,6 @@ train/      BIM pretraining
     update              when parameters step: per stage (exact) or per step, and the fallback rules
     run_state           a step's checkpoint and the state a resumed run continues with
     stage_parallel      stages over groups of ranks: the cut, forward tokens between groups, faults
-    splits              the evaluation protocol (reference / query split)
     probe               linear probe
     task                a classifier's task metrics: top-1, calibration error (ECE)
     evaluate            kNN / linear probe of every exit; task metrics of a fine-tuned one
@@ -76,9 +77,10 @@ deploy/     per-device export
     quantize            fp16 / int8 conversion
     latency             costmodel -> stats -> measure (+ worker) -> roofline -> calibration -> predict
     placement           a phone candidate's device (its accelerator or the CPU cores) and latency there
-    selector            the choice of depth x precision (pure Python)
+    selector            the choice of (checkpoint, resolution,) depth x precision (pure Python)
     workshop            a run's shared artefacts: check images, graphs built once, reference outputs
-    candidates          every depth x precision for a profile: pruned, parity-checked, timed
+    sources             a run's checkpoints x resolutions: their workshops, quality that compares
+    candidates          every (checkpoint, resolution) depth x precision for a profile: pruned, parity-checked, timed
     thresholds          early exit's confidence thresholds, fitted on held-out images (numpy)
     early_exit          early exit: one graph per stage segment, thresholds, accuracy vs host latency
     ortformat           model.ort and required_operators.config for apps, checked against model.onnx

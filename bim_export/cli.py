@@ -45,7 +45,13 @@ def _add_export(sub) -> None:
 
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", required=True, help="profile name or alias (jetson, mobile, ...), a YAML file, or 'all'")
-    p.add_argument("--checkpoint", type=Path, default=None, help="BIM checkpoint directory (default: the one shipped)")
+    p.add_argument("--checkpoint", type=Path, action="append", default=None,
+                   help="BIM checkpoint directory, or a folder of runs (each sub-folder that is a checkpoint); give it "
+                        "several times to let the checkpoints compete in one table (default: the one shipped)")
+    p.add_argument("--resolutions", default=None, metavar="PX,PX,...",
+                   help="input sizes whose candidates compete, e.g. 224,192,160 ('native': each checkpoint's own), "
+                        "each a multiple of the patch size; quality is measured at each size (overrides the "
+                        "profile's resolutions; default: the checkpoint's own size only)")
     p.add_argument("--out", type=Path, default=Path("exports"),
                    help="bundles go to OUT/<profile> (default: exports); an existing OUT/<profile> is replaced "
                         "only if it is an earlier bundle")
@@ -56,18 +62,22 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                         "confident exit; thresholds lose at most POINTS of held-out accuracy against the deepest exit "
                         "(default 0.5)")
     p.add_argument("--eval-data", type=Path, default=None,
-                   help="with --early-exit: labelled folder to fit the thresholds on (default: the checkpoint's "
-                        "held-out split)")
+                   help="labelled folder: with --early-exit, the thresholds are fitted on it (default: the "
+                        "checkpoint's held-out split); with several checkpoints scored on different sets, or "
+                        "--resolutions, every candidate's quality is re-scored on it at its own resolution")
 
 
 def _cmd_export(args) -> int:
-    """Pick the best depth x precision for a device profile, export it to ONNX, check parity and
-    latency, and write a self-describing bundle to OUT/<profile>/."""
+    """Pick the best depth x precision (of each checkpoint, at each resolution asked for) for a device
+    profile, export it to ONNX, check parity and latency, and write a self-describing bundle to
+    OUT/<profile>/."""
     from .deploy.pipeline import run_export
+    from .deploy.sources import parse_resolutions
 
     summary = run_export(target=args.target, checkpoint=args.checkpoint, out=args.out,
                          data=args.data, multi_exit=args.multi_exit, progress=args.progress,
-                         early_exit=args.early_exit, eval_data=args.eval_data)
+                         early_exit=args.early_exit, eval_data=args.eval_data,
+                         resolutions=parse_resolutions(args.resolutions))
     print(summary)
     return 0
 

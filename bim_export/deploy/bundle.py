@@ -81,7 +81,10 @@ class BundleSpec:
         selection: the selector's :class:`~bim_export.deploy.selector.Selection` (every candidate).
         choice: the chosen candidate (depth, precision, its file, latency, memory, size, quality).
         parity: parity of the very file that ships.
-        checkpoint: config.json of the source checkpoint; ``metrics`` its metrics.json.
+        checkpoint: config.json of the source checkpoint (``img_size``: the chosen resolution);
+            ``metrics`` its metrics.json.
+        source: where the chosen candidate comes from (``pipeline.source_record``): the checkpoint's
+            folder and own size, the resolution, and the set that measured its quality there.
         data: what parity and calibration ran on (:meth:`bim_export.model.images.Images.describe`).
         conversion: how the precision was made (QuantInfo as a dict), for the chosen file.
         reference: arrays for reference.npz (pixels, tokens, embedding, a classifier's logits, labels).
@@ -116,6 +119,7 @@ class BundleSpec:
     dynamic_model: Path | None = None
     dynamic_parity: ParityResult | None = None
     early_exit: Any = None
+    source: dict = field(default_factory=dict)
 
     @property
     def model(self) -> Path:
@@ -350,7 +354,8 @@ def build_manifest(spec: BundleSpec, model: Path) -> dict[str, Any]:
         "depth": choice.depth, "precision": choice.precision, "opset": profile.opset,
         "multi_exit": spec.multi_exit,
         "exits": [int(d) for d in spec.exit_parity] if spec.multi_exit else list(cfg["exits"]),
-        "checkpoint": {"exits": list(cfg["exits"]), "step": cfg.get("step"), "arch": cfg.get("arch")},
+        "checkpoint": {"exits": list(cfg["exits"]), "step": cfg.get("step"), "arch": cfg.get("arch"),
+                       **{k: v for k, v in spec.source.items() if k != "quality_dataset"}},
         "model": MODEL,
         **pooling(meta, cfg),
         "input": {"name": io["input"], "shape": io["input_shape"], "img_size": size, "mean": mean, "std": std},
@@ -367,7 +372,7 @@ def build_manifest(spec: BundleSpec, model: Path) -> dict[str, Any]:
         "memory_mb": choice.memory_mb, "size_mb": choice.size_mb,
         # held-out task top-1 of a fine-tuned checkpoint, else kNN top-1; the set that scored it
         "quality": {"metric": metric, "label": quality_label(metric), "value": choice.quality,
-                    "dataset": quality_dataset(spec.metrics, choice.depth)},
+                    "dataset": spec.source.get("quality_dataset") or quality_dataset(spec.metrics, choice.depth)},
         # a classifier's class names in logit order (none for an embedding model)
         **({"labels": labels, "num_classes": len(labels)} if labels else {}),
         "candidates": spec.selection.to_dict(),

@@ -1,8 +1,9 @@
-"""Candidates for a device: every exit depth x precision, built, pruned, parity-checked and timed.
+"""Candidates for a device: every checkpoint x resolution x exit depth x precision, built, pruned,
+parity-checked and timed.
 
-One :class:`~bim_export.deploy.workshop.Workshop` per run builds every candidate's graph and the
-outputs parity compares, once, for every profile of the run. For one profile,
-:func:`evaluate_candidates` then:
+One :class:`~bim_export.deploy.workshop.Workshop` per checkpoint and resolution builds every
+candidate's graph and the outputs parity compares, once, for every profile of the run. For one
+profile, :func:`evaluate_candidates` then:
 
 1. for a phone profile (NNAPI, CoreML, XNNPACK), runs ORT's usability checker on each candidate's
    graph (:mod:`~bim_export.deploy.usability`); predicts each candidate's latency from its graph where
@@ -25,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.errors import ValidationError
 from ..core.progress import SILENT, Progress
-from ..model.checkpoint import exit_quality
 from ..runtime.parity import ParityResult, compare_outputs, emulation_note, merge_results
 from .presets import preset as find_preset
 from .workshop import (  # noqa: F401 - re-exported: callers import the shared artefacts from here
@@ -78,7 +78,7 @@ def check_parity(shop: Workshop, depth: int, precision: str, model: Path, profil
 
 @dataclass
 class Trial:
-    """One depth x precision for one profile, as far as it got."""
+    """One depth x precision (of one checkpoint at one resolution) for one profile, as far as it got."""
 
     depth: int
     precision: str
@@ -92,10 +92,28 @@ class Trial:
     memory_mb: float | None = None
     usability: dict = field(default_factory=dict)  # {ep: EpCoverage} from ORT's checker (mobile profiles)
     runs_on: str = ""  # the EP whose device figures predict it: an accelerator that takes it, else the CPU
+    shop: Any = None  # the Workshop of its checkpoint and resolution
+    checkpoint: str = ""  # its checkpoint as tables name it ("" in a run of one checkpoint)
+    resolution: int | None = None  # its input size, px (None where the run has only the checkpoint's own)
 
     @property
     def label(self) -> str:
-        return f"d{self.depth} {self.precision}"
+        return candidate_label(self.checkpoint, self.resolution, f"d{self.depth}", self.precision)
+
+    @property
+    def step(self) -> str:
+        """How progress lines name it: ``depth 6 fp16``."""
+        return candidate_label(self.checkpoint, self.resolution, f"depth {self.depth}", self.precision)
+
+    @property
+    def key(self) -> tuple:
+        """What tells it apart from every other candidate of the run."""
+        return self.checkpoint, self.resolution, self.depth, self.precision
+
+
+def candidate_label(checkpoint: str, resolution: int | None, depth: str, precision: str) -> str:
+    """``d6 fp16``; ``vit-s d6 @48px fp16`` where the run has several checkpoints or resolutions."""
+    return " ".join(filter(None, [checkpoint, depth, f"@{resolution}px" if resolution else "", precision]))
 
 
 def source_label(result) -> str:
@@ -103,36 +121,42 @@ def source_label(result) -> str:
     return f"{result.source} ({result.note})" if result.note else result.source
 
 
-def evaluate_candidates(shop: Workshop, profile: Profile, progress: Progress = SILENT) -> list[Trial]:
-    """Builds, prunes, checks parity of and times every depth x precision for ``profile``, telling
-    ``progress`` each step (stages ``candidates``, ``predict``, ``parity``, ``time``)."""
+def evaluate_candidates(shops: Workshop | list[Workshop], profile: Profile, progress: Progress = SILENT,
+                        labelled: tuple[bool, bool] = (False, False)) -> list[Trial]:
+    """Builds, prunes, checks parity of and times every depth x precision of every workshop (a
+    checkpoint at a resolution) for ``profile``, telling ``progress`` each step (stages
+    ``candidates``, ``predict``, ``parity``, ``time``); ``labelled``: whether the trials name their
+    (checkpoint, resolution)."""
     from .latency.costmodel import predict_memory
     from .placement import predict_on_device
     from .usability import check_model, is_mobile
 
+    shops = shops if isinstance(shops, list) else [shops]
     budget = profile.budgets.latency_ms
     stat = profile.budgets.latency_stat
     trials = []
-    exits = shop.ckpt.config["exits"]
-    with progress.stage("candidates", len(exits) * len(profile.precisions), profile.name) as st:
-        for depth in exits:
-            for precision in profile.precisions:
-                st.step(f"depth {depth} {precision}", shop.pending(depth, precision, profile))
-                model = shop.model(depth, precision, profile)
-                trials.append(Trial(depth, precision, model, exit_quality(shop.ckpt.metrics, depth),
-                                    model.stat().st_size / 1e6))
+    total = sum(len(s.ckpt.config["exits"]) for s in shops) * len(profile.precisions)
+    with progress.stage("candidates", total, profile.name) as st:
+        for shop in shops:
+            tag = (shop.name if labelled[0] else "", shop.resolution if labelled[1] else None)
+            for depth in shop.ckpt.config["exits"]:
+                for precision in profile.precisions:
+                    st.step(candidate_label(*tag, f"depth {depth}", precision), shop.pending(depth, precision, profile))
+                    model = shop.model(depth, precision, profile)
+                    trials.append(Trial(depth, precision, model, shop.exit_quality(depth), model.stat().st_size / 1e6,
+                                        shop=shop, checkpoint=tag[0], resolution=tag[1]))
     # Predict from the graph (cheap) and prune before anything is run or timed. For a profile that is
     # not measured here the prediction is also the latency figure (what latency_for_profile returns
     # for it, labelled predicted or calibrated); host has no hardware figures and is only measured.
     if is_mobile(profile):  # what the phone's accelerator takes of each graph decides where it is predicted
         with progress.stage("usability", len(trials), profile.name) as st:
             for t in trials:
-                st.step(f"depth {t.depth} {t.precision}")
+                st.step(t.step)
                 t.usability = check_model(t.model, profile)
     predictable = trials if profile.hardware is not None else []  # host has no figures: only measured
     with progress.stage("predict", len(predictable), profile.name) as st:
         for t in predictable:
-            st.step(f"depth {t.depth} {t.precision}")
+            st.step(t.step)
             t.predicted = t.latency = predict_on_device(t.model, t.usability, profile)
             t.runs_on = t.predicted.settings["runs_on"]
             t.memory_mb = t.predicted.peak_memory_mb
@@ -142,14 +166,14 @@ def evaluate_candidates(shop: Workshop, profile: Profile, progress: Progress = S
     checked = [t for t in trials if not t.pruned]
     with progress.stage("parity", len(checked), profile.name) as st:
         for t in checked:
-            st.step(f"depth {t.depth} {t.precision}")
+            st.step(t.step)
             # Judged on the all-exits graph the candidate was cut from (the same nodes; one session per
             # precision instead of one per depth); the chosen file is re-checked before it is bundled.
-            graph, suffixed = shop.parity_graph(t.depth, t.precision, profile)
-            t.parity = check_parity(shop, t.depth, t.precision, graph, profile, multi_exit=suffixed)
+            graph, suffixed = t.shop.parity_graph(t.depth, t.precision, profile)
+            t.parity = check_parity(t.shop, t.depth, t.precision, graph, profile, multi_exit=suffixed)
             if t.precision == "fp32" and not t.parity.passed:
                 raise ValidationError(
-                    f"fp32 parity failed at depth {t.depth} ({t.parity.brief()}): the ONNX export does not "
+                    f"fp32 parity failed at {t.label} ({t.parity.brief()}): the ONNX export does not "
                     f"compute what PyTorch computes; no bundle written")
     timed = [t for t in checked if t.parity.passed and (profile.measured or t.latency is None)]
     measure_trials(timed, profile, progress=progress)
@@ -212,8 +236,10 @@ def _inversions(trials: list[Trial], stats: list[str]) -> list[tuple[int, int]]:
     """(shallow, deep) index pairs whose latency, at any of ``stats``, is inverted beyond both errors."""
     from .latency.stats import depth_inversions
 
+    # only graphs of one checkpoint at one resolution and precision nest inside each other
     return sorted({pair for stat in stats for pair in depth_inversions(
-        [(t.depth, t.precision, t.latency.stat(stat), t.latency.error(stat) or 0.0) for t in trials])})
+        [(t.depth, (t.checkpoint, t.resolution, t.precision), t.latency.stat(stat), t.latency.error(stat) or 0.0)
+         for t in trials])})
 
 
 def to_candidates(trials: list[Trial], profile: Profile) -> list:
@@ -227,7 +253,7 @@ def to_candidates(trials: list[Trial], profile: Profile) -> list:
         else:
             passed, note = t.parity.passed, t.parity.brief()
         out.append(Candidate(
-            depth=t.depth, precision=t.precision, quality=t.quality, parity_passed=passed, parity_note=note,
+            depth=t.depth, precision=t.precision, checkpoint=t.checkpoint, resolution=t.resolution, quality=t.quality, parity_passed=passed, parity_note=note,
             latency_ms=t.latency.stat(stat) if t.latency is not None else None,
             latency_stat=stat,
             latency_source=("none" if t.latency is None else source_label(t.latency))

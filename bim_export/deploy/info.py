@@ -87,6 +87,11 @@ def _choice(m: dict) -> list[str]:
         model.append(f"{prefix} prefix token{'s' * (prefix != 1)}")
     if shape:
         model.append(f"input [{', '.join(map(str, shape))}]")
+    source = m.get("checkpoint") or {}
+    if source.get("resolution") and source.get("resolution") != source.get("img_size"):
+        model.append(f"at {source['resolution']} px (the checkpoint's own: {source.get('img_size')} px)")
+    if source.get("name"):
+        model.append(f"checkpoint {source['name']}")
     labels = m.get("labels")
     if labels:
         shown = ", ".join(labels[:5]) + (", ..." if len(labels) > 5 else "")

@@ -2,7 +2,8 @@
 
 How it reads:
 
-- one colour and marker shape per precision (fp32 circle, fp16 square, int8 triangle); filled when
+- one marker shape per precision (fp32 circle, fp16 square, int8 triangle) and one colour per
+  precision, or, in a run of several checkpoints, one colour per checkpoint; filled when
   the candidate met every budget, hollow when it was rejected; the chosen one edged in black on a
   gold star;
 - the markers of one depth share its quality, and predicted fp32 and fp16 latencies often coincide:
@@ -25,6 +26,7 @@ from typing import Any
 # precision: (colour, marker); drawn top to bottom in this order
 STYLE = {"fp32": ("tab:blue", "o"), "fp16": ("tab:green", "s"), "int8": ("tab:orange", "^")}
 OTHER = ("tab:gray", "D")
+CHECKPOINT_COLOURS = ("tab:blue", "tab:red", "tab:purple", "tab:brown", "tab:olive", "tab:cyan", "tab:pink")
 DODGE_X_PT = 8.0  # horizontal distance between the markers of one depth, in points
 DODGE_Y_PT = 2.0  # vertical distance between their error bars, in points
 MARKER_S = 42  # marker area, points^2
@@ -43,6 +45,8 @@ class PlotPoint:
         chosen: whether this is the selected candidate.
         source: ``measured`` / ``predicted`` / ...
         error: the stated relative error of ``latency_ms`` (0.1 = ±10 %), or None if none is stated.
+        checkpoint: its checkpoint where the run has several ("" otherwise).
+        resolution: its input size in px where the run has several or another than the checkpoint's.
     """
 
     depth: int
@@ -53,10 +57,17 @@ class PlotPoint:
     chosen: bool = False
     source: str = ""
     error: float | None = None
+    checkpoint: str = ""
+    resolution: int | None = None
 
     @property
     def label(self) -> str:
-        return f"d{self.depth} {self.precision}"
+        return " ".join(filter(None, [self.checkpoint, self.tag, self.precision]))
+
+    @property
+    def tag(self) -> str:
+        """``d6``, or ``d6@48`` for a candidate at a named resolution."""
+        return f"d{self.depth}" + (f"@{self.resolution}" if self.resolution else "")
 
 
 def plot_pareto(points: list[PlotPoint], budget_ms: float, path: Path, title: str = "",
@@ -114,9 +125,20 @@ def pareto_figure(points: list[PlotPoint], budget_ms: float, title: str = "", qu
     def y(p: PlotPoint) -> float:
         return p.quality * 100 if have_quality else p.depth
 
-    for prec in order:
-        color, marker = STYLE.get(prec, OTHER)
-        line = sorted((p for p in pts if p.precision == prec), key=lambda p: p.depth)
+    checkpoints = list(dict.fromkeys(p.checkpoint for p in pts))
+    by_checkpoint = len(checkpoints) > 1
+
+    def colour(p_checkpoint: str, prec: str) -> str:
+        if by_checkpoint:
+            return CHECKPOINT_COLOURS[checkpoints.index(p_checkpoint) % len(CHECKPOINT_COLOURS)]
+        return STYLE.get(prec, OTHER)[0]
+
+    groups = sorted({(p.checkpoint, p.resolution or 0, p.precision) for p in pts},
+                    key=lambda g: (checkpoints.index(g[0]), -g[1], order.index(g[2])))
+    for ckpt_name, res, prec in groups:
+        color, marker = colour(ckpt_name, prec), STYLE.get(prec, OTHER)[1]
+        line = sorted((p for p in pts if (p.checkpoint, p.resolution or 0, p.precision) == (ckpt_name, res, prec)),
+                      key=lambda p: p.depth)
         ax.plot([p.latency_ms for p in line], [y(p) for p in line], color=color, alpha=0.3, linewidth=1,
                 zorder=1, transform=shift[prec])
         barred = [p for p in line if p.error is not None]
@@ -125,7 +147,7 @@ def pareto_figure(points: list[PlotPoint], budget_ms: float, title: str = "", qu
             high = [p.latency_ms * p.error for p in barred]
             ax.errorbar([p.latency_ms for p in barred], [y(p) for p in barred], xerr=[low, high], fmt="none",
                         ecolor=color, elinewidth=1, capsize=2.5, alpha=0.75, zorder=3.5, transform=bar_shift[prec],
-                        label=f"error {prec}")
+                        label=" ".join(filter(None, ["error", ckpt_name, f"@{res}" if res else "", prec])))
         for p in line:
             if p.chosen:  # under the marker, so the marker's shape and fill still show
                 ax.scatter(p.latency_ms, y(p), s=300, marker="*", facecolors="gold", edgecolors="black",
@@ -133,10 +155,10 @@ def pareto_figure(points: list[PlotPoint], budget_ms: float, title: str = "", qu
             ax.scatter(p.latency_ms, y(p), s=MARKER_S, marker=marker, linewidths=1.4, transform=shift[prec],
                        facecolors="white" if p.rejected else color, edgecolors="black" if p.chosen else color,
                        zorder=5 if p.rejected else 4, gid=p.label)
-    for depth in sorted({p.depth for p in pts}):  # one label per depth, over the middle of its markers
-        group = [p for p in pts if p.depth == depth]
+    for tag in sorted({(p.checkpoint, p.tag) for p in pts}):  # one label per depth, over the middle of its markers
+        group = [p for p in pts if (p.checkpoint, p.tag) == tag]
         x = math.exp(sum(math.log(p.latency_ms) for p in group) / len(group))
-        ax.annotate(f"d{depth}", (x, max(y(p) for p in group)), textcoords="offset points", xytext=(0, 8),
+        ax.annotate(tag[1], (x, max(y(p) for p in group)), textcoords="offset points", xytext=(0, 8),
                     ha="center", fontsize=7.5, color="0.25")
     if budget_ms == budget_ms:  # not NaN: the profile has a latency budget
         ax.axvline(budget_ms, color="tab:red", linestyle="--", linewidth=1.2)
@@ -157,7 +179,8 @@ def pareto_figure(points: list[PlotPoint], budget_ms: float, title: str = "", qu
     ax.set_ylabel(f"{metric} of the exit (%)" if have_quality else "exit depth (no quality figures: deeper is better)")
     if title:
         ax.set_title(title, fontsize=10)
-    ax.legend(handles=_legend(plt, order, pts), loc="lower left", fontsize=7.5, title="d6: exit depth 6",
+    ax.legend(handles=_legend(plt, order, pts, checkpoints if by_checkpoint else []), loc="lower left", fontsize=7.5,
+              title="d6: exit depth 6" + (", d6@48: at 48 px" if any(p.resolution for p in pts) else ""),
               title_fontsize=7.5)
     ax.grid(True, which="both", alpha=0.3)
     fig.text(0.01, 0.01, _caption(points, have_quality, quality_source, metric), fontsize=7, va="bottom", ha="left")
@@ -172,11 +195,15 @@ def _left_edge(pts: list[PlotPoint]) -> float:
     return 0.8 * min(lows) if lows else 1.0
 
 
-def _legend(plt, order: list[str], pts: list[PlotPoint]) -> list:
+def _legend(plt, order: list[str], pts: list[PlotPoint], checkpoints: list[str]) -> list:
     handles = []
+    for i, name in enumerate(checkpoints):  # a run of several checkpoints: colour names the checkpoint
+        handles.append(plt.Line2D([], [], linestyle="-", color=CHECKPOINT_COLOURS[i % len(CHECKPOINT_COLOURS)],
+                                  label=f"checkpoint {name}"))
     for prec in order:
         color, marker = STYLE.get(prec, OTHER)
-        handles.append(plt.Line2D([], [], marker=marker, linestyle="-", color=color, alpha=0.9, label=prec))
+        handles.append(plt.Line2D([], [], marker=marker, linestyle="-", color="gray" if checkpoints else color,
+                                  alpha=0.9, label=prec))
     handles += [
         plt.Line2D([], [], marker="o", linestyle="", markerfacecolor="gray", markeredgecolor="gray",
                    label="met every budget (filled)"),

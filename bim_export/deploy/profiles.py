@@ -154,6 +154,9 @@ class Profile(_Strict):
     threads: Optional[int] = Field(None, gt=0, description="intra-op threads of the session (default: all cores)")
     opset: int = Field(17, ge=13, le=30, description="ONNX opset the device's runtime supports")
     precisions: list[Precision] = Field(min_length=1, description="precisions allowed on the device")
+    resolutions: Optional[list[int]] = Field(
+        None, min_length=1, description="input sizes (px, square) whose candidates compete, each a multiple of the "
+                                        "checkpoint's patch size; default: the checkpoint's own img_size only")
     int8_preset: Optional[str] = Field(
         None, description=f"quantization preset for int8 ({', '.join(schema_names())}; see "
                           "bim_export.deploy.presets); none: onnxruntime.quantization defaults")
@@ -233,6 +236,13 @@ class Profile(_Strict):
         if len(set(precisions)) != len(precisions):
             raise ValueError(f"lists a precision twice ({', '.join(precisions)})")
         return precisions
+
+    @field_validator("resolutions")
+    @classmethod
+    def _positive_resolutions(cls, sizes: Optional[list[int]]) -> Optional[list[int]]:
+        if sizes is not None and (any(r <= 0 for r in sizes) or len(set(sizes)) != len(sizes)):
+            raise ValueError(f"must be distinct sizes in px, each > 0 (got {sizes})")
+        return sizes
 
     @model_validator(mode="after")
     def _eps_named_exist(self) -> "Profile":

@@ -47,6 +47,8 @@ class Candidate:
 
     depth: int
     precision: str  # fp32 | fp16 | int8
+    checkpoint: str = ""  # the source checkpoint, as the table names it ("" in a run of one checkpoint)
+    resolution: Optional[int] = None  # the input size in px (None where the run has only the checkpoint's own)
     quality: Optional[float] = None  # top-1 of this exit in [0, 1] (Selection.quality_metric); None: not measured
     parity_passed: bool = True
     parity_note: str = ""  # e.g. "cosine 0.981 < 0.995"
@@ -62,7 +64,13 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        return f"depth {self.depth} {self.precision}"
+        return " ".join(filter(None, [self.checkpoint, f"depth {self.depth}",
+                                      f"@{self.resolution}px" if self.resolution else "", self.precision]))
+
+    @property
+    def key(self) -> tuple:
+        """What tells it apart from every other candidate: (checkpoint, resolution, depth, precision)."""
+        return self.checkpoint, self.resolution, self.depth, self.precision
 
 
 @dataclass(frozen=True)
@@ -75,7 +83,11 @@ class Row:
     excess: float = 0.0  # sum of relative overshoots of the budgets it misses (for "closest")
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self.candidate), "status": self.status, "reason": self.reason}
+        row = asdict(self.candidate)
+        for axis in ("checkpoint", "resolution"):  # only where the run has more than one
+            if not row[axis]:
+                del row[axis]
+        return {**row, "status": self.status, "reason": self.reason}
 
 
 @dataclass(frozen=True)
@@ -112,7 +124,10 @@ class Selection:
             "quality_metric": self.quality_metric,
             "quality_label": quality_label(self.quality_metric),
             "quality_source": self.quality_source if self.quality_metric in QUALITY_LABELS else None,
-            "choice": None if choice is None else {"depth": choice.depth, "precision": choice.precision},
+            "choice": None if choice is None else {
+                "depth": choice.depth, "precision": choice.precision,
+                **({"checkpoint": choice.checkpoint} if choice.checkpoint else {}),
+                **({"resolution": choice.resolution} if choice.resolution else {})},
             "candidates": [row.to_dict() for row in self.rows],
         }
 
@@ -164,7 +179,8 @@ def select(candidates: list[Candidate], profile: Profile, quality_source: str | 
         else:
             rows.append(Row(c, "ok", "; ".join([_why_not(c, chosen, best, use_quality, ties), *caveats])))
     rows = [_with_precision_notes(r, candidates) for r in rows]
-    rows.sort(key=lambda r: (-r.candidate.depth, _PRECISION_RANK.get(r.candidate.precision, 9)))
+    rows.sort(key=lambda r: (r.candidate.checkpoint, -(r.candidate.resolution or 0), -r.candidate.depth,
+                             _PRECISION_RANK.get(r.candidate.precision, 9)))
     selection = Selection(profile.name, budgets.model_dump(mode="json"), rows, metric, quality_source)
     if chosen is None:
         raise NoCandidateError(_nothing_fits(profile.name, rows), table=selection.table())
@@ -269,7 +285,8 @@ def _choose(passing: list[Candidate], use_quality: bool) -> tuple[Optional[Candi
 
 def _settle_key(c: Candidate, use_quality: bool) -> tuple:
     """How latency ties are settled: quality, then the smaller file, then latency, depth, bits."""
-    return (-_quality(c, use_quality), _size(c), _latency(c), -c.depth, _PRECISION_RANK.get(c.precision, 9))
+    return (-_quality(c, use_quality), _size(c), _latency(c), -c.depth, _PRECISION_RANK.get(c.precision, 9),
+            -(c.resolution or 0), c.checkpoint)
 
 
 def _settled(winner: Candidate, loser: Candidate, use_quality: bool, of_winner: bool) -> str:
@@ -342,7 +359,7 @@ def precision_notes(c: Candidate, fp32: Optional[Candidate]) -> list[str]:
 
 def _with_precision_notes(row: Row, candidates: list[Candidate]) -> Row:
     c = row.candidate
-    fp32 = next((o for o in candidates if o.depth == c.depth and o.precision == "fp32"), None)
+    fp32 = next((o for o in candidates if o.key == (*c.key[:3], "fp32")), None)
     notes = precision_notes(c, fp32)
     return replace(row, reason="; ".join([row.reason, *notes])) if notes else row
 
@@ -372,6 +389,9 @@ def candidate_table(rows: list[Row], quality_metric: str = "knn_top1", quality_s
     """A plain-text table of candidate rows; under it, what the quality column is and which set scored it."""
     head = ("depth", "precision", "quality", "parity", "latency ms", "source", "memory MB", "size MB",
             "status", "reason")
+    # the checkpoint and resolution columns only where the run has more than one of them
+    axes = [(name, axis) for name, axis in (("checkpoint", "checkpoint"), ("px", "resolution"))
+            if any(getattr(r.candidate, axis) for r in rows)]
     lines = []
     for r in rows:
         c = r.candidate
@@ -381,9 +401,10 @@ def candidate_table(rows: list[Row], quality_metric: str = "knn_top1", quality_s
             latency = f"{latency} {c.latency_stat}"
             if c.expected_error is not None:
                 latency += f" ±{c.expected_error:.0%}"
-        lines.append((str(c.depth), c.precision, quality, "ok" if c.parity_passed else "FAIL", latency,
-                      c.latency_source, _num(c.memory_mb), _num(c.size_mb), r.status, r.reason))
-    out = format_table(head, lines)
+        lines.append((*(str(getattr(c, axis)) for _, axis in axes), str(c.depth), c.precision, quality,
+                      "ok" if c.parity_passed else "FAIL", latency, c.latency_source, _num(c.memory_mb),
+                      _num(c.size_mb), r.status, r.reason))
+    out = format_table((*(name for name, _ in axes), *head), lines)
     if quality_metric == "depth":
         out += "\nquality: no top-1 figure for every depth, so deeper is better"
     else:

@@ -47,14 +47,26 @@ def load_images(data: Path | None, config: dict) -> Images:
 
 
 class Workshop:
-    """Exports, conversions and outputs of one run, each made once and shared by all profiles.
+    """Exports, conversions and outputs of one checkpoint at one input resolution, each made once
+    and shared by all profiles of the run (a run with several checkpoints or resolutions has one
+    workshop for each pair).
 
     Files live in ``work/`` keyed by depth, precision, opset and int8 preset: what a profile asks of
     a graph, read from it in one place (:meth:`_graph`).
+
+    Attributes:
+        resolution: the input size (px, square) of every graph and image here; the checkpoint's
+            ``img_size`` unless another was asked for.
+        name: how tables name the checkpoint ("" in a run of one checkpoint).
+        measured: every exit's quality measured at ``resolution``
+            (:class:`~bim_export.model.quality.Measured`); None: metrics.json's figures.
     """
 
-    def __init__(self, ckpt, images: Images, work: Path):
+    def __init__(self, ckpt, images: Images, work: Path, resolution: int | None = None, name: str = "",
+                 measured=None):
         self.ckpt, self.images, self.work = ckpt, images, work
+        self.resolution = int(resolution or ckpt.config["img_size"])
+        self.name, self.measured = name, measured
         self._backbones: dict[int, Any] = {}
         self._refs: dict[int, dict[str, np.ndarray]] = {}
         self._models: dict[tuple, Path] = {}
@@ -62,11 +74,29 @@ class Workshop:
         self.fixed_batches: dict[Path, int | None] = {}  # each run graph's fixed batch (None: dynamic)
         self.conversions: dict[Path, dict] = {}  # QuantInfo of each converted file, for the manifest
 
+    @property
+    def native(self) -> bool:
+        """Whether the graphs take the checkpoint's own input size."""
+        return self.resolution == self.ckpt.config["img_size"]
+
+    @property
+    def config(self) -> dict:
+        """The checkpoint's config.json as these graphs see it: ``img_size`` is :attr:`resolution`."""
+        return {**self.ckpt.config, "img_size": self.resolution}
+
+    def exit_quality(self, depth: int) -> float | None:
+        """The exit's quality at :attr:`resolution`: measured here, else metrics.json's."""
+        from ..model.checkpoint import exit_quality
+
+        if self.measured is not None:
+            return self.measured.top1.get(depth)
+        return exit_quality(self.ckpt.metrics, depth)
+
     def backbone(self, depth: int):
         if depth not in self._backbones:
             from ..model.backbone import build_backbone
 
-            self._backbones[depth] = build_backbone(self.ckpt, depth)
+            self._backbones[depth] = build_backbone(self.ckpt, depth, None if self.native else self.resolution)
         return self._backbones[depth]
 
     def reference(self, depth: int) -> dict[str, np.ndarray]:
@@ -96,7 +126,7 @@ class Workshop:
         cfg = self.ckpt.config
         bb = self.backbone(max(cfg["exits"]))
         meta = {"depth": max(cfg["exits"]), "exits": list(cfg["exits"]), "precision": precision,
-                "mean": list(cfg["mean"]), "std": list(cfg["std"]), "resolution": cfg["img_size"],
+                "mean": list(cfg["mean"]), "std": list(cfg["std"]), "resolution": self.resolution,
                 "pooling": bb.global_pool, "prefix_tokens": int(bb.num_prefix_tokens)}
         labels = labels_json(cfg)
         return {**meta, "labels": labels} if labels else meta
@@ -130,7 +160,7 @@ class Workshop:
 
             exits = self.ckpt.config["exits"]
             log.info("exporting exits %s in one graph (opset %d)", exits, opset)
-            export_onnx(self.backbone(max(exits)), path, opset=opset, img_size=self.ckpt.config["img_size"],
+            export_onnx(self.backbone(max(exits)), path, opset=opset, img_size=self.resolution,
                         metadata=self.metadata("fp32"), multi_exit=True, exits={d: self.backbone(d) for d in exits})
         elif precision == "fp32":
             log.info("rewriting the exits' graph: %s", form.describe())
@@ -211,7 +241,7 @@ class Workshop:
             from .export import export_onnx
 
             exits = {d: self.backbone(d) for d in depths} if multi_exit else None
-            export_onnx(self.backbone(depth), path, opset=opset, img_size=self.ckpt.config["img_size"],
+            export_onnx(self.backbone(depth), path, opset=opset, img_size=self.resolution,
                         metadata={**self.metadata("fp32"), "depth": depth}, multi_exit=multi_exit, exits=exits)
         elif precision == "fp32":
             apply_form(self._model(depth, "fp32", opset, None, GraphForm(), multi_exit), path, form)

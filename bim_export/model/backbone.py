@@ -44,8 +44,22 @@ def _check_depth(ckpt: Checkpoint, depth: int) -> None:
         raise InputError(f"{ckpt.path}: {e}") from None
 
 
-def build_backbone(ckpt_or_path: Checkpoint | str | os.PathLike, depth: int):
+def check_resolution(config: dict, resolution: int, where: str) -> None:
+    """Raises InputError (naming ``where``: a flag or a profile field) for a resolution the
+    checkpoint's patches do not tile: not a positive multiple of its patch size."""
+    patch = int(config.get("patch_size") or 16)
+    if resolution <= 0 or resolution % patch:
+        raise InputError(f"{where}: resolution {resolution} px is not a positive multiple of the checkpoint's "
+                         f"patch size ({patch} px)")
+
+
+def build_backbone(ckpt_or_path: Checkpoint | str | os.PathLike, depth: int, resolution: int | None = None):
     """The depth-``depth`` backbone of a checkpoint: a timm VisionTransformer, eval mode, float32.
+
+    With ``resolution`` (px, square) other than the checkpoint's ``img_size``, the model takes that
+    input size through timm's own ``set_input_size``: the position embedding is resampled by
+    ``resample_abs_pos_embed`` (bicubic over the patch grid, prefix tokens kept), the patch size
+    unchanged.
 
     Built from the checkpoint's encoder weights and that exit's norm alone (no decoders); a
     fine-tuned checkpoint's backbone also has that exit's head (``num_classes`` = its labels), so
@@ -54,8 +68,9 @@ def build_backbone(ckpt_or_path: Checkpoint | str | os.PathLike, depth: int):
     the pooled embedding [B, D] (the checkpoint's ``global_pool``).
 
     Raises:
-        InputError: ``depth`` is not one of the checkpoint's exits (the message lists them), or
-            config.json / the weights do not describe a model (the message names the file).
+        InputError: ``depth`` is not one of the checkpoint's exits (the message lists them),
+            config.json / the weights do not describe a model (the message names the file), or
+            ``resolution`` is not a multiple of the patch size.
     """
     ckpt = ckpt_or_path if isinstance(ckpt_or_path, Checkpoint) else load_checkpoint(ckpt_or_path)
     _check_depth(ckpt, depth)
@@ -70,6 +85,9 @@ def build_backbone(ckpt_or_path: Checkpoint | str | os.PathLike, depth: int):
     except RuntimeError as e:  # missing, unexpected or mis-shaped weights
         raise InputError(f"{ckpt.path / CHECKPOINT_WEIGHTS}: weights do not match config.json "
                          f"({str(e).splitlines()[-1].strip()[:200]})") from None
+    if resolution is not None and resolution != ckpt.config["img_size"]:
+        check_resolution(ckpt.config, resolution, f"{ckpt.path}: resolution")
+        model.set_input_size(img_size=(resolution, resolution))
     return model.float().eval()
 
 

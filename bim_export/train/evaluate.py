@@ -3,7 +3,7 @@
 Features come from the model's exit API (:meth:`BimModel.forward_intermediates`, pooled as each
 backbone pools) or from a timm backbone; the kNN is :mod:`bim_export.runtime.knn`, the linear probe
 :mod:`bim_export.train.probe`, and which images are reference and query is
-:mod:`bim_export.train.splits`.
+:mod:`bim_export.model.splits`.
 """
 
 from __future__ import annotations
@@ -17,13 +17,12 @@ import numpy as np
 from ..core.errors import InputError
 from ..core.table import format_table
 from ..model.images import IMAGENET_MEAN, IMAGENET_STD, ImageList, load_image_array
+from ..model.splits import EVAL_LIMIT, PROBE_FOLDS, EvalData, _subset, load_eval_data, make_eval_data, task_data
 from ..runtime.knn import KNN_K, knn_loo_top1, knn_top1
 from .probe import linear_probe_kfold_top1, linear_probe_top1
-from .splits import PROBE_FOLDS, EvalData, _require_labelled, _subset, load_eval_data, make_eval_data
 
 log = logging.getLogger(__name__)
 
-EVAL_LIMIT = 10_000  # images per split at most, a seeded sample beyond that
 RECON_SEED = 0  # the masks of the evaluation's reconstruction loss: the same on every run
 
 
@@ -281,36 +280,6 @@ def evaluate_checkpoint(path: str | Path, data_dir: str | Path, metrics_out: str
 
 
 # ------------------------------------------------------------------------------ fine-tuned checkpoints
-
-
-def task_data(ckpt, data_dir: str | Path) -> EvalData:
-    """The labelled images a fine-tuned checkpoint is scored on: of the folder it was fine-tuned on,
-    only the held-out files it recorded; of any other, every image (its classes must be labels).
-
-    Raises:
-        InputError: an unlabelled folder, or a class that is not one of the checkpoint's labels.
-    """
-    from ..model import classifier
-    from ..model.images import scan_image_folder
-
-    root = Path(data_dir)
-    split = classifier.finetune_info(ckpt.config).get("split") or {}
-    labels = classifier.labels(ckpt.config)
-    images = scan_image_folder(root)
-    _require_labelled(images)
-    unknown = sorted(set(images.classes) - set(labels))
-    if unknown:
-        raise InputError(f"{root}: classes that are not labels of {ckpt.path}: {', '.join(unknown[:5])} "
-                         f"(its labels: {', '.join(labels[:10])}{', ...' if len(labels) > 10 else ''})")
-    index = [labels.index(c) for c in images.classes]
-    images = ImageList(images.root, images.paths, [index[lbl] for lbl in images.labels], list(labels),
-                       images.unreadable)
-    name, protocol = root.resolve().name, "every image of the folder"
-    if split.get("data") == str(root.resolve()) and split.get("val_data") is None and split.get("heldout_files"):
-        held = set(split["heldout_files"])
-        keep = [i for i, p in enumerate(images.paths) if p.relative_to(root).as_posix() in held]
-        images, protocol = _subset(images, keep), f"{split.get('protocol')} (the images held out in fine-tuning)"
-    return EvalData(name, images, None, np.arange(len(images)), protocol)
 
 
 def classifier_logits(model, x, batch_size: int = 256) -> np.ndarray:

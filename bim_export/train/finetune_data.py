@@ -3,7 +3,7 @@ split it records, and the seeded, augmented training stream.
 
 Labels are the class sub-folders (ImageFolder style, :func:`~bim_export.model.images.scan_image_folder`).
 Without a validation folder, a fixed stratified part of every class is held out
-(:func:`~bim_export.train.splits.stratified_indices`, seeded) and the checkpoint records which files.
+(:func:`~bim_export.model.splits.stratified_indices`, seeded) and the checkpoint records which files.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from ..core.errors import InputError
 from ..model.images import ImageList, load_image_array, load_rgb, scan_image_folder
 from .loader import _mix
-from .splits import _subset, stratified_indices
+from ..model.splits import _subset, stratified_indices
 
 HELDOUT_CACHE_BYTES = 512 << 20  # held-out images kept preprocessed in memory up to this size
 

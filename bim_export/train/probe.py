@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .splits import PROBE_FOLDS, stratified_folds
+from ..model.splits import PROBE_FOLDS, stratified_folds
 
 
 def _fit(train_feats, train_labels, num_classes, steps: int, lr: float, weight_decay: float):

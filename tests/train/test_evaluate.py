@@ -14,7 +14,8 @@ from PIL import Image
 from bim_export.core.errors import InputError
 from bim_export.model.images import sample_images, scan_image_folder
 from bim_export.train import evaluate as ev
-from bim_export.train import probe, splits
+from bim_export.model import splits
+from bim_export.train import probe
 
 
 def _clusters(n=400, dim=16, classes=5, spread=0.3, seed=0):

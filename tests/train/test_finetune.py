@@ -26,7 +26,7 @@ from bim_export.train.finetune import finetune
 from bim_export.train.finetune_config import FinetuneConfig, load_finetune_config
 from bim_export.train.finetune_data import load_labelled
 from bim_export.train.finetune_model import build_classifier
-from bim_export.train.splits import stratified_indices
+from bim_export.model.splits import stratified_indices
 from bim_export.train.task import ece, task_metrics
 
 DIGITS = (0, 1, 7)  # three well-separated digits

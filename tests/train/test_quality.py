@@ -45,7 +45,7 @@ def mnist(tmp_path_factory):
     from make_assets import write_mnist_folder
 
     from bim_export.model.images import load_image_array
-    from bim_export.train.splits import stratified_indices
+    from bim_export.model.splits import stratified_indices
 
     images = write_mnist_folder(tmp_path_factory.mktemp("mnist") / "mnist")
     x, y = load_image_array(images, SETTINGS["model_args"]["img_size"], MEAN, STD)

@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import InputError
-from ..model.images import ImageList, scan_image_folder
+from .images import ImageList, scan_image_folder
 
 VAL_FRACTION = 0.2
 LOO_MAX = 500  # smaller labelled sets are scored leave-one-out: a held-out fifth would be too coarse
 PROBE_FOLDS = 5
+EVAL_LIMIT = 10_000  # images per split at most, a seeded sample beyond that
 
 
 @dataclass
@@ -143,3 +144,32 @@ def load_eval_data(data_dir: str | Path, seed: int = 0) -> EvalData:
                      train.unreadable + val.unreadable)
     return EvalData(root.resolve().name, both, np.arange(len(train)), np.arange(len(train), len(both)),
                     "train/ and val/ folders")
+
+
+def task_data(ckpt, data_dir: str | Path) -> EvalData:
+    """The labelled images a fine-tuned checkpoint is scored on: of the folder it was fine-tuned on,
+    only the held-out files it recorded; of any other, every image (its classes must be labels).
+
+    Raises:
+        InputError: an unlabelled folder, or a class that is not one of the checkpoint's labels.
+    """
+    from . import classifier
+
+    root = Path(data_dir)
+    split = classifier.finetune_info(ckpt.config).get("split") or {}
+    labels = classifier.labels(ckpt.config)
+    images = scan_image_folder(root)
+    _require_labelled(images)
+    unknown = sorted(set(images.classes) - set(labels))
+    if unknown:
+        raise InputError(f"{root}: classes that are not labels of {ckpt.path}: {', '.join(unknown[:5])} "
+                         f"(its labels: {', '.join(labels[:10])}{', ...' if len(labels) > 10 else ''})")
+    index = [labels.index(c) for c in images.classes]
+    images = ImageList(images.root, images.paths, [index[lbl] for lbl in images.labels], list(labels),
+                       images.unreadable)
+    name, protocol = root.resolve().name, "every image of the folder"
+    if split.get("data") == str(root.resolve()) and split.get("val_data") is None and split.get("heldout_files"):
+        held = set(split["heldout_files"])
+        keep = [i for i, p in enumerate(images.paths) if p.relative_to(root).as_posix() in held]
+        images, protocol = _subset(images, keep), f"{split.get('protocol')} (the images held out in fine-tuning)"
+    return EvalData(name, images, None, np.arange(len(images)), protocol)
