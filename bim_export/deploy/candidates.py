@@ -82,9 +82,9 @@ class Trial:
 
     depth: int
     precision: str
-    model: Path
+    model: Path | None  # None: not built (see ``skipped``)
     quality: float | None
-    size_mb: float
+    size_mb: float | None
     predicted: Any = None  # LatencyResult from the cost model
     pruned: str = ""  # why it was dropped before parity / measuring
     parity: ParityResult | None = None
@@ -93,6 +93,7 @@ class Trial:
     usability: dict = field(default_factory=dict)  # {ep: EpCoverage} from ORT's checker (mobile profiles)
     runs_on: str = ""  # the EP whose device figures predict it: an accelerator that takes it, else the CPU
     shop: Any = None  # the Workshop of its checkpoint and resolution
+    skipped: str = ""  # why it was not built at all (its workshop cannot hold the choice)
     checkpoint: str = ""  # its checkpoint as tables name it ("" in a run of one checkpoint)
     resolution: int | None = None  # its input size, px (None where the run has only the checkpoint's own)
 
@@ -126,25 +127,62 @@ def evaluate_candidates(shops: Workshop | list[Workshop], profile: Profile, prog
     """Builds, prunes, checks parity of and times every depth x precision of every workshop (a
     checkpoint at a resolution) for ``profile``, telling ``progress`` each step (stages
     ``candidates``, ``predict``, ``parity``, ``time``); ``labelled``: whether the trials name their
-    (checkpoint, resolution)."""
+    (checkpoint, resolution).
+
+    Where several workshops compete and every exit has a quality figure (measured before anything is
+    exported), they are taken best first, by their best exit. A workshop whose best exit is more than
+    the selector's quality window below a candidate already within every budget cannot be chosen (the
+    rule takes the best quality within budget, and trades latency only within that window): its
+    candidates are listed, not built, so no graph of it is exported, checked or timed for this profile.
+    """
+    from .selector import QUALITY_WINDOW, within_budgets
+
+    shops = shops if isinstance(shops, list) else [shops]
+    tops = [_best_quality(s) for s in shops]
+    ranked = len(shops) > 1 and all(q is not None for q in tops)
+    order = sorted(range(len(shops)), key=lambda i: -tops[i]) if ranked else list(range(len(shops)))
+    done: dict[int, list[Trial]] = {}
+    best: Trial | None = None  # the best-quality built candidate within every budget so far
+    for i in order:
+        shop = shops[i]
+        tag = (shop.name if labelled[0] else "", shop.resolution if labelled[1] else None)
+        if ranked and best is not None and tops[i] < best.quality - QUALITY_WINDOW:
+            why = (f"not built: its best exit scores {tops[i]:.1%}, more than {QUALITY_WINDOW * 100:g} point below "
+                   f"{best.label} ({best.quality:.1%}), which is within every budget")
+            done[i] = [Trial(d, p, None, shop.exit_quality(d), None, skipped=why, shop=shop, checkpoint=tag[0],
+                             resolution=tag[1]) for d in shop.ckpt.config["exits"] for p in profile.precisions]
+            continue
+        done[i] = _evaluate_shop(shop, profile, progress, tag)
+        if ranked:
+            fits = [t for t, c in zip(done[i], to_candidates(done[i], profile)) if within_budgets(c, profile.budgets)]
+            best = max([t for t in (best, *fits) if t is not None], key=lambda t: t.quality, default=None)
+    return [t for i in range(len(shops)) for t in done[i]]
+
+
+def _best_quality(shop: Workshop) -> float | None:
+    """The best exit's quality of ``shop`` (None where an exit has no figure)."""
+    qualities = [shop.exit_quality(d) for d in shop.ckpt.config["exits"]]
+    return None if any(q is None for q in qualities) else max(qualities)
+
+
+def _evaluate_shop(shop: Workshop, profile: Profile, progress: Progress, tag: tuple) -> list[Trial]:
+    """Every depth x precision of one workshop for ``profile``: built, predicted and pruned, parity
+    checked, and timed."""
     from .latency.costmodel import predict_memory
     from .placement import predict_on_device
     from .usability import check_model, is_mobile
 
-    shops = shops if isinstance(shops, list) else [shops]
     budget = profile.budgets.latency_ms
     stat = profile.budgets.latency_stat
     trials = []
-    total = sum(len(s.ckpt.config["exits"]) for s in shops) * len(profile.precisions)
+    total = len(shop.ckpt.config["exits"]) * len(profile.precisions)
     with progress.stage("candidates", total, profile.name) as st:
-        for shop in shops:
-            tag = (shop.name if labelled[0] else "", shop.resolution if labelled[1] else None)
-            for depth in shop.ckpt.config["exits"]:
-                for precision in profile.precisions:
-                    st.step(candidate_label(*tag, f"depth {depth}", precision), shop.pending(depth, precision, profile))
-                    model = shop.model(depth, precision, profile)
-                    trials.append(Trial(depth, precision, model, shop.exit_quality(depth), model.stat().st_size / 1e6,
-                                        shop=shop, checkpoint=tag[0], resolution=tag[1]))
+        for depth in shop.ckpt.config["exits"]:
+            for precision in profile.precisions:
+                st.step(candidate_label(*tag, f"depth {depth}", precision), shop.pending(depth, precision, profile))
+                model = shop.model(depth, precision, profile)
+                trials.append(Trial(depth, precision, model, shop.exit_quality(depth), model.stat().st_size / 1e6,
+                                    shop=shop, checkpoint=tag[0], resolution=tag[1]))
     # Predict from the graph (cheap) and prune before anything is run or timed. For a profile that is
     # not measured here the prediction is also the latency figure (what latency_for_profile returns
     # for it, labelled predicted or calibrated); host has no hardware figures and is only measured.
@@ -248,7 +286,9 @@ def to_candidates(trials: list[Trial], profile: Profile) -> list:
     stat = profile.budgets.latency_stat
     out = []
     for t in trials:
-        if t.pruned:  # rejected on latency by the selector; parity was never run
+        if t.skipped:  # rejected by the selector with its reason; nothing was built
+            passed, note = True, "not checked (not built)"
+        elif t.pruned:  # rejected on latency by the selector; parity was never run
             passed, note = True, "not checked (pruned)"
         else:
             passed, note = t.parity.passed, t.parity.brief()
@@ -257,10 +297,12 @@ def to_candidates(trials: list[Trial], profile: Profile) -> list:
             latency_ms=t.latency.stat(stat) if t.latency is not None else None,
             latency_stat=stat,
             latency_source=("none" if t.latency is None else source_label(t.latency))
-            + (" (pruned: not run)" if t.pruned else ""),
+            + (" (pruned: not run)" if t.pruned else " (not built)" if t.skipped else ""),
             expected_error=None if t.latency is None else t.latency.error(stat),
             latency_disturbed=bool(getattr(t.latency, "disturbed", "")),
             memory_mb=t.memory_mb, size_mb=t.size_mb,
-            launch_share=None if t.latency is not t.predicted else t.predicted.settings.get("launch_share"),
-            float_weight_share=None if t.predicted is None else t.predicted.settings.get("float_weight_share")))
+            launch_share=(None if t.predicted is None or t.latency is not t.predicted
+                          else t.predicted.settings.get("launch_share")),
+            float_weight_share=None if t.predicted is None else t.predicted.settings.get("float_weight_share"),
+            skipped=t.skipped))
     return out

@@ -61,6 +61,7 @@ class Candidate:
     size_mb: Optional[float] = None  # model file size, 10^6 bytes
     launch_share: Optional[float] = None  # of a predicted latency, the share that is per-node launch overhead
     float_weight_share: Optional[float] = None  # of the weight bytes, the share stored as float
+    skipped: str = ""  # why it was not built (it cannot be chosen); a rejection with that reason
 
     @property
     def label(self) -> str:
@@ -84,7 +85,7 @@ class Row:
 
     def to_dict(self) -> dict[str, Any]:
         row = asdict(self.candidate)
-        for axis in ("checkpoint", "resolution"):  # only where the run has more than one
+        for axis in ("checkpoint", "resolution", "skipped"):  # only where the run has more than one / any
             if not row[axis]:
                 del row[axis]
         return {**row, "status": self.status, "reason": self.reason}
@@ -190,9 +191,16 @@ def select(candidates: list[Candidate], profile: Profile, quality_source: str | 
 # ------------------------------------------------------------------------------------ the rule
 
 
+def within_budgets(c: Candidate, budgets: Budgets) -> bool:
+    """Whether ``c`` passes parity and every budget (what the rule chooses among)."""
+    return not _check(c, budgets)[0]
+
+
 def _check(c: Candidate, budgets: Budgets) -> tuple[list[str], float, list[str]]:
     """Failures of one candidate (parity, then each budget), its total relative overshoot, and the
     caveats of a pass (a busy-machine latency over budget but within it by its error)."""
+    if c.skipped:  # never the closest: nothing of it was measured
+        return [c.skipped], math.inf, []
     failures: list[str] = []
     caveats: list[str] = []
     excess = 0.0

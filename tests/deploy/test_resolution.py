@@ -129,7 +129,9 @@ def test_quality_at_the_checkpoints_own_size_is_metrics_json(tiny_checkpoint):
 def test_budget_met_only_at_a_lower_resolution_end_to_end(tiny_checkpoint, tmp_path):
     generous = load_profile(_profile(tmp_path, "generous", budgets={"latency_ms": 1000}))
     sources = open_sources([tiny_checkpoint], [generous], None, tmp_path / "work", [32, 16])
-    trials = evaluate_candidates(sources.workshops(generous), generous, labelled=(False, True))
+    # each size on its own: together, the one that cannot win within this budget would not be built
+    trials = [t for shop in sources.workshops(generous) for t in evaluate_candidates([shop], generous,
+                                                                                  labelled=(False, True))]
     assert {t.resolution for t in trials} == {32, 16}
     assert all(t.parity.passed for t in trials if t.precision == "fp32")  # ONNX at 16 px == PyTorch at 16 px
     fastest = {r: min(t.latency.stat("p90") for t in trials if t.resolution == r) for r in (32, 16)}
@@ -149,6 +151,35 @@ def test_budget_met_only_at_a_lower_resolution_end_to_end(tiny_checkpoint, tmp_p
     assert all(c["status"] == "rejected" for c in manifest["candidates"]["candidates"] if c["resolution"] == 32)
     assert np.load(bundle / "reference.npz")["pixels"].shape[2:] == (16, 16)
     assert main(["validate", str(bundle)]) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("low", [0.50, 0.897])
+def test_a_workshop_that_cannot_win_is_listed_not_built(tiny_checkpoint, tmp_path, low):
+    """Workshops are taken best first; one whose best exit is more than half a point below a candidate
+    within every budget cannot be chosen, so nothing of it is exported (its rows say why); within
+    half a point it is built and competes on latency."""
+    from bim_export.deploy.candidates import to_candidates
+    from bim_export.model.quality import Measured
+
+    generous = load_profile(_profile(tmp_path, "generous", budgets={"latency_ms": 1000}))
+    sources = open_sources([tiny_checkpoint], [generous], None, tmp_path / "work", [32, 16])
+    high, other = sources.workshops(generous)
+    exits = load_checkpoint(tiny_checkpoint).exits
+    data = {"name": "set", "size": 10, "protocol": "given"}
+    high.measured = Measured(32, {d: 0.9 for d in exits}, "knn_top1", data)
+    other.measured = Measured(16, {d: low for d in exits}, "knn_top1", data)
+    trials = evaluate_candidates([other, high], generous, labelled=(False, True))  # order given: worse first
+    built = {t.resolution for t in trials if t.model is not None}
+    sel = select(to_candidates(trials, generous), generous)
+    if low < 0.9 - 0.005:
+        assert built == {32} and not other._models  # no graph of the 16-px workshop was made
+        skipped = [r for r in sel.rows if r.candidate.resolution == 16]
+        assert skipped and all(r.status == "rejected" and r.reason.startswith("not built: its best exit scores 50.0%")
+                               for r in skipped)
+        assert sel.choice.resolution == 32
+    else:
+        assert built == {32, 16} and not any(t.skipped for t in trials)
 
 
 @pytest.fixture(scope="module")
