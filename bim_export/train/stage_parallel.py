@@ -180,7 +180,10 @@ class StageParallel:
         self.heartbeat = Heartbeat(info.rank, info.world_size, timeout_s)
         self._sends: collections.deque = collections.deque()
         self._recv = None  # (work, buffer) posted ahead of the next message
-        self._dtype: torch.dtype | None = None
+        # the dtype of the tokens sent and of those received (a middle group does both; each side's
+        # first message is a header naming it)
+        self._sent_dtype: torch.dtype | None = None
+        self._recv_dtype: torch.dtype | None = None
         self._doing = "starting"
         self.saved_step: int | None = None
 
@@ -208,8 +211,8 @@ class StageParallel:
             return
         tokens = tokens.contiguous()
         self._doing = f"sending step {step + 1}'s tokens to {self.layout.describe(self.next)}"
-        if self._dtype is None:  # once: the receiver allocates its buffers in this dtype
-            self._dtype = tokens.dtype
+        if self._sent_dtype is None:  # once: the receiver allocates its buffers in this dtype
+            self._sent_dtype = tokens.dtype
             header = torch.tensor([DTYPES.index(tokens.dtype)], dtype=torch.int64, device=tokens.device)
             self._sends.append((dist.isend(header, self.next), header))
         self._sends.append((dist.isend(tokens, self.next), tokens))
@@ -220,10 +223,10 @@ class StageParallel:
         """The previous group's tokens of the next micro-batch [B, L, D]; posts the receive of the
         one after it when ``more``, so that it arrives while this one is computed."""
         self._doing = f"waiting for step {step + 1}'s tokens from {self.layout.describe(self.prev)}"
-        if self._dtype is None:
+        if self._recv_dtype is None:
             header = torch.empty(1, dtype=torch.int64, device=device)
             dist.irecv(header, self.prev).wait(self.timeout)
-            self._dtype = DTYPES[int(header)]
+            self._recv_dtype = DTYPES[int(header)]
         if self._recv is None:
             self._recv = self._post(shape, device)
         work, buf = self._recv
@@ -232,7 +235,7 @@ class StageParallel:
         return buf
 
     def _post(self, shape, device):
-        buf = torch.empty(shape, dtype=self._dtype, device=device)
+        buf = torch.empty(shape, dtype=self._recv_dtype, device=device)
         return dist.irecv(buf, self.prev), buf
 
     def flush(self) -> None:
