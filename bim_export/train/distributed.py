@@ -57,11 +57,30 @@ def init_distributed(device_type: str, timeout_s: float | None = None) -> DistIn
         return DistInfo()
     if not dist.is_initialized():
         timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", **timeout)
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", **timeout,
+                                **_attempt_store(timeout_s))
     info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)
     return info
+
+
+def _attempt_store(timeout_s: float | None) -> dict:
+    """Under torchrun's agent store: the store, rank and world size for ``init_process_group``, the
+    keys under this restart's own prefix; else nothing (``env://``).
+
+    torchrun keeps one rendezvous store for all restarts of the worker group (the c10d backend shares
+    its TCP store), and the process group's keys (each rank's address) carry no restart count: after
+    a restart a rank could read the address of a worker that died with the previous attempt, and the
+    group would fail to connect. So each attempt gets its own prefix.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(seconds=timeout_s or 1800))
+    attempt = f"bim/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    return {"store": dist.PrefixStore(attempt, store), "rank": int(os.environ["RANK"]),
+            "world_size": int(os.environ["WORLD_SIZE"])}
 
 
 def broadcast_parameters(module: torch.nn.Module, info: DistInfo) -> None:
