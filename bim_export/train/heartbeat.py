@@ -76,16 +76,25 @@ class LauncherStop(BaseException):  # not an Exception: no ``except Exception`` 
 
 
 class SigTermCatcher:
-    """The SIGTERM handler of a stage-parallel run: raises :class:`LauncherStop` in the training thread,
-    or, once ``hold`` is set (a fault is being looked up), only records that it came."""
+    """The SIGTERM handler of a stage-parallel run: raises :class:`LauncherStop` in the training
+    thread, or, once ``hold`` is set (a fault is being looked up), only records that it came.
+
+    ``pending`` stays set until the SIGTERM is answered (the fault line replaces it, or it is
+    delivered again once the handler is gone). An exception raised by a signal handler is lost when
+    the handler runs inside a ``__del__`` or a callback (Python prints it and goes on), so the calls
+    to other ranks :meth:`check` for it too.
+    """
 
     def __init__(self):
-        self.hold = self.received = False
+        self.hold = self.pending = False
 
     def __call__(self, signum, frame) -> None:
-        self.received = True
+        self.pending = True
         if not self.hold:
-            self.received = False  # handled: the exception carries it
+            raise LauncherStop()
+
+    def check(self) -> None:
+        if self.pending and not self.hold:
             raise LauncherStop()
 
 

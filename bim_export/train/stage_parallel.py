@@ -185,6 +185,7 @@ class StageParallel:
         self._sent_dtype: torch.dtype | None = None
         self._recv_dtype: torch.dtype | None = None
         self._doing = "starting"
+        self._term = SigTermCatcher()  # installed by guard()
         self.saved_step: int | None = None
 
     @property
@@ -207,6 +208,7 @@ class StageParallel:
     def send(self, tokens: torch.Tensor, step: int) -> None:
         """Sends a micro-batch's output tokens to the next group, without waiting for it (at most
         ``IN_FLIGHT`` outstanding)."""
+        self._term.check()
         if self.next is None:
             return
         tokens = tokens.contiguous()
@@ -222,6 +224,7 @@ class StageParallel:
     def recv(self, shape: tuple[int, ...], device: torch.device, step: int, more: bool) -> torch.Tensor:
         """The previous group's tokens of the next micro-batch [B, L, D]; posts the receive of the
         one after it when ``more``, so that it arrives while this one is computed."""
+        self._term.check()
         self._doing = f"waiting for step {step + 1}'s tokens from {self.layout.describe(self.prev)}"
         if self._recv_dtype is None:
             header = torch.empty(1, dtype=torch.int64, device=device)
@@ -253,6 +256,7 @@ class StageParallel:
         dicts) on rank 0's CPU, in group order; None on the other ranks. Each group's first data rank
         sends its share: the tree without its tensors first, then the tensors one by one, so that
         neither side holds a pickled copy, and a GPU holds one received tensor at a time."""
+        self._term.check()
         self._doing = f"gathering step {step}'s checkpoint"
         lay = self.layout
         comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
@@ -291,7 +295,7 @@ class StageParallel:
     def guard(self):
         """Turns a failed call to another rank, or torchrun's SIGTERM after another rank died, into one
         line naming the rank that stopped (a :class:`TrainingError`, which replaces the SIGTERM)."""
-        term = SigTermCatcher()
+        term = self._term
         main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, term) if main else None
         try:
@@ -309,16 +313,15 @@ class StageParallel:
                     self.heartbeat.note_failure(f"lost contact while {self._doing}" if comm else first)
                 found = self.heartbeat.stopped()
             if stopped and (found is None or not any(found)):
-                term.received = True  # stopped by the launcher, no rank gone: the SIGTERM it was (below)
-                raise
+                raise  # stopped by the launcher, no rank gone: the SIGTERM it was (delivered below)
             if not stopped and not comm and found is not None and not any(found):
                 raise  # not a call to another rank, and every rank is there: a bug, kept with its traceback
-            term.received = False  # the line replaces the SIGTERM: the process exits with it
+            term.pending = False  # the line replaces the SIGTERM: the process exits with it
             raise TrainingError(self._fault_line(found, e)) from None if stopped else e
         finally:
             if main:
                 signal.signal(signal.SIGTERM, previous)
-                if term.received:
+                if term.pending:
                     signal.raise_signal(signal.SIGTERM)
 
     def _fault_line(self, found, error: Exception) -> str:
