@@ -51,6 +51,7 @@ train/      BIM pretraining
     optim               AdamW groups, warm-up + cosine schedule, a stage's optimizer
     update              when parameters step: per stage (exact) or per step, and the fallback rules
     run_state           a step's checkpoint and the state a resumed run continues with
+    heartbeat           which rank of a stage-parallel run stopped: heartbeats, notes, the launcher's SIGTERM
     stage_parallel      stages over groups of ranks: the cut, forward tokens between groups, faults
     probe               linear probe
     task                a classifier's task metrics: top-1, calibration error (ECE)

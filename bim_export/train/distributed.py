@@ -13,6 +13,7 @@ exactly the gradient of the global batch, since every rank's loss is a mean over
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -20,6 +21,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,11 +60,37 @@ def init_distributed(device_type: str, timeout_s: float | None = None) -> DistIn
         return DistInfo()
     if not dist.is_initialized():
         timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", **timeout)
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", **timeout,
+                                **_attempt_store(timeout_s))
     info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)
     return info
+
+
+def _attempt_store(timeout_s: float | None) -> dict:
+    """Under torchrun's agent store on one node: the store, rank and world size for
+    ``init_process_group``, the keys under this restart's own prefix; else nothing (``env://``).
+
+    The c10d rendezvous keeps one store for all restarts of the worker group (it shares its TCP
+    store), and the process group's keys (each rank's address) carry no restart count: after a
+    restart a rank may read the address of a worker that died with the previous attempt and fail to
+    connect. One node's restart count names the attempt; across nodes it does not (a node restarted
+    for another node's failure does not count it), so there torchrun's own opt-out,
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, gives each attempt a fresh store, hosted by rank 0.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    if os.environ.get("GROUP_WORLD_SIZE", "1") != "1":
+        if os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0" and os.environ.get("RANK") == "0":
+            log.warning("torchrun restarts across nodes need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in the "
+                        "launchers' environment (a restarted worker could read a dead one's address)")
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(seconds=timeout_s or 1800))
+    attempt = f"bim/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    return {"store": dist.PrefixStore(attempt, store), "rank": int(os.environ["RANK"]),
+            "world_size": int(os.environ["WORLD_SIZE"])}
 
 
 def broadcast_parameters(module: torch.nn.Module, info: DistInfo) -> None:

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from ..core.errors import TrainingError
+from ..core.errors import InputError, TrainingError
 from ..model import checkpoint as ckpt_io
 from .config import TrainConfig
+from .distributed import DistInfo
 from .model import BimModel
 
 ARCH_KEYS = ("arch", "model_args", "exits", "mode", "decoder", "last_decoder")  # must match to resume
@@ -80,6 +82,27 @@ def saved_step(out: Path) -> int | None:
         return json.loads((out / ckpt_io.CONFIG).read_text()).get("step")
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def check_same_checkpoint(out: Path, info: DistInfo) -> None:
+    """Checks that every rank sees the same checkpoint in ``out`` (or none): each node reads its own
+    ``out``, so a run across nodes needs it on storage they share (or the same copy on each), or
+    ranks would start from different steps.
+
+    Raises:
+        InputError: on every rank, naming the first rank whose view differs from rank 0's.
+    """
+    if not info.enabled:
+        return
+    views: list = [None] * info.world_size
+    dist.all_gather_object(views, saved_step(out), group=info.group)
+    odd = next((r for r, v in enumerate(views) if v != views[0]), None)
+    if odd is not None:
+        def seen(step):
+            return "no checkpoint" if step is None else f"the checkpoint of step {step}"
+
+        raise InputError(f"{out}: rank {odd} sees {seen(views[odd])} there but rank 0 sees {seen(views[0])}: "
+                         f"--out must be one folder every node reads (shared storage), or the same copy on each")
 
 
 def save(cfg: TrainConfig, config: dict, state_dict: dict[str, torch.Tensor], optimizer_state: dict, step: int,

@@ -24,15 +24,18 @@ first stage's). At a save rank 0 gathers the groups' shares and writes the singl
 Faults: every point-to-point and collective call has a timeout (``comm_timeout``), and each rank
 bumps a counter in the rendezvous store twice a second. A failed call looks up which rank stopped
 (its counter stands still, or it left a failure note) and raises one line naming it and its stages.
+torchrun SIGTERMs the other workers about 0.1 s after one dies, before that look-up (1.5 s) ends, and
+waits up to 30 s for them to exit: so during the run SIGTERM raises in the training thread, the rank
+looks up who stopped, and tells the user (torchrun then restarts the group or reports the failure).
+Where no rank stopped (a plain ``scancel`` or Ctrl-C of the launcher), SIGTERM is delivered as usual.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import os
+import signal
 import threading
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -42,11 +45,11 @@ import torch.distributed as dist
 
 from ..core.errors import BimExportError, InputError, TrainingError
 from .distributed import DistInfo
+from .heartbeat import Heartbeat, LauncherStop, SigTermCatcher, default_sigchld
 from .model import BimModel
 from .run_state import saved_step
 
 IN_FLIGHT = 4  # sends a group may have outstanding: it runs at most this many micro-batches ahead
-BEAT_S = 0.5  # heartbeat period; a rank whose counter stands still for 3 periods is gone
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]  # what a stage's output tokens may be
 
 
@@ -153,54 +156,6 @@ def restore_stages(model: BimModel, state: dict[str, torch.Tensor]) -> None:
             p.data = state[name].to(p.device, p.dtype)
 
 
-# ------------------------------------------------------------------------------ fault detection
-
-
-class Heartbeat:
-    """Each rank's counter in the rendezvous store, bumped every ``BEAT_S`` by a daemon thread, and
-    failure notes: enough to tell which rank stopped when a call to it fails."""
-
-    def __init__(self, rank: int, world_size: int, timeout_s: float):
-        run = f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}.{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-        self.prefix, self.rank, self.world = f"bim-stage-parallel/{run}", rank, world_size
-        # a client of its own: the store's calls are not shared with the training thread's
-        self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                                   timeout=timedelta(seconds=min(timeout_s, 30)))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True, name="bim-heartbeat")
-        self._thread.start()
-
-    def _beat(self) -> None:
-        with contextlib.suppress(Exception):  # the store going away is reported by the caller's lookup
-            while not self._stop.wait(BEAT_S):
-                self.store.add(f"{self.prefix}/beat/{self.rank}", 1)
-
-    def note_failure(self, message: str) -> None:
-        with contextlib.suppress(Exception):
-            self.store.set(f"{self.prefix}/failed/{self.rank}", message)
-
-    def stopped(self) -> tuple[list[int], dict[int, str]] | None:
-        """(ranks whose counter stood still for 3 beats and left no note, {rank: note}); None when
-        the store itself is gone (it lives with rank 0 when torchrun's agent does not hold it)."""
-        try:
-            keys = [f"{self.prefix}/beat/{r}" for r in range(self.world)]
-            before = [self.store.add(k, 0) for k in keys]
-            time.sleep(3 * BEAT_S)
-            after = [self.store.add(k, 0) for k in keys]
-            notes = {}
-            for r in range(self.world):
-                key = f"{self.prefix}/failed/{r}"
-                if r != self.rank and self.store.check([key]):
-                    notes[r] = self.store.get(key).decode()
-        except Exception:  # noqa: BLE001 - any failure to reach the store means it is gone
-            return None
-        return [r for r in range(self.world) if r != self.rank and before[r] == after[r] and r not in notes], notes
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2 * BEAT_S)
-
-
 # ------------------------------------------------------------------------------ the run's share
 
 
@@ -225,8 +180,12 @@ class StageParallel:
         self.heartbeat = Heartbeat(info.rank, info.world_size, timeout_s)
         self._sends: collections.deque = collections.deque()
         self._recv = None  # (work, buffer) posted ahead of the next message
-        self._dtype: torch.dtype | None = None
+        # the dtype of the tokens sent and of those received (a middle group does both; each side's
+        # first message is a header naming it)
+        self._sent_dtype: torch.dtype | None = None
+        self._recv_dtype: torch.dtype | None = None
         self._doing = "starting"
+        self._term = SigTermCatcher()  # installed by guard()
         self.saved_step: int | None = None
 
     @property
@@ -249,12 +208,13 @@ class StageParallel:
     def send(self, tokens: torch.Tensor, step: int) -> None:
         """Sends a micro-batch's output tokens to the next group, without waiting for it (at most
         ``IN_FLIGHT`` outstanding)."""
+        self._term.check()
         if self.next is None:
             return
         tokens = tokens.contiguous()
         self._doing = f"sending step {step + 1}'s tokens to {self.layout.describe(self.next)}"
-        if self._dtype is None:  # once: the receiver allocates its buffers in this dtype
-            self._dtype = tokens.dtype
+        if self._sent_dtype is None:  # once: the receiver allocates its buffers in this dtype
+            self._sent_dtype = tokens.dtype
             header = torch.tensor([DTYPES.index(tokens.dtype)], dtype=torch.int64, device=tokens.device)
             self._sends.append((dist.isend(header, self.next), header))
         self._sends.append((dist.isend(tokens, self.next), tokens))
@@ -264,11 +224,12 @@ class StageParallel:
     def recv(self, shape: tuple[int, ...], device: torch.device, step: int, more: bool) -> torch.Tensor:
         """The previous group's tokens of the next micro-batch [B, L, D]; posts the receive of the
         one after it when ``more``, so that it arrives while this one is computed."""
+        self._term.check()
         self._doing = f"waiting for step {step + 1}'s tokens from {self.layout.describe(self.prev)}"
-        if self._dtype is None:
+        if self._recv_dtype is None:
             header = torch.empty(1, dtype=torch.int64, device=device)
             dist.irecv(header, self.prev).wait(self.timeout)
-            self._dtype = DTYPES[int(header)]
+            self._recv_dtype = DTYPES[int(header)]
         if self._recv is None:
             self._recv = self._post(shape, device)
         work, buf = self._recv
@@ -277,7 +238,7 @@ class StageParallel:
         return buf
 
     def _post(self, shape, device):
-        buf = torch.empty(shape, dtype=self._dtype, device=device)
+        buf = torch.empty(shape, dtype=self._recv_dtype, device=device)
         return dist.irecv(buf, self.prev), buf
 
     def flush(self) -> None:
@@ -295,6 +256,7 @@ class StageParallel:
         dicts) on rank 0's CPU, in group order; None on the other ranks. Each group's first data rank
         sends its share: the tree without its tensors first, then the tensors one by one, so that
         neither side holds a pickled copy, and a GPU holds one received tensor at a time."""
+        self._term.check()
         self._doing = f"gathering step {step}'s checkpoint"
         lay = self.layout
         comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
@@ -331,21 +293,36 @@ class StageParallel:
 
     @contextlib.contextmanager
     def guard(self):
-        """Turns a failed call to another rank into one line naming the rank that stopped."""
+        """Turns a failed call to another rank, or torchrun's SIGTERM after another rank died, into one
+        line naming the rank that stopped (a :class:`TrainingError`, which replaces the SIGTERM)."""
+        term = self._term
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, term) if main else None
         try:
             yield
         except BimExportError as e:
             self.heartbeat.note_failure(str(e))
             raise
-        except RuntimeError as e:
-            comm = isinstance(e, dist.DistError)
-            first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-            # first the note, so that the ranks looking for the one that stopped do not count this one
-            self.heartbeat.note_failure(f"lost contact while {self._doing}" if comm else first)
-            found = self.heartbeat.stopped()
-            if not comm and found is not None and not any(found):
+        except (RuntimeError, LauncherStop) as e:
+            term.hold = True  # the look-up below runs to its end; a SIGTERM now only marks itself
+            with default_sigchld(main):  # the loader workers got the SIGTERM too: not an error here
+                stopped = isinstance(e, LauncherStop)
+                comm = isinstance(e, dist.DistError)
+                if not stopped:  # first the note, so that the ranks looking for the one that stopped
+                    first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__  # skip this one
+                    self.heartbeat.note_failure(f"lost contact while {self._doing}" if comm else first)
+                found = self.heartbeat.stopped()
+            if stopped and (found is None or not any(found)):
+                raise  # stopped by the launcher, no rank gone: the SIGTERM it was (delivered below)
+            if not stopped and not comm and found is not None and not any(found):
                 raise  # not a call to another rank, and every rank is there: a bug, kept with its traceback
-            raise TrainingError(self._fault_line(found, e)) from e
+            term.pending = False  # the line replaces the SIGTERM: the process exits with it
+            raise TrainingError(self._fault_line(found, e)) from None if stopped else e
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
+                if term.pending:
+                    signal.raise_signal(signal.SIGTERM)
 
     def _fault_line(self, found, error: Exception) -> str:
         me = self.layout.describe(self.info.rank)

@@ -31,7 +31,7 @@ from .loader import TrainStream, mask_noise
 from .model import BimModel
 from .optim import StageOptimizer, lr_at
 from .pretrained import InitReport, init_encoder
-from .run_state import config_json, resume_checkpoint, resume_state, save
+from .run_state import check_same_checkpoint, config_json, resume_checkpoint, resume_state, save
 from .stage_parallel import StageParallel, plan_layout, release_other_stages, restore_stages
 from .update import Stepper, resolve_update
 
@@ -112,6 +112,7 @@ def _train(cfg: TrainConfig, resume: bool | str, dataset, device: torch.device, 
     # before any work: --out must be empty, missing or a checkpoint, and writable (else the first
     # save, minutes in, would fail or replace the user's files)
     out = check_destination(cfg.out, ckpt_io.CHECKPOINT)
+    check_same_checkpoint(out, info)  # across nodes: one --out, or ranks would start from different steps
     has_ckpt = (out / ckpt_io.CONFIG).exists()
     if has_ckpt and not resume:
         raise InputError(f"{out}: already holds a checkpoint; pass --resume to continue it or pick another --out")

@@ -230,3 +230,32 @@ def test_killed_rank_stops_the_run_with_one_line_and_resume_completes(tmp_path):
     straight = tmp_path / "straight"
     train(tiny_train_config(straight, **dict(settings, stage_parallel=1)), dataset=_images())
     assert_same_weights(straight, out)
+
+
+@pytest.mark.slow
+def test_sigterm_with_no_rank_gone_ends_the_ranks_as_sigterm_does(tmp_path):
+    # scancel or Ctrl-C of the launcher: every rank gets SIGTERM, no rank failed; no fault line may
+    # name a rank that was only stopped, and each process ends as SIGTERM ends it
+    settings = dict(steps=40, batch_size=BATCH, save_every=2, stage_parallel=2, comm_timeout=30.0)
+    out, port = tmp_path / "sp", _free_port()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_fault_rank, args=(r, 2, port, str(out), settings, 0.04, f"{out}.note{r}"))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "config.json").exists():
+            assert time.monotonic() < deadline and all(p.is_alive() for p in procs), "no checkpoint was written"
+            time.sleep(0.02)
+        for p in procs:
+            os.kill(p.pid, signal.SIGTERM)
+        for p in procs:
+            p.join(timeout=60)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    notes = [open(f"{out}.note{r}").read() for r in range(2) if os.path.exists(f"{out}.note{r}")]
+    assert [p.exitcode for p in procs] == [-signal.SIGTERM, -signal.SIGTERM], notes
+    assert load_checkpoint(out).config["step"] < 40
