@@ -68,6 +68,7 @@ deploy/     per-device export
     device_scripts      the targets/ inference scripts a bundle ships (registry)
     schema_errors       one line for a profile file's schema errors (field, problem, value)
     profiles            device profiles: schema, loading, budgets
+    profile_text        profiles as text: the shipped table, one profile as YAML, budgets in a line
     plausibility        hardware figures no real device has (per watt, per core, per memory type)
     export              backbone -> ONNX at the profile's opset, metadata
     subgraph            the part of a multi-exit graph that computes some exits (a candidate's graph)
@@ -78,6 +79,7 @@ deploy/     per-device export
     quantize            fp16 / int8 conversion
     latency             costmodel -> stats -> measure (+ worker) -> roofline -> calibration -> predict
     placement           a phone candidate's device (its accelerator or the CPU cores) and latency there
+    candidate_table     the candidate table as text, and how the quality metric is named
     selector            the choice of (checkpoint, resolution,) depth x precision (pure Python)
     workshop            a run's shared artefacts: check images, graphs built once, reference outputs
     sources             a run's checkpoints x resolutions: their workshops, quality that compares
@@ -86,6 +88,7 @@ deploy/     per-device export
     early_exit          early exit: one graph per stage segment, thresholds, accuracy vs host latency
     ortformat           model.ort and required_operators.config for apps, checked against model.onnx
     pareto              pareto.png: latency (with its stated error) vs quality of every candidate
+    manifest            manifest.json: what a bundle holds and why
     report              report.md: the choice and why
     bundle              the bundle folder and its manifest (registered writers)
     info                what a finished bundle holds, its choice and its validations

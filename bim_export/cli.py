@@ -236,15 +236,15 @@ def _cmd_profiles(args) -> int:
     """List the device profiles, print one (resolved aliases, canonical name, its file, the calibration
     in force), or validate a YAML file against the schema and warn about hardware figures no real
     device has (compute per watt and per core, bandwidth for the memory type)."""
-    from .deploy import profiles
+    from .deploy import profile_text, profiles
 
     if args.action == "list":
-        print(profiles.format_profile_list())
+        print(profile_text.format_profile_list())
     elif args.action == "show":
         from .deploy.latency.calibration import describe_calibration
 
         prof = profiles.load_profile(args.name)
-        print(profiles.format_profile(prof))
+        print(profile_text.format_profile(prof))
         print(describe_calibration(prof))
     else:
         from .deploy.plausibility import implausible_figures

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..core.errors import InputError
 from .bundle import BUNDLE, MANIFEST
-from .profiles import describe_budgets
+from .profile_text import describe_budgets
 
 
 def read_bundle_manifest(bundle: str | Path) -> dict[str, Any]:

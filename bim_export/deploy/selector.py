@@ -25,13 +25,12 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional
 
 from ..core.errors import NoCandidateError
-from ..core.table import format_table
+from .candidate_table import QUALITY_LABELS, candidate_table, num as _num, quality_label  # noqa: F401 - re-exported
 from .latency.stats import intervals_overlap
-from .profiles import Budgets, Profile, describe_budgets
+from .profile_text import describe_budgets
+from .profiles import Budgets, Profile
 
 QUALITY_WINDOW = 0.005  # half a point of top-1: within it, latency decides
-# What the quality column can be, as the table, report.md, pareto.png and the manifest name it.
-QUALITY_LABELS = {"task_top1": "held-out task top-1 (fine-tuned)", "knn_top1": "kNN top-1"}
 # Two predictions (or calibrated predictions) of one device closer than this fraction tie. A prediction
 # sums per-node roofline times with factors fitted on measurements that repeat within 10 % at best, and
 # its held-out checks err by 5 % or more: a difference of under 1 % (fp16 and fp32 of a launch-bound
@@ -131,11 +130,6 @@ class Selection:
                 **({"resolution": choice.resolution} if choice.resolution else {})},
             "candidates": [row.to_dict() for row in self.rows],
         }
-
-
-def quality_label(metric: str) -> str:
-    """How the table, report.md, pareto.png and the manifest name a quality metric."""
-    return QUALITY_LABELS.get(metric, "exit depth (deeper is better)" if metric == "depth" else metric)
 
 
 def select(candidates: list[Candidate], profile: Profile, quality_source: str | None = None,
@@ -382,40 +376,3 @@ def _nothing_fits(profile: str, rows: list[Row]) -> str:
                 f"(e.g. {first.candidate.label}: {first.reason})")
     closest = min(parity_ok, key=lambda r: (r.excess, -r.candidate.depth))
     return f"no candidate meets the budgets of {profile}; closest: {closest.candidate.label}: {closest.reason}"
-
-
-# ---------------------------------------------------------------------------------------- table
-
-
-def _num(x: Optional[float]) -> str:
-    if x is None or math.isinf(x):
-        return "-"
-    return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
-
-
-def candidate_table(rows: list[Row], quality_metric: str = "knn_top1", quality_source: str | None = None) -> str:
-    """A plain-text table of candidate rows; under it, what the quality column is and which set scored it."""
-    head = ("depth", "precision", "quality", "parity", "latency ms", "source", "memory MB", "size MB",
-            "status", "reason")
-    # the checkpoint and resolution columns only where the run has more than one of them
-    axes = [(name, axis) for name, axis in (("checkpoint", "checkpoint"), ("px", "resolution"))
-            if any(getattr(r.candidate, axis) for r in rows)]
-    lines = []
-    for r in rows:
-        c = r.candidate
-        quality = "-" if c.quality is None else f"{c.quality:.1%}"
-        latency = _num(c.latency_ms)
-        if c.latency_ms is not None:
-            latency = f"{latency} {c.latency_stat}"
-            if c.expected_error is not None:
-                latency += f" ±{c.expected_error:.0%}"
-        lines.append((*(str(getattr(c, axis)) for _, axis in axes), str(c.depth), c.precision, quality,
-                      "ok" if c.parity_passed else "FAIL", latency, c.latency_source, _num(c.memory_mb),
-                      _num(c.size_mb), r.status, r.reason))
-    out = format_table((*(name for name, _ in axes), *head), lines)
-    if quality_metric == "depth":
-        out += "\nquality: no top-1 figure for every depth, so deeper is better"
-    else:
-        out += (f"\nquality: the exit's {quality_label(quality_metric)} on "
-                f"{quality_source or 'an evaluation set metrics.json does not name'}")
-    return out

@@ -12,7 +12,7 @@ import yaml
 
 from bim_export import cli
 from bim_export.core.errors import InputError
-from bim_export.deploy import profiles
+from bim_export.deploy import profile_text, profiles
 from bim_export.deploy.plausibility import implausible_figures
 from bim_export.deploy.profiles import ALIASES, Profile, list_profiles, load_profile, load_profile_file
 
@@ -84,7 +84,7 @@ def test_parity_defaults_and_tolerance_lookup(tmp_path):
 
 def test_format_profile_round_trips(tmp_path):
     p = load_profile("jetson")
-    text = profiles.format_profile(p)
+    text = profile_text.format_profile(p)
     assert text.startswith("name: jetson-orin-nano\naliases: [jetson]")
     data = yaml.safe_load(text)
     for key in ("name", "aliases", "file"):
@@ -93,7 +93,7 @@ def test_format_profile_round_trips(tmp_path):
 
 
 def test_profile_list_table_names_every_profile_and_alias():
-    text = profiles.format_profile_list()
+    text = profile_text.format_profile_list()
     for name in list_profiles():
         assert name in text
     for alias in ALIASES:
