@@ -28,6 +28,7 @@ core/       infrastructure: errors, shipped files, atomic outputs, tables
     atomic              atomic writes; what an output may replace; the umask
     table               plain-text tables
     progress            a long job's stages and counts; the command line's bars, lines and log
+    launcher            what a worker tells torchrun when it stops (its error file)
 model/      the model contract both halves share: images in, the encoder, checkpoints, backbones
             uses: core, runtime
     images              image folders, the sample images, the images checks of an export run on

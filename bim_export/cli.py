@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import __version__
 from .core.errors import BimExportError, InputError, NoCandidateError
+from .core.launcher import record_for_launcher, tell_launcher
 from .core.progress import ConsoleProgress, console_logging
 
 SUBCOMMANDS = ("export", "train", "finetune", "eval", "backbone", "profiles", "calibrate", "validate", "info")
@@ -373,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except BimExportError as e:
         print(f"error: {e}", file=sys.stderr)
-        _tell_launcher(f"error: {e}")
+        tell_launcher(f"error: {e}")
         return e.exit_code
     except BrokenPipeError:  # `bim-export ... | head`: the reader left; nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
@@ -382,26 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # torchrun's failure report shows its traceback
-            from torch.distributed.elastic.multiprocessing.errors import get_error_handler
-
-            get_error_handler().record_exception(e)
+        record_for_launcher(e)
         raise
-
-
-def _tell_launcher(line: str) -> None:
-    """Under torchrun, writes ``line`` to this worker's error file, which torchrun's failure report
-    shows: where the workers' output goes to log files (``--redirects``, ``--log-dir``), the line
-    reaches the user there. The format is torch's (``message`` and ``timestamp``)."""
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if path:
-        import json
-        import time
-
-        try:
-            Path(path).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
-        except OSError:
-            pass  # the line is on stderr already
 
 
 if __name__ == "__main__":
