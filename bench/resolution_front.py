@@ -122,7 +122,8 @@ def markdown(r: dict) -> str:
               "Quality: kNN top-1 on the 90 held-out images (leave-one-out), measured at the candidate's resolution "
               "(metrics.json's figure at 64 px). " + SECOND_NOTE[r.get("second", "copy")],
               "", "Not built in the front run (a checkpoint at a resolution whose best exit is more than half a point "
-              f"below a candidate within every budget), rows per profile: {front.get('not_built', '?')}."]
+              f"below a candidate within every budget), rows per profile: "
+              + (", ".join(f"{p} {n}" for p, n in sorted(front.get("not_built", {}).items())) or "none") + "."]
     return "\n".join(lines) + "\n"
 
 
