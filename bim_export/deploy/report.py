@@ -79,6 +79,7 @@ def render_report(manifest: dict[str, Any], table: str, why: str) -> str:
         "",
         *mobile_lines(m),
         *early_exit_lines(m),
+        *server_lines(m),
         "## Run it on the device",
         "",
         "```sh",
@@ -100,6 +101,28 @@ def render_report(manifest: dict[str, Any], table: str, why: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def server_lines(m: dict[str, Any]) -> list[str]:
+    """report.md's Triton and TensorRT section: how to serve the bundle's model repository and build
+    its engine (GPU bundles; none otherwise)."""
+    tri, trt = m.get("triton"), m.get("tensorrt")
+    lines = []
+    if isinstance(tri, dict):
+        lines += ["## Serve it with Triton", "",
+                  f"`{tri.get('repository')}/` is a Triton model repository (`{tri.get('config')}`: the graph's inputs "
+                  f"and outputs, max_batch_size {tri.get('max_batch_size')}, ONNX Runtime's TensorRT accelerator at "
+                  f"{m.get('precision')}):", "", "```sh",
+                  f"tritonserver --model-repository=$PWD/{tri.get('repository')}",
+                  f"perf_analyzer -m {tri.get('model_name')} -b {m.get('batch')} -i grpc -u localhost:8001", "```", ""]
+    if isinstance(trt, dict):
+        need = trt.get("needs") or {}
+        lines += ["## A TensorRT engine", "",
+                  f"`{trt.get('script')}` builds `{trt.get('engine')}` with trtexec on the device (TensorRT "
+                  f">= {need.get('tensorrt', '?')}; `{trt.get('notes')}` says why):", "", "```sh",
+                  f"bash {trt.get('script')}",
+                  f"python infer.py path/to/images/ --engine {trt.get('engine')}", "```", ""]
+    return lines
 
 
 def early_exit_lines(m: dict[str, Any]) -> list[str]:

@@ -33,6 +33,7 @@ from .distributed import DistInfo, GradientReducer, average_tensor, barrier, bro
 from .finetune_config import FinetuneConfig, load_finetune_config
 from .finetune_data import AugmentedImages, HeldOut, LabelledSplit, load_labelled, train_transform
 from .finetune_model import build_classifier, finetuned_arch, probe_heads
+from .run_state import check_same_checkpoint
 from .loader import StepSampler, _mix
 from .task import task_metrics
 
@@ -87,6 +88,7 @@ def finetune(checkpoint: str | os.PathLike, data: str | os.PathLike, out: str | 
     device = _device(config)
     info = init_distributed(device.type, config.comm_timeout)
     try:
+        check_same_checkpoint(out, info)  # across nodes: one --out, or ranks would start from different steps
         return _run(config, src, prev, split, exits, keep, out, device, info, progress)
     finally:
         shutdown(info)

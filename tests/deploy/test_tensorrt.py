@@ -96,6 +96,9 @@ def test_build_engine_script_is_valid_bash_with_the_profiles_settings(jetsons):
     assert 0 < mib * 2**20 <= 1024e6  # within the profile's peak-memory budget
     command = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
     assert manifest["tensorrt"]["trtexec"] == re.findall(r"--\S+", command)
+    report = (bundle / "report.md").read_text()  # the report says how to build and run the engine
+    assert "bash build_engine.sh" in report and "--engine model.engine" in report
+    assert f"TensorRT >= {manifest['tensorrt']['needs']['tensorrt']}" in report
 
 
 def test_precision_flags_and_fixed_shapes():

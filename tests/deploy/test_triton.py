@@ -87,6 +87,8 @@ def test_server_gpu_bundle_has_a_repository_triton_reads(server_gpu):
     assert manifest["triton"]["model_name"] == "h100-sxm" and manifest["triton"]["max_batch_size"] == 32
     # standard ONNX only: no ORT-internal ops (com.microsoft NHWC convolutions, fused kernels)
     assert {n.domain for n in graph.node} <= {"", "ai.onnx"}
+    report = (server_gpu / "report.md").read_text()  # the report says how to serve it
+    assert "tritonserver --model-repository=$PWD/triton" in report and "perf_analyzer -m h100-sxm -b 32" in report
 
 
 @pytest.mark.parametrize("precision,mode", [("fp32", "FP32"), ("fp16", "FP16"), ("int8", "INT8")])

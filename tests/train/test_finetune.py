@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from bim_export.cli import main
+from bim_export.core.errors import InputError
 from bim_export.model import classifier
 from bim_export.model.backbone import build_backbone
 from bim_export.model.checkpoint import load_checkpoint
@@ -276,6 +277,39 @@ def test_two_gloo_ranks_match_one_process(tiny_checkpoint, digits, tmp_path):
             d = len(x) // 3  # query), so AdamW steps on its rounding noise: compare queries and values only
             x, y = torch.cat([x[:d], x[2 * d:]]), torch.cat([y[:d], y[2 * d:]])
         assert torch.allclose(x, y, atol=1e-6), (k, (x - y).abs().max())
+
+
+def _rank_own_out(rank: int, world: int, port: int, ckpt: str, data: str, outs: list[str], said: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    try:
+        finetune(ckpt, data, outs[rank], config=FinetuneConfig(**dict(FAST, epochs=1)), resume="auto")
+    except InputError as e:
+        Path(said, f"rank{rank}").write_text(str(e))
+
+
+@pytest.mark.slow
+def test_ranks_that_see_different_checkpoints_in_out_are_refused(tiny_checkpoint, digits, tmp_path):
+    """Nodes without shared storage: rank 0 finds a run to resume in its --out, rank 1 none in its
+    own; every rank stops with one line naming the rank, before anything is trained or written."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    done = finetune(tiny_checkpoint, digits, tmp_path / "node0", config=FinetuneConfig(**dict(FAST, epochs=0.5)))
+    before = (done / "weights.safetensors").read_bytes()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    said = tmp_path / "said"
+    said.mkdir()
+    outs = [str(done), str(tmp_path / "node1")]
+    mp.spawn(_rank_own_out, args=(2, port, str(tiny_checkpoint), str(digits), outs, str(said)), nprocs=2, join=True)
+    for rank in (0, 1):
+        line = (said / f"rank{rank}").read_text()
+        assert "rank 1 sees no checkpoint there but rank 0 sees the checkpoint of step" in line, line
+    assert (done / "weights.safetensors").read_bytes() == before and not (tmp_path / "node1").exists()
 
 
 def test_mixup_cutmix_randaugment_and_bf16_run(tiny_checkpoint, digits, tmp_path):
