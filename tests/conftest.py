@@ -143,3 +143,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def shared_exports(tmp_path_factory):
+    """Every graph export of a test module made once (tests/export_cache.py): the module's tests and
+    fixtures that export the same backbone share the file. Modules ask for it with
+    ``pytestmark = pytest.mark.usefixtures("shared_exports")``."""
+    from export_cache import memoize_exports
+
+    with pytest.MonkeyPatch.context() as mp:
+        memoize_exports(mp, tmp_path_factory.mktemp("export-store"))
+        yield
+

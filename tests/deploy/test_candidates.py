@@ -19,15 +19,9 @@ from bim_export.deploy.latency.measure import LatencyResult
 from bim_export.deploy.latency.predict import uncalibrated_error
 from bim_export.runtime.session import fixed_batch, session
 from bim_export.deploy.profiles import Budgets, Profile, load_profile
-from export_cache import memoize_exports
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _shared_exports(tmp_path_factory):
-    """Exports of the tiny checkpoint are made once for the session (see export_cache.py)."""
-    with pytest.MonkeyPatch.context() as mp:
-        memoize_exports(mp, tmp_path_factory.mktemp("export-store"))
-        yield
+pytestmark = pytest.mark.usefixtures("shared_exports")  # exports memoized across the module
 
 
 @pytest.fixture(scope="module")

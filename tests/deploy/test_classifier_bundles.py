@@ -23,7 +23,6 @@ from bim_export.deploy.info import bundle_info
 from bim_export.deploy.pipeline import run_export
 from bim_export.model.checkpoint import exit_quality, quality_metric, quality_source
 from bim_export.runtime.validate import validate_bundle
-from export_cache import memoize_exports
 
 LABELS = ("cat", "dog", "fish")
 TASK = {"name": "pets", "size": 30, "protocol": "stratified hold-out 20 % per class, seed 0"}
@@ -33,11 +32,7 @@ METRICS = {"step": 0, "exits": {
     "4": {"knn_top1": 0.95, "task_top1": 0.60, "task_ece": 0.04, "task_dataset": TASK}}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _shared_exports(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        memoize_exports(mp, tmp_path_factory.mktemp("export-store"))
-        yield
+pytestmark = pytest.mark.usefixtures("shared_exports")  # exports memoized across the module
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,9 @@ import yaml
 from bim_export.core.resources import resource_dir, sample_images_dir
 from bim_export.deploy.pipeline import run_export
 from bim_export.runtime.validate import validate_bundle
-from export_cache import memoize_exports
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _shared_exports(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        memoize_exports(mp, tmp_path_factory.mktemp("export-store"))
-        yield
+pytestmark = pytest.mark.usefixtures("shared_exports")  # exports memoized across the module
 
 
 def ort_checker(path: Path) -> dict[str, dict]:

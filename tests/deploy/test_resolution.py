@@ -27,14 +27,9 @@ from bim_export.deploy.sources import open_sources
 from bim_export.model.backbone import build_backbone
 from bim_export.model.checkpoint import load_checkpoint
 from conftest import tiny_train_config
-from export_cache import memoize_exports
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _shared_exports(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        memoize_exports(mp, tmp_path_factory.mktemp("export-store"))
-        yield
+pytestmark = pytest.mark.usefixtures("shared_exports")  # exports memoized across the module
 
 
 def _profile(tmp_path: Path, name: str, base: str = "raspberry-pi-5", **fields):

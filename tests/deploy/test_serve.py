@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from export_cache import memoize_exports
 from finetuned import make_finetuned
 from PIL import Image
 
@@ -41,11 +40,7 @@ LABELS = ("cat", "dog", "fish")
 THREADS, PER_THREAD = 8, 25
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _shared_exports(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        memoize_exports(mp, tmp_path_factory.mktemp("export-store"))
-        yield
+pytestmark = pytest.mark.usefixtures("shared_exports")  # exports memoized across the module
 
 
 def _export(checkpoint: Path, tmp: Path) -> Path:

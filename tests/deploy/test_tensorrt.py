@@ -16,7 +16,6 @@ import onnx
 import pytest
 import yaml
 from bundle_spec import bundle_spec
-from export_cache import memoize_exports
 
 from bim_export.core.resources import resource_dir
 from bim_export.deploy import tensorrt
@@ -26,11 +25,7 @@ from bim_export.deploy.profiles import load_profile
 from bim_export.runtime.machine import sha256_file
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _shared_exports(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        memoize_exports(mp, tmp_path_factory.mktemp("export-store"))
-        yield
+pytestmark = pytest.mark.usefixtures("shared_exports")  # exports memoized across the module
 
 
 def _profile(tmp_path: Path, base: str, **changes) -> Path:

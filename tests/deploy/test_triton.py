@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +16,6 @@ import onnx
 import pytest
 import yaml
 from bundle_spec import bundle_spec
-from export_cache import memoize_exports
 from google.protobuf import text_format
 from tiny_onnx import write_tiny_onnx
 from tritonclient.grpc import model_config_pb2
@@ -34,11 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 SERVER = REPO / "tools" / "triton_server.py"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _shared_exports(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        memoize_exports(mp, tmp_path_factory.mktemp("export-store"))
-        yield
+pytestmark = pytest.mark.usefixtures("shared_exports")  # exports memoized across the module
 
 
 @pytest.fixture(scope="module")
