@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import yaml
 from finetuned import make_finetuned
 
+from profile_copy import profile_copy
 from bim_export.core.errors import InputError
-from bim_export.core.resources import resource_dir, sample_images_dir
+from bim_export.core.resources import sample_images_dir
 from bim_export.deploy.export import read_metadata
 from bim_export.deploy.info import bundle_info
 from bim_export.deploy.pipeline import run_export
@@ -46,14 +46,6 @@ def host(joint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("host")
     run_export("host", joint, out)
     return out / "host"
-
-
-def _profile(tmp_path: Path, base: str, **changes) -> Path:
-    data = yaml.safe_load((resource_dir("profiles") / f"{base}.yaml").read_text())
-    data.update(changes)
-    path = tmp_path / f"{base}-test.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 def _outputs(model: Path) -> list[str]:
@@ -166,7 +158,7 @@ def test_phone_bundle_carries_the_logits_into_model_ort(joint, tmp_path):
 
 
 def test_int8_multi_exit_bundle_has_logits_per_exit(joint, tmp_path):
-    profile = _profile(tmp_path, "raspberry-pi-5", precisions=["int8"])
+    profile = profile_copy(tmp_path, "raspberry-pi-5", precisions=["int8"])
     run_export(str(profile), joint, tmp_path / "out", multi_exit=True)
     bundle = tmp_path / "out" / profile.stem
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -187,7 +179,7 @@ def test_per_exit_checkpoint_exports_each_depth_and_refuses_multi_exit(tiny_chec
     with pytest.raises(InputError, match=r"finetune.mode is per_exit: .* share no weights.*--multi-exit"):
         run_export("raspberry-pi-5", ckpt, tmp_path / "refused", multi_exit=True)
     assert not (tmp_path / "refused").exists()
-    profile = _profile(tmp_path, "raspberry-pi-5", precisions=["fp32"])
+    profile = profile_copy(tmp_path, "raspberry-pi-5", precisions=["fp32"])
     run_export(str(profile), ckpt, tmp_path / "out")
     bundle = tmp_path / "out" / profile.stem
     assert _outputs(bundle / "model.onnx") == ["tokens", "embedding", "logits"]

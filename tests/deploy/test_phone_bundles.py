@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-import yaml
 
-from bim_export.core.resources import resource_dir, sample_images_dir
+from profile_copy import profile_copy
+from bim_export.core.resources import sample_images_dir
 from bim_export.deploy.pipeline import run_export
 from bim_export.runtime.validate import validate_bundle
 
@@ -48,14 +48,6 @@ def ort_checker(path: Path) -> dict[str, dict]:
         if m:
             out[m.group(1)]["verdict"] = m.group(2)
     return out
-
-
-def _profile_copy(tmp_path: Path, base: str, name: str, **changes) -> Path:
-    data = yaml.safe_load((resource_dir("profiles") / f"{base}.yaml").read_text())
-    data.update(changes)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +119,7 @@ def test_iphone_bundle_is_one_coreml_mlprogram(iphone, tmp_path):
 
 def test_dynamic_batch_file_only_where_asked(android, tiny_checkpoint, tmp_path):
     assert not (android / "model.dynamic.onnx").exists()
-    profile = _profile_copy(tmp_path, "android-snapdragon-8-gen-2", "phone", dynamic_batch_file=True)
+    profile = profile_copy(tmp_path, "android-snapdragon-8-gen-2", "phone", dynamic_batch_file=True)
     run_export(str(profile), tiny_checkpoint, tmp_path / "out")
     bundle = tmp_path / "out" / "phone"
     m = json.loads((bundle / "manifest.json").read_text())

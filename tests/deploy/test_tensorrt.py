@@ -14,10 +14,9 @@ from pathlib import Path
 
 import onnx
 import pytest
-import yaml
+from profile_copy import profile_copy
 from bundle_spec import bundle_spec
 
-from bim_export.core.resources import resource_dir
 from bim_export.deploy import tensorrt
 from bim_export.deploy.bundle import write_bundle
 from bim_export.deploy.pipeline import run_export
@@ -28,19 +27,12 @@ from bim_export.runtime.machine import sha256_file
 pytestmark = pytest.mark.usefixtures("shared_exports")  # exports memoized across the module
 
 
-def _profile(tmp_path: Path, base: str, **changes) -> Path:
-    data = yaml.safe_load((resource_dir("profiles") / f"{base}.yaml").read_text())
-    data.update(changes)
-    path = tmp_path / f"{base}-trt.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
 @pytest.fixture(scope="module")
 def jetsons(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
     """Real bundles of the tiny checkpoint: the Orin Nano (TensorRT 8.6+), and a copy naming TensorRT 8.5."""
     out = tmp_path_factory.mktemp("jetson")
-    old = _profile(out, "jetson-orin-nano", tensorrt="8.5", precisions=["fp32"])  # fp32 only: fewer graphs to make
+    # fp32 only: fewer graphs to make
+    old = profile_copy(out, "jetson-orin-nano", "jetson-orin-nano-trt", tensorrt="8.5", precisions=["fp32"])
     run_export("jetson-orin-nano", tiny_checkpoint, out / "new")
     run_export(str(old), tiny_checkpoint, out / "old")
     return {"8.6": out / "new" / "jetson-orin-nano", "8.5": out / "old" / "jetson-orin-nano-trt"}

@@ -14,14 +14,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import yaml
+from profile_copy import profile_copy
 from bundle_spec import bundle_spec
 from google.protobuf import text_format
 from tiny_onnx import write_tiny_onnx
 from tritonclient.grpc import model_config_pb2
 
 from bim_export.core.errors import BimExportError, InputError
-from bim_export.core.resources import resource_dir
 from bim_export.deploy import triton
 from bim_export.deploy.bundle import write_bundle
 from bim_export.deploy.pipeline import run_export
@@ -45,14 +44,6 @@ def server_gpu(tiny_checkpoint, tmp_path_factory) -> Path:
 
 def parse(path: Path) -> model_config_pb2.ModelConfig:
     return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
-
-
-def _profile(tmp_path: Path, base: str, **changes) -> Path:
-    data = yaml.safe_load((resource_dir("profiles") / f"{base}.yaml").read_text())
-    data.update(changes)
-    path = tmp_path / f"{base}-test.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 def test_server_gpu_bundle_has_a_repository_triton_reads(server_gpu):
@@ -108,7 +99,8 @@ def test_fixed_batch_graph_gets_its_full_shape_and_no_batching():
 
 
 def test_classifier_ships_labels_and_a_fixed_batch_profile_serves_its_dynamic_file(tmp_path):
-    spec = bundle_spec(tmp_path, profile=str(_profile(tmp_path, "h100-sxm", fixed_batch=True, dynamic_batch_file=True)))
+    profile = profile_copy(tmp_path, "h100-sxm", fixed_batch=True, dynamic_batch_file=True)
+    spec = bundle_spec(tmp_path, profile=str(profile))
     spec.dynamic_model = write_tiny_onnx(tmp_path / "dynamic.onnx")
     spec.checkpoint = {**spec.checkpoint, "finetune": {"labels": ["cat", "dog"]}}
     dest = write_bundle(tmp_path / "out", spec)
@@ -122,10 +114,11 @@ def test_classifier_ships_labels_and_a_fixed_batch_profile_serves_its_dynamic_fi
 def test_only_gpu_profiles_or_triton_true_get_a_repository(tmp_path):
     pi = write_bundle(tmp_path / "a", bundle_spec(tmp_path, profile="raspberry-pi-5"))
     assert not (pi / "triton").exists() and "triton" not in json.loads((pi / "manifest.json").read_text())
-    asked = write_bundle(tmp_path / "b", bundle_spec(tmp_path, profile=str(_profile(tmp_path, "raspberry-pi-5",
+    asked = write_bundle(tmp_path / "b", bundle_spec(tmp_path, profile=str(profile_copy(tmp_path, "raspberry-pi-5",
                                                                                    triton=True))))
     assert parse(asked / "triton" / "raspberry-pi-5-test" / "config.pbtxt").max_batch_size == 1
-    off = write_bundle(tmp_path / "c", bundle_spec(tmp_path, profile=str(_profile(tmp_path, "h100-sxm", triton=False))))
+    off = write_bundle(tmp_path / "c",
+                       bundle_spec(tmp_path, profile=str(profile_copy(tmp_path, "h100-sxm", triton=False))))
     assert not (off / "triton").exists()
 
 
@@ -141,11 +134,11 @@ def test_graph_with_onnxruntime_internal_ops_is_refused(tmp_path):
 
 
 def test_profile_triton_and_tensorrt_fields_are_checked(tmp_path):
-    assert load_profile(_profile(tmp_path, "jetson-orin-nano", tensorrt="8.5")).tensorrt == "8.5"
+    assert load_profile(profile_copy(tmp_path, "jetson-orin-nano", tensorrt="8.5")).tensorrt == "8.5"
     with pytest.raises(InputError, match="tensorrt"):
-        load_profile(_profile(tmp_path, "jetson-orin-nano", tensorrt="eight"))
+        load_profile(profile_copy(tmp_path, "jetson-orin-nano", tensorrt="eight"))
     with pytest.raises(InputError, match="triton"):
-        load_profile(_profile(tmp_path, "jetson-orin-nano", triton="maybe"))
+        load_profile(profile_copy(tmp_path, "jetson-orin-nano", triton="maybe"))
 
 
 # ------------------------------------------------------------------------- a real Triton server
